@@ -1,0 +1,86 @@
+"""Local, atomic, checksummed checkpoints that load without executing pickle code.
+
+File layout: ``MAGIC`` (8 bytes) + sha256 of the payload (32 bytes) + payload, where the
+payload is ``torch.save`` output read back with ``weights_only=True`` (tensors,
+numbers, strings and containers only: a planted pickle payload is refused, never run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+MAGIC = b"KDCKPT01"
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file, fsync, then rename: a crash leaves the old file or the
+    new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dump(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def parse(data: bytes, name: str = "checkpoint"):
+    if len(data) < len(MAGIC) + 32 or not data.startswith(MAGIC):
+        raise CorruptCheckpoint(f"{name}: not a kd-mlflow checkpoint (truncated or foreign)")
+    digest, payload = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptCheckpoint(f"{name}: checksum mismatch (truncated or corrupted)")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refuses anything but plain data
+        raise CorruptCheckpoint(f"{name}: refused to load ({type(e).__name__})") from None
+
+
+class CheckpointStore:
+    """Per-epoch checkpoints of one training, newest ``keep`` kept on disk."""
+
+    def __init__(self, directory: Path, keep: int = 2, log=sys.stderr):
+        self.directory, self.keep, self.log = Path(directory), keep, log
+
+    def _files(self) -> list[Path]:
+        return sorted(self.directory.glob("epoch-*.ckpt"))
+
+    def save(self, state: dict) -> Path:
+        path = self.directory / f"epoch-{state['epoch']:05d}.ckpt"
+        write_atomic(path, dump(state))
+        for old in self._files()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self):
+        """The newest checkpoint that verifies; corrupted ones are reported in one line
+        each and skipped, falling back to an older one or to a clean start."""
+        for path in reversed(self._files()):
+            try:
+                return parse(path.read_bytes(), str(path))
+            except CorruptCheckpoint as e:
+                print(f"warning: skipping checkpoint {e}", file=self.log)
+        return None
+
+    def clear(self) -> None:
+        for path in self._files():
+            path.unlink(missing_ok=True)
+        if self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()

@@ -1,0 +1,224 @@
+"""The thin edge: parse, make one library call, map domain errors to exit codes.
+
+Exit codes: 0 success, 2 bad input (one line naming the value, nothing created),
+1 tracking server unreachable, 128 + signal when interrupted (run marked KILLED).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__, config
+from .config import ConfigError, Recipe
+
+
+class _Optional(click.ParamType):
+    """A typed value where "" means "not given": MLproject passes every parameter, so
+    unset overrides arrive as empty strings."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = getattr(inner, "name", "value")
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "":
+            return None
+        return self.inner.convert(value, param, ctx) if isinstance(self.inner, click.ParamType) \
+            else self.inner(value)
+
+
+def _triple(text: str):
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not three comma-separated numbers") from None
+    if len(values) != 3:
+        raise click.BadParameter(f"{text!r} is not three comma-separated numbers")
+    return values
+
+
+def _recipe_options(func):
+    """One --flag per Recipe field: every preset value can be overridden."""
+    for f in reversed(dataclasses.fields(Recipe)):
+        default = getattr(Recipe, f.name)
+        flags = _spellings(f.name)
+        if isinstance(default, bool):
+            opt = click.option(f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}", f.name,
+                               default=None, help=f"Override the preset's {f.name}.")
+        else:
+            inner = (click.Choice(config.DATASETS) if f.name == "dataset" else
+                     click.Choice(config.MODELS) if f.name == "model" else
+                     click.Choice(config.OPTIMIZERS) if f.name == "optimizer" else
+                     click.Choice(config.SCHEDULES) if f.name == "schedule" else
+                     click.Choice(config.PRECISIONS) if f.name == "precision" else
+                     _triple if isinstance(default, tuple) else
+                     click.INT if isinstance(default, int) else
+                     click.FLOAT if isinstance(default, float) else click.STRING)
+            opt = click.option(*flags, f.name, type=_Optional(inner), default=None,
+                               help=f"Override the preset's {f.name}.")
+        func = opt(func)
+    return func
+
+
+def _spellings(name: str) -> list[str]:
+    """--batch-size, and --batch_size for MLflow's extra parameters."""
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] if "_" not in name else [dashed, "--" + name]
+
+
+def _overrides(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _execution_options(func):
+    func = click.option("--cache-dir", "--cache_dir", "cache_dir", type=_Optional(click.Path(file_okay=False)), default=None,
+                        help="Decoded datasets and checkpoints [~/.cache/kd-mlflow or $KD_MLFLOW_CACHE].")(func)
+    func = click.option("--force", is_flag=True, help="Train anew even if a FINISHED run exists.")(func)
+    func = click.option("--deterministic", is_flag=True, help="No cudnn autotuning; deterministic kernels.")(func)
+    func = click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")(func)
+    func = click.option("--device", default="auto", show_default=True,
+                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")(func)
+    return func
+
+
+def _execution(device, compile_, deterministic, force, cache_dir):
+    from .steps import Execution
+    return Execution(device, compile_, deterministic, force, Path(cache_dir) if cache_dir else None)
+
+
+_experiment = click.option("--experiment", type=_Optional(click.STRING), default=None,
+                           help="Experiment name [$MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID, or mysteries].")
+_data_dir = click.option("--data-dir", "--data_dir", "data_dir", type=_Optional(click.STRING), default=None,
+                         help="cifar*: torchvision root (downloaded if missing); folder: an ImageFolder "
+                              "tree with train/ and test/, or a .tar.gz of one.")
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("kd-mlflow: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as e:
+            click.echo(f"kd-mlflow: error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"kd-mlflow: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx):
+        from .errors import Interrupted, TrackingUnavailable
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as e:
+            click.echo(f"kd-mlflow: error: {e}", err=True)
+            return 2
+        except TrackingUnavailable as e:
+            click.echo(f"kd-mlflow: error: tracking unavailable: {e}", err=True)
+            return 1
+        except Interrupted as e:
+            click.echo(f"kd-mlflow: {e}; checkpoint kept, run marked KILLED", err=True)
+            return e.exit_code
+        except KeyboardInterrupt:
+            click.echo("kd-mlflow: interrupted; checkpoint kept, run marked KILLED", err=True)
+            return 130
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="kd-mlflow")
+def main():
+    """Ensembles, knowledge distillation and self-distillation as tracked MLflow runs."""
+
+
+@main.command()
+@click.option("--seed", type=click.IntRange(min=0), required=True, help="Model seed: the initialisation only.")
+@click.option("--preset", type=click.Choice(list(config.PRESETS)), default="seed-report", show_default=True)
+@_data_dir
+@_experiment
+@_recipe_options
+@_execution_options
+def train(seed, preset, data_dir, experiment, device, compile_, deterministic, force, cache_dir, **kw):
+    """Train one model and log one MLflow run; prints its run id."""
+    from . import steps
+
+    recipe = config.resolve(preset, **_overrides(kw))
+    out = steps.train(seed, recipe, preset, data_dir, experiment,
+                      _execution(device, compile_, deterministic, force, cache_dir))
+    click.echo(out.run_id)
+
+
+@main.command()
+@click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
+@click.option("--seed", type=click.IntRange(min=0), required=True, help="The student's model seed.")
+@click.option("--preset", type=_Optional(click.Choice(list(config.PRESETS))), default=None,
+              help="The student's preset [the teacher's].")
+@_data_dir
+@_experiment
+@_recipe_options
+@_execution_options
+def distill(teacher, seed, preset, data_dir, experiment, device, compile_, deterministic, force,
+            cache_dir, **kw):
+    """Train a student on a teacher's probabilities; prints its run id."""
+    from . import steps
+
+    out = steps.distill(teacher, seed, preset, _overrides(kw), data_dir, experiment,
+                        _execution(device, compile_, deterministic, force, cache_dir))
+    click.echo(out.run_id)
+
+
+@main.command()
+@click.option("--members", type=_Optional(click.STRING), default=None, help="Comma-separated run ids.")
+@click.option("--seeds", type=_Optional(click.STRING), default=None,
+              help="Seeds of FINISHED train runs (e.g. 0-4 or 0,1,2), instead of --members.")
+@click.option("--preset", type=_Optional(click.Choice(list(config.PRESETS))), default=None,
+              help="With --seeds: the members' preset.")
+@click.option("--dataset", type=_Optional(click.Choice(config.DATASETS)), default=None,
+              help="With --seeds: the members' dataset.")
+@click.option("--combine", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
+              help="Average probabilities (the report) or logits.")
+@_data_dir
+@_experiment
+@_execution_options
+def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, device, compile_,
+             deterministic, force, cache_dir):
+    """Evaluate an ensemble of finished runs and log it as a run; prints its run id."""
+    from . import steps, tracking
+
+    session = tracking.connect(experiment)
+    if bool(members) == bool(seeds):
+        raise ConfigError("members", members or "", "give exactly one of --members and --seeds")
+    ids = [m.strip() for m in members.split(",") if m.strip()] if members else \
+        steps.train_runs_for_seeds(session, config.parse_seeds(seeds), preset, dataset)
+    out = steps.ensemble(ids, combine, data_dir, experiment,
+                         _execution(device, compile_, deterministic, force, cache_dir), session=session)
+    click.echo(out.run_id)
+
+
+@main.command()
+@_experiment
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown",
+              show_default=True)
+@click.option("--output", type=_Optional(click.Path(dir_okay=False)), default=None,
+              help="Write here instead of stdout.")
+@click.option("--preset", type=_Optional(click.STRING), default=None, help="Only this preset's runs.")
+@click.option("--dataset", type=_Optional(click.STRING), default=None, help="Only this dataset's runs.")
+def compare(experiment, fmt, output, preset, dataset):
+    """Rebuild the report's tables from the tracking server."""
+    from . import compare as cmp
+    from . import tracking
+
+    session = tracking.connect(experiment, create=False)
+    text = cmp.render(cmp.build_tables(session.runs_frame(), preset, dataset), fmt)
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text)

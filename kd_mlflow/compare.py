@@ -1,0 +1,351 @@
+"""From a runs DataFrame, as ``mlflow.search_runs(output_format="pandas")``
+returns it, to the study's tables: single models, ensembles, KD and SD students
+and a summary, per (preset, dataset) group.
+
+Pure pandas, no MLflow and no torch: the CLI fetches the runs and this module
+only reads them, so it is tested on hand-made frames as well as on real runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+
+from kd_mlflow import schema as S
+
+FORMATS = ("markdown", "csv", "json")
+TABLES = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary")
+_ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id"]
+COLUMNS = {
+    "seeds": ["seed", "val_acc", "test_acc", "run_id"],
+    "ensembles": _ENSEMBLE_COLUMNS,
+    "kd": ["seed", "teacher_seeds", "teacher_val_acc", "teacher_test_acc",
+           "val_acc", "test_acc", "teacher_run_id", "run_id"],
+    "self_distillation": ["teacher_seed", "teacher_val_acc", "teacher_test_acc",
+                          "student_seed", "student_val_acc", "student_test_acc",
+                          "gain", "teacher_run_id", "run_id"],
+    "sd_ensembles": _ENSEMBLE_COLUMNS,
+    "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std",
+                "gain", "gain_over", "run_ids"],
+}
+_MISSING = {
+    "seeds": "no finished train runs",
+    "ensembles": "no ensemble of train runs yet",
+    "kd": "no KD student (kd.method=kd) yet",
+    "self_distillation": "no SD student (kd.method=sd) yet",
+    "sd_ensembles": "no ensemble of SD students yet",
+}
+# Tidy column name -> MLflow tag key.
+_TAGS = {
+    "role": S.ROLE, "method": S.METHOD, "preset": S.PRESET, "dataset": S.DATASET,
+    "config_hash": S.CONFIG_HASH, "teacher_run_id": S.TEACHER_RUN_ID,
+    "teacher_seeds": S.TEACHER_SEEDS, "member_seeds": S.MEMBER_SEEDS,
+    "member_run_ids": S.MEMBER_RUN_IDS, "member_role": S.MEMBER_ROLE,
+    "duplicate_of": S.DUPLICATE_OF, "study": S.STUDY,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyTables:
+    """The tables of one (preset, dataset) group; columns as in ``COLUMNS``."""
+    preset: str
+    dataset: str
+    seeds: pd.DataFrame
+    ensembles: pd.DataFrame
+    kd: pd.DataFrame
+    self_distillation: pd.DataFrame
+    sd_ensembles: pd.DataFrame
+    summary: pd.DataFrame
+    notes: list[str]
+
+
+# --- reading the runs frame -------------------------------------------------
+
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    """``runs[name]``, or all missing: search_runs omits keys no run has."""
+    if name in runs.columns:
+        return runs[name]
+    return pd.Series(None, index=runs.index, dtype=object)
+
+
+def _text(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A tag or param as strings; an empty string counts as missing."""
+    col = _column(runs, name).astype(object)
+    return col.where(col.notna() & (col.astype(str).str.strip() != ""), None)
+
+
+def _int(values: pd.Series) -> pd.Series:
+    """Seeds as nullable ints (tags and params are strings)."""
+    return pd.to_numeric(values, errors="coerce").astype("Int64")
+
+
+def _members(seeds: pd.Series) -> pd.Series:
+    """Normalise "0, 1,2" to "0,1,2" so equal member lists compare equal."""
+    return seeds.map(lambda s: None if s is None else ",".join(p.strip() for p in s.split(",")))
+
+
+def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with plain column names."""
+    out = pd.DataFrame({k: _text(runs, f"tags.{v}") for k, v in _TAGS.items()}, index=runs.index)
+    out["member_seeds"] = _members(out["member_seeds"])
+    out["run_id"] = _column(runs, "run_id")
+    out["status"] = _column(runs, "status")
+    out["start_time"] = _column(runs, "start_time")
+    seed = _text(runs, f"tags.{S.SEED}")
+    out["seed"] = _int(seed.where(seed.notna(), _text(runs, "params.seed")))
+    for name, key in (("val_acc", S.FINAL_VAL_ACC), ("test_acc", S.FINAL_TEST_ACC)):
+        out[name] = pd.to_numeric(_column(runs, f"metrics.{key}"), errors="coerce").astype(float)
+    return out
+
+
+def _results(tidy: pd.DataFrame) -> pd.DataFrame:
+    """FINISHED kd-mlflow runs that are results, not pointers or study parents."""
+    keep = (
+        (tidy["status"] == "FINISHED")
+        & tidy["duplicate_of"].isna() & tidy["study"].isna()
+        & tidy["role"].notna() & tidy["preset"].notna() & tidy["dataset"].notna()
+    )
+    return tidy[keep]
+
+
+def _dedupe(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the latest run per identity: a rerun supersedes, it adds no seed."""
+    # Without a config hash, what makes a result the same is who it is.
+    who = rows[["role", "method", "member_role", "seed", "teacher_run_id", "member_seeds"]]
+    identity = pd.Series(["|".join(map(str, r)) for r in who.itertuples(index=False)], index=rows.index)
+    rows = rows.assign(key=rows["config_hash"].where(rows["config_hash"].notna(), identity))
+    ordered = rows.sort_values(["start_time", "run_id"], ascending=False)  # missing times last
+    winner = ordered.drop_duplicates("key").set_index("key")["run_id"]
+    notes = [
+        f"run {r.run_id} superseded by {winner[r.key]} (same "
+        f"{'config_hash' if pd.notna(r.config_hash) else 'role, seed and teacher/members'}, later start)"
+        for r in ordered[ordered.duplicated("key")].itertuples()
+    ]
+    return rows[rows["run_id"].isin(winner)], notes
+
+
+# --- the tables -----------------------------------------------------------
+
+def _seeds(rows: pd.DataFrame) -> pd.DataFrame:
+    t = rows[rows["role"] == "train"]
+    return t[COLUMNS["seeds"]].sort_values(["seed", "run_id"]).reset_index(drop=True)
+
+
+def _ensembles(rows: pd.DataFrame, member_role: str) -> pd.DataFrame:
+    t = rows[(rows["role"] == "ensemble") & (rows["member_role"] == member_role)]
+    members = t["member_seeds"].where(t["member_seeds"].notna(), t["member_run_ids"])
+    out = t.assign(
+        members=t["member_seeds"],
+        n_members=_int(members.map(lambda m: None if m is None else len(m.split(",")))),
+    )
+    out = out[_ENSEMBLE_COLUMNS].sort_values(["n_members", "members", "run_id"])
+    return out.reset_index(drop=True)
+
+
+def _teachers(students: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Each student's teacher row, aligned with ``students``; NaN when not found.
+
+    The pool is every finished result of the group before de-duplication: a
+    student learned from the run it names, even if a rerun superseded it.
+    """
+    by_id = pool.drop_duplicates("run_id").set_index("run_id")
+    teachers = by_id.reindex(students["teacher_run_id"].to_numpy())
+    teachers.index = students.index
+    lost = students[~students["teacher_run_id"].isin(pool["run_id"])]
+    notes = [
+        f"teacher {r.teacher_run_id} of student {r.run_id} is not a finished run of this group"
+        for r in lost.itertuples()
+    ]
+    return teachers, notes
+
+
+def _kd(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    t = rows[(rows["role"] == "student") & (rows["method"] == "kd")]
+    teacher, notes = _teachers(t, pool)
+    seeds = t["teacher_seeds"].where(t["teacher_seeds"].notna(), teacher["member_seeds"])
+    out = t.assign(
+        teacher_seeds=_members(seeds),
+        teacher_val_acc=teacher["val_acc"], teacher_test_acc=teacher["test_acc"],
+    )
+    return out[COLUMNS["kd"]].sort_values(["seed", "run_id"]).reset_index(drop=True), notes
+
+
+def _self_distillation(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    t = rows[(rows["role"] == "student") & (rows["method"] == "sd")]
+    teacher, notes = _teachers(t, pool)
+    out = pd.DataFrame({
+        # The student's own kd.teacher_seeds tag still names a lost teacher's seed.
+        "teacher_seed": teacher["seed"].fillna(_int(t["teacher_seeds"])),
+        "teacher_val_acc": teacher["val_acc"],
+        "teacher_test_acc": teacher["test_acc"],
+        "student_seed": t["seed"],
+        "student_val_acc": t["val_acc"],
+        "student_test_acc": t["test_acc"],
+        "gain": t["test_acc"] - teacher["test_acc"],
+        "teacher_run_id": t["teacher_run_id"],
+        "run_id": t["run_id"],
+    }, index=t.index)
+    out = out.sort_values(["teacher_seed", "student_seed", "run_id"])
+    return out.reset_index(drop=True), notes
+
+
+def _stat(row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series,
+          gain: float = float("nan"), gain_over: str | None = None) -> dict:
+    """One summary row: mean and sample std (NaN below two runs)."""
+    return {
+        "row": row, "n": len(run_ids),
+        "val_mean": val.mean(), "val_std": val.std(ddof=1),
+        "test_mean": test.mean(), "test_std": test.std(ddof=1),
+        "gain": gain, "gain_over": gain_over, "run_ids": list(run_ids),
+    }
+
+
+def _summary(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFrame:
+    """Means per kind of model; each gain (test) sits on the row it describes."""
+    sd = self_distillation
+    single = seeds["test_acc"].mean()
+    ensemble = ensembles["test_acc"].mean()
+    return pd.DataFrame([
+        _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"]),
+        _stat("ensemble", ensembles["val_acc"], ensembles["test_acc"], ensembles["run_id"],
+              ensemble - single, "single models (mean)"),
+        _stat("KD students", kd["val_acc"], kd["test_acc"], kd["run_id"],
+              kd["test_acc"].mean() - single, "single models (mean)"),
+        _stat("SD students", sd["student_val_acc"], sd["student_test_acc"], sd["run_id"],
+              sd["gain"].mean(), "own teacher (mean of differences)"),
+        _stat("SD ensemble", sd_ensembles["val_acc"], sd_ensembles["test_acc"],
+              sd_ensembles["run_id"], sd_ensembles["test_acc"].mean() - ensemble, "ensemble (mean)"),
+    ], columns=COLUMNS["summary"])
+
+
+def _study(preset: str, dataset: str, pool: pd.DataFrame) -> StudyTables:
+    rows, notes = _dedupe(pool)
+    kd, kd_notes = _kd(rows, pool)
+    sd, sd_notes = _self_distillation(rows, pool)
+    tables = {
+        "seeds": _seeds(rows), "ensembles": _ensembles(rows, "train"), "kd": kd,
+        "self_distillation": sd, "sd_ensembles": _ensembles(rows, "student"),
+    }
+    notes += kd_notes + sd_notes + [m for k, m in _MISSING.items() if tables[k].empty]
+    return StudyTables(preset, dataset, **tables, summary=_summary(**tables), notes=notes)
+
+
+def build_tables(runs: pd.DataFrame, preset: str | None = None,
+                 dataset: str | None = None) -> list[StudyTables]:
+    """One StudyTables per (kd.preset, kd.dataset) group, optionally filtered.
+
+    Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study
+    are results; [] when none is left.
+    """
+    rows = _results(_tidy(runs))
+    if preset is not None:
+        rows = rows[rows["preset"] == preset]
+    if dataset is not None:
+        rows = rows[rows["dataset"] == dataset]
+    groups = rows.groupby(["preset", "dataset"], sort=True)
+    return [_study(p, d, g) for (p, d), g in groups]
+
+
+# --- rendering ------------------------------------------------------------
+
+def _fmt(value, spec: str = ".2f") -> str:
+    """A cell: "-" for a missing value."""
+    if value is None or (not isinstance(value, (str, list)) and pd.isna(value)):
+        return "-"
+    return value if isinstance(value, str) else format(value, spec)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A pipe table; a row of dashes stands for a piece not run yet."""
+    lines = [header, ["---"] * len(header), *(rows or [["-"] * len(header)])]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+_ACC = ["validation accuracy", "test accuracy"]
+
+
+def _ens(df: pd.DataFrame) -> list[list[str]]:
+    return [[_fmt(r.members), _fmt(r.val_acc), _fmt(r.test_acc)] for r in df.itertuples()]
+
+
+def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
+    """(title, table) pairs in the report's order."""
+    seeds = [[_fmt(r.seed, "d"), _fmt(r.val_acc), _fmt(r.test_acc)] for r in t.seeds.itertuples()]
+    kd = [[_fmt(r.teacher_seeds), _fmt(r.teacher_val_acc), _fmt(r.teacher_test_acc),
+           _fmt(r.seed, "d"), _fmt(r.val_acc), _fmt(r.test_acc)] for r in t.kd.itertuples()]
+    sd = [[_fmt(r.teacher_seed, "d"), _fmt(r.teacher_val_acc), _fmt(r.teacher_test_acc),
+           _fmt(r.student_seed, "d"), _fmt(r.student_val_acc), _fmt(r.student_test_acc)]
+          for r in t.self_distillation.itertuples()]
+    summary = [[r.row, str(r.n), _fmt(r.val_mean), _fmt(r.val_std), _fmt(r.test_mean),
+                _fmt(r.test_std), _fmt(r.gain, "+.2f"), _fmt(r.gain_over)]
+               for r in t.summary.itertuples()]
+    pair = ["seed", *_ACC, "seed", *_ACC]
+    return [
+        ("Single models", _md_table(["seed", *_ACC], seeds)),
+        ("Ensemble of single models", _md_table(["members", *_ACC], _ens(t.ensembles))),
+        ("Knowledge distillation (teacher: ensemble, left; student, right)", _md_table(pair, kd)),
+        ("Self-distillation (teacher left, student right)", _md_table(pair, sd)),
+        ("Ensemble of SD students", _md_table(["members", *_ACC], _ens(t.sd_ensembles))),
+        ("Summary (gain: test accuracy)", _md_table(
+            ["", "n", "validation mean", "validation std", "test mean", "test std",
+             "gain", "gain over"], summary)),
+    ]
+
+
+def _markdown(tables: list[StudyTables]) -> str:
+    if not tables:
+        return "no finished runs\n"
+    parts = []
+    for t in tables:
+        parts.append(f"## preset={t.preset} dataset={t.dataset}")
+        parts += [f"### {title}\n\n{table}" for title, table in _md_sections(t)]
+        if t.notes:
+            parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in t.notes))
+    return "\n\n".join(parts) + "\n"
+
+
+def _native(value):
+    """A JSON-ready value: NaN and NA become None, numpy scalars Python ones."""
+    if isinstance(value, list):
+        return value
+    if value is None or pd.isna(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
+    """Every table as row dicts tagged with preset and dataset; keys TABLES + notes."""
+    out = {name: [] for name in (*TABLES, "notes")}
+    for t in tables:
+        group = {"preset": t.preset, "dataset": t.dataset}
+        for name in TABLES:
+            records = getattr(t, name).to_dict("records")
+            out[name] += [{**group, **{k: _native(v) for k, v in r.items()}} for r in records]
+        out["notes"] += [{**group, "note": n} for n in t.notes]
+    return out
+
+
+def _csv(tables: list[StudyTables]) -> str:
+    """One CSV: a ``table`` column names the section, columns are the union."""
+    frames = [
+        pd.DataFrame([{"table": name, **r} for r in records], dtype=object)
+        for name, records in table_rows(tables).items() if records
+    ]
+    if not frames:
+        return pd.DataFrame(columns=["table", "preset", "dataset"]).to_csv(index=False)
+    out = pd.concat(frames, ignore_index=True)
+    if "run_ids" in out:
+        out["run_ids"] = out["run_ids"].map(lambda v: ",".join(v) if isinstance(v, list) else v)
+    return out.to_csv(index=False)
+
+
+def render(tables: list[StudyTables], fmt: str) -> str:
+    """The tables as ``markdown``, ``csv`` or ``json`` text."""
+    if fmt == "markdown":
+        return _markdown(tables)
+    if fmt == "csv":
+        return _csv(tables)
+    if fmt == "json":
+        return json.dumps(table_rows(tables), indent=2, allow_nan=False) + "\n"
+    raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

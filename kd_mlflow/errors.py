@@ -1,0 +1,15 @@
+"""Errors that cross module boundaries and map to exit codes in the CLI."""
+
+from .config import ConfigError  # noqa: F401  (bad input: exit 2)
+
+
+class TrackingUnavailable(Exception):
+    """The tracking server did not answer (exit 1)."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: the run is marked KILLED and the process exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.exit_code = 128 + signum

@@ -1,0 +1,38 @@
+"""The names kd-mlflow writes into MLflow: the contract between the runs it logs
+and the steps that read them back (``compare``, ``ensemble``, ``distill``).
+
+Identity lives here, in tags and params, never in file or folder names.
+No torch, no MLflow: both the writers and the readers import this module.
+"""
+
+# --- tags (strings) -------------------------------------------------------
+ROLE = "kd.role"                  # one of ROLES
+METHOD = "kd.method"              # students only: "kd" (ensemble teacher) or "sd" (single teacher)
+PRESET = "kd.preset"              # the preset the recipe started from
+DATASET = "kd.dataset"            # cifar10 | cifar100 | folder | digits
+SPLIT_DIGEST = "kd.split_digest"  # sha256 of the train/val split (same split <=> same digest)
+NUM_CLASSES = "kd.num_classes"
+SEED = "kd.seed"                  # model seed (train and student runs)
+CONFIG_HASH = "kd.config_hash"    # digest of everything that determines the result
+TEACHER_RUN_ID = "kd.teacher_run_id"
+TEACHER_ROLE = "kd.teacher_role"  # train | ensemble | student
+TEACHER_SEEDS = "kd.teacher_seeds"  # comma-separated model seeds behind the teacher
+GENERATION = "kd.generation"      # 1 = student of a trained model or ensemble, 2 = student of a student, ...
+MEMBER_RUN_IDS = "kd.member_run_ids"  # ensembles: comma-separated run ids, in member order
+MEMBER_SEEDS = "kd.member_seeds"      # ensembles: comma-separated seeds, in member order
+MEMBER_ROLE = "kd.member_role"        # ensembles: role of the members (train | student)
+DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
+STUDY = "kd.study"                # a study's parent run: "true"
+VERSION = "kd.version"
+GIT_COMMIT = "kd.git_commit"
+
+ROLES = ("train", "ensemble", "student")
+METHODS = ("kd", "sd")
+
+# --- metrics (floats; accuracies in percent, as the report prints them) ----
+# Per epoch, step = epoch (1-based):
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")
+# Once, for the selected (best-validation) checkpoint, or for an ensemble:
+FINAL_VAL_ACC = "final_val_acc"
+FINAL_TEST_ACC = "final_test_acc"
+BEST_EPOCH = "best_epoch"

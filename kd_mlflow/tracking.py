@@ -1,0 +1,283 @@
+"""The only module that imports mlflow.
+
+Where runs go: MLflow's own resolution of the tracking URI (MLFLOW_TRACKING_URI, else
+MLflow 3's default ``sqlite:///mlflow.db``). Which experiment: ``--experiment``, else
+MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else ``mysteries``; under
+``mlflow run`` the run MLflow created (MLFLOW_RUN_ID) is adopted, in its experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from . import schema
+from .config import ConfigError
+from .errors import TrackingUnavailable
+
+DEFAULT_EXPERIMENT = "mysteries"
+WEIGHTS_PATH = "weights/model.pt"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens on training runs
+UNFINISHED = ("RUNNING", "KILLED", "FAILED", "SCHEDULED")
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def _client_defaults() -> None:
+    # Short client timeouts: an unreachable server must not stall training for minutes
+    # (MLflow's defaults retry for a long time). A user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+@dataclass
+class Session:
+    client: MlflowClient
+    experiment_id: str
+    adopted_run_id: str | None  # the run `mlflow run` created, if any
+
+    # --- lookups -------------------------------------------------------------
+    def search(self, filter_string: str = "", statuses=("FINISHED",), max_results: int = 5000):
+        """Runs matching ``filter_string`` with one of ``statuses``, newest first (MLflow's
+        filter language has no OR, so several statuses are filtered here)."""
+        parts = [filter_string] if filter_string else []
+        if len(statuses) == 1:
+            parts.append(f"attributes.status = '{statuses[0]}'")
+        runs = self.client.search_runs([self.experiment_id], " AND ".join(parts),
+                                       max_results=max_results, order_by=["attributes.start_time DESC"])
+        return [r for r in runs if r.info.status in statuses]
+
+    def find_result(self, config_hash: str):
+        """The newest FINISHED run that holds this configuration's result."""
+        for run in self.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'"):
+            if schema.DUPLICATE_OF not in run.data.tags:
+                return run
+        return None
+
+    def find_resumable(self, config_hash: str):
+        runs = self.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'", statuses=UNFINISHED)
+        return runs[0] if runs else None
+
+    def get_run(self, run_id: str, option: str):
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(option, run_id, "no such run") from None
+
+    def runs_frame(self):
+        """Every FINISHED run of the experiment, in one search query."""
+        return mlflow.search_runs([self.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  output_format="pandas", max_results=100_000)
+
+
+def connect(experiment: str | None = None, create: bool = True) -> Session:
+    """Resolve the experiment (see the module docstring); ``create=False`` refuses to
+    create a missing one (``compare`` must not)."""
+    _client_defaults()
+    client = MlflowClient()
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    try:
+        if run_id and not experiment:
+            return Session(client, client.get_run(run_id).info.experiment_id, run_id)
+        exp_id = _resolve_experiment(client, experiment, create)
+    except MlflowException as e:
+        raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {_first_line(e)}") from None
+    except OSError as e:
+        raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {e}") from None
+    return Session(client, exp_id, run_id)
+
+
+def _resolve_experiment(client, name, create) -> str:
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not name and env_id:
+        exp = client.get_experiment(env_id)
+        if exp is None:
+            raise ConfigError("MLFLOW_EXPERIMENT_ID", env_id, "no such experiment")
+        return exp.experiment_id
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        if not create:
+            raise ConfigError("experiment", name, "no such experiment")
+        exp_id = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return exp_id
+    if exp.lifecycle_stage != "active":
+        raise ConfigError("experiment", name, "experiment is deleted")
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def _same_value(a: str, b: str) -> bool:
+    if a.strip("'\"") == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# --- a run being written ---------------------------------------------------
+
+class RunWriter:
+    """One run, written through the fluent API so that models attach to it."""
+
+    def __init__(self, session: Session, run_id: str | None, name: str, parent_run_id=None):
+        self.session = session
+        if run_id is None and session.adopted_run_id:
+            run_id = session.adopted_run_id
+        self.active = mlflow.start_run(run_id=run_id, experiment_id=session.experiment_id,
+                                       run_name=None if run_id else name,
+                                       parent_run_id=parent_run_id if not run_id else None)
+        self.run_id = self.active.info.run_id
+        if run_id:
+            mlflow.set_tag("mlflow.runName", name)
+
+    def log_header(self, params: dict, tags: dict) -> None:
+        """Params are immutable in MLflow, and `mlflow run` has already logged the values
+        the user typed: keep those that agree with the resolved ones, and log any that
+        differ in form (1e-2 vs 0.01) or in value under "resolved.<name>"."""
+        held = self.session.client.get_run(self.run_id).data.params
+        fresh = {}
+        for key, value in params.items():
+            value = str(value)
+            if key not in held:
+                fresh[key] = value
+            elif not _same_value(held[key], value):
+                fresh[f"resolved.{key}"] = value
+        mlflow.log_params(fresh)
+        mlflow.set_tags({**tags, schema.VERSION: _version(), **_git_tag()})
+
+    def log_dataset(self, name: str, uri: str, digest: str) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = resolve_dataset_source(uri)
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="training")
+
+    def logged_epochs(self) -> set[int]:
+        hist = self.session.client.get_metric_history(self.run_id, "val_acc")
+        return {m.step for m in hist}
+
+    def log_epoch(self, epoch: int, metrics: dict) -> None:
+        """One request per epoch, never one per step."""
+        ts = int(1000 * time.time())
+        batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
+        try:
+            self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        except (MlflowException, OSError) as e:
+            raise TrackingUnavailable(_first_line(e)) from None
+
+    def log_final(self, metrics: dict) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+    def log_model(self, model, example) -> None:
+        """The model as an MLflow model (pt2: torch.export, loads without pickle) with a
+        signature, and its weights as a plain state dict (loads with weights_only)."""
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.to("cpu").eval()
+        with torch.no_grad():
+            out = model(example).numpy()
+        x = example.numpy()
+        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, out),
+                                 input_example=x, serialization_format="pt2",
+                                 pip_requirements=["torch", "torchvision"])
+        self.log_weights(model.state_dict())
+
+    def log_weights(self, state_dict: dict) -> None:
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(WEIGHTS_PATH).name
+            torch.save({k: v.cpu() for k, v in state_dict.items()}, path)
+            mlflow.log_artifact(str(path), Path(WEIGHTS_PATH).parent.as_posix())
+
+    def log_json(self, obj, artifact_file: str) -> None:
+        mlflow.log_dict(obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        mlflow.log_figure(fig, artifact_file)
+
+    def set_tags(self, tags: dict) -> None:
+        mlflow.set_tags(tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        mlflow.end_run(status)
+
+
+def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:
+    """A run `mlflow run` created for a configuration that already has a result: it only
+    points at that result, so neither `compare` nor a results table counts it."""
+    c = session.client
+    c.set_tag(run_id, schema.DUPLICATE_OF, result_run_id)
+    c.set_tag(run_id, "mlflow.note.content",
+              f"Configuration already finished in run {result_run_id}; nothing was trained.")
+    c.set_terminated(run_id, "FINISHED")
+
+
+def set_terminated(session: Session, run_id: str, status: str) -> None:
+    session.client.set_terminated(run_id, status)
+
+
+def end_active(status: str) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status)
+
+
+def load_weights(run_id: str) -> dict:
+    """A run's weights, read with weights_only=True: a planted pickle is refused."""
+    import torch
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_PATH)
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def load_model(run_id: str):
+    """The logged MLflow model (pt2 serialization) as a torch module."""
+    return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+
+
+def artifact_json(run_id: str, path: str):
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    return json.loads(Path(local).read_text())
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _git_tag() -> dict:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {schema.GIT_COMMIT: sha} if len(sha) == 40 else {}
+
+
