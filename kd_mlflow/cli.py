@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (one line naming the value, nothing created),
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def _execution_options(func):
     return func
 
 
+_parent_run = click.option("--parent-run", type=_Optional(click.STRING), default=None, hidden=True,
+                           help="Nest the run under this study run (used by reproduce --jobs).")
+
+
 def _execution(device, compile_, deterministic, force, cache_dir):
     from .steps import Execution
     return Execution(device, compile_, deterministic, force, Path(cache_dir) if cache_dir else None)
@@ -137,6 +142,10 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="kd-mlflow")
 def main():
     """Ensembles, knowledge distillation and self-distillation as tracked MLflow runs."""
+    threads = os.environ.get("KD_MLFLOW_THREADS")
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
 
 
 @main.command()
@@ -146,13 +155,15 @@ def main():
 @_experiment
 @_recipe_options
 @_execution_options
-def train(seed, preset, data_dir, experiment, device, compile_, deterministic, force, cache_dir, **kw):
+@_parent_run
+def train(seed, preset, data_dir, experiment, device, compile_, deterministic, force, cache_dir,
+          parent_run, **kw):
     """Train one model and log one MLflow run; prints its run id."""
     from . import steps
 
     recipe = config.resolve(preset, **_overrides(kw))
     out = steps.train(seed, recipe, preset, data_dir, experiment,
-                      _execution(device, compile_, deterministic, force, cache_dir))
+                      _execution(device, compile_, deterministic, force, cache_dir), parent_run)
     click.echo(out.run_id)
 
 
@@ -165,13 +176,15 @@ def train(seed, preset, data_dir, experiment, device, compile_, deterministic, f
 @_experiment
 @_recipe_options
 @_execution_options
+@_parent_run
 def distill(teacher, seed, preset, data_dir, experiment, device, compile_, deterministic, force,
-            cache_dir, **kw):
-    """Train a student on a teacher's probabilities; prints its run id."""
+            cache_dir, parent_run, **kw):
+    """Train a student on a teacher's probabilities (KD if the teacher is an ensemble,
+    SD otherwise); prints its run id."""
     from . import steps
 
     out = steps.distill(teacher, seed, preset, _overrides(kw), data_dir, experiment,
-                        _execution(device, compile_, deterministic, force, cache_dir))
+                        _execution(device, compile_, deterministic, force, cache_dir), parent_run)
     click.echo(out.run_id)
 
 
@@ -188,8 +201,9 @@ def distill(teacher, seed, preset, data_dir, experiment, device, compile_, deter
 @_data_dir
 @_experiment
 @_execution_options
+@_parent_run
 def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, device, compile_,
-             deterministic, force, cache_dir):
+             deterministic, force, cache_dir, parent_run):
     """Evaluate an ensemble of finished runs and log it as a run; prints its run id."""
     from . import steps, tracking
 
@@ -199,7 +213,8 @@ def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, dev
     ids = [m.strip() for m in members.split(",") if m.strip()] if members else \
         steps.train_runs_for_seeds(session, config.parse_seeds(seeds), preset, dataset)
     out = steps.ensemble(ids, combine, data_dir, experiment,
-                         _execution(device, compile_, deterministic, force, cache_dir), session=session)
+                         _execution(device, compile_, deterministic, force, cache_dir), parent_run,
+                         session=session)
     click.echo(out.run_id)
 
 
@@ -222,3 +237,36 @@ def compare(experiment, fmt, output, preset, dataset):
         Path(output).write_text(text)
     else:
         click.echo(text)
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(list(config.PRESETS)), default="seed-report", show_default=True)
+@click.option("--seeds", default="0-4", show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
+@click.option("--student-seed-offset", "--student_seed_offset", "offset", type=click.IntRange(min=1),
+              default=10, show_default=True, help="SD student of seed i has seed i + offset.")
+@click.option("--kd-seed", "--kd_seed", "kd_seed", type=click.IntRange(min=0), default=100,
+              show_default=True, help="Seed of the KD student of the ensemble.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Independent steps run concurrently, as separate processes.")
+@_data_dir
+@_experiment
+@_recipe_options
+@_execution_options
+def reproduce(preset, seeds, offset, kd_seed, jobs, data_dir, experiment, device, compile_,
+              deterministic, force, cache_dir, **kw):
+    """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
+    Finished steps are reused, so a rerun does only what is missing."""
+    from . import study
+
+    overrides = _overrides(kw)
+    plan = study.Plan(preset, config.resolve(preset, **overrides), overrides,
+                      config.parse_seeds(seeds), offset, kd_seed, data_dir)
+    try:
+        result = study.reproduce(plan, experiment, _execution(device, compile_, deterministic, force,
+                                                              cache_dir), jobs)
+    except study.StepFailed as e:
+        click.echo(f"kd-mlflow: error: {e}", err=True)
+        return 1
+    click.echo(result.tables)
+    click.echo(f"study run {result.parent_run_id}: {len(result.trained)} step(s) ran, "
+               f"{len(result.runs) - len(result.trained)} reused", err=True)

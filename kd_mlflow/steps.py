@@ -50,23 +50,23 @@ class Outcome:
 
 def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
           experiment: str | None = None, ex: Execution = Execution(),
-          parent_run_id: str | None = None) -> Outcome:
+          parent_run_id: str | None = None, session=None) -> Outcome:
     _check_seed(seed)
     source, split = _load(recipe, data_dir, ex)
     job = _Job(name=f"train-seed-{seed}", seed=seed, recipe=recipe, preset=preset,
                source=source, split=split, tags={schema.ROLE: "train"},
                objective=lambda dd, rt: CrossEntropy())
-    return _train_or_reuse(tracking.connect(experiment), job, ex, parent_run_id)
+    return _train_or_reuse(session or tracking.connect(experiment), job, ex, parent_run_id)
 
 
 # --- distill -----------------------------------------------------------------
 
 def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides: dict | None = None,
             data_dir: str | None = None, experiment: str | None = None,
-            ex: Execution = Execution(), parent_run_id: str | None = None) -> Outcome:
+            ex: Execution = Execution(), parent_run_id: str | None = None, session=None) -> Outcome:
     """A student of a train run (SD), an ensemble run (KD) or another student."""
     _check_seed(seed)
-    session = tracking.connect(experiment)
+    session = session or tracking.connect(experiment)
     teacher = _finished(session, teacher_run_id, "teacher")
     t_tags, t_params = teacher.data.tags, teacher.data.params
     role = t_tags.get(schema.ROLE)
@@ -231,7 +231,8 @@ def _train(session, job: _Job, ex: Execution, store: CheckpointStore, parent_run
             schema.SEED: str(job.seed), schema.CONFIG_HASH: job.config_hash})
         writer.log_dataset(f"{recipe.dataset}-train", source.uri, split.digest)
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
-        writer.set_tags({"kd.device": str(rt.device), "kd.precision_resolved": rt.precision})
+        writer.set_tags({"kd.device": str(rt.device), "kd.precision_resolved": rt.precision,
+                         "kd.threads": str(torch.get_num_threads())})
         torch.manual_seed(job.seed)  # the model seed sets the initialisation, nothing else
         model = rt.prepare(models.build(recipe, source.num_classes))
         dd = data_mod.DeviceData(source, split, rt.device)

@@ -281,3 +281,43 @@ def _git_tag() -> dict:
     return {schema.GIT_COMMIT: sha} if len(sha) == 40 else {}
 
 
+
+
+# --- a study's parent run --------------------------------------------------
+
+def open_study(session: Session, name: str, tags: dict) -> str:
+    """The parent run: the one `mlflow run -e main` created, else this study's earlier
+    parent (reopened, so a rerun adds to it), else a new one."""
+    c = session.client
+    if session.adopted_run_id:
+        run_id = session.adopted_run_id
+        c.set_tag(run_id, "mlflow.runName", name)
+    else:
+        found = session.search(f"tags.`{schema.CONFIG_HASH}` = '{tags[schema.CONFIG_HASH]}'",
+                               statuses=("FINISHED", *UNFINISHED))
+        if found:
+            run_id = found[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+        else:
+            run_id = c.create_run(session.experiment_id, run_name=name).info.run_id
+    for key, value in {**tags, schema.VERSION: _version(), **_git_tag()}.items():
+        c.set_tag(run_id, key, value)
+    return run_id
+
+
+def note(session: Session, run_id: str, text: str) -> None:
+    session.client.set_tag(run_id, "mlflow.note.content", text)
+
+
+def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures: dict) -> None:
+    c = session.client
+    for name, text in texts.items():
+        c.log_text(run_id, text, name)
+    c.log_dict(run_id, summary, "steps.json")
+    for name, fig in figures.items():
+        c.log_figure(run_id, fig, name)
+
+
+def metric_history(session: Session, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(session.client.get_metric_history(run_id, key),
+                                               key=lambda m: m.step)]

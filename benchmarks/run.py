@@ -1,0 +1,207 @@
+"""kd-mlflow benchmarks: ratios measured side by side on one machine, in one run.
+
+    python benchmarks/run.py [--quick] [--json PATH] [--device auto|cpu|cuda]
+
+Prints a table and writes every figure, with its raw samples, to JSON. Nothing here
+asserts a speed: the targets are printed beside the figures for the reader.
+See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # tests/mlflow_server.py, and kd_mlflow when not installed
+
+import torch  # noqa: E402
+
+import compare_bench  # noqa: E402
+import harness  # noqa: E402
+import train_bench  # noqa: E402
+from kd_mlflow import data, tracking  # noqa: E402
+from kd_mlflow.config import PRESETS  # noqa: E402
+from kd_mlflow.train import make_runtime  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Plan:
+    preset: str
+    n_train: int            # training images per epoch
+    n_eval: int             # val and test images each: small, so fit's per-epoch
+                            # evaluation does not count as loop overhead (README)
+    reps: int               # measured repetitions per arm (plus one warm-up)
+    fit_epochs: int         # epochs per timed call (loop, KD)
+    tracking_epochs: int    # epochs per timed call with tracking on/off
+    compare_sizes: tuple = (100, 1000)   # runs in the experiment compare reads
+    compare_reps: int = 3
+    history_epochs: int = 4  # per-epoch metric history logged per run (capped by preset)
+    threads: int = 1        # torch intra-op threads, the same for every arm
+
+
+def make_plan(quick: bool, device: str) -> Plan:
+    threads = os.cpu_count() or 1
+    if quick:
+        return Plan("cpu-demo", n_train=1024, n_eval=64, reps=4, fit_epochs=1,
+                    tracking_epochs=2, threads=threads)
+    gpu = device == "cuda"
+    return Plan("standard" if gpu else "cpu-demo", n_train=45000 if gpu else 10000, n_eval=512,
+                reps=5, fit_epochs=1, tracking_epochs=3, compare_reps=5, history_epochs=100,
+                threads=threads)
+
+
+def make_bench(plan: Plan, device: str, epochs: int) -> train_bench.Bench:
+    recipe = PRESETS[plan.preset].replace(epochs=epochs, val_size=plan.n_eval, train_subset=0)
+    rt = make_runtime(recipe, device)
+    size = 32  # CIFAR; the model resizes to recipe.image_size itself
+    source = harness.synthetic_source(plan.n_eval + plan.n_train, plan.n_eval, size)
+    dd = data.DeviceData(source, harness.first_split(source, plan.n_train, plan.n_eval), rt.device)
+    return train_bench.Bench(recipe, rt, dd, source.num_classes)
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# --- the figures --------------------------------------------------------------
+
+def bench_loop(plan: Plan, b: train_bench.Bench) -> dict:
+    workers = 0 if b.rt.device.type == "cpu" else min(4, os.cpu_count() or 1)
+    log(f"loop: bare / fit / report pipeline, {b.images} images x {plan.reps} reps")
+    s = harness.interleave(train_bench.loop_arms(b, workers), plan.reps)
+    return {"loop_efficiency": harness.ratio_entry(s, "bare", "fit", b.images),
+            "vs_report_pipeline": harness.ratio_entry(
+                s, "report", "fit", b.images, report_workers=workers,
+                report_image_size=b.recipe.image_size)}
+
+
+def bench_kd(plan: Plan, b: train_bench.Bench) -> dict:
+    log(f"kd: plain / cached / on the fly / teacher table, {b.images} images x {plan.reps} reps")
+    s = harness.interleave(train_bench.kd_arms(b), plan.reps)
+    epochs = PRESETS[plan.preset].epochs
+    table, plain = s.median("table"), s.median("plain")
+    cached = harness.ratio_entry(s, "cached", "plain", b.images, teacher_members=5,
+                                 teacher_table_seconds=table, amortised_over_epochs=epochs,
+                                 teacher_table_included=False)
+    cached["ratio_with_table_amortised"] = (s.median("cached") + table / epochs) / plain
+    return {"kd_overhead_cached": cached,
+            "kd_overhead_on_the_fly": harness.ratio_entry(s, "online", "plain", b.images,
+                                                          teacher_members=5)}
+
+
+def bench_tracking(plan: Plan, b: train_bench.Bench) -> dict:
+    log(f"tracking: off / on (real server), {b.recipe.epochs} epochs x {plan.reps} reps")
+    sink_seconds: list = []
+    session = tracking.connect("bench-tracking")
+    s = harness.interleave(train_bench.tracking_arms(b, session, sink_seconds), plan.reps)
+    per_call = sorted(sink_seconds)[len(sink_seconds) // 2]
+    epoch = s.median("off") / b.recipe.epochs
+    return {"tracking_overhead": harness.ratio_entry(
+        s, "on", "off", b.images, sink_seconds_per_epoch=per_call,
+        ratio_from_sink_time=1 + per_call / epoch)}
+
+
+def bench_compare(plan: Plan, uri: str) -> dict:
+    sizes = {n: f"bench-compare-{n}" for n in plan.compare_sizes}
+    for n, name in sizes.items():
+        t0 = time.perf_counter()
+        compare_bench.log_runs(name, n, plan.history_epochs)
+        log(f"compare: logged {n} runs in {time.perf_counter() - t0:.1f}s")
+    parts: dict = {}
+    s = harness.interleave(compare_bench.compare_arms(sizes, uri, parts), plan.compare_reps)
+    small, big = plan.compare_sizes
+    out = {"runs": list(plan.compare_sizes), "history_epochs": plan.history_epochs}
+    for kind in ("library", "cli"):
+        g = harness.ratio_entry(s, f"{kind}_{big}", f"{kind}_{small}")
+        out[kind] = {"seconds": g["median_seconds"], "growth": g["ratio"],
+                     "growth_range": g["paired_ratio_range"], "samples_seconds": g["samples_seconds"]}
+    out["library"]["parts_median_seconds"] = {
+        n: {k: sorted(v)[len(v) // 2] for k, v in p.items()} for n, p in parts.items()}
+    return {"compare_seconds": out}
+
+
+def with_server(plan: Plan, b: train_bench.Bench) -> dict:
+    from tests.mlflow_server import MlflowServer
+
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, \
+            MlflowServer(Path(tmp) / "server") as server:
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
+        log(f"mlflow server at {server.uri}")
+        return {**bench_tracking(plan, b), **bench_compare(plan, server.uri)}
+
+
+# --- output -------------------------------------------------------------------
+
+def table(res: dict, plan: Plan) -> str:
+    ips = lambda e, k: f"{e['images_per_second'][k]:.0f} img/s"  # noqa: E731
+    rng = lambda e: "{:.3f}-{:.3f}".format(*e["paired_ratio_range"])  # noqa: E731
+    le, vr = res["loop_efficiency"], res["vs_report_pipeline"]
+    kc, ko, tr = res["kd_overhead_cached"], res["kd_overhead_on_the_fly"], res["tracking_overhead"]
+    rows = [
+        ("loop_efficiency", f"fit {ips(le, 'fit')} / bare {ips(le, 'bare')}", le["ratio"], rng(le), ">= 0.95"),
+        ("vs_report_pipeline", f"fit {ips(vr, 'fit')} / report {ips(vr, 'report')}", vr["ratio"], rng(vr), "> 1"),
+        ("kd_overhead_cached", "table excluded (one-off, below)", kc["ratio"], rng(kc), "<= 1.05"),
+        ("  with table amortised", f"table {kc['teacher_table_seconds']:.2f}s / "
+         f"{kc['amortised_over_epochs']} epochs", kc["ratio_with_table_amortised"], "", ""),
+        ("kd_overhead_on_the_fly", f"5-model teacher per batch", ko["ratio"], rng(ko), ""),
+        ("tracking_overhead", f"on / off, {plan.tracking_epochs} epochs per run", tr["ratio"], rng(tr), "<= 1.01"),
+        ("  from sink time", f"{1000 * tr['sink_seconds_per_epoch']:.1f} ms per epoch",
+         tr["ratio_from_sink_time"], "", "<= 1.01"),
+    ]
+    cs = res["compare_seconds"]
+    small, big = cs["runs"]
+    for kind in ("library", "cli"):
+        sec = cs[kind]["seconds"]
+        rows.append((f"compare_seconds {kind}", f"{small} runs {sec[f'{kind}_{small}']:.2f}s, "
+                     f"{big} runs {sec[f'{kind}_{big}']:.2f}s", sec[f"{kind}_{big}"],
+                     "growth {:.2f}x".format(cs[kind]["growth"]), f"<= 3 s, growth <= {big // small}x"))
+    lines = [f"{'figure':<26} {'detail':<48} {'value':>7}  {'rep range / growth':<18} target"]
+    lines += [f"{n:<26} {d:<48} {v:>7.3f}  {r:<18} {t}" for n, d, v, r, t in rows]
+    return "\n".join(lines)
+
+
+def machine(rt_device: torch.device, plan: Plan) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(rt_device)}
+    if rt_device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(rt_device)
+    import mlflow
+    return {**info, "mlflow": mlflow.__version__, "plan": asdict(plan)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: minutes on a 2-core CPU")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="model and recipe to measure [cpu-demo; standard on a GPU in full mode]")
+    args = p.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = make_plan(args.quick, device)
+    plan = replace(plan, preset=args.preset or plan.preset)
+    torch.set_num_threads(plan.threads)
+    t0 = time.perf_counter()
+    b = make_bench(plan, device, plan.fit_epochs)
+    res = {**bench_loop(plan, b), **bench_kd(plan, b)}
+    res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
+    res["machine"] = machine(b.rt.device, plan)
+    res["machine"]["total_seconds"] = time.perf_counter() - t0
+    print(table(res, plan))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

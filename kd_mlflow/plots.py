@@ -1,0 +1,60 @@
+"""The study's two plots, logged on its parent run: learning curves per seed, and test
+accuracy per method with every run shown and the spread over seeds."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import tracking  # noqa: E402
+
+
+def figures(session, runs: dict, tables: list) -> dict:
+    return {"learning_curves.png": learning_curves(session, runs),
+            "accuracy_by_method.png": accuracy_by_method(tables)}
+
+
+def learning_curves(session, runs: dict):
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run_id in sorted(runs.items()):
+        if not (name.startswith("train-") or name.startswith("sd-t") or name.startswith("kd-")):
+            continue
+        style = "-" if name.startswith("train-") else "--"
+        for ax, key in ((ax_loss, "train_loss"), (ax_acc, "val_acc")):
+            points = tracking.metric_history(session, run_id, key)
+            if points:
+                ax.plot(*zip(*points), style, label=name)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    ax_acc.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_by_method(tables: list):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tables:
+        t = tables[0]
+        groups = [("single", t.seeds["test_acc"]), ("ensemble", t.ensembles["test_acc"]),
+                  ("KD", t.kd["test_acc"]), ("SD", t.self_distillation["student_test_acc"]),
+                  ("SD ensemble", t.sd_ensembles["test_acc"])]
+        for i, (label, values) in enumerate(groups):
+            values = values.dropna().astype(float)
+            if len(values) == 0:
+                continue
+            ax.scatter([i] * len(values), values, alpha=0.6)
+            if len(values) > 1:
+                ax.errorbar(i + 0.15, values.mean(), yerr=values.std(ddof=1), fmt="o", color="black",
+                            capsize=4)
+        ax.set_xticks(range(len(groups)), [g for g, _ in groups])
+        ax.set_title(f"Test accuracy by method ({t.preset}, {t.dataset}); bars: mean ± std over seeds")
+    ax.set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def close(figs: dict) -> None:
+    for fig in figs.values():
+        plt.close(fig)

@@ -1,0 +1,129 @@
+"""The compose stack's MLflow server, run here without docker.
+
+The server's arguments, environment and basic-auth configuration are read from
+docker/compose.yaml and docker/auth/basic_auth.ini; only what names the container world
+is rewritten: the database host, the artifact directory, the bind address and port.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from mlflow_server import MlflowServer
+
+DOCKER = Path(__file__).resolve().parents[1] / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+DB_HOST = "postgres:5432"  # the database as the compose network names it
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}")
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def referenced_vars(text: str) -> set[str]:
+    return set(_VAR.findall(text))
+
+
+def env_example() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, enough for this file."""
+    def one(m):
+        name, rest = m.group(1), m.group(0)[len(m.group(1)) + 2:-1]
+        if name in env and env[name] != "":
+            return env[name]
+        if rest.startswith(":-"):
+            return rest[2:]
+        raise KeyError(f"{name} is not set ({rest[2:] if rest.startswith(':?') else 'no default'})")
+    return _VAR.sub(one, value)
+
+
+def _command(service: dict) -> list[str]:
+    entry, cmd = service.get("entrypoint") or [], service.get("command") or []
+    return [*entry, *cmd]
+
+
+class StackServer(MlflowServer):
+    """``mlflow server`` as the compose ``mlflow`` service runs it, against ``pg``."""
+
+    def __init__(self, root: Path, pg, env: dict[str, str]):
+        super().__init__(root)
+        self.pg, self.compose_env = pg, env
+        self.services = compose()["services"]
+        self.auth_ini = self.root / "basic_auth.ini"
+        self.env = self._environment()
+
+    def _local(self, arg: str) -> str:
+        arg = arg.replace(DB_HOST, f"127.0.0.1:{self.pg.port}")
+        arg = re.sub(r"^--artifacts-destination=.*", f"--artifacts-destination={self.root / 'artifacts'}", arg)
+        arg = re.sub(r"^--host=.*", "--host=127.0.0.1", arg)
+        return re.sub(r"^--port=.*", f"--port={self.port}", arg)
+
+    def migrate_command(self) -> list[str]:
+        cmd = [self._local(a) for a in _command(self.services["migrate"])]
+        assert cmd[0] == "mlflow"
+        return [sys.executable, "-m", *cmd]
+
+    def command(self) -> list[str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [self._local(a) for a in _command(self.services["mlflow"])]
+        assert cmd[0] == "mlflow"
+        return [sys.executable, "-m", *cmd]
+
+    def _environment(self) -> dict[str, str]:
+        env = {k: interpolate(str(v), self.compose_env)
+               for k, v in self.services["mlflow"]["environment"].items()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        ini = configparser.ConfigParser()
+        ini.read(DOCKER / "auth" / "basic_auth.ini")
+        ini["mlflow"]["database_uri"] = ini["mlflow"]["database_uri"].replace(DB_HOST, f"127.0.0.1:{self.pg.port}")
+        with open(self.auth_ini, "w") as f:
+            ini.write(f)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.auth_ini)
+        return env
+
+    def start(self, timeout: float = 120.0) -> "StackServer":
+        proc = subprocess.run(self.migrate_command(), env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mlflow db upgrade failed:\n{proc.stdout}\n{proc.stderr}")
+        super().start(timeout)
+        return self
+
+    # --- REST, as a given user -------------------------------------------------
+    def request(self, method: str, path: str, body=None, auth=None, headers=None):
+        """(status, parsed JSON or text) of one request to the server."""
+        req = urllib.request.Request(self.uri + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None)
+        req.add_header("Content-Type", "application/json")
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
