@@ -94,6 +94,13 @@ def _load_cifar(name: str, root: Path) -> Source:
             return all((Path(self.root) / self.base_folder / f).is_file()
                        for f, _ in self.train_list + self.test_list)
 
+        def _load_meta(self):
+            import pickle  # CIFAR's own format; torchvision reads it the same way
+
+            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
     try:
         train, test = (_Present(str(root), train=t, download=False) for t in (True, False))
     except (RuntimeError, OSError, KeyError) as e:

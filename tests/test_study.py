@@ -1,0 +1,109 @@
+"""A `smoke` study through `reproduce` against a real server: lineage, models that load
+back, `compare` numbers traceable to runs, and a rerun that trains nothing."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from conftest import invoke, run_cli
+from kd_mlflow import data, schema
+
+
+@pytest.fixture(scope="module")
+def study(server, cache_dir, tmp_path_factory):
+    env = {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir)}
+    proc = run_cli("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("study-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    mlflow.set_tracking_uri(server.uri)
+    yield {"env": env, "proc": proc, "client": client, "exp": exp,
+           "by_name": {r.info.run_name: r for r in runs}}
+    mlflow.set_tracking_uri(None)
+
+
+def test_every_step_finished_with_its_lineage(study):
+    r = study["by_name"]
+    expected = {"train-seed-0", "train-seed-1", "ensemble-seeds-0-1", "kd-seed-100", "sd-t0-s10",
+                "sd-t1-s11", "sd-ensemble-seeds-10-11", "study-smoke-digits"}
+    assert set(r) == expected
+    assert all(run.info.status == "FINISHED" for run in r.values())
+    parent = r["study-smoke-digits"].info.run_id
+    assert all(run.data.tags.get("mlflow.parentRunId") == parent for n, run in r.items() if n != "study-smoke-digits")
+
+    t0, t1, ens = r["train-seed-0"], r["train-seed-1"], r["ensemble-seeds-0-1"]
+    assert ens.data.tags[schema.MEMBER_RUN_IDS] == f"{t0.info.run_id},{t1.info.run_id}"
+    assert ens.data.tags[schema.MEMBER_SEEDS] == "0,1" and ens.data.tags[schema.MEMBER_ROLE] == "train"
+    kd = r["kd-seed-100"].data.tags
+    assert (kd[schema.METHOD], kd[schema.TEACHER_RUN_ID], kd[schema.TEACHER_SEEDS], kd[schema.GENERATION]) == \
+        ("kd", ens.info.run_id, "0,1", "1")
+    sd = r["sd-t0-s10"].data
+    assert (sd.tags[schema.METHOD], sd.tags[schema.TEACHER_RUN_ID], sd.params["temperature"], sd.params["alpha"]) == \
+        ("sd", t0.info.run_id, "1.0", "1.0")
+    sde = r["sd-ensemble-seeds-10-11"].data.tags
+    assert sde[schema.MEMBER_ROLE] == "student" and sde[schema.MEMBER_SEEDS] == "10,11"
+    assert len({run.data.tags[schema.SPLIT_DIGEST] for run in r.values()}) == 1
+    assert study["exp"].tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_ensemble_model_loads_and_reproduces_its_test_accuracy(study):
+    ens = study["by_name"]["ensemble-seeds-0-1"]
+    model = mlflow.pytorch.load_model(f"runs:/{ens.info.run_id}/model")
+    src = data.load("digits")
+    with torch.no_grad():
+        acc = 100.0 * (model(src.test_x).argmax(1) == src.test_y).float().mean().item()
+    assert acc == pytest.approx(ens.data.metrics[schema.FINAL_TEST_ACC], abs=1e-4)
+
+
+def test_parent_run_holds_tables_and_plots(study):
+    parent = study["by_name"]["study-smoke-digits"].info.run_id
+    names = {a.path for a in study["client"].list_artifacts(parent)}
+    assert {"tables.md", "tables.json", "tables.csv", "learning_curves.png", "accuracy_by_method.png",
+            "steps.json"} <= names
+    assert "| seed | validation accuracy | test accuracy |" in study["proc"].stdout
+
+
+def test_compare_numbers_are_the_metrics_of_the_runs_they_name(study, monkeypatch):
+    for k, v in study["env"].items():
+        monkeypatch.setenv(k, v)
+    res = invoke("compare", "--experiment", "study-smoke", "--format", "json")
+    assert res.exit_code == 0, res.output
+    tables = json.loads(res.stdout)
+    assert set(tables) >= {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary"}
+    client, checked = study["client"], 0
+    for key, val_col, test_col in (("seeds", "val_acc", "test_acc"), ("ensembles", "val_acc", "test_acc"),
+                                   ("kd", "val_acc", "test_acc"), ("sd_ensembles", "val_acc", "test_acc"),
+                                   ("self_distillation", "student_val_acc", "student_test_acc")):
+        assert tables[key], key
+        for row in tables[key]:
+            m = client.get_run(row["run_id"]).data.metrics
+            assert row[val_col] == m[schema.FINAL_VAL_ACC] and row[test_col] == m[schema.FINAL_TEST_ACC]
+            checked += 1
+    for row in tables["self_distillation"]:
+        m = client.get_run(row["teacher_run_id"]).data.metrics
+        assert row["teacher_test_acc"] == m[schema.FINAL_TEST_ACC]
+    assert checked == 2 + 1 + 1 + 1 + 2
+
+
+def test_a_second_reproduce_trains_nothing(study):
+    before = len(study["client"].search_runs([study["exp"].experiment_id], max_results=100))
+    proc = run_cli("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1",
+                   env=study["env"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 1/" not in proc.stderr and "0 step(s) ran, 7 reused" in proc.stderr
+    after = len(study["client"].search_runs([study["exp"].experiment_id], max_results=100))
+    assert after == before
+
+
+def test_compare_refuses_a_missing_experiment_without_creating_it(study, monkeypatch):
+    for k, v in study["env"].items():
+        monkeypatch.setenv(k, v)
+    res = invoke("compare", "--experiment", "no-such-study")
+    assert res.exit_code == 2 and "no-such-study" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert study["client"].get_experiment_by_name("no-such-study") is None

@@ -1,0 +1,319 @@
+"""Pure pieces on tiny inputs: recipes, the split, augmentation, losses, ensembles,
+checkpoints and bitwise resume. No MLflow."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd_mlflow import config, data, models
+from kd_mlflow.checkpoint import CheckpointStore, CorruptCheckpoint, dump, parse
+from kd_mlflow.config import ConfigError
+from kd_mlflow.ensemble import Ensemble
+from kd_mlflow.objectives import CachedTeacher, Distillation, OnlineTeacher, kd_loss, teacher_table
+from kd_mlflow.train import fit, make_runtime
+
+# --- recipes -----------------------------------------------------------------
+
+
+def test_presets_are_valid_and_seed_report_is_the_reports_recipe():
+    r = config.preset("seed-report")
+    assert (r.model, r.image_size, r.mean, r.std) == ("resnet18", 224, (0.5,) * 3, (0.5,) * 3)
+    assert (r.optimizer, r.lr, r.batch_size, r.epochs, r.augment) == ("adam", 1e-3, 128, 100, False)
+    assert (r.split_seed, r.order_seed, r.val_size, r.temperature, r.alpha) == (42, 42, 5000, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lr", 0.0), ("lr", -1.0), ("epochs", 0), ("batch_size", 0), ("alpha", 1.5), ("alpha", -0.1),
+    ("temperature", 0.0), ("model", "vgg"), ("dataset", "mnist"), ("width", 0), ("split_seed", -1),
+])
+def test_bad_recipe_values_name_the_field(field, value):
+    with pytest.raises(ConfigError) as e:
+        config.resolve("smoke", **{field: value})
+    assert e.value.name == field and repr(value) in str(e.value)
+
+
+def test_parse_seeds():
+    assert config.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert config.parse_seeds("3,1") == [3, 1]
+    for bad in ("a", "1,1", "-1", ""):
+        with pytest.raises(ConfigError):
+            config.parse_seeds(bad)
+
+
+def test_recipe_round_trips_through_params():
+    r = config.preset("standard")
+    assert config.recipe_from_params(r.as_params()) == r
+
+
+# --- data --------------------------------------------------------------------
+
+def _write_cifar10(root, n_per_batch=20):
+    """A tiny dataset in CIFAR-10's on-disk format (python pickles of uint8 rows)."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(name, n, offset):
+        rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [(i + offset) % 10 for i in range(n)]
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": labels}, f)
+        return rows, labels
+
+    train = [batch(f"data_batch_{i}", n_per_batch, i) for i in range(1, 6)]
+    test = batch("test_batch", n_per_batch, 0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return train, test
+
+
+def test_cifar10_through_torchvision_offline(tmp_path):
+    train, test = _write_cifar10(tmp_path)
+    src = data.load("cifar10", str(tmp_path), tmp_path / "cache")
+    assert src.train_x.shape == (100, 3, 32, 32) and src.train_x.dtype == torch.uint8
+    assert src.test_x.shape == (20, 3, 32, 32) and src.num_classes == 10
+    # CIFAR rows are channel-major 32x32 planes: the first image's red plane is row[:1024].
+    assert torch.equal(src.train_x[0, 0].flatten(), torch.from_numpy(train[0][0][0, :1024]))
+    assert src.train_y.tolist()[:3] == train[0][1][:3]
+
+
+def _write_folder(root, classes=("cat", "dog", "emu"), n=6, size=8):
+    rng = np.random.default_rng(1)
+    for part in ("train", "test"):
+        for c in classes:
+            (root / part / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    root / part / c / f"{i}.png")
+
+
+def test_folder_tree_and_its_archive_decode_the_same(tmp_path):
+    _write_folder(tmp_path / "tree")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+    a = data.load("folder", str(tmp_path / "tree"), tmp_path / "c1")
+    b = data.load("folder", str(tmp_path / "tree.tar.gz"), tmp_path / "c2")
+    assert a.classes == ("cat", "dog", "emu") and a.train_x.shape == (18, 3, 8, 8)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    again = data.load("folder", str(tmp_path / "tree"), tmp_path / "c1")  # from the cache
+    assert torch.equal(a.train_x, again.train_x)
+
+
+def test_folder_with_mismatched_classes_is_refused(tmp_path):
+    _write_folder(tmp_path / "tree")
+    (tmp_path / "tree" / "test" / "emu").rename(tmp_path / "tree" / "test" / "owl")
+    with pytest.raises(ConfigError, match="different classes"):
+        data.load("folder", str(tmp_path / "tree"), tmp_path / "c")
+
+
+def test_split_depends_on_the_split_seed_only():
+    src = data.load("digits")
+    r = config.preset("smoke")
+    a, b = data.make_split(src, r), data.make_split(src, r.replace(lr=0.5, order_seed=7))
+    assert torch.equal(a.val_idx, b.val_idx) and a.digest == b.digest
+    c = data.make_split(src, r.replace(split_seed=1))
+    assert c.digest != a.digest
+    assert not set(a.val_idx.tolist()) & set(a.train_idx.tolist())
+
+
+def test_crop_flip_is_a_per_image_shift_and_mirror():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
+    same = data.crop_flip(x, torch.tensor([[4, 4], [4, 4]]), torch.tensor([False, True]))
+    assert torch.equal(same[0], x[0]) and torch.equal(same[1], x[1].flip(-1))
+    shifted = data.crop_flip(x, torch.tensor([[5, 4], [4, 4]]), torch.tensor([False, False]))
+    assert torch.equal(shifted[0, :, :4], x[0, :, 1:]) and shifted[0, :, 4].eq(0).all()
+
+
+# --- objectives and ensembles ------------------------------------------------
+
+def test_kd_loss_golden_values():
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    t = torch.tensor([[3.0, 2.0, 1.0]])
+    assert kd_loss(t, t, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+    p, q = t.softmax(1), s.softmax(1)
+    kl = (p * (p.log() - q.log())).sum().item()
+    assert kd_loss(s, t, 1.0).item() == pytest.approx(kl, rel=1e-5)
+    p4, q4 = (t / 4).softmax(1), (s / 4).softmax(1)
+    kl4 = (p4 * (p4.log() - q4.log())).sum().item()
+    assert kd_loss(s, t, 4.0).item() == pytest.approx(16 * kl4, rel=1e-5)  # scaled by T^2
+
+
+def test_kd_loss_does_not_depend_on_batch_size():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    assert kd_loss(s, t, 2.0).item() == pytest.approx(kd_loss(s.repeat(8, 1), t.repeat(8, 1), 2.0).item(),
+                                                      rel=1e-6)
+
+
+def test_kd_loss_at_t1_has_the_gradient_of_soft_target_cross_entropy():
+    s = torch.randn(5, 10, requires_grad=True)
+    t = torch.randn(5, 10)
+    kd_loss(s, t, 1.0).backward()
+    g_kd = s.grad.clone()
+    s.grad = None
+    (-(t.softmax(1) * s.log_softmax(1)).sum(1).mean()).backward()
+    assert torch.allclose(g_kd, s.grad, atol=1e-6)
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+def test_ensemble_of_one_is_that_model_and_averages_probabilities():
+    a, b = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 2.0]])
+    x = torch.zeros(1, 3, 2, 2)
+    one = Ensemble([_Fixed(a)])
+    assert torch.allclose(one(x).softmax(1), a.softmax(1), atol=1e-6)
+    both = Ensemble([_Fixed(a), _Fixed(b)])
+    assert torch.allclose(both(x).softmax(1), (a.softmax(1) + b.softmax(1)) / 2, atol=1e-6)
+    # Averaging logits is a different ensemble: check the two really differ here.
+    assert not torch.allclose(Ensemble([_Fixed(a), _Fixed(b)], "logit")(x).softmax(1),
+                              both(x).softmax(1), atol=1e-3)
+    assert both(x).exp().sum().item() == pytest.approx(1.0, rel=1e-6) and math.isfinite(both(x).sum())
+
+
+def _smoke_setup(**over):
+    r = config.preset("smoke").replace(**over)
+    src = data.load("digits")
+    split = data.make_split(src, r)
+    rt = make_runtime(r, "cpu")
+    return r, src, split, rt, data.DeviceData(src, split, rt.device)
+
+
+def test_cached_and_on_the_fly_teacher_give_the_same_loss():
+    r, src, split, rt, dd = _smoke_setup()
+    torch.manual_seed(0)
+    teacher = models.build(r, 10).eval()
+    torch.manual_seed(1)
+    student = models.build(r, 10)
+    cached = Distillation(CachedTeacher(teacher_table(teacher, dd, rt.autocast, 128)), 2.0, 0.7)
+    online = Distillation(OnlineTeacher(teacher, rt.autocast), 2.0, 0.7)
+    batch = next(dd.train_batches(64, torch.Generator().manual_seed(3), augment=False))
+    student.eval()
+    logits = student(batch.x)
+    assert torch.allclose(cached(logits, batch), online(logits, batch), atol=1e-6)
+
+
+# --- checkpoints and resume ----------------------------------------------------
+
+def test_checkpoint_detects_truncation_and_bit_flips(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save({"epoch": 1, "w": torch.ones(3)})
+    store.save({"epoch": 2, "w": torch.full((3,), 2.0)})
+    latest = sorted(tmp_path.glob("*.ckpt"))[-1]
+    blob = bytearray(latest.read_bytes())
+    blob[-5] ^= 0x01
+    latest.write_bytes(bytes(blob))
+    assert store.load_latest()["epoch"] == 1        # falls back to the previous good one
+    latest.write_bytes(bytes(blob[:20]))
+    assert store.load_latest()["epoch"] == 1
+    for f in tmp_path.glob("*.ckpt"):
+        f.write_bytes(b"")
+    assert store.load_latest() is None               # starts clean
+    with pytest.raises(CorruptCheckpoint):
+        parse(dump({"epoch": 1})[:-1])
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/kd-mlflow-pwned",))
+
+
+def test_checkpoint_never_runs_pickle_code(tmp_path):
+    import io
+    import os
+
+    buf = io.BytesIO()
+    torch.save({"epoch": 1, "evil": _Payload()}, buf)
+    payload = buf.getvalue()
+    import hashlib
+    blob = b"KDCKPT01" + hashlib.sha256(payload).digest() + payload  # a valid checksum, evil inside
+    if os.path.exists("/tmp/kd-mlflow-pwned"):
+        os.remove("/tmp/kd-mlflow-pwned")
+    with pytest.raises(CorruptCheckpoint, match="refused"):
+        parse(blob)
+    assert not os.path.exists("/tmp/kd-mlflow-pwned")
+
+
+def _fit(epochs, store=None, init_seed=0):
+    r, src, split, rt, dd = _smoke_setup(epochs=epochs, schedule="onecycle", augment=True,
+                                         train_subset=256, batch_size=32)
+    torch.manual_seed(init_seed)
+    model = models.build(r, 10)
+    from kd_mlflow.objectives import CrossEntropy
+    return model, fit(model, CrossEntropy(), dd, r, rt, None, store)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAfter(CheckpointStore):
+    """Saves like the real store, then dies after epoch ``k`` (a kill -9 stand-in)."""
+
+    def __init__(self, directory, k):
+        super().__init__(directory)
+        self.k = k
+
+    def save(self, state):
+        path = super().save(state)
+        if state["epoch"] == self.k:
+            raise _Crash
+        return path
+
+
+class _Lossy(CheckpointStore):
+    """Loads a checkpoint with one piece of state replaced by a fresh one."""
+
+    def __init__(self, directory, drop):
+        super().__init__(directory)
+        self.drop = drop
+
+    def load_latest(self):
+        snap = super().load_latest()
+        if self.drop == "optimizer":
+            snap["optimizer"]["state"] = {}
+        elif self.drop == "scheduler":
+            snap["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
+                torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1).state_dict() | {
+                k: v for k, v in snap["scheduler"].items() if k not in ("last_epoch", "_step_count")}
+        elif self.drop == "order_rng":
+            snap["order_rng"] = torch.Generator().manual_seed(42).get_state()
+        return snap
+
+
+def _resumed(tmp_path, store):
+    with pytest.raises(_Crash):
+        _fit(6, _CrashAfter(tmp_path / "ckpt", 4))
+    # The resumed process builds its model from another seed: every bit of state must
+    # come from the checkpoint.
+    return _fit(6, store, init_seed=123)
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    full_model, full = _fit(6)
+    model, res = _resumed(tmp_path, CheckpointStore(tmp_path / "ckpt"))
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert [h["val_acc"] for h in res.history] == [h["val_acc"] for h in full.history]
+
+
+@pytest.mark.parametrize("piece", ["optimizer", "scheduler", "order_rng"])
+def test_resume_test_can_fail_without_each_piece_of_state(tmp_path, piece):
+    full_model, _ = _fit(6)
+    model, _ = _resumed(tmp_path, _Lossy(tmp_path / "ckpt", piece))
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in full_model.state_dict().items())
