@@ -136,6 +136,13 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("kd-mlflow: interrupted; checkpoint kept, run marked KILLED", err=True)
             return 130
+        except Exception as e:
+            if type(e).__module__.startswith(("mlflow", "requests", "urllib3")):
+                # The server answered with an error, or not at all: one line, not a trace.
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                click.echo(f"kd-mlflow: error: tracking server: {first}", err=True)
+                return 1
+            raise
 
 
 @click.group(cls=_Group)

@@ -83,7 +83,7 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
     _teacher_weights_check(session, teacher)
 
     def objective(dd, rt):
-        model = _load_teacher(session, teacher, source.num_classes, rt)
+        model = rt.prepare(teacher_model)
         if recipe.augment:
             t = OnlineTeacher(model, rt.autocast)
         else:
@@ -95,6 +95,11 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
                tags={schema.ROLE: "student", schema.METHOD: method,
                      schema.TEACHER_RUN_ID: teacher_run_id, schema.TEACHER_ROLE: role,
                      schema.TEACHER_SEEDS: t_seeds, schema.GENERATION: str(generation)})
+    existing = None if ex.force else session.find_result(job.config_hash)
+    if existing:
+        return _reuse(session, existing)
+    # Load (and so vet) the teacher before any run exists: a refused file creates nothing.
+    teacher_model = _load_teacher(session, teacher, source.num_classes)
     return _train_or_reuse(session, job, ex, parent_run_id)
 
 
@@ -133,7 +138,8 @@ def ensemble(member_run_ids: list[str], combine: str = "prob", data_dir: str | N
         return _reuse(session, existing)
 
     rt = make_runtime(recipe, ex.device, deterministic=ex.deterministic)
-    model = Ensemble([_load_teacher(session, m, source.num_classes, rt) for m in members], combine)
+    model = rt.prepare(Ensemble([_load_teacher(session, m, source.num_classes, "members") for m in members],
+                                combine))
     dd = data_mod.DeviceData(source, split, rt.device)
     val_loss, val_acc = evaluate(model, dd, "val", recipe, rt)
     _, test_acc = evaluate(model, dd, "test", recipe, rt)
@@ -384,20 +390,20 @@ def _teacher_weights_check(session, run, option: str = "teacher") -> None:
         raise ConfigError(option, run.info.run_id, "run has no model weights")
 
 
-def _load_teacher(session, run, num_classes: int, rt: Runtime) -> torch.nn.Module:
-    """Rebuild a train/student run's network, or an ensemble of them, from weights that
-    load without pickle."""
+def _load_teacher(session, run, num_classes: int, option: str = "teacher") -> torch.nn.Module:
+    """Rebuild a train/student run's network, or an ensemble of them, on the CPU from
+    weights that load without pickle."""
     tags = run.data.tags
     if tags.get(schema.ROLE) == "ensemble":
         members = [session.get_run(rid, "teacher") for rid in tags[schema.MEMBER_RUN_IDS].split(",")]
         combine = run.data.params.get("combine", "prob")
-        return Ensemble([_load_teacher(session, m, num_classes, rt) for m in members], combine).eval()
+        return Ensemble([_load_teacher(session, m, num_classes, option) for m in members], combine).eval()
     model = models.build(recipe_from_params(run.data.params), num_classes)
     try:
         model.load_state_dict(tracking.load_weights(run.info.run_id))
     except Exception as e:  # a planted pickle or foreign file is refused here
-        raise ConfigError("teacher", run.info.run_id, f"weights refused: {type(e).__name__}") from None
-    return rt.prepare(model).eval()
+        raise ConfigError(option, run.info.run_id, f"weights refused: {type(e).__name__}") from None
+    return model.eval()
 
 
 def _checkpoint_dir(session, config_hash: str, ex: Execution) -> Path:

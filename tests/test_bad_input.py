@@ -1,0 +1,116 @@
+"""Every command's options with bad values: exit code 2, one line naming the parameter,
+no traceback, and no run created."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from conftest import REPO, invoke
+from kd_mlflow import config, schema
+
+SMOKE = ["--preset", "smoke"]
+
+
+def _crafted_run(tracked, status="FINISHED", digest="fefd3e72acefba38", role="train", seed="0"):
+    """A run that looks like a kd-mlflow result, without training one."""
+    exp = mlflow.set_experiment(tracked.experiment)
+    run = tracked.client.create_run(exp.experiment_id, tags={
+        schema.ROLE: role, schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: seed,
+        schema.SPLIT_DIGEST: digest, schema.NUM_CLASSES: "10"})
+    for k, v in config.preset("smoke").as_params().items():
+        tracked.client.log_param(run.info.run_id, k, v)
+    if status != "RUNNING":
+        tracked.client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+CASES = [
+    # (id, args, the parameter the message must name)
+    ("seed-not-int", ["train", "--seed", "x", *SMOKE], "--seed"),
+    ("seed-negative", ["train", "--seed", "-1", *SMOKE], "--seed"),
+    ("seed-missing", ["train", *SMOKE], "--seed"),
+    ("unknown-preset", ["train", "--seed", "0", "--preset", "tiny"], "--preset"),
+    ("unknown-dataset", ["train", "--seed", "0", *SMOKE, "--dataset", "mnist"], "--dataset"),
+    ("unknown-model", ["train", "--seed", "0", *SMOKE, "--model", "vgg11"], "--model"),
+    ("epochs-zero", ["train", "--seed", "0", *SMOKE, "--epochs", "0"], "epochs"),
+    ("epochs-not-int", ["train", "--seed", "0", *SMOKE, "--epochs", "1.5"], "--epochs"),
+    ("batch-zero", ["train", "--seed", "0", *SMOKE, "--batch-size", "0"], "batch_size"),
+    ("lr-zero", ["train", "--seed", "0", *SMOKE, "--lr", "0"], "lr"),
+    ("lr-text", ["train", "--seed", "0", *SMOKE, "--lr", "fast"], "--lr"),
+    ("width-zero", ["train", "--seed", "0", *SMOKE, "--width", "0"], "width"),
+    ("mean-two-values", ["train", "--seed", "0", *SMOKE, "--mean", "0.5,0.5"], "--mean"),
+    ("alpha-out-of-range", ["train", "--seed", "0", *SMOKE, "--alpha", "1.5"], "alpha"),
+    ("temperature-zero", ["train", "--seed", "0", *SMOKE, "--temperature", "0"], "temperature"),
+    ("val-size-too-big", ["train", "--seed", "0", *SMOKE, "--val-size", "100000"], "val_size"),
+    ("subset-too-big", ["train", "--seed", "0", *SMOKE, "--train-subset", "100000"], "train_subset"),
+    ("unknown-schedule", ["train", "--seed", "0", *SMOKE, "--schedule", "step"], "--schedule"),
+    ("folder-without-dir", ["train", "--seed", "0", "--preset", "cpu-demo"], "data_dir"),
+    ("missing-data-dir", ["train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", "/no/such/dir"],
+     "data_dir"),
+    ("folder-without-train", ["train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", "{empty}"],
+     "data_dir"),
+    ("unknown-option", ["train", "--seed", "0", "--sead", "1"], "--sead"),
+    ("teacher-unknown", ["distill", "--teacher", "0123456789abcdef", "--seed", "1"], "teacher"),
+    ("teacher-running", ["distill", "--teacher", "{running}", "--seed", "1"], "teacher"),
+    ("teacher-killed", ["distill", "--teacher", "{killed}", "--seed", "1"], "teacher"),
+    ("teacher-no-model", ["distill", "--teacher", "{finished}", "--seed", "1"], "teacher"),
+    ("teacher-other-split", ["distill", "--teacher", "{other_split}", "--seed", "1"], "teacher"),
+    ("distill-alpha", ["distill", "--teacher", "{finished}", "--seed", "1", "--alpha", "2"], "alpha"),
+    ("distill-temperature", ["distill", "--teacher", "{finished}", "--seed", "1", "--temperature", "-1"],
+     "temperature"),
+    ("distill-seed", ["distill", "--teacher", "{finished}", "--seed", "-3"], "--seed"),
+    ("one-member", ["ensemble", "--members", "{finished}"], "members"),
+    ("same-member-twice", ["ensemble", "--members", "{finished},{finished}"], "members"),
+    ("member-unknown", ["ensemble", "--members", "{finished},0123456789abcdef"], "members"),
+    ("member-running", ["ensemble", "--members", "{finished},{running}"], "members"),
+    ("members-and-seeds", ["ensemble", "--members", "{finished}", "--seeds", "0,1"], "members"),
+    ("no-members", ["ensemble"], "members"),
+    ("seeds-without-runs", ["ensemble", "--seeds", "7,8", *SMOKE], "seeds"),
+    ("seeds-malformed", ["ensemble", "--seeds", "a-b"], "seeds"),
+    ("combine-unknown", ["ensemble", "--seeds", "0,1", "--combine", "vote"], "--combine"),
+    ("compare-format", ["compare", "--format", "xml"], "--format"),
+    ("compare-no-experiment", ["compare", "--experiment", "no-such-experiment-xyz"], "experiment"),
+    ("study-one-seed", ["reproduce", *SMOKE, "--seeds", "0"], "seeds"),
+    ("study-jobs-zero", ["reproduce", *SMOKE, "--jobs", "0"], "--jobs"),
+    ("study-offset-zero", ["reproduce", *SMOKE, "--student-seed-offset", "0"], "--student-seed-offset"),
+    ("study-offset-clash", ["reproduce", *SMOKE, "--seeds", "0-4", "--student-seed-offset", "2"],
+     "student_seed_offset"),
+    ("study-epochs", ["reproduce", *SMOKE, "--epochs", "-2"], "epochs"),
+]
+
+
+@pytest.mark.parametrize("args,names", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_creates_no_run(tracked, tmp_path, args, names):
+    (tmp_path / "empty").mkdir()
+    ids = {"running": _crafted_run(tracked, "RUNNING"), "killed": _crafted_run(tracked, "KILLED"),
+           "finished": _crafted_run(tracked), "other_split": _crafted_run(tracked, digest="0000")}
+    before = {r.info.run_id for r in tracked.runs()}
+    args = [a.format(empty=tmp_path / "empty", **ids) for a in args]
+
+    res = invoke(*args)
+
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.output
+    assert names in lines[0] or names.replace("_", "-") in lines[0], lines[0]
+    assert {r.info.run_id for r in tracked.runs()} == before
+
+
+def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
+    """MLflow does not check int parameters; the CLI does. (`mlflow run` has already
+    created its run by then; it ends FAILED, never RUNNING.)"""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=abc",
+           "-P", "preset=smoke", "--env-manager", "local", "--experiment-name", tracked.experiment]
+    env = {**os.environ, **tracked.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("kd-mlflow: error")]
+    assert len(ours) == 1 and "--seed" in ours[0] and "abc" in ours[0]
+    assert "Traceback" not in proc.stderr
+    assert all(r.info.status == "FAILED" for r in tracked.runs())

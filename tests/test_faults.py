@@ -1,0 +1,220 @@
+"""Fault injection against real `mlflow server` processes: kill -9, SIGTERM, the server
+going away, corrupted checkpoints, concurrent launches, a planted pickle."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from conftest import REPO
+from kd_mlflow import config, data, schema
+from mlflow_server import MlflowServer
+
+TRAIN = ["train", "--seed", "4", "--preset", "smoke", "--epochs", "6"]
+
+
+def _env(tracked, cache, **extra):
+    return {**os.environ, **tracked.env, "KD_MLFLOW_CACHE": str(cache), **extra}
+
+
+def _start(args, env):
+    return subprocess.Popen([sys.executable, "-m", "kd_mlflow", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc, needle, timeout=300):
+    """Read stderr until a line contains ``needle``; return what was read."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"never saw {needle!r}: {''.join(seen)[-2000:]}")
+
+
+def _finish(args, env):
+    proc = subprocess.run([sys.executable, "-m", "kd_mlflow", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def _steps(client, run_id, key="val_acc"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _weights(run_id):
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights/model.pt")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory):
+    """The same configuration trained without interruption, in another experiment."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": "faults-reference",
+           "KD_MLFLOW_CACHE": str(tmp_path_factory.mktemp("ref-cache"))}
+    proc = _finish(TRAIN, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _assert_same_result(tracked, run_id, reference):
+    run = tracked.client.get_run(run_id)
+    ref = tracked.client.get_run(reference)
+    assert run.info.status == "FINISHED"
+    for key in schema.EPOCH_METRICS:
+        assert _steps(tracked.client, run_id, key) == [1, 2, 3, 4, 5, 6], key  # each epoch once
+    a, b = _weights(run_id), _weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert run.data.metrics[schema.FINAL_TEST_ACC] == ref.data.metrics[schema.FINAL_TEST_ACC]
+
+
+def test_kill_9_then_rerun_resumes_the_same_run_bitwise(tracked, tmp_path, reference):
+    env = _env(tracked, tmp_path / "cache")
+    proc = _start(TRAIN, env)
+    _wait_for_line(proc, "epoch 2/6")
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    (killed,) = tracked.runs()
+    assert killed.info.status == "RUNNING"
+
+    again = _finish(TRAIN, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming after epoch" in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == killed.info.run_id
+    assert len(tracked.runs()) == 1
+    _assert_same_result(tracked, killed.info.run_id, reference)
+
+
+def test_sigterm_marks_killed_and_the_next_run_finishes_it(tracked, tmp_path, reference):
+    env = _env(tracked, tmp_path / "cache")
+    proc = _start(TRAIN, env)
+    _wait_for_line(proc, "epoch 1/6")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    (run,) = tracked.runs()
+    assert run.info.status == "KILLED"
+
+    again = _finish(TRAIN, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip().splitlines()[-1] == run.info.run_id
+    _assert_same_result(tracked, run.info.run_id, reference)
+
+
+def test_corrupted_checkpoint_is_reported_and_skipped(tracked, tmp_path, reference):
+    env = _env(tracked, tmp_path / "cache")
+    proc = _start(TRAIN, env)
+    _wait_for_line(proc, "epoch 3/6")
+    proc.kill()
+    proc.wait()
+    ckpts = sorted((tmp_path / "cache" / "checkpoints").rglob("epoch-*.ckpt"))
+    assert ckpts
+    blob = bytearray(ckpts[-1].read_bytes())
+    blob[len(blob) // 2] ^= 0x10  # one flipped bit
+    ckpts[-1].write_bytes(bytes(blob))
+
+    again = _finish(TRAIN, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    warnings = [l for l in again.stderr.splitlines() if "checksum mismatch" in l]
+    assert len(warnings) == 1 and ckpts[-1].name in warnings[0]
+    _assert_same_result(tracked, again.stdout.strip().splitlines()[-1], reference)
+
+
+def test_two_launches_at_once_train_once(tracked, tmp_path):
+    env = _env(tracked, tmp_path / "cache")
+    a, b = _start(TRAIN, env), _start(TRAIN, env)
+    (out_a, err_a), (out_b, err_b) = a.communicate(timeout=600), b.communicate(timeout=600)
+    assert a.returncode == b.returncode == 0, err_a[-1500:] + err_b[-1500:]
+    assert out_a.strip().splitlines()[-1] == out_b.strip().splitlines()[-1]
+    assert [("epoch 1/6" in e) for e in (err_a, err_b)].count(True) == 1
+    assert [r.info.status for r in tracked.runs()] == ["FINISHED"]
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    srv = MlflowServer(tmp_path / "own-store").start()
+    yield srv
+    srv.stop()
+
+
+def test_server_outage_mid_training_loses_nothing(tracked, tmp_path, own_server):
+    env = _env(tracked, tmp_path / "cache", MLFLOW_TRACKING_URI=own_server.uri)
+    args = ["train", "--seed", "2", "--preset", "smoke", "--epochs", "12"]
+    proc = _start(args, env)
+    _wait_for_line(proc, "epoch 1/12")
+    own_server.stop()
+    _wait_for_line(proc, "metrics kept locally")
+    own_server.start()  # same port, same store
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    client = mlflow.MlflowClient(own_server.uri)
+    run_id = out.strip().splitlines()[-1]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in schema.EPOCH_METRICS:
+        assert _steps(client, run_id, key) == list(range(1, 13)), key
+
+
+def test_server_down_at_the_end_then_rerun_uploads_without_training(tracked, tmp_path, own_server):
+    env = _env(tracked, tmp_path / "cache", MLFLOW_TRACKING_URI=own_server.uri)
+    args = ["train", "--seed", "2", "--preset", "smoke", "--epochs", "3"]
+    proc = _start(args, env)
+    _wait_for_line(proc, "epoch 1/3")
+    own_server.stop()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kd-mlflow: error: tracking unavailable") and "run the same command again" in last
+
+    own_server.start()
+    again = _finish(args, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming after epoch 3" in again.stderr and "epoch 1/3" not in again.stderr
+    client = mlflow.MlflowClient(own_server.uri)
+    run_id = again.stdout.strip().splitlines()[-1]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert _steps(client, run_id) == [1, 2, 3]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_teacher_is_refused_and_never_runs(tracked, tmp_path):
+    marker = tmp_path / "pwned"
+    src = data.load("digits")
+    digest = data.make_split(src, config.preset("smoke")).digest
+    exp = mlflow.set_experiment(tracked.experiment)
+    run = tracked.client.create_run(exp.experiment_id, tags={
+        schema.ROLE: "train", schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: "0",
+        schema.SPLIT_DIGEST: digest, schema.NUM_CLASSES: "10"})
+    rid = run.info.run_id
+    for k, v in config.preset("smoke").as_params().items():
+        tracked.client.log_param(rid, k, v)
+    (tmp_path / "weights").mkdir()
+    with open(tmp_path / "weights" / "model.pt", "wb") as f:
+        pickle.dump({"net.fc.weight": _Payload(marker)}, f)
+    tracked.client.log_artifact(rid, str(tmp_path / "weights" / "model.pt"), "weights")
+    tracked.client.set_terminated(rid, "FINISHED")
+
+    proc = _finish(["distill", "--teacher", rid, "--seed", "1"], _env(tracked, tmp_path / "cache"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("kd-mlflow: error: invalid value for teacher")
+    assert "weights refused" in proc.stderr
+    assert not marker.exists()
+    assert [r.info.run_id for r in tracked.runs()] == [rid]
