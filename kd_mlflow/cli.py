@@ -120,7 +120,7 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
-        from .errors import Interrupted, TrackingUnavailable
+        from .errors import Interrupted, TrackingRefused, TrackingUnavailable
 
         try:
             return super().invoke(ctx)
@@ -129,6 +129,9 @@ class _Group(click.Group):
             return 2
         except TrackingUnavailable as e:
             click.echo(f"kd-mlflow: error: tracking unavailable: {e}", err=True)
+            return 1
+        except TrackingRefused as e:
+            click.echo(f"kd-mlflow: error: tracking server refused: {e}", err=True)
             return 1
         except Interrupted as e:
             click.echo(f"kd-mlflow: {e}; checkpoint kept, run marked KILLED", err=True)
@@ -254,13 +257,21 @@ def compare(experiment, fmt, output, preset, dataset):
 @click.option("--kd-seed", "--kd_seed", "kd_seed", type=click.IntRange(min=0), default=100,
               show_default=True, help="Seed of the KD student of the ensemble.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Independent steps run concurrently, as separate processes.")
+              help="Independent steps run concurrently, as separate processes (local executor).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').")
+@click.option("--ray-address", "--ray_address", "ray_address", type=_Optional(click.STRING), default=None,
+              help="An existing Ray cluster [a local instance].")
+@click.option("--gpus-per-run", "--gpus_per_run", "gpus_per_run", type=_Optional(click.FloatRange(min=0)),
+              default=None, help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].")
+@click.option("--ray-local-gpus", "ray_local_gpus", type=_Optional(click.IntRange(min=0)), default=None,
+              hidden=True, help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).")
 @_data_dir
 @_experiment
 @_recipe_options
 @_execution_options
-def reproduce(preset, seeds, offset, kd_seed, jobs, data_dir, experiment, device, compile_,
-              deterministic, force, cache_dir, **kw):
+def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_per_run, ray_local_gpus,
+              data_dir, experiment, device, compile_, deterministic, force, cache_dir, **kw):
     """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
     Finished steps are reused, so a rerun does only what is missing."""
     from . import study
@@ -268,9 +279,11 @@ def reproduce(preset, seeds, offset, kd_seed, jobs, data_dir, experiment, device
     overrides = _overrides(kw)
     plan = study.Plan(preset, config.resolve(preset, **overrides), overrides,
                       config.parse_seeds(seeds), offset, kd_seed, data_dir)
+    if executor == "ray":
+        executor = study.ray_executor(ray_address, gpus_per_run, ray_local_gpus)
     try:
         result = study.reproduce(plan, experiment, _execution(device, compile_, deterministic, force,
-                                                              cache_dir), jobs)
+                                                              cache_dir), jobs, executor)
     except study.StepFailed as e:
         click.echo(f"kd-mlflow: error: {e}", err=True)
         return 1

@@ -7,6 +7,10 @@ class TrackingUnavailable(Exception):
     """The tracking server did not answer (exit 1)."""
 
 
+class TrackingRefused(Exception):
+    """The tracking server refused the credentials or the permission (exit 1)."""
+
+
 class Interrupted(Exception):
     """SIGTERM or SIGINT: the run is marked KILLED and the process exits 128 + signum."""
 

@@ -63,10 +63,13 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
     # Fail on bad data before any run exists.
     source, split = steps._load(plan.recipe, plan.data_dir, ex)
     session = tracking.connect(experiment)
-    parent = tracking.open_study(session, _study_name(plan), _study_tags(plan, split.digest))
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
     step_session = dataclasses.replace(session, adopted_run_id=None)
-    run = executor or (_InProcess(step_session, ex) if jobs == 1 else _Subprocesses(step_session, ex, jobs))
+    if executor is None or executor == "local":
+        run = _InProcess(step_session, ex) if jobs == 1 else _Subprocesses(step_session, ex, jobs)
+    else:
+        run = executor(step_session, ex)  # e.g. ray_executor(...)
+    parent = tracking.open_study(session, _study_name(plan), _study_tags(plan, split.digest))
     run.plan, run.parent = plan, parent
     result = StudyResult(parent)
     try:
@@ -80,8 +83,16 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
     except BaseException:
         tracking.set_terminated(session, parent, "KILLED")
         raise
+    finally:
+        getattr(run, "close", lambda: None)()
     tracking.set_terminated(session, parent, "FINISHED")
     return result
+
+
+def ray_executor(address: str | None = None, gpus_per_run: float | None = None,
+                 local_gpus: int | None = None):
+    """An executor factory for :func:`reproduce`."""
+    return lambda session, ex: _Ray(session, ex, address, gpus_per_run, local_gpus)
 
 
 def _waves(plan: Plan, run, result: StudyResult, digest: str) -> None:
@@ -98,7 +109,7 @@ def _waves(plan: Plan, run, result: StudyResult, digest: str) -> None:
 
 
 class _Executor:
-    """Runs one wave of independent steps; subclasses say how."""
+    """Runs one wave of independent steps; subclasses say how (``run_all``)."""
     parent: str = ""
 
     def __init__(self, session, ex: steps.Execution):
@@ -145,21 +156,64 @@ class _Subprocesses(_Executor):
 
     def run_all(self, items):
         with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(lambda it: self._one(*it), items))
+            return list(pool.map(lambda it: _outcome(it[1], *run_step_process(*self.command(*it))), items))
 
-    def _one(self, kind, name, kw):
+    def command(self, kind, name, kw):
         argv = [sys.executable, "-m", "kd_mlflow", *step_argv(self.plan, kind, kw, self.ex),
                 "--parent-run", self.parent]
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
         env["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
         env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
-        proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
-            raise StepFailed(name, lines[-1])
-        run_id = proc.stdout.strip().splitlines()[-1]
-        reused = "reusing finished run" in proc.stderr
-        return steps.Outcome(run_id, reused)
+        # Ray sets OMP_NUM_THREADS=1 in its workers; CPU float results depend on the
+        # thread count, so every step uses the driver's.
+        env["KD_MLFLOW_THREADS"] = str(steps.torch.get_num_threads())
+        return argv, env
+
+
+class _Ray(_Subprocesses):
+    """Each step is a Ray task that asks for its GPUs and runs the step's command on
+    whichever node Ray picks; waves wait for the previous wave. Every task logs to the
+    shared tracking server, so runs and tables are the same as with the local executor."""
+
+    def __init__(self, session, ex, address: str | None, gpus_per_run: float | None,
+                 local_gpus: int | None = None):
+        super().__init__(session, ex, jobs=1)
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor", "ray", "Ray is not installed: pip install 'kd-mlflow[ray]'") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            # A local instance when no address is given; GPUs may be declared so that
+            # scheduling can be exercised on a machine without them.
+            kwargs = {"address": address} if address else {"num_gpus": local_gpus}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        self.gpus = gpus_per_run if gpus_per_run is not None else (1 if has_gpus else 0)
+        self.task = ray.remote(run_step_process)
+
+    def run_all(self, items):
+        refs = [self.task.options(num_gpus=self.gpus, num_cpus=1, name=name).remote(*self.command(kind, name, kw))
+                for kind, name, kw in items]
+        return [_outcome(name, *res) for (_, name, _), res in zip(items, self.ray.get(refs))]
+
+    def close(self):
+        if self.started:
+            self.ray.shutdown()
+
+
+def run_step_process(argv, env):
+    """One step as a process: (exit code, stdout, stderr). A Ray task, too."""
+    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _outcome(name, returncode, stdout, stderr) -> steps.Outcome:
+    if returncode != 0:
+        lines = stderr.strip().splitlines() or [f"exit {returncode}"]
+        raise StepFailed(name, lines[-1])
+    return steps.Outcome(stdout.strip().splitlines()[-1], "reusing finished run" in stderr)
 
 
 def step_argv(plan: Plan, kind: str, kw: dict, ex: steps.Execution) -> list[str]:

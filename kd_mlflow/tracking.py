@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from . import schema
 from .config import ConfigError
-from .errors import TrackingUnavailable
+from .errors import TrackingRefused, TrackingUnavailable
 
 DEFAULT_EXPERIMENT = "mysteries"
 WEIGHTS_PATH = "weights/model.pt"
@@ -94,6 +94,12 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
             return Session(client, client.get_run(run_id).info.experiment_id, run_id)
         exp_id = _resolve_experiment(client, experiment, create)
     except MlflowException as e:
+        if e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
+            why = "HTTP 403, permission denied" if e.error_code == "PERMISSION_DENIED" or " 403 " in str(e) \
+                else "HTTP 401, not authenticated"
+            raise TrackingRefused(
+                f"{tracking_uri()} refused the request ({why}): check MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment") from None
         raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {_first_line(e)}") from None
     except OSError as e:
         raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {e}") from None

@@ -2,7 +2,8 @@
 
 The server's arguments, environment and basic-auth configuration are read from
 docker/compose.yaml and docker/auth/basic_auth.ini; only what names the container world
-is rewritten: the database host, the artifact directory, the bind address and port.
+is rewritten: the database host, the artifact directory, the bind address and port
+(and, optionally, the number of workers, for a small test machine).
 """
 
 from __future__ import annotations
@@ -63,17 +64,20 @@ def _command(service: dict) -> list[str]:
 class StackServer(MlflowServer):
     """``mlflow server`` as the compose ``mlflow`` service runs it, against ``pg``."""
 
-    def __init__(self, root: Path, pg, env: dict[str, str]):
+    def __init__(self, root: Path, pg, env: dict[str, str], workers: int | None = None):
         super().__init__(root)
-        self.pg, self.compose_env = pg, env
+        self.pg, self.compose_env, self.workers = pg, env, workers
         self.services = compose()["services"]
         self.auth_ini = self.root / "basic_auth.ini"
         self.env = self._environment()
 
     def _local(self, arg: str) -> str:
         arg = arg.replace(DB_HOST, f"127.0.0.1:{self.pg.port}")
-        arg = re.sub(r"^--artifacts-destination=.*", f"--artifacts-destination={self.root / 'artifacts'}", arg)
+        artifacts = self.root / "artifacts"
+        arg = re.sub(r"^--artifacts-destination=.*", f"--artifacts-destination={artifacts}", arg)
         arg = re.sub(r"^--host=.*", "--host=127.0.0.1", arg)
+        if self.workers:
+            arg = re.sub(r"^--workers=.*", f"--workers={self.workers}", arg)
         return re.sub(r"^--port=.*", f"--port={self.port}", arg)
 
     def migrate_command(self) -> list[str]:
@@ -93,7 +97,8 @@ class StackServer(MlflowServer):
         self.root.mkdir(parents=True, exist_ok=True)
         ini = configparser.ConfigParser()
         ini.read(DOCKER / "auth" / "basic_auth.ini")
-        ini["mlflow"]["database_uri"] = ini["mlflow"]["database_uri"].replace(DB_HOST, f"127.0.0.1:{self.pg.port}")
+        db = ini["mlflow"]["database_uri"]
+        ini["mlflow"]["database_uri"] = db.replace(DB_HOST, f"127.0.0.1:{self.pg.port}")
         with open(self.auth_ini, "w") as f:
             ini.write(f)
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.auth_ini)
