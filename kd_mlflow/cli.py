@@ -25,6 +25,11 @@ class _Optional(click.ParamType):
         self.inner = inner
         self.name = getattr(inner, "name", "value")
 
+    def get_metavar(self, param, ctx=None):
+        if isinstance(self.inner, click.Choice):
+            return "[" + "|".join(self.inner.choices) + "]"
+        return None
+
     def convert(self, value, param, ctx):
         if value is None or value == "":
             return None

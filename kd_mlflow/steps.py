@@ -22,7 +22,7 @@ import torch
 from . import data as data_mod
 from . import models, schema, tracking
 from .checkpoint import CheckpointStore
-from .config import ConfigError, Recipe, recipe_from_params
+from .config import ConfigError, Recipe, recipe_from_params, resolve
 from .ensemble import Ensemble
 from .errors import Interrupted, TrackingUnavailable
 from .objectives import CachedTeacher, CrossEntropy, Distillation, OnlineTeacher, teacher_table
@@ -104,8 +104,6 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
 
 
 def _student_recipe(preset: str, teacher_params: dict, overrides: dict) -> Recipe:
-    from .config import resolve
-
     # Distillation must see the teacher's data: its dataset, split and subset.
     same_data = {k: type(getattr(Recipe, k))(teacher_params[k])
                  for k in ("dataset", "val_size", "train_subset", "split_seed") if k in teacher_params}

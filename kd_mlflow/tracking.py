@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,10 @@ class RunWriter:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        source = resolve_dataset_source(uri)
+        with warnings.catch_warnings():
+            # A file URI matches two registered local sources that behave the same.
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
         mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="training")
 
     def logged_epochs(self) -> set[int]:
@@ -217,15 +221,6 @@ class RunWriter:
             torch.save({k: v.cpu() for k, v in state_dict.items()}, path)
             mlflow.log_artifact(str(path), Path(WEIGHTS_PATH).parent.as_posix())
 
-    def log_json(self, obj, artifact_file: str) -> None:
-        mlflow.log_dict(obj, artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
-
-    def log_figure(self, fig, artifact_file: str) -> None:
-        mlflow.log_figure(fig, artifact_file)
-
     def set_tags(self, tags: dict) -> None:
         mlflow.set_tags(tags)
 
@@ -247,27 +242,12 @@ def set_terminated(session: Session, run_id: str, status: str) -> None:
     session.client.set_terminated(run_id, status)
 
 
-def end_active(status: str) -> None:
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status)
-
-
 def load_weights(run_id: str) -> dict:
     """A run's weights, read with weights_only=True: a planted pickle is refused."""
     import torch
 
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_PATH)
     return torch.load(path, weights_only=True, map_location="cpu")
-
-
-def load_model(run_id: str):
-    """The logged MLflow model (pt2 serialization) as a torch module."""
-    return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-
-
-def artifact_json(run_id: str, path: str):
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
-    return json.loads(Path(local).read_text())
 
 
 def _version() -> str:

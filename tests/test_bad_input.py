@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import mlflow
 import pytest
@@ -16,17 +17,35 @@ from kd_mlflow import config, schema
 SMOKE = ["--preset", "smoke"]
 
 
-def _crafted_run(tracked, status="FINISHED", digest="fefd3e72acefba38", role="train", seed="0"):
+def _crafted_run(client, exp_id, status="FINISHED", digest="fefd3e72acefba38"):
     """A run that looks like a kd-mlflow result, without training one."""
-    exp = mlflow.set_experiment(tracked.experiment)
-    run = tracked.client.create_run(exp.experiment_id, tags={
-        schema.ROLE: role, schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: seed,
+    from mlflow.entities import Param
+
+    run = client.create_run(exp_id, tags={
+        schema.ROLE: "train", schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: "0",
         schema.SPLIT_DIGEST: digest, schema.NUM_CLASSES: "10"})
-    for k, v in config.preset("smoke").as_params().items():
-        tracked.client.log_param(run.info.run_id, k, v)
+    params = [Param(k, v) for k, v in config.preset("smoke").as_params().items()]
+    client.log_batch(run.info.run_id, params=params)
     if status != "RUNNING":
-        tracked.client.set_terminated(run.info.run_id, status)
+        client.set_terminated(run.info.run_id, status)
     return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def crafted(server, cache_dir):
+    """One experiment for the whole table, holding runs that the cases point at."""
+    name = f"bad-input-{uuid.uuid4().hex[:8]}"
+    client = mlflow.MlflowClient(server.uri)
+    exp_id = client.create_experiment(name)
+    ids = {"running": _crafted_run(client, exp_id, "RUNNING"), "killed": _crafted_run(client, exp_id, "KILLED"),
+           "finished": _crafted_run(client, exp_id), "other_split": _crafted_run(client, exp_id, digest="0000")}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir),
+                           "MLFLOW_EXPERIMENT_NAME": name}.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        yield ids, lambda: {r.info.run_id for r in client.search_runs([exp_id], max_results=1000)}
 
 
 CASES = [
@@ -85,11 +104,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("args,names", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_creates_no_run(tracked, tmp_path, args, names):
+def test_bad_input_is_one_line_exit_2_and_creates_no_run(crafted, tmp_path, args, names):
+    ids, runs = crafted
     (tmp_path / "empty").mkdir()
-    ids = {"running": _crafted_run(tracked, "RUNNING"), "killed": _crafted_run(tracked, "KILLED"),
-           "finished": _crafted_run(tracked), "other_split": _crafted_run(tracked, digest="0000")}
-    before = {r.info.run_id for r in tracked.runs()}
+    before = runs()
     args = [a.format(empty=tmp_path / "empty", **ids) for a in args]
 
     res = invoke(*args)
@@ -99,7 +117,7 @@ def test_bad_input_is_one_line_exit_2_and_creates_no_run(tracked, tmp_path, args
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.output
     assert names in lines[0] or names.replace("_", "-") in lines[0], lines[0]
-    assert {r.info.run_id for r in tracked.runs()} == before
+    assert runs() == before
 
 
 def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
