@@ -2,9 +2,10 @@
 
 Runs are logged the way the study logs them (kd_mlflow/schema.py tags, the recipe
 as params, per-epoch history and final metrics), in blocks of one study: five train
-seeds, their ensemble, a KD student, five SD students and their ensemble. They are
-written with one ``log_batch`` per run, from a few threads, because only reading them
-back is being measured.
+seeds, their ensemble, a KD student, five SD students and their ensemble. Only reading
+them back is measured, so they are written fast: one ``log_batch`` per run, straight
+into the server's sqlite store before the server starts (about three times faster
+than through its HTTP API); the server then reads them like any runs it logged.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -98,17 +98,15 @@ def _studies(n_runs: int) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def log_runs(experiment: str, n_runs: int, history_epochs: int, threads: int = 4) -> str:
-    """Create ``experiment`` holding ``n_runs`` FINISHED runs; returns its id."""
-    client = MlflowClient()
-    exp_id = client.create_experiment(experiment)
+def log_runs(store_uri: str, experiment: str, n_runs: int, history_epochs: int) -> str:
+    """Create ``experiment`` holding ``n_runs`` FINISHED runs; returns its id. One
+    thread: sqlite serialises writers anyway, and threads only add lock waits."""
+    client = MlflowClient(tracking_uri=store_uri)
+    # Where an experiment created through the server would keep its artifacts.
+    exp_id = client.create_experiment(experiment, artifact_location=f"mlflow-artifacts:/{experiment}")
     t0 = int(time.time() * 1000)
-    with ThreadPoolExecutor(threads) as pool:
-        jobs = [pool.submit(_log_study, client, exp_id, specs, preset,
-                            min(history_epochs, PRESETS[preset].epochs), t0 + 100 * j)
-                for j, (preset, specs) in enumerate(_studies(n_runs))]
-        for job in jobs:
-            job.result()
+    for j, (preset, specs) in enumerate(_studies(n_runs)):
+        _log_study(client, exp_id, specs, preset, min(history_epochs, PRESETS[preset].epochs), t0 + 100 * j)
     return exp_id
 
 

@@ -7,6 +7,8 @@ figure is a ratio of medians, with the spread of the per-repetition ratios besid
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,8 +21,10 @@ from kd_mlflow import data
 
 @dataclass
 class Samples:
-    """Seconds per repetition, by arm name."""
+    """Seconds per repetition, by arm name, and the share of the machine that other
+    processes used meanwhile (see :class:`ForeignLoad`)."""
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    foreign: dict[str, list[float]] = field(default_factory=dict)
 
     def median(self, arm: str) -> float:
         return statistics.median(self.seconds[arm])
@@ -36,14 +40,47 @@ def interleave(arms: dict[str, Callable[[], float]], reps: int, warmup: int = 1)
     itself, which keeps its setup (building models, opening runs) out of the figure.
     Warm-up repetitions fill the allocator and caches and are thrown away."""
     names = list(arms)
-    out = Samples({n: [] for n in names})
+    out = Samples({n: [] for n in names}, {n: [] for n in names})
     for rep in range(warmup + reps):
         k = rep % len(names)
         for name in names[k:] + names[:k]:
-            seconds = arms[name]()
+            with ForeignLoad() as load:
+                seconds = arms[name]()
             if rep >= warmup:
                 out.seconds[name].append(seconds)
+                out.foreign[name].append(load.share)
     return out
+
+
+class ForeignLoad:
+    """The share of all CPUs busy with other processes during a block: machine-wide
+    busy time from /proc/stat minus this process's and its waited-for children's.
+    On a shared machine a sample with a large share measured the neighbours too.
+    (A server this process started counts as foreign: it is not waited for.)"""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_seconds(), _own_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        foreign = (_busy_seconds() - self.busy0) - (_own_seconds() - self.own0)
+        self.share = max(0.0, foreign / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
+
+
+def _busy_seconds() -> float:
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")  # not Linux: the share is unknown, not zero
+    user, nice, system, idle, iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    return sum(r.ru_utime + r.ru_stime for r in
+               (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def sync(device: torch.device) -> None:
@@ -68,11 +105,20 @@ class Timer:
 
 def ratio_entry(samples: Samples, a: str, b: str, images: int | None = None, **extra) -> dict:
     """A figure for the JSON: ratio of median seconds of ``a`` over ``b`` (a time
-    ratio: below 1 means ``a`` is faster), the medians, and the raw samples."""
+    ratio: below 1 means ``a`` is faster), the medians, and the raw samples. The
+    median of the per-repetition ratios is there too: it resists a neighbour's burst
+    of load better when the machine is shared."""
+    paired = samples.paired(a, b)
+    foreign = [x for n in (a, b) for x in samples.foreign.get(n, [])]
     entry = {"ratio": samples.median(a) / samples.median(b),
-             "paired_ratio_range": [min(samples.paired(a, b)), max(samples.paired(a, b))],
+             "paired_ratio_median": statistics.median(paired),
+             "paired_ratio_range": [min(paired), max(paired)],
+             # On a loaded machine the fastest repetition is the least disturbed one.
+             "ratio_of_minimums": min(samples.seconds[a]) / min(samples.seconds[b]),
              "median_seconds": {a: samples.median(a), b: samples.median(b)},
-             "samples_seconds": samples.seconds, "reps": len(samples.seconds[a])}
+             "foreign_cpu_share_median": statistics.median(foreign) if foreign else None,
+             "samples_seconds": samples.seconds, "samples_foreign_cpu_share": samples.foreign,
+             "reps": len(paired)}
     if images:
         entry["images_per_second"] = {n: images / samples.median(n) for n in samples.seconds}
     return {**entry, **extra}

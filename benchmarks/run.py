@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -50,10 +51,10 @@ class Plan:
 def make_plan(quick: bool, device: str) -> Plan:
     threads = os.cpu_count() or 1
     if quick:
-        return Plan("cpu-demo", n_train=1024, n_eval=64, reps=4, fit_epochs=1,
+        return Plan("cpu-demo", n_train=1024, n_eval=16, reps=6, fit_epochs=1,
                     tracking_epochs=2, threads=threads)
     gpu = device == "cuda"
-    return Plan("standard" if gpu else "cpu-demo", n_train=45000 if gpu else 10000, n_eval=512,
+    return Plan("standard" if gpu else "cpu-demo", n_train=45000 if gpu else 10000, n_eval=128,
                 reps=5, fit_epochs=1, tracking_epochs=3, compare_reps=5, history_epochs=100,
                 threads=threads)
 
@@ -67,6 +68,20 @@ def make_bench(plan: Plan, device: str, epochs: int) -> train_bench.Bench:
     return train_bench.Bench(recipe, rt, dd, source.num_classes)
 
 
+def preset_eval_sizes(plan: Plan) -> tuple[int, int]:
+    """Val and test images per epoch in the preset's proportion to its training set
+    (CIFAR-10's 50,000/10,000 images), scaled to ``plan.n_train``."""
+    r = PRESETS[plan.preset]
+    train = r.train_subset or 50_000 - r.val_size
+    return round(plan.n_train * r.val_size / train), round(plan.n_train * 10_000 / train)
+
+
+def eval_data(plan: Plan, b: train_bench.Bench) -> data.DeviceData:
+    n_val, n_test = preset_eval_sizes(plan)
+    source = harness.synthetic_source(n_val + 1, n_test, seed=1)
+    return data.DeviceData(source, harness.first_split(source, 1, n_val), b.rt.device)
+
+
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -75,12 +90,19 @@ def log(text: str) -> None:
 
 def bench_loop(plan: Plan, b: train_bench.Bench) -> dict:
     workers = 0 if b.rt.device.type == "cpu" else min(4, os.cpu_count() or 1)
-    log(f"loop: bare / fit / report pipeline, {b.images} images x {plan.reps} reps")
-    s = harness.interleave(train_bench.loop_arms(b, workers), plan.reps)
-    return {"loop_efficiency": harness.ratio_entry(s, "bare", "fit", b.images),
+    dd_eval = eval_data(plan, b)
+    log(f"loop: bare / fit / report pipeline / eval, {b.images} images x {plan.reps} reps")
+    s = harness.interleave(train_bench.loop_arms(b, workers, dd_eval), plan.reps)
+    fit, ev = s.median("fit"), s.median("eval")
+    return {"loop_efficiency": harness.ratio_entry(s, "bare", "fit", b.images,
+                                                   fit_val_images=plan.n_eval, fit_test_images=plan.n_eval),
             "vs_report_pipeline": harness.ratio_entry(
                 s, "report", "fit", b.images, report_workers=workers,
-                report_image_size=b.recipe.image_size)}
+                report_image_size=b.recipe.image_size),
+            "eval_overhead_at_preset_sizes": {
+                "ratio": (fit + ev) / fit, "median_seconds": {"fit": fit, "eval": ev},
+                "val_images": len(dd_eval.val_y), "test_images": len(dd_eval.test_y),
+                "samples_seconds": s.seconds["eval"]}}
 
 
 def bench_kd(plan: Plan, b: train_bench.Bench) -> dict:
@@ -102,19 +124,26 @@ def bench_tracking(plan: Plan, b: train_bench.Bench) -> dict:
     sink_seconds: list = []
     session = tracking.connect("bench-tracking")
     s = harness.interleave(train_bench.tracking_arms(b, session, sink_seconds), plan.reps)
-    per_call = sorted(sink_seconds)[len(sink_seconds) // 2]
+    per_call = statistics.median(sink_seconds)  # warm-up calls included
     epoch = s.median("off") / b.recipe.epochs
     return {"tracking_overhead": harness.ratio_entry(
         s, "on", "off", b.images, sink_seconds_per_epoch=per_call,
         ratio_from_sink_time=1 + per_call / epoch)}
 
 
-def bench_compare(plan: Plan, uri: str) -> dict:
+def prefill(plan: Plan, root: Path) -> dict[int, str]:
+    """Experiments for ``compare``, written into the server's store before it starts."""
+    root.mkdir(parents=True)
     sizes = {n: f"bench-compare-{n}" for n in plan.compare_sizes}
     for n, name in sizes.items():
         t0 = time.perf_counter()
-        compare_bench.log_runs(name, n, plan.history_epochs)
+        compare_bench.log_runs(f"sqlite:///{root / 'mlflow.db'}", name, n, plan.history_epochs)
         log(f"compare: logged {n} runs in {time.perf_counter() - t0:.1f}s")
+    return sizes
+
+
+def bench_compare(plan: Plan, sizes: dict[int, str], uri: str) -> dict:
+    log(f"compare: library and CLI, {plan.compare_reps} reps")
     parts: dict = {}
     s = harness.interleave(compare_bench.compare_arms(sizes, uri, parts), plan.compare_reps)
     small, big = plan.compare_sizes
@@ -124,52 +153,77 @@ def bench_compare(plan: Plan, uri: str) -> dict:
         out[kind] = {"seconds": g["median_seconds"], "growth": g["ratio"],
                      "growth_range": g["paired_ratio_range"], "samples_seconds": g["samples_seconds"]}
     out["library"]["parts_median_seconds"] = {
-        n: {k: sorted(v)[len(v) // 2] for k, v in p.items()} for n, p in parts.items()}
+        n: {k: statistics.median(v) for k, v in p.items()} for n, p in parts.items()}
     return {"compare_seconds": out}
 
 
 def with_server(plan: Plan, b: train_bench.Bench) -> dict:
     from tests.mlflow_server import MlflowServer
 
-    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp, \
-            MlflowServer(Path(tmp) / "server") as server:
-        os.environ["MLFLOW_TRACKING_URI"] = server.uri
-        log(f"mlflow server at {server.uri}")
-        return {**bench_tracking(plan, b), **bench_compare(plan, server.uri)}
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        root = Path(tmp) / "server"
+        sizes = prefill(plan, root)
+        with MlflowServer(root) as server:
+            os.environ["MLFLOW_TRACKING_URI"] = server.uri
+            log(f"mlflow server at {server.uri}")
+            return {**bench_tracking(plan, b), **bench_compare(plan, sizes, server.uri)}
 
 
 # --- output -------------------------------------------------------------------
 
-def table(res: dict, plan: Plan) -> str:
-    ips = lambda e, k: f"{e['images_per_second'][k]:.0f} img/s"  # noqa: E731
-    rng = lambda e: "{:.3f}-{:.3f}".format(*e["paired_ratio_range"])  # noqa: E731
-    le, vr = res["loop_efficiency"], res["vs_report_pipeline"]
+def _spread(e: dict) -> str:
+    return "{:.3f} [{:.3f}-{:.3f}]".format(e["paired_ratio_median"], *e["paired_ratio_range"])
+
+
+def _ips(e: dict, arm: str) -> str:
+    return f"{arm} {e['images_per_second'][arm]:.0f} img/s"
+
+
+def _rows(res: dict, plan: Plan) -> list[tuple]:
+    le, vr, ev = res["loop_efficiency"], res["vs_report_pipeline"], res["eval_overhead_at_preset_sizes"]
     kc, ko, tr = res["kd_overhead_cached"], res["kd_overhead_on_the_fly"], res["tracking_overhead"]
-    rows = [
-        ("loop_efficiency", f"fit {ips(le, 'fit')} / bare {ips(le, 'bare')}", le["ratio"], rng(le), ">= 0.95"),
-        ("vs_report_pipeline", f"fit {ips(vr, 'fit')} / report {ips(vr, 'report')}", vr["ratio"], rng(vr), "> 1"),
-        ("kd_overhead_cached", "table excluded (one-off, below)", kc["ratio"], rng(kc), "<= 1.05"),
-        ("  with table amortised", f"table {kc['teacher_table_seconds']:.2f}s / "
+    return [
+        ("loop_efficiency", f"{_ips(le, 'fit')} / {_ips(le, 'bare')}", le["ratio"], _spread(le), ">= 0.95"),
+        ("vs_report_pipeline", f"{_ips(vr, 'fit')} / {_ips(vr, 'report')}", vr["ratio"], _spread(vr), "> 1"),
+        ("  eval at preset sizes", f"(fit + val {ev['val_images']} + test {ev['test_images']}) / fit",
+         ev["ratio"], "", ""),
+        ("kd_overhead_cached", "teacher table excluded", kc["ratio"], _spread(kc), "<= 1.05"),
+        ("  table amortised", f"table {kc['teacher_table_seconds']:.2f}s over "
          f"{kc['amortised_over_epochs']} epochs", kc["ratio_with_table_amortised"], "", ""),
-        ("kd_overhead_on_the_fly", f"5-model teacher per batch", ko["ratio"], rng(ko), ""),
-        ("tracking_overhead", f"on / off, {plan.tracking_epochs} epochs per run", tr["ratio"], rng(tr), "<= 1.01"),
+        ("kd_overhead_on_the_fly", "5-model teacher on every batch", ko["ratio"], _spread(ko), ""),
+        ("tracking_overhead", f"on / off, {plan.tracking_epochs} epochs per run", tr["ratio"], _spread(tr),
+         "<= 1.01"),
         ("  from sink time", f"{1000 * tr['sink_seconds_per_epoch']:.1f} ms per epoch",
          tr["ratio_from_sink_time"], "", "<= 1.01"),
     ]
-    cs = res["compare_seconds"]
+
+
+def _compare_rows(cs: dict) -> list[tuple]:
     small, big = cs["runs"]
+    rows = []
     for kind in ("library", "cli"):
         sec = cs[kind]["seconds"]
-        rows.append((f"compare_seconds {kind}", f"{small} runs {sec[f'{kind}_{small}']:.2f}s, "
+        rows.append((f"compare_seconds {kind}", f"{small} runs {sec[f'{kind}_{small}']:.2f}s -> "
                      f"{big} runs {sec[f'{kind}_{big}']:.2f}s", sec[f"{kind}_{big}"],
-                     "growth {:.2f}x".format(cs[kind]["growth"]), f"<= 3 s, growth <= {big // small}x"))
-    lines = [f"{'figure':<26} {'detail':<48} {'value':>7}  {'rep range / growth':<18} target"]
-    lines += [f"{n:<26} {d:<48} {v:>7.3f}  {r:<18} {t}" for n, d, v, r, t in rows]
+                     f"growth {cs[kind]['growth']:.2f}x", f"<= 3 s; growth <= {big // small}x"))
+    return rows
+
+
+def table(res: dict, plan: Plan) -> str:
+    rows = _rows(res, plan) + _compare_rows(res["compare_seconds"])
+    lines = [f"{'figure':<24} {'detail':<46} {'value':>7}  {'per-rep ratio [range]':<22} target"]
+    lines += [f"{n:<24} {d:<46} {v:>7.3f}  {r:<22} {t}" for n, d, v, r, t in rows]
+    busy = [e["foreign_cpu_share_median"] for e in res.values()
+            if isinstance(e, dict) and e.get("foreign_cpu_share_median") is not None]
+    if busy and max(busy) > 0.10:
+        lines.append(f"note: other processes used up to {100 * max(busy):.0f}% of the CPUs during "
+                     "the measurements (median per figure); the figures measured them too.")
     return "\n".join(lines)
 
 
 def machine(rt_device: torch.device, plan: Plan) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
+            "load_average_at_end": os.getloadavg(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(rt_device)}
     if rt_device.type == "cuda":
@@ -185,17 +239,20 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="model and recipe to measure [cpu-demo; standard on a GPU in full mode]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every arm [all cores]; 1 is steadier on a shared machine")
     args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # keep stdout the table
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     plan = make_plan(args.quick, device)
-    plan = replace(plan, preset=args.preset or plan.preset)
+    plan = replace(plan, preset=args.preset or plan.preset, threads=args.threads or plan.threads)
     torch.set_num_threads(plan.threads)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()
     b = make_bench(plan, device, plan.fit_epochs)
     res = {**bench_loop(plan, b), **bench_kd(plan, b)}
     res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
     res["machine"] = machine(b.rt.device, plan)
-    res["machine"]["total_seconds"] = time.perf_counter() - t0
+    res["machine"].update(total_seconds=time.perf_counter() - t0, load_average_at_start=load0)
     print(table(res, plan))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
