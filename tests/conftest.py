@@ -59,9 +59,10 @@ class Tracked:
         return [r for r in runs if statuses is None or r.info.status in statuses]
 
 
-def run_cli(*args, env=None, cwd=None, timeout=600, **popen):
-    """The real command in a fresh process (what a user types)."""
-    full_env = {**os.environ, **(env or {})}
+def run_cli(*args, env=None, cwd=None, timeout=600, exact_env=False, **popen):
+    """The real command in a fresh process (what a user types). ``env`` adds to this
+    process's environment, or replaces it with ``exact_env=True``."""
+    full_env = dict(env) if exact_env else {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "kd_mlflow", *map(str, args)], env=full_env,
                           cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, **popen)
 

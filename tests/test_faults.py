@@ -199,8 +199,8 @@ def test_a_planted_pickle_teacher_is_refused_and_never_runs(tracked, tmp_path):
     marker = tmp_path / "pwned"
     src = data.load("digits")
     digest = data.make_split(src, config.preset("smoke")).digest
-    exp = mlflow.set_experiment(tracked.experiment)
-    run = tracked.client.create_run(exp.experiment_id, tags={
+    exp_id = tracked.client.create_experiment(tracked.experiment)
+    run = tracked.client.create_run(exp_id, tags={
         schema.ROLE: "train", schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: "0",
         schema.SPLIT_DIGEST: digest, schema.NUM_CLASSES: "10"})
     rid = run.info.run_id

@@ -66,11 +66,11 @@ def test_mlflow_run_train_gives_one_complete_run(tracked):
 def test_embedded_default_store_and_idempotent_rerun(tmp_path, cache_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["KD_MLFLOW_CACHE"] = str(cache_dir)
-    first = run_cli("train", "--seed", 0, "--preset", "smoke", env=env, cwd=tmp_path)
+    first = run_cli("train", "--seed", 0, "--preset", "smoke", env=env, cwd=tmp_path, exact_env=True)
     assert first.returncode == 0, first.stderr[-2000:]
     run_id = first.stdout.strip().splitlines()[-1]
     assert (tmp_path / "mlflow.db").exists()
-    second = run_cli("train", "--seed", 0, "--preset", "smoke", env=env, cwd=tmp_path)
+    second = run_cli("train", "--seed", 0, "--preset", "smoke", env=env, cwd=tmp_path, exact_env=True)
     assert second.returncode == 0 and second.stdout.strip().splitlines()[-1] == run_id
     assert "epoch 1/" not in second.stderr  # nothing trained
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -81,5 +81,5 @@ def test_embedded_default_store_and_idempotent_rerun(tmp_path, cache_dir):
         assert [r.info.run_id for r in runs] == [run_id]
     finally:
         mlflow.set_tracking_uri(None)
-    forced = run_cli("train", "--seed", 0, "--preset", "smoke", "--force", env=env, cwd=tmp_path)
+    forced = run_cli("train", "--seed", 0, "--preset", "smoke", "--force", env=env, cwd=tmp_path, exact_env=True)
     assert forced.returncode == 0 and forced.stdout.strip().splitlines()[-1] != run_id
