@@ -1,7 +1,5 @@
 """Errors that cross module boundaries and map to exit codes in the CLI."""
 
-from .config import ConfigError  # noqa: F401  (bad input: exit 2)
-
 
 class TrackingUnavailable(Exception):
     """The tracking server did not answer (exit 1)."""

@@ -26,7 +26,7 @@ from .config import ConfigError, Recipe, recipe_from_params, resolve
 from .ensemble import Ensemble
 from .errors import Interrupted, TrackingUnavailable
 from .objectives import CachedTeacher, CrossEntropy, Distillation, OnlineTeacher, teacher_table
-from .train import Runtime, evaluate, fit, make_runtime
+from .train import evaluate, fit, make_runtime
 
 
 @dataclass(frozen=True)

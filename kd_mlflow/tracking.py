@@ -8,7 +8,6 @@ MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else ``mysteries``; under
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
