@@ -18,8 +18,8 @@ from .config import ConfigError, Recipe
 
 
 class _Optional(click.ParamType):
-    """A typed value where "" means "not given": MLproject passes every parameter, so
-    unset overrides arrive as empty strings."""
+    """A typed value where "" means "not given" (``-P name=`` under `mlflow run`, or an
+    empty environment variable in a script)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -56,11 +56,7 @@ def _recipe_options(func):
             opt = click.option(f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}", f.name,
                                default=None, help=f"Override the preset's {f.name}.")
         else:
-            inner = (click.Choice(config.DATASETS) if f.name == "dataset" else
-                     click.Choice(config.MODELS) if f.name == "model" else
-                     click.Choice(config.OPTIMIZERS) if f.name == "optimizer" else
-                     click.Choice(config.SCHEDULES) if f.name == "schedule" else
-                     click.Choice(config.PRECISIONS) if f.name == "precision" else
+            inner = (click.Choice(config.CHOICES[f.name]) if f.name in config.CHOICES else
                      _triple if isinstance(default, tuple) else
                      click.INT if isinstance(default, int) else
                      click.FLOAT if isinstance(default, float) else click.STRING)
@@ -91,12 +87,24 @@ def _execution_options(func):
     return func
 
 
-_parent_run = click.option("--parent-run", type=_Optional(click.STRING), default=None, hidden=True,
-                           help="Nest the run under this study run (used by reproduce --jobs).")
+def _step_options(func):
+    """Hidden options a study uses when it runs a step as a process."""
+    func = click.option("--outcome-json", is_flag=True, hidden=True,
+                        help="Print the outcome as JSON instead of the run id.")(func)
+    return click.option("--parent-run", type=_Optional(click.STRING), default=None, hidden=True,
+                        help="Nest the run under this study run.")(func)
+
+
+def _emit(out, as_json: bool) -> None:
+    click.echo(out.to_json() if as_json else out.run_id)
+
+
+_preset = click.option("--preset", type=click.Choice(config.CHOICES["preset"]), default="seed-report",
+                       show_default=True)
 
 
 def _execution(device, compile_, deterministic, force, cache_dir):
-    from .steps import Execution
+    from .steps import Execution  # noqa: I001  (no torch: steps loads it where it is used)
     return Execution(device, compile_, deterministic, force, Path(cache_dir) if cache_dir else None)
 
 
@@ -131,6 +139,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ConfigError as e:
             click.echo(f"kd-mlflow: error: {e}", err=True)
+            _fail_adopted_run(str(e))
             return 2
         except TrackingUnavailable as e:
             click.echo(f"kd-mlflow: error: tracking unavailable: {e}", err=True)
@@ -153,6 +162,15 @@ class _Group(click.Group):
             raise
 
 
+def _fail_adopted_run(reason: str) -> None:
+    """Under `mlflow run`, MLflow made a run before this command could refuse its input:
+    end it FAILED with the reason as a tag, never RUNNING."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from . import tracking
+
+        tracking.fail_run_by_id(os.environ["MLFLOW_RUN_ID"], reason)
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="kd-mlflow")
 def main():
@@ -165,89 +183,94 @@ def main():
 
 @main.command()
 @click.option("--seed", type=click.IntRange(min=0), required=True, help="Model seed: the initialisation only.")
-@click.option("--preset", type=click.Choice(list(config.PRESETS)), default="seed-report", show_default=True)
+@_preset
 @_data_dir
 @_experiment
 @_recipe_options
 @_execution_options
-@_parent_run
+@_step_options
 def train(seed, preset, data_dir, experiment, device, compile_, deterministic, force, cache_dir,
-          parent_run, **kw):
+          parent_run, outcome_json, **kw):
     """Train one model and log one MLflow run; prints its run id."""
+    recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     from . import steps
 
-    recipe = config.resolve(preset, **_overrides(kw))
     out = steps.train(seed, recipe, preset, data_dir, experiment,
                       _execution(device, compile_, deterministic, force, cache_dir), parent_run)
-    click.echo(out.run_id)
+    _emit(out, outcome_json)
 
 
 @main.command()
 @click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
 @click.option("--seed", type=click.IntRange(min=0), required=True, help="The student's model seed.")
-@click.option("--preset", type=_Optional(click.Choice(list(config.PRESETS))), default=None,
+@click.option("--preset", type=_Optional(click.Choice(config.CHOICES["preset"])), default=None,
               help="The student's preset [the teacher's].")
 @_data_dir
 @_experiment
 @_recipe_options
 @_execution_options
-@_parent_run
+@_step_options
 def distill(teacher, seed, preset, data_dir, experiment, device, compile_, deterministic, force,
-            cache_dir, parent_run, **kw):
+            cache_dir, parent_run, outcome_json, **kw):
     """Train a student on a teacher's probabilities (KD if the teacher is an ensemble,
     SD otherwise); prints its run id."""
+    overrides = _overrides(kw)
+    config.resolve(preset or "seed-report", **overrides)  # each value checked before any import
+    _check_run_id("teacher", teacher)
     from . import steps
 
-    out = steps.distill(teacher, seed, preset, _overrides(kw), data_dir, experiment,
+    out = steps.distill(teacher, seed, preset, overrides, data_dir, experiment,
                         _execution(device, compile_, deterministic, force, cache_dir), parent_run)
-    click.echo(out.run_id)
+    _emit(out, outcome_json)
 
 
 @main.command()
 @click.option("--members", type=_Optional(click.STRING), default=None, help="Comma-separated run ids.")
 @click.option("--seeds", type=_Optional(click.STRING), default=None,
               help="Seeds of FINISHED train runs (e.g. 0-4 or 0,1,2), instead of --members.")
-@click.option("--preset", type=_Optional(click.Choice(list(config.PRESETS))), default=None,
+@click.option("--preset", type=_Optional(click.Choice(config.CHOICES["preset"])), default=None,
               help="With --seeds: the members' preset.")
 @click.option("--dataset", type=_Optional(click.Choice(config.DATASETS)), default=None,
               help="With --seeds: the members' dataset.")
-@click.option("--combine", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
+@click.option("--combine", type=click.Choice(config.COMBINES), default="prob", show_default=True,
               help="Average probabilities (the report) or logits.")
 @_data_dir
 @_experiment
 @_execution_options
-@_parent_run
+@_step_options
 def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, device, compile_,
-             deterministic, force, cache_dir, parent_run):
+             deterministic, force, cache_dir, parent_run, outcome_json):
     """Evaluate an ensemble of finished runs and log it as a run; prints its run id."""
-    from . import steps, tracking
-
-    session = tracking.connect(experiment)
     if bool(members) == bool(seeds):
         raise ConfigError("members", members or "", "give exactly one of --members and --seeds")
-    ids = [m.strip() for m in members.split(",") if m.strip()] if members else \
-        steps.train_runs_for_seeds(session, config.parse_seeds(seeds), preset, dataset)
+    ids = [m.strip() for m in members.split(",") if m.strip()] if members else None
+    for rid in ids or ():
+        _check_run_id("members", rid)
+    wanted = config.parse_seeds(seeds) if seeds else None
+    from . import runs, steps
+
+    session = runs.connect(experiment)
+    ids = ids or steps.members_for_seeds(wanted, preset, dataset, session=session)
     out = steps.ensemble(ids, combine, data_dir, experiment,
                          _execution(device, compile_, deterministic, force, cache_dir), parent_run,
                          session=session)
-    click.echo(out.run_id)
+    _emit(out, outcome_json)
 
 
 @main.command()
 @_experiment
-@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
 @click.option("--output", type=_Optional(click.Path(dir_okay=False)), default=None,
               help="Write here instead of stdout.")
 @click.option("--preset", type=_Optional(click.STRING), default=None, help="Only this preset's runs.")
 @click.option("--dataset", type=_Optional(click.STRING), default=None, help="Only this dataset's runs.")
-def compare(experiment, fmt, output, preset, dataset):
+@click.option("--group", type=_Optional(click.STRING), default=None,
+              help="Only the group whose label or id starts with this (labels head each table).")
+def compare(experiment, fmt, output, preset, dataset, group):
     """Rebuild the report's tables from the tracking server."""
-    from . import compare as cmp
-    from . import tracking
+    from . import steps
 
-    session = tracking.connect(experiment, create=False)
-    text = cmp.render(cmp.build_tables(session.runs_frame(), preset, dataset), fmt)
+    text = steps.compare(experiment, fmt, preset, dataset, group)
     if output:
         Path(output).write_text(text)
     else:
@@ -255,15 +278,15 @@ def compare(experiment, fmt, output, preset, dataset):
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(list(config.PRESETS)), default="seed-report", show_default=True)
+@_preset
 @click.option("--seeds", default="0-4", show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
 @click.option("--student-seed-offset", "--student_seed_offset", "offset", type=click.IntRange(min=1),
               default=10, show_default=True, help="SD student of seed i has seed i + offset.")
-@click.option("--kd-seed", "--kd_seed", "kd_seed", type=click.IntRange(min=0), default=100,
-              show_default=True, help="Seed of the KD student of the ensemble.")
+@click.option("--kd-seed", "--kd_seed", "kd_seed", type=_Optional(click.IntRange(min=0)), default=None,
+              help="Seed of the KD student of the ensemble [the preset's: 42 for seed-report, else 100].")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent steps run concurrently, as separate processes (local executor).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--executor", type=click.Choice(config.EXECUTORS), default="local", show_default=True,
               help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').")
 @click.option("--ray-address", "--ray_address", "ray_address", type=_Optional(click.STRING), default=None,
               help="An existing Ray cluster [a local instance].")
@@ -279,19 +302,28 @@ def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_
               data_dir, experiment, device, compile_, deterministic, force, cache_dir, **kw):
     """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
     Finished steps are reused, so a rerun does only what is missing."""
-    from . import study
-
     overrides = _overrides(kw)
-    plan = study.Plan(preset, config.resolve(preset, **overrides), overrides,
-                      config.parse_seeds(seeds), offset, kd_seed, data_dir)
+    recipe = config.resolve(preset, **overrides)
+    kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
+    from . import executors, study
+
+    plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir)
     if executor == "ray":
-        executor = study.ray_executor(ray_address, gpus_per_run, ray_local_gpus)
+        runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
+    else:
+        runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
     try:
         result = study.reproduce(plan, experiment, _execution(device, compile_, deterministic, force,
-                                                              cache_dir), jobs, executor)
+                                                              cache_dir), runner)
     except study.StepFailed as e:
         click.echo(f"kd-mlflow: error: {e}", err=True)
         return 1
     click.echo(result.tables)
     click.echo(f"study run {result.parent_run_id}: {len(result.trained)} step(s) ran, "
                f"{len(result.runs) - len(result.trained)} reused", err=True)
+
+
+def _check_run_id(option: str, run_id: str) -> None:
+    """MLflow run ids are 32 hex digits: anything else is refused before any connection."""
+    if not (len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id)):
+        raise ConfigError(option, run_id, "not an MLflow run id (32 hex digits)")

@@ -232,7 +232,7 @@ def _study(preset: str, dataset: str, pool: pd.DataFrame) -> StudyTables:
 
 
 def build_tables(runs: pd.DataFrame, preset: str | None = None,
-                 dataset: str | None = None) -> list[StudyTables]:
+                 dataset: str | None = None, group: str | None = None) -> list[StudyTables]:
     """One StudyTables per (kd.preset, kd.dataset) group, optionally filtered.
 
     Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study

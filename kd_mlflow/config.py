@@ -10,13 +10,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 MODELS = ("resnet18", "resnet18-cifar")
 DATASETS = ("cifar10", "cifar100", "folder", "digits")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMBINES = ("prob", "logit")          # ensembles: average probabilities (the report) or logits
+FORMATS = ("markdown", "csv", "json")  # compare's output
+EXECUTORS = ("local", "ray")
+ROLES = ("train", "ensemble", "student")
+
+# One table of choices: the recipe's checks and the CLI's options both read it
+# ("preset" is added below PRESETS).
+CHOICES: dict[str, tuple] = {
+    "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+    "precision": PRECISIONS, "combine": COMBINES, "format": FORMATS, "executor": EXECUTORS,
+}
+
+# Fields that only a student's result depends on: never part of a teacher's identity.
+STUDENT_FIELDS = ("temperature", "alpha")
+# Fields with no effect on any result.
+NEUTRAL_FIELDS = ("eval_batch_size",)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -59,11 +77,14 @@ class Recipe:
     optimizer: str = "adam"
     lr: float = 1e-3                 # peak learning rate
     momentum: float = 0.9            # sgd only
+    nesterov: bool = True            # sgd only
     weight_decay: float = 0.0        # L2, coupled (torch's weight_decay)
     schedule: str = "constant"
+    warmup: float = 0.25             # onecycle only: share of the steps spent warming up
     batch_size: int = 128            # images per step
     epochs: int = 100
-    augment: bool = False            # random crop (pad 4) + horizontal flip, on the device
+    augment: bool = False            # random crop + horizontal flip, on the device
+    crop_padding: int = 4            # pixels of zero padding before the random crop (augment only)
     val_size: int = 5000             # images held out of train for model selection
     train_subset: int = 0            # train on only this many images (0 = all the rest)
     split_seed: int = 42             # fixes the train/val split; never the model seed
@@ -74,18 +95,16 @@ class Recipe:
     eval_batch_size: int = 512       # images per evaluation step (no effect on results)
 
     def __post_init__(self):
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("precision", self.precision, PRECISIONS)
+        for name in ("dataset", "model", "optimizer", "schedule", "precision"):
+            _check_choice(name, getattr(self, name), CHOICES[name])
         for name in ("width", "image_size", "batch_size", "epochs", "val_size", "eval_batch_size"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
-        for name in ("train_subset", "split_seed", "order_seed"):
+        for name in ("train_subset", "split_seed", "order_seed", "crop_padding"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 0, "must be an integer >= 0")
         _check("lr", self.lr, lambda v: _is_num(v) and v > 0, "must be > 0")
         _check("temperature", self.temperature, lambda v: _is_num(v) and v > 0, "must be > 0")
         _check("alpha", self.alpha, lambda v: _is_num(v) and 0 <= v <= 1, "must be in [0, 1]")
+        _check("warmup", self.warmup, lambda v: _is_num(v) and 0 < v < 1, "must be in (0, 1)")
         _check("momentum", self.momentum, lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)")
         _check("weight_decay", self.weight_decay, lambda v: _is_num(v) and v >= 0, "must be >= 0")
         for name in ("mean", "std"):
@@ -100,16 +119,26 @@ class Recipe:
             raise ConfigError(name, overrides[name], "unknown recipe field")
         return dataclasses.replace(self, **overrides)
 
-    def as_params(self) -> dict:
+    def fields_for(self, role: str) -> dict:
+        """The fields a run of ``role`` depends on: a student's add the distillation
+        settings; a teacher's never hold them."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if role == "student" or k not in STUDENT_FIELDS}
+
+    def as_params(self, role: str = "student") -> dict:
         """Flat, string-valued view for MLflow params."""
         return {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v))
-                for k, v in dataclasses.asdict(self).items()}
+                for k, v in self.fields_for(role).items()}
 
-    def digest(self) -> str:
-        """Digest of the fields that change results (eval_batch_size does not)."""
-        d = dataclasses.asdict(self)
-        d.pop("eval_batch_size")
+    def digest(self, role: str = "train") -> str:
+        """Digest of the fields that change the result of a run of ``role``."""
+        d = {k: v for k, v in self.fields_for(role).items() if k not in NEUTRAL_FIELDS}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: "Recipe", role: str = "student") -> dict:
+        """Fields of ``role`` whose value here differs from ``other``'s."""
+        mine, theirs = self.fields_for(role), other.fields_for(role)
+        return {k: v for k, v in mine.items() if k not in NEUTRAL_FIELDS and theirs.get(k) != v}
 
 
 PRESETS: dict[str, Recipe] = {
@@ -131,6 +160,9 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+CHOICES["preset"] = tuple(PRESETS)
+
+
 def preset(name: str) -> Recipe:
     if name not in PRESETS:
         raise ConfigError("preset", name, f"choose from {', '.join(PRESETS)}")
@@ -144,6 +176,29 @@ def resolve(preset_name: str, **overrides) -> Recipe:
         return preset(preset_name).replace(**given)
     except TypeError as e:  # e.g. a tuple field given a scalar
         raise ConfigError("recipe", given, str(e)) from None
+
+
+def group_label(preset_name: str, recipe: Recipe, role: str) -> str:
+    """The preset's name and the fields of ``role`` that differ from it, e.g.
+    "smoke · epochs=1": how a group of comparable runs is headed in tables."""
+    base = PRESETS.get(preset_name)
+    diffs = recipe.differences(base, role) if base else {}
+    shown = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(diffs.items())]
+    return " · ".join([preset_name or "custom", *shown])
+
+
+# The study's KD student seed per preset: the report's KD script seeded 42 before it
+# built its student.
+STUDY_KD_SEED = {"seed-report": 42}
+
+
+def study_kd_seed(preset_name: str) -> int:
+    return STUDY_KD_SEED.get(preset_name, 100)
+
+
+def default_cache_dir() -> Path:
+    """Decoded datasets and checkpoints: $KD_MLFLOW_CACHE, else ~/.cache/kd-mlflow."""
+    return Path(os.environ.get("KD_MLFLOW_CACHE") or Path.home() / ".cache" / "kd-mlflow")
 
 
 def parse_seeds(text: str, name: str = "seeds") -> list[int]:

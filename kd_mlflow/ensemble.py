@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-COMBINES = ("prob", "logit")
+from .config import COMBINES
 
 
 class Ensemble(nn.Module):

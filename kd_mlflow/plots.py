@@ -1,5 +1,6 @@
-"""The study's two plots, logged on its parent run: learning curves per seed, and test
-accuracy per method with every run shown and the spread over seeds."""
+"""The study's plots, logged on its parent run: learning curves per seed, and test
+accuracy per method with every run shown and the spread over seeds. Pure: they take
+numbers (histories and tables), never a tracking session."""
 
 from __future__ import annotations
 
@@ -8,22 +9,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import tracking  # noqa: E402
 
-
-def figures(session, runs: dict, tables: list) -> dict:
-    return {"learning_curves.png": learning_curves(session, runs),
+def figures(histories: dict, roles: dict, tables: list) -> dict:
+    return {"learning_curves.png": learning_curves(histories, roles),
             "accuracy_by_method.png": accuracy_by_method(tables)}
 
 
-def learning_curves(session, runs: dict):
+def learning_curves(histories: dict, roles: dict):
+    """``histories``: {run name: {metric: [(epoch, value), ...]}}; ``roles``: {run name:
+    "teacher" | "student"} (teachers solid, students dashed)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run_id in sorted(runs.items()):
-        if not (name.startswith("train-") or name.startswith("sd-t") or name.startswith("kd-")):
-            continue
-        style = "-" if name.startswith("train-") else "--"
+    for name in sorted(histories):
+        style = "-" if roles.get(name) == "teacher" else "--"
         for ax, key in ((ax_loss, "train_loss"), (ax_acc, "val_acc")):
-            points = tracking.metric_history(session, run_id, key)
+            points = histories[name].get(key)
             if points:
                 ax.plot(*zip(*points), style, label=name)
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")

@@ -14,6 +14,8 @@ SPLIT_DIGEST = "kd.split_digest"  # sha256 of the train/val split (same split <=
 NUM_CLASSES = "kd.num_classes"
 SEED = "kd.seed"                  # model seed (train and student runs)
 CONFIG_HASH = "kd.config_hash"    # digest of everything that determines the result
+GROUP = "kd.group"                # the same digest less the seed: runs that may be averaged
+GROUP_LABEL = "kd.group_label"    # that group in words: the preset and what differs from it
 TEACHER_RUN_ID = "kd.teacher_run_id"
 TEACHER_ROLE = "kd.teacher_role"  # train | ensemble | student
 TEACHER_SEEDS = "kd.teacher_seeds"  # comma-separated model seeds behind the teacher
@@ -22,12 +24,12 @@ MEMBER_RUN_IDS = "kd.member_run_ids"  # ensembles: comma-separated run ids, in m
 MEMBER_SEEDS = "kd.member_seeds"      # ensembles: comma-separated seeds, in member order
 MEMBER_ROLE = "kd.member_role"        # ensembles: role of the members (train | student)
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
+FAILURE = "kd.failure"            # why a run ended FAILED, in one line
 STUDY = "kd.study"                # a study's parent run: "true"
 VERSION = "kd.version"
 GIT_COMMIT = "kd.git_commit"
 
 ROLES = ("train", "ensemble", "student")
-METHODS = ("kd", "sd")
 
 # --- metrics (floats; accuracies in percent, as the report prints them) ----
 # Per epoch, step = epoch (1-based):
@@ -36,3 +38,33 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")
 FINAL_VAL_ACC = "final_val_acc"
 FINAL_TEST_ACC = "final_test_acc"
 BEST_EPOCH = "best_epoch"
+
+
+# --- run names: built here only ----------------------------------------------
+
+def seed_label(seeds) -> str:
+    """0,1,2,3,4 -> "0-4"; other lists joined with "_"."""
+    seeds = [str(s) for s in seeds]
+    try:
+        ints = sorted(int(s) for s in seeds)
+    except ValueError:
+        return "_".join(seeds)
+    if ints and ints == list(range(ints[0], ints[-1] + 1)) and len(ints) > 1:
+        return f"{ints[0]}-{ints[-1]}"
+    return "_".join(map(str, ints))
+
+
+def train_name(seed: int) -> str:
+    return f"train-seed-{seed}"
+
+
+def student_name(method: str, seed: int, teacher_seeds: str) -> str:
+    return f"kd-seed-{seed}" if method == "kd" else f"sd-t{teacher_seeds}-s{seed}"
+
+
+def ensemble_name(member_seeds, member_role: str) -> str:
+    return ("sd-" if member_role == "student" else "") + f"ensemble-seeds-{seed_label(member_seeds)}"
+
+
+def study_name(preset: str, dataset: str) -> str:
+    return f"study-{preset}-{dataset}"

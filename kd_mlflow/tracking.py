@@ -8,6 +8,7 @@ MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else ``mysteries``; under
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ from .config import ConfigError
 from .errors import TrackingRefused, TrackingUnavailable
 
 DEFAULT_EXPERIMENT = "mysteries"
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own "Default" experiment
 WEIGHTS_PATH = "weights/model.pt"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens on training runs
@@ -48,6 +50,11 @@ class Session:
     client: MlflowClient
     experiment_id: str
     adopted_run_id: str | None  # the run `mlflow run` created, if any
+    default_experiment: bool = False  # MLflow's "Default" experiment (id 0)
+
+    def without_adoption(self) -> "Session":
+        """The same experiment, for runs that must not take over the adopted run."""
+        return dataclasses.replace(self, adopted_run_id=None)
 
     # --- lookups -------------------------------------------------------------
     def search(self, filter_string: str = "", statuses=("FINISHED",), max_results: int = 5000):
@@ -77,6 +84,9 @@ class Session:
         except MlflowException:
             raise ConfigError(option, run_id, "no such run") from None
 
+    def artifact_paths(self, run_id: str, folder: str) -> set[str]:
+        return {f.path for f in self.client.list_artifacts(run_id, folder)}
+
     def runs_frame(self):
         """Every FINISHED run of the experiment, in one search query."""
         return mlflow.search_runs([self.experiment_id], filter_string="attributes.status = 'FINISHED'",
@@ -88,10 +98,14 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
     create a missing one (``compare`` must not)."""
     _client_defaults()
     client = MlflowClient()
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    # The run `mlflow run` created, or a run the caller has open (reproduce inside an
+    # active run): that run is adopted, in its experiment.
+    active = mlflow.active_run()
+    run_id = os.environ.get("MLFLOW_RUN_ID") or (active.info.run_id if active else None)
     try:
         if run_id and not experiment:
-            return Session(client, client.get_run(run_id).info.experiment_id, run_id)
+            exp_id = client.get_run(run_id).info.experiment_id
+            return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
         exp_id = _resolve_experiment(client, experiment, create)
     except MlflowException as e:
         if e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
@@ -103,7 +117,7 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
         raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {_first_line(e)}") from None
     except OSError as e:
         raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {e}") from None
-    return Session(client, exp_id, run_id)
+    return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
 
 
 def _resolve_experiment(client, name, create) -> str:
@@ -149,12 +163,16 @@ class RunWriter:
         self.session = session
         if run_id is None and session.adopted_run_id:
             run_id = session.adopted_run_id
-        self.active = mlflow.start_run(run_id=run_id, experiment_id=session.experiment_id,
-                                       run_name=None if run_id else name,
-                                       parent_run_id=parent_run_id if not run_id else None)
-        self.run_id = self.active.info.run_id
-        if run_id:
-            mlflow.set_tag("mlflow.runName", name)
+        if run_id is None:
+            # Created through the client, never by the fluent API's fallback to
+            # $MLFLOW_RUN_ID: under `mlflow run -e main` that run is the study's parent.
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            run_id = session.client.create_run(session.experiment_id, run_name=name, tags=tags).info.run_id
+        else:
+            session.client.set_tag(run_id, "mlflow.runName", name)
+        self.nested = mlflow.active_run() is not None
+        self.active = mlflow.start_run(run_id=run_id, nested=self.nested)
+        self.run_id = run_id
 
     def log_header(self, params: dict, tags: dict) -> None:
         """Params are immutable in MLflow, and `mlflow run` has already logged the values
@@ -223,6 +241,9 @@ class RunWriter:
     def set_tags(self, tags: dict) -> None:
         mlflow.set_tags(tags)
 
+    def log_artifact(self, path, folder: str) -> None:
+        mlflow.log_artifact(str(path), folder)
+
     def end(self, status: str = "FINISHED") -> None:
         mlflow.end_run(status)
 
@@ -235,6 +256,36 @@ def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:
     c.set_tag(run_id, "mlflow.note.content",
               f"Configuration already finished in run {result_run_id}; nothing was trained.")
     c.set_terminated(run_id, "FINISHED")
+
+
+def fail_run_by_id(run_id: str, reason: str) -> None:
+    """End a run FAILED with ``reason`` as a tag, if it is still RUNNING."""
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, schema.FAILURE, reason[:500])
+            client.set_terminated(run_id, "FAILED")
+    except (MlflowException, OSError):
+        pass  # the server is gone: nothing can be told
+
+
+def experiments_with_tag(session: Session, tag: str, limit: int = 20) -> list[str]:
+    """Active experiments other than the session's with a FINISHED run carrying ``tag``."""
+    names = []
+    for exp in session.client.search_experiments(max_results=200):
+        if exp.experiment_id == session.experiment_id:
+            continue
+        found = session.client.search_runs([exp.experiment_id], f"tags.`{tag}` != ''", max_results=1)
+        if found:
+            names.append(exp.name)
+        if len(names) >= limit:
+            break
+    return names
+
+
+def fail_run(session: Session, run_id: str, reason: str) -> None:
+    session.client.set_tag(run_id, schema.FAILURE, reason[:500])
+    session.client.set_terminated(run_id, "FAILED")
 
 
 def set_terminated(session: Session, run_id: str, status: str) -> None:
@@ -294,8 +345,12 @@ def note(session: Session, run_id: str, text: str) -> None:
     session.client.set_tag(run_id, "mlflow.note.content", text)
 
 
-def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures: dict) -> None:
+def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures: dict,
+              metrics: dict | None = None) -> None:
     c = session.client
+    if metrics:
+        ts = int(1000 * time.time())
+        c.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
     for name, text in texts.items():
         c.log_text(run_id, text, name)
     c.log_dict(run_id, summary, "steps.json")

@@ -112,7 +112,7 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
     for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
         metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order)
-        metrics.update(_evaluate(step, data, recipe, rt))
+        metrics.update(evaluate_all(step, data, recipe, rt))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if metrics["val_acc"] > state["best_val_acc"]:
             state.update(best_val_acc=metrics["val_acc"], best_test_acc=metrics["test_acc"],
@@ -165,7 +165,8 @@ def evaluate(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[floa
     return loss_total / n, 100.0 * n_correct / n
 
 
-def _evaluate(model, data, recipe, rt) -> dict:
+def evaluate_all(model, data, recipe, rt) -> dict:
+    """Validation loss and accuracy, and test accuracy."""
     val_loss, val_acc = evaluate(model, data, "val", recipe, rt)
     _, test_acc = evaluate(model, data, "test", recipe, rt)
     return {"val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc}

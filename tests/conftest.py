@@ -1,5 +1,11 @@
 """Shared fixtures: one real `mlflow server` per test session, a data/checkpoint cache
-shared by all tests, and a fresh experiment per test."""
+shared by all tests, and a fresh experiment per test.
+
+Two tiers: a test that needs a tracking server, a subprocess or a study is marked
+``e2e`` (automatically, from the fixtures it uses, or by its module); the rest are unit
+tests, `pytest -m "not e2e"`, under a minute. Training in tests uses one thread, in this
+process and in the commands it starts (KD_MLFLOW_THREADS), so results do not depend on
+how busy the machine is."""
 
 from __future__ import annotations
 
@@ -17,6 +23,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mlflow_server import MlflowServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+E2E_FIXTURES = {"server", "tracked", "study", "stack", "crafted", "reference", "own_server", "report"}
+
+os.environ["KD_MLFLOW_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: needs a tracking server, a subprocess or a whole study")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,138 @@
+"""Where a study's steps run: in this process, as concurrent processes, or as Ray tasks.
+
+An executor only chooses where; what a step is, its run name and its command line
+belong to the step (:mod:`kd_mlflow.study`). A step run as a process is the same
+`kd-mlflow` command a user would type, and hands its outcome back as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import tracking
+from .config import ConfigError
+from .runs import Outcome
+
+
+class InProcess:
+    """One step at a time in this process (no start-up cost per step)."""
+
+    def run_wave(self, items, ctx, progress) -> list[Outcome]:
+        from .study import StepFailed
+
+        outcomes = []
+        for step in items:
+            progress.starting(step)
+            t0 = time.monotonic()
+            try:
+                out = step.run_here(ctx)
+            except ConfigError as e:
+                raise StepFailed(step.name, str(e)) from None
+            progress.finished(step, out, time.monotonic() - t0)
+            outcomes.append(out)
+        return outcomes
+
+    def close(self) -> None:
+        pass
+
+
+class Processes:
+    """Independent steps as concurrent `kd-mlflow` processes, with the same seeds, split,
+    batch order and thread count as in-process, so results do not depend on --jobs.
+    (On a CPU, float results depend on the number of intra-op threads; it is recorded
+    as the tag kd.threads.)"""
+
+    def __init__(self, jobs: int):
+        if jobs < 1:
+            raise ConfigError("jobs", jobs, "must be >= 1")
+        self.jobs = jobs
+
+    def run_wave(self, items, ctx, progress) -> list[Outcome]:
+        for step in items:
+            progress.starting(step)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(self.jobs) as pool:
+            results = list(pool.map(lambda step: run_step_process(*command(step, ctx)), items))
+        outcomes = [outcome(step.name, *res) for step, res in zip(items, results)]
+        for step, out in zip(items, outcomes):
+            progress.finished(step, out, (time.monotonic() - t0) * self.jobs / len(items))
+        return outcomes
+
+    def close(self) -> None:
+        pass
+
+
+class Ray(Processes):
+    """Each step is a Ray task that asks for its GPUs and runs the step's command on
+    whichever node Ray picks; waves wait for the previous wave. Every task logs to the
+    shared tracking server, so runs and tables are the same as with the local executor."""
+
+    def __init__(self, address: str | None = None, gpus_per_run: float | None = None,
+                 local_gpus: int | None = None):
+        super().__init__(jobs=1)
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor", "ray", "Ray is not installed: pip install 'kd-mlflow[ray]'") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            # A local instance when no address is given; GPUs may be declared so that
+            # scheduling can be exercised on a machine without them.
+            kwargs = {"address": address} if address else {"num_gpus": local_gpus}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        self.gpus = gpus_per_run if gpus_per_run is not None else (1 if has_gpus else 0)
+        self.task = ray.remote(run_step_process)
+
+    def run_wave(self, items, ctx, progress) -> list[Outcome]:
+        for step in items:
+            progress.starting(step)
+        t0 = time.monotonic()
+        refs = [self.task.options(num_gpus=self.gpus, num_cpus=1, name=step.name).remote(*command(step, ctx))
+                for step in items]
+        outcomes = [outcome(step.name, *res) for step, res in zip(items, self.ray.get(refs))]
+        for step, out in zip(items, outcomes):
+            progress.finished(step, out, time.monotonic() - t0)
+        return outcomes
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def command(step, ctx) -> tuple[list[str], dict]:
+    """The step's `kd-mlflow` command line, and the environment it runs in."""
+    import torch
+
+    argv = [sys.executable, "-m", "kd_mlflow", *step.argv(ctx)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env["MLFLOW_EXPERIMENT_ID"] = ctx.session.experiment_id
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    # Ray sets OMP_NUM_THREADS=1 in its workers; CPU float results depend on the
+    # thread count, so every step uses the driver's.
+    env["KD_MLFLOW_THREADS"] = str(torch.get_num_threads())
+    return argv, env
+
+
+def run_step_process(argv, env):
+    """One step as a process: (exit code, stdout, stderr). A Ray task, too."""
+    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def outcome(name, returncode, stdout, stderr) -> Outcome:
+    from .study import StepFailed
+
+    if returncode != 0:
+        lines = stderr.strip().splitlines() or [f"exit {returncode}"]
+        raise StepFailed(name, lines[-1])
+    lines = stdout.strip().splitlines()
+    try:
+        return Outcome.from_json(lines[-1])
+    except (IndexError, ValueError, KeyError):
+        raise StepFailed(name, f"no outcome on stdout: {(lines or [''])[-1][:200]!r}") from None

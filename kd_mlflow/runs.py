@@ -1,0 +1,392 @@
+"""A run's life, in one place: find a result or a resumable run by its configuration
+hash, reuse it, mark duplicates, deliver the epochs' metrics, finish the run, and the one
+path every role (train, student, ensemble) records its run through.
+
+With :mod:`kd_mlflow.tracking` (the MLflow adapter), this is the only module that sees
+MLflow entities or tag names: everything else gets plain :class:`RunRecord` values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import signal
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import schema, tracking
+from .checkpoint import CheckpointStore
+from .config import ConfigError
+from .errors import Interrupted, TrackingUnavailable
+
+connect = tracking.connect
+
+
+# --- plain records ---------------------------------------------------------
+
+def _int(text, default=None):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return default
+
+
+def _ids(text) -> tuple:
+    return tuple(p for p in (text or "").split(",") if p)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What kd-mlflow needs to know of a logged run, without MLflow's types."""
+    run_id: str
+    name: str
+    status: str
+    role: str | None
+    seed: int | None
+    preset: str | None
+    dataset: str | None
+    split_digest: str | None
+    num_classes: int | None
+    config_hash: str | None
+    group: str | None
+    group_label: str | None = None
+    method: str | None = None            # students: kd | sd
+    teacher_run_id: str | None = None
+    teacher_seeds: str = ""
+    generation: int = 0
+    member_run_ids: tuple = ()
+    member_seeds: tuple = ()
+    member_role: str | None = None
+    combine: str | None = None
+    duplicate_of: str | None = None
+    params: dict = field(default_factory=dict)
+    final_val_acc: float | None = None
+    final_test_acc: float | None = None
+
+    @property
+    def data_dir(self) -> str | None:
+        return self.params.get("data_dir") or None
+
+
+def record_of(run) -> RunRecord:
+    t, p, m = run.data.tags, run.data.params, run.data.metrics
+    return RunRecord(
+        run_id=run.info.run_id, name=t.get("mlflow.runName", ""), status=run.info.status,
+        role=t.get(schema.ROLE), seed=_int(t.get(schema.SEED)), preset=t.get(schema.PRESET),
+        dataset=t.get(schema.DATASET), split_digest=t.get(schema.SPLIT_DIGEST),
+        num_classes=_int(t.get(schema.NUM_CLASSES)), config_hash=t.get(schema.CONFIG_HASH),
+        group=t.get(schema.GROUP), group_label=t.get(schema.GROUP_LABEL), method=t.get(schema.METHOD),
+        teacher_run_id=t.get(schema.TEACHER_RUN_ID), teacher_seeds=t.get(schema.TEACHER_SEEDS, ""),
+        generation=_int(t.get(schema.GENERATION), 0), member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
+        member_seeds=_ids(t.get(schema.MEMBER_SEEDS)), member_role=t.get(schema.MEMBER_ROLE),
+        combine=p.get("combine"), duplicate_of=t.get(schema.DUPLICATE_OF), params=dict(p),
+        final_val_acc=m.get(schema.FINAL_VAL_ACC), final_test_acc=m.get(schema.FINAL_TEST_ACC))
+
+
+# --- lookups ---------------------------------------------------------------
+
+def get(session, run_id: str, option: str) -> RunRecord:
+    return record_of(session.get_run(run_id, option))
+
+
+def finished(session, run_id: str, option: str) -> RunRecord:
+    """A FINISHED result run, or a one-line refusal naming ``option``."""
+    rec = get(session, run_id, option)
+    if rec.status != "FINISHED":
+        raise ConfigError(option, run_id, f"run is {rec.status}, not FINISHED")
+    if rec.duplicate_of:
+        raise ConfigError(option, run_id, f"run only points at {rec.duplicate_of}")
+    if rec.role not in schema.ROLES:
+        raise ConfigError(option, run_id, "not a kd-mlflow train, ensemble or student run")
+    return rec
+
+
+def find_result(session, config_hash: str) -> RunRecord | None:
+    """The newest FINISHED run that holds this configuration's result."""
+    for run in session.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'"):
+        if schema.DUPLICATE_OF not in run.data.tags:
+            return record_of(run)
+    return None
+
+
+def find_resumable(session, config_hash: str) -> RunRecord | None:
+    runs = session.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'", statuses=tracking.UNFINISHED)
+    return record_of(runs[0]) if runs else None
+
+
+def train_runs_for_seeds(session, seeds: list[int], preset: str | None, dataset: str | None) -> list[RunRecord]:
+    """The newest FINISHED train run per seed (optionally of one preset and dataset); all
+    of one configuration group, or a refusal that says how to choose."""
+    found: dict[int, RunRecord] = {}
+    for run in session.search(f"tags.`{schema.ROLE}` = 'train'"):
+        rec = record_of(run)
+        if rec.duplicate_of or (preset and rec.preset != preset) or (dataset and rec.dataset != dataset):
+            continue
+        found.setdefault(rec.seed if rec.seed is not None else -1, rec)  # newest first
+    for seed in seeds:
+        if seed not in found:
+            raise ConfigError("seeds", seed, "no FINISHED train run with this seed")
+    chosen = [found[s] for s in seeds]
+    groups = {(r.preset, r.dataset, r.group) for r in chosen}
+    if len(groups) > 1:
+        raise ConfigError("seeds", ",".join(map(str, seeds)),
+                          "the newest runs of these seeds have different recipes or data: "
+                          "pass --members, or --preset/--dataset")
+    return chosen
+
+
+def members(session, rec: RunRecord) -> list[RunRecord]:
+    return [get(session, rid, "members") for rid in rec.member_run_ids]
+
+
+def check_same_data(rec: RunRecord, split_digest: str, num_classes: int, option: str) -> None:
+    if rec.split_digest != split_digest:
+        raise ConfigError(option, rec.run_id,
+                          f"different dataset or split (digest {rec.split_digest} != {split_digest})")
+    if rec.num_classes != num_classes:
+        raise ConfigError(option, rec.run_id, "different number of classes")
+
+
+def check_weights(session, rec: RunRecord, option: str) -> None:
+    if tracking.WEIGHTS_PATH not in session.artifact_paths(rec.run_id, "weights"):
+        raise ConfigError(option, rec.run_id, "run has no model weights")
+
+
+def load_weights(rec: RunRecord, option: str) -> dict:
+    """A run's weights, read with weights_only=True: a planted pickle is refused."""
+    try:
+        return tracking.load_weights(rec.run_id)
+    except Exception as e:  # a planted pickle or a foreign file is refused here
+        raise ConfigError(option, rec.run_id, f"weights refused: {type(e).__name__}") from None
+
+
+def metric_histories(session, run_ids: dict, keys=("train_loss", "val_acc")) -> dict:
+    """{name: {key: [(epoch, value), ...]}} for the named runs."""
+    return {name: {k: tracking.metric_history(session, rid, k) for k in keys} for name, rid in run_ids.items()}
+
+
+def experiments_with_results(session) -> list[str]:
+    """Names of other experiments that hold kd-mlflow results."""
+    return tracking.experiments_with_tag(session, schema.ROLE)
+
+
+def results_frame(session):
+    """Every FINISHED run of the experiment as MLflow's runs frame (one search query)."""
+    return session.runs_frame()
+
+
+# --- outcomes --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a step hands back: as JSON on stdout when it ran as a process."""
+    run_id: str
+    name: str
+    reused: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Outcome":
+        d = json.loads(text)
+        return cls(d["run_id"], d["name"], bool(d["reused"]))
+
+
+def reuse(session, rec: RunRecord, log=sys.stderr) -> Outcome:
+    """A configuration that already has a result is not run again. A run that
+    `mlflow run` made for it only points at that result."""
+    if session.adopted_run_id and session.adopted_run_id != rec.run_id:
+        tracking.mark_duplicate(session, session.adopted_run_id, rec.run_id)
+    print(f"reusing finished run {rec.run_id} ({rec.name})", file=log)
+    return Outcome(rec.run_id, rec.name, True)
+
+
+# --- recording a run -------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that names and identifies a run before it exists."""
+    name: str
+    config_hash: str
+    params: dict            # logged whole, once
+    tags: dict              # kd.* identity and lineage
+    dataset: tuple          # (name, uri, digest) of the run's input
+
+
+@dataclass
+class Final:
+    """What a finished body hands back: the result metrics and the model to log."""
+    metrics: dict
+    model: object
+    example: object         # a few raw inputs, for the model's signature
+
+
+class Recording:
+    """The run being written, as the body of :func:`record` sees it."""
+
+    def __init__(self, writer, store: CheckpointStore | None):
+        self.writer, self.store = writer, store
+        self.sink = EpochSink(writer)
+
+    @property
+    def run_id(self) -> str:
+        return self.writer.run_id
+
+    def set_tags(self, tags: dict) -> None:
+        self.writer.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact_file(self, path, folder: str) -> None:
+        self.writer.log_artifact(path, folder)
+
+
+def record(session, spec: RunSpec, body: Callable[[Recording], Final], *, force: bool = False,
+           checkpoint_root: Path | None = None, parent_run_id: str | None = None) -> Outcome:
+    """Run ``body`` as the run ``spec`` describes, unless its configuration already has a
+    FINISHED result (then reuse it). With ``checkpoint_root`` the run is resumable: an
+    unfinished run of the same configuration is continued from its local checkpoint, and
+    one process at a time trains a configuration on this machine."""
+    if not force:
+        existing = find_result(session, spec.config_hash)
+        if existing:
+            return reuse(session, existing)
+    if checkpoint_root is None:
+        return _record(session, spec, body, None, parent_run_id)
+    store = CheckpointStore(_checkpoint_dir(session, spec.config_hash, checkpoint_root))
+    with _exclusive(store.directory):
+        # Another process may have finished it while we waited for the lock.
+        existing = None if force else find_result(session, spec.config_hash)
+        if existing:
+            return reuse(session, existing)
+        if force:
+            store.clear()
+        out = _record(session, spec, body, store, parent_run_id)
+    store.clear()
+    return out
+
+
+def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
+    resumable = find_resumable(session, spec.config_hash) if store else None
+    writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
+    print(f"run {writer.run_id} ({spec.name})", file=sys.stderr)
+    if session.default_experiment:
+        print(f"note: this run is in MLflow's Default experiment; see it with "
+              f"`kd-mlflow compare --experiment Default`", file=sys.stderr)
+    with finishing(writer):
+        writer.log_header(spec.params, {**spec.tags, schema.CONFIG_HASH: spec.config_hash})
+        writer.log_dataset(*spec.dataset)
+        rec = Recording(writer, store)
+        final = body(rec)
+        rec.sink.flush()
+        writer.log_final(final.metrics)
+        writer.log_model(final.model, final.example)
+    return Outcome(writer.run_id, spec.name, False)
+
+
+class EpochSink:
+    """Delivers each epoch's metrics exactly once, in one request per epoch. If the
+    server is unreachable, training goes on and the epochs wait here (and in the
+    checkpoint's history) until it answers again."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.delivered = writer.logged_epochs()
+        self.pending: dict[int, dict] = {}
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        if epoch not in self.delivered:
+            self.pending[epoch] = metrics
+        self._try_deliver()
+
+    def replay(self, history: list[dict]) -> None:
+        """Epochs from a resumed checkpoint that the run has not seen yet."""
+        for epoch, metrics in enumerate(history, start=1):
+            if epoch not in self.delivered:
+                self.pending.setdefault(epoch, metrics)
+
+    def _try_deliver(self) -> bool:
+        for epoch in sorted(self.pending):
+            try:
+                self.writer.log_epoch(epoch, self.pending[epoch])
+            except TrackingUnavailable as e:
+                print(f"warning: tracking server unreachable, metrics kept locally ({e})",
+                      file=sys.stderr)
+                return False
+            self.delivered.add(epoch)
+            del self.pending[epoch]
+        return True
+
+    def flush(self) -> None:
+        if not self._try_deliver():
+            raise TrackingUnavailable(
+                f"{len(self.pending)} epoch(s) of metrics could not be delivered; "
+                "the checkpoint is kept: run the same command again to upload them")
+
+
+@contextlib.contextmanager
+def finishing(writer):
+    """End the run FINISHED, KILLED on a signal, FAILED on an error (its reason as a
+    tag); never RUNNING (unless the server itself is gone, and cannot be told)."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        writer.end("KILLED")
+        raise
+    except TrackingUnavailable:
+        raise
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            writer.set_tags({schema.FAILURE: str(e).strip().splitlines()[0][:500] if str(e).strip()
+                             else type(e).__name__})
+        with contextlib.suppress(Exception):
+            writer.end("FAILED")
+        raise
+    else:
+        writer.end("FINISHED")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def fail_adopted(session, reason: str) -> None:
+    """Under `mlflow run`, a command refused before it made a run still ends the run
+    MLflow made: FAILED, with the reason as a tag (never left RUNNING)."""
+    if session is not None and session.adopted_run_id:
+        with contextlib.suppress(Exception):
+            tracking.fail_run(session, session.adopted_run_id, reason)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """One trainer per configuration on this machine: a second launch waits, then
+    finds the first one's result."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("another process is training this configuration; waiting for it", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _checkpoint_dir(session, config_hash: str, root: Path) -> Path:
+    where = digest(tracking.tracking_uri(), session.experiment_id, config_hash)
+    return Path(root) / "checkpoints" / where
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]

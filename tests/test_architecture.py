@@ -1,0 +1,88 @@
+"""The layout's rules, checked on the package's source: MLflow stays in its home, the
+choices live in one table, and MLproject's parameters are options of the commands."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from kd_mlflow import config
+from kd_mlflow.cli import main
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kd_mlflow"
+REPO = PACKAGE.parent
+# tracking is the MLflow adapter; runs is the one home of a run's life.
+MLFLOW_HOME = {"tracking.py", "runs.py"}
+# An MLflow entity read outside the home: its tags/params/metrics, its info, or a
+# system tag such as "mlflow.runName".
+ENTITY = re.compile(r"\.data\.(tags|params|metrics)\b|\.info\.(run_id|status|experiment_id)\b")
+SYSTEM_TAG = re.compile(r"""["']mlflow\.[A-Za-z]""")
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_only_the_tracking_home_knows_mlflow(path):
+    if path.name in MLFLOW_HOME:
+        return
+    source = path.read_text()
+    assert "mlflow" not in _imports(ast.parse(source)), f"{path.name} imports mlflow"
+    assert not ENTITY.search(source), f"{path.name} reads an MLflow entity: {ENTITY.search(source).group()}"
+    assert not SYSTEM_TAG.search(source), f"{path.name} names an mlflow.* tag: {SYSTEM_TAG.search(source).group()}"
+
+
+def test_the_rule_catches_a_violation(tmp_path):
+    """The check above can fail: it flags each kind of leak in a planted module."""
+    planted = {"a.py": "import mlflow\n", "b.py": "x = run.data.tags\n", "c.py": "t = 'mlflow.runName'\n"}
+    for name, text in planted.items():
+        tree = ast.parse(text)
+        assert "mlflow" in _imports(tree) or ENTITY.search(text) or SYSTEM_TAG.search(text), name
+
+
+def _options(command: click.Command) -> set[str]:
+    return {opt.lstrip("-").replace("-", "_") for p in command.params for opt in p.opts}
+
+
+def test_every_mlproject_parameter_is_an_option_of_its_command():
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    assert project["entry_points"], "no entry points"
+    for name, entry in project["entry_points"].items():
+        words = entry["command"].split()
+        assert words[:3] == ["python", "-m", "kd_mlflow"], (name, words[:3])
+        command = main.commands[words[3]]
+        for param in entry.get("parameters", {}):
+            assert param in _options(command), f"MLproject {name}: {param} is not an option of {words[3]}"
+            assert "{" + param + "}" in entry["command"], f"MLproject {name}: {param} is declared but not passed"
+
+
+def test_choices_come_from_one_table():
+    """Every click.Choice the CLI offers equals a tuple of config.CHOICES."""
+    tables = {tuple(v) for v in config.CHOICES.values()}
+    seen = 0
+    for command in main.commands.values():
+        for p in command.params:
+            inner = getattr(p.type, "inner", p.type)
+            if isinstance(inner, click.Choice):
+                seen += 1
+                assert tuple(inner.choices) in tables, (command.name, p.name, inner.choices)
+    assert seen >= 10
+
+
+def test_recipe_checks_use_the_same_table():
+    for name in ("dataset", "model", "optimizer", "schedule", "precision"):
+        with pytest.raises(config.ConfigError) as e:
+            config.resolve("smoke", **{name: "nonsense"})
+        assert ", ".join(config.CHOICES[name]) in str(e.value)
