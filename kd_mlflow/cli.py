@@ -175,10 +175,6 @@ def _fail_adopted_run(reason: str) -> None:
 @click.version_option(__version__, prog_name="kd-mlflow")
 def main():
     """Ensembles, knowledge distillation and self-distillation as tracked MLflow runs."""
-    threads = os.environ.get("KD_MLFLOW_THREADS")
-    if threads:
-        import torch
-        torch.set_num_threads(int(threads))
 
 
 @main.command()

@@ -42,15 +42,23 @@ _TAGS = {
     "config_hash": S.CONFIG_HASH, "teacher_run_id": S.TEACHER_RUN_ID,
     "teacher_seeds": S.TEACHER_SEEDS, "member_seeds": S.MEMBER_SEEDS,
     "member_run_ids": S.MEMBER_RUN_IDS, "member_role": S.MEMBER_ROLE,
-    "duplicate_of": S.DUPLICATE_OF, "study": S.STUDY,
+    "duplicate_of": S.DUPLICATE_OF, "study": S.STUDY, "group": S.GROUP, "group_label": S.GROUP_LABEL,
 }
+NO_GROUP = "-"   # runs logged before groups existed: grouped by preset and dataset alone
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyTables:
-    """The tables of one (preset, dataset) group; columns as in ``COLUMNS``."""
+    """The tables of one group of comparable runs; columns as in ``COLUMNS``.
+
+    A group is one training recipe on one split (the train runs' kd.group), one way of
+    combining an ensemble, and one set of distillation settings: runs that differ in
+    anything but their seed are never in the same table."""
     preset: str
     dataset: str
+    label: str          # the preset and what differs from it: "smoke · epochs=1"
+    group_id: str       # the train runs' kd.group, plus the variant
+    recipe: dict        # the group's full recipe, as its runs logged it
     seeds: pd.DataFrame
     ensembles: pd.DataFrame
     kd: pd.DataFrame
@@ -96,6 +104,11 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     out["seed"] = _int(seed.where(seed.notna(), _text(runs, "params.seed")))
     for name, key in (("val_acc", S.FINAL_VAL_ACC), ("test_acc", S.FINAL_TEST_ACC)):
         out[name] = pd.to_numeric(_column(runs, f"metrics.{key}"), errors="coerce").astype(float)
+    out["combine"] = _text(runs, "params.combine").fillna("prob")
+    out["group"] = out["group"].fillna(NO_GROUP)
+    params = [c for c in runs.columns if c.startswith("params.")]
+    out["recipe"] = [dict(sorted((k[len("params."):], v) for k, v in row.items() if isinstance(v, str) and v != ""))
+                     for row in runs[params].to_dict("records")] if params else [{} for _ in range(len(out))]
     return out
 
 
@@ -202,8 +215,9 @@ def _stat(row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series,
 
 
 def _summary(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFrame:
-    """Means per kind of model; each gain (test) sits on the row it describes."""
-    sd = self_distillation
+    """Means per kind of model; each gain (test) sits on the row it describes. The SD
+    row's mean and gain are over the same set: the students whose teacher was found."""
+    sd = self_distillation[self_distillation["teacher_test_acc"].notna()]
     single = seeds["test_acc"].mean()
     ensemble = ensembles["test_acc"].mean()
     return pd.DataFrame([
@@ -219,7 +233,8 @@ def _summary(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFr
     ], columns=COLUMNS["summary"])
 
 
-def _study(preset: str, dataset: str, pool: pd.DataFrame) -> StudyTables:
+def _study(key: tuple, pool: pd.DataFrame) -> StudyTables:
+    preset, dataset, label, group_id, recipe = key
     rows, notes = _dedupe(pool)
     kd, kd_notes = _kd(rows, pool)
     sd, sd_notes = _self_distillation(rows, pool)
@@ -227,24 +242,95 @@ def _study(preset: str, dataset: str, pool: pd.DataFrame) -> StudyTables:
         "seeds": _seeds(rows), "ensembles": _ensembles(rows, "train"), "kd": kd,
         "self_distillation": sd, "sd_ensembles": _ensembles(rows, "student"),
     }
-    notes += kd_notes + sd_notes + [m for k, m in _MISSING.items() if tables[k].empty]
-    return StudyTables(preset, dataset, **tables, summary=_summary(**tables), notes=notes)
+    lost = [n.replace("is not a finished run of this group", "is not a finished run of this group; "
+                      "the student is listed but counted in no mean or gain") for n in sd_notes]
+    notes += kd_notes + lost + [m for k, m in _MISSING.items() if tables[k].empty]
+    return StudyTables(preset, dataset, label, group_id, recipe, **tables, summary=_summary(**tables),
+                       notes=notes)
+
+
+def _variant_label(base: str, combine: str, student_label: str | None) -> str:
+    parts = [base]
+    if combine != "prob":
+        parts.append(f"ensemble: {combine}")
+    if student_label:
+        extra = [p for p in student_label.split(" · ")[1:] if p not in base.split(" · ")]
+        if extra:
+            parts.append("students: " + ", ".join(extra))
+    return " · ".join(parts)
+
+
+def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]]:
+    """Within one (preset, dataset): one entry per train group and variant (ensemble
+    combine mode, students' settings), each with the runs that belong to it by lineage."""
+    preset, dataset = part["preset"].iloc[0], part["dataset"].iloc[0]
+    trains = part[part["role"] == "train"]
+    ens = part[part["role"] == "ensemble"]
+    students = part[part["role"] == "student"]
+    train_groups = sorted(trains["group"].unique()) or [NO_GROUP]
+    single = len(train_groups) == 1
+    out = []
+    for g in train_groups:
+        g_train = trains[trains["group"] == g]
+        ids = set(g_train["run_id"])
+
+        def members_in(frame, pool_ids):
+            inside = frame["member_run_ids"].map(lambda m: m is not None and set(m.split(",")) <= pool_ids)
+            return frame.loc[inside.astype(bool)]
+
+        g_ens = members_in(ens[ens["member_role"] == "train"], ids)
+        sd = students[(students["method"] == "sd") & students["teacher_run_id"].isin(ids)]
+        kd = students[(students["method"] == "kd") & students["teacher_run_id"].isin(set(g_ens["run_id"]))]
+        if single:  # unattached runs of this preset and dataset: listed here, with a note
+            attached = set(g_ens["run_id"]) | set(sd["run_id"]) | set(kd["run_id"])
+            loose = part[(part["role"] != "train") & ~part["run_id"].isin(attached)]
+            sd = pd.concat([sd, loose[(loose["role"] == "student") & (loose["method"] == "sd")]])
+            kd = pd.concat([kd, loose[(loose["role"] == "student") & (loose["method"] == "kd")]])
+            g_ens = pd.concat([g_ens, loose[(loose["role"] == "ensemble") & (loose["member_role"] == "train")]])
+        base = g_train["group_label"].dropna().iloc[0] if g_train["group_label"].notna().any() else preset
+        # The preset's own settings first: that variant keeps the train group's id.
+        s_labels = sorted({lbl for lbl in pd.concat([sd, kd])["group_label"].fillna("")},
+                          key=lambda lbl: (lbl not in ("", base), lbl)) or [""]
+        combines = sorted(set(g_ens["combine"]), key=lambda c: (c != "prob", c)) or ["prob"]
+        recipe = g_train["recipe"].iloc[-1] if len(g_train) else {}
+        for c in combines:
+            for lbl in s_labels:
+                v_ens = g_ens[g_ens["combine"] == c]
+                v_kd = kd[(kd["group_label"].fillna("") == lbl) & kd["teacher_run_id"].isin(set(v_ens["run_id"]))
+                          | (kd["group_label"].fillna("") == lbl) & ~kd["teacher_run_id"].isin(set(ens["run_id"]))]
+                v_sd = sd[sd["group_label"].fillna("") == lbl]
+                sd_ids = set(students[students["group_label"].fillna("") == lbl]["run_id"])
+                v_sd_ens = members_in(ens[(ens["member_role"] == "student") & (ens["combine"] == c)], sd_ids)
+                pool = pd.concat([g_train, v_ens, v_kd, v_sd, v_sd_ens]).drop_duplicates("run_id")
+                full = dict(recipe)
+                if lbl and len(v_sd) + len(v_kd):
+                    full.update(pd.concat([v_sd, v_kd])["recipe"].iloc[-1])
+                label = _variant_label(base, c, lbl)
+                gid = g if (c, lbl) == (combines[0], s_labels[0]) else f"{g}/{c}/{lbl}"
+                out.append(((preset, dataset, label, gid, full), pool))
+    return out
 
 
 def build_tables(runs: pd.DataFrame, preset: str | None = None,
                  dataset: str | None = None, group: str | None = None) -> list[StudyTables]:
-    """One StudyTables per (kd.preset, kd.dataset) group, optionally filtered.
+    """One StudyTables per group of comparable runs, optionally filtered.
 
-    Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study
-    are results; [] when none is left.
+    Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study are
+    results; [] when none is left. ``group`` keeps the groups whose label or id starts
+    with it.
     """
     rows = _results(_tidy(runs))
     if preset is not None:
         rows = rows[rows["preset"] == preset]
     if dataset is not None:
         rows = rows[rows["dataset"] == dataset]
-    groups = rows.groupby(["preset", "dataset"], sort=True)
-    return [_study(p, d, g) for (p, d), g in groups]
+    tables = []
+    for _, part in rows.groupby(["preset", "dataset"], sort=True):
+        for key, pool in _groups_of(part):
+            tables.append(_study(key, pool))
+    if group is not None:
+        tables = [t for t in tables if t.label.startswith(group) or t.group_id.startswith(group)]
+    return tables
 
 
 # --- rendering ------------------------------------------------------------
@@ -298,7 +384,7 @@ def _markdown(tables: list[StudyTables]) -> str:
         return "no finished runs\n"
     parts = []
     for t in tables:
-        parts.append(f"## preset={t.preset} dataset={t.dataset}")
+        parts.append(f"## {t.label} ({t.dataset})\n\ngroup `{t.group_id}`")
         parts += [f"### {title}\n\n{table}" for title, table in _md_sections(t)]
         if t.notes:
             parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in t.notes))
@@ -318,7 +404,8 @@ def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
     """Every table as row dicts tagged with preset and dataset; keys TABLES + notes."""
     out = {name: [] for name in (*TABLES, "notes")}
     for t in tables:
-        group = {"preset": t.preset, "dataset": t.dataset}
+        group = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset,
+                 "recipe": t.recipe}
         for name in TABLES:
             records = getattr(t, name).to_dict("records")
             out[name] += [{**group, **{k: _native(v) for k, v in r.items()}} for r in records]
@@ -326,18 +413,34 @@ def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
     return out
 
 
+CSV_COLUMNS = ["section", "group", "role", "seed", "teacher_seed", "members", "val_acc", "test_acc",
+               "run_id", "group_id", "preset", "dataset"]
+
+
 def _csv(tables: list[StudyTables]) -> str:
-    """One CSV: a ``table`` column names the section, columns are the union."""
-    frames = [
-        pd.DataFrame([{"table": name, **r} for r in records], dtype=object)
-        for name, records in table_rows(tables).items() if records
-    ]
-    if not frames:
-        return pd.DataFrame(columns=["table", "preset", "dataset"]).to_csv(index=False)
-    out = pd.concat(frames, ignore_index=True)
-    if "run_ids" in out:
-        out["run_ids"] = out["run_ids"].map(lambda v: ",".join(v) if isinstance(v, list) else v)
-    return out.to_csv(index=False)
+    """Tidy: one row per run and table it appears in, so that ``pandas.read_csv`` gives
+    a frame ready to pivot (summaries and notes are in the markdown and JSON)."""
+    rows = []
+    for t in tables:
+        g = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset}
+        for r in t.seeds.itertuples():
+            rows.append({**g, "section": "seeds", "role": "train", "seed": r.seed, "val_acc": r.val_acc,
+                         "test_acc": r.test_acc, "run_id": r.run_id})
+        for section, frame in (("ensembles", t.ensembles), ("sd_ensembles", t.sd_ensembles)):
+            for r in frame.itertuples():
+                rows.append({**g, "section": section, "role": "ensemble", "members": r.members,
+                             "val_acc": r.val_acc, "test_acc": r.test_acc, "run_id": r.run_id})
+        for r in t.kd.itertuples():
+            rows.append({**g, "section": "kd", "role": "student", "seed": r.seed, "members": r.teacher_seeds,
+                         "val_acc": r.val_acc, "test_acc": r.test_acc, "run_id": r.run_id})
+        for r in t.self_distillation.itertuples():
+            rows.append({**g, "section": "self_distillation", "role": "student", "seed": r.student_seed,
+                         "teacher_seed": r.teacher_seed, "val_acc": r.student_val_acc,
+                         "test_acc": r.student_test_acc, "run_id": r.run_id})
+    frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    for col in ("seed", "teacher_seed"):
+        frame[col] = pd.array(frame[col].map(lambda v: None if v is None or pd.isna(v) else int(v)), dtype="Int64")
+    return frame.to_csv(index=False)
 
 
 def render(tables: list[StudyTables], fmt: str) -> str:

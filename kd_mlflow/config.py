@@ -44,6 +44,7 @@ class ConfigError(ValueError):
     """A bad value: ``name`` is the option or parameter it came from."""
 
     def __init__(self, name: str, value, reason: str):
+        reason = " ".join(str(reason).split())  # always one line, whatever it quotes
         self.name, self.value, self.reason = name, value, reason
         super().__init__(f"invalid value for {name}: {value!r} ({reason})")
 

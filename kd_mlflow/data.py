@@ -84,8 +84,16 @@ def _load_cifar(name: str, root: Path) -> Source:
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     if not (root / cls.base_folder).is_dir():
         # The canonical path: torchvision downloads the archive and checks its md5.
-        root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            cls(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad md5 a RuntimeError
+            why = str(getattr(e, "reason", "") or e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                "data_dir", str(root),
+                f"{name} is not there and could not be downloaded ({why}); point --data-dir at a "
+                f"folder holding {cls.base_folder}/, or use --dataset folder --data-dir with an "
+                "ImageFolder tree or .tar.gz of it") from None
 
     class _Present(cls):
         # Files already on disk are read as they are (a test writes a tiny set in this
@@ -112,7 +120,8 @@ def _load_cifar(name: str, root: Path) -> Source:
 
 def _load_folder(path: Path, cache_dir: Path) -> Source:
     if not path.exists():
-        raise ConfigError("data_dir", str(path), "does not exist")
+        raise ConfigError("data_dir", str(path), "does not exist: dataset 'folder' needs an ImageFolder "
+                          "tree with train/ and test/, or a .tar.gz of one")
     key = _file_key(path)
     cached = cache_dir / "decoded" / f"folder-{key}.pt"
     if cached.is_file():
@@ -123,7 +132,8 @@ def _load_folder(path: Path, cache_dir: Path) -> Source:
     train_x, train_y, classes = _decode_tree(root / "train", path)
     test_x, test_y, test_classes = _decode_tree(root / "test", path)
     if classes != test_classes:
-        raise ConfigError("data_dir", str(path), "train/ and test/ have different classes")
+        raise ConfigError("data_dir", str(path), "dataset 'folder': train/ and test/ have different classes "
+                          f"({len(classes)} vs {len(test_classes)}); both need the same class folders")
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     torch.save({"classes": list(classes), "train_x": train_x, "train_y": train_y,
@@ -152,7 +162,8 @@ def _unpack(archive: Path, dest: Path) -> Path:
             with tarfile.open(archive) as tar:
                 tar.extractall(dest, filter="data")
         except tarfile.TarError as e:
-            raise ConfigError("data_dir", str(archive), f"not a readable archive: {e}") from None
+            raise ConfigError("data_dir", str(archive), f"dataset 'folder': not a readable archive ({e}); "
+                              "point --data-dir at an ImageFolder tree or a .tar.gz of one") from None
         (dest / ".complete").touch()
     # Accept an archive whose train/ and test/ sit one folder down.
     if not (dest / "train").is_dir():
@@ -249,7 +260,7 @@ class DeviceData:
     def n_train(self) -> int:
         return len(self.train_y)
 
-    def train_batches(self, batch_size: int, order: torch.Generator, augment: bool):
+    def train_batches(self, batch_size: int, order: torch.Generator, augment: bool, pad: int = 4):
         """One epoch in the order drawn from ``order`` (a CPU generator, so it is the
         same on every device and its state can be checkpointed)."""
         perm = torch.randperm(self.n_train, generator=order)
@@ -257,12 +268,12 @@ class DeviceData:
             idx = perm[start:start + batch_size]
             shifts = flips = None
             if augment:
-                shifts = torch.randint(0, 9, (len(idx), 2), generator=order)
+                shifts = torch.randint(0, 2 * pad + 1, (len(idx), 2), generator=order)
                 flips = torch.rand(len(idx), generator=order) < 0.5
             idx_d = idx.to(self.device, non_blocking=True)
             x = self.train_x[idx_d]
             if augment:
-                x = crop_flip(x, shifts.to(self.device), flips.to(self.device))
+                x = crop_flip(x, shifts.to(self.device), flips.to(self.device), pad)
             yield Batch(x, self.train_y[idx_d], idx_d)
 
     def eval_batches(self, which: str, batch_size: int):

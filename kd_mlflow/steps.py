@@ -11,6 +11,7 @@ torch and the training modules are imported where they are used, so that `compar
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +210,14 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):
+    import torch
+
     from . import data as data_mod
+
+    # A study's step processes (and Ray workers) use the driver's CPU thread count:
+    # CPU float results depend on it.
+    if os.environ.get("KD_MLFLOW_THREADS"):
+        torch.set_num_threads(int(os.environ["KD_MLFLOW_THREADS"]))
 
     source = data_mod.load(recipe.dataset, data_dir, ex.cache_dir)
     return source, data_mod.make_split(source, recipe)

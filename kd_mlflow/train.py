@@ -63,7 +63,7 @@ def _pick_device() -> str:
 def make_optimizer(recipe: Recipe, params):
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
                            weight_decay=recipe.weight_decay)
 
 
@@ -74,7 +74,7 @@ def make_scheduler(recipe: Recipe, optimizer, steps_per_epoch: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if recipe.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
-                                                   pct_start=0.25)
+                                                   pct_start=recipe.warmup)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -133,7 +133,7 @@ def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    for batch in data.train_batches(recipe.batch_size, order, recipe.augment):
+    for batch in data.train_batches(recipe.batch_size, order, recipe.augment, recipe.crop_padding):
         with rt.autocast():
             logits = model(batch.x)
         loss = objective(logits, batch)

@@ -154,7 +154,7 @@ def test_summary(report, study):
 
 def test_markdown(report):
     md = compare.render([report], "markdown")
-    assert md.startswith("## preset=seed-report dataset=cifar10\n")
+    assert md.startswith("## seed-report (cifar10)\n")
     assert "| seed | validation accuracy | test accuracy |\n| --- | --- | --- |\n| 0 | 86.66 | 86.01 |" in md
     assert "| 4 | 87.00 | 86.39 |" in md
     pair = "| seed | validation accuracy | test accuracy | seed | validation accuracy | test accuracy |"
@@ -183,13 +183,18 @@ def test_json(study, report):
     assert mine["summary"][1]["test_std"] is None  # NaN -> null
 
 
-def test_csv(study):
+def test_csv_is_tidy_one_row_per_run(study):
     csv = pd.read_csv(io.StringIO(compare.render(list(study.tables.values()), "csv")))
-    assert list(csv.columns[:3]) == ["table", "preset", "dataset"]
-    mine = csv[(csv["preset"] == PRESET) & (csv["table"] == "seeds")]
+    assert list(csv.columns) == compare.CSV_COLUMNS
+    mine = csv[(csv["preset"] == PRESET) & (csv["section"] == "seeds")]
     assert mine["test_acc"].tolist() == [te for _, te in TRAIN.values()]
     assert mine["run_id"].tolist() == [study.ids.train[s] for s in TRAIN]
-    assert set(csv["table"]) == {*compare.TABLES, "notes"}
+    assert set(csv["section"]) == {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles"}
+    sd = csv[(csv["preset"] == PRESET) & (csv["section"] == "self_distillation")]
+    assert sd[["seed", "teacher_seed"]].values.tolist() == [[s, t] for s, (t, _, _) in SD.items()]
+    # Ready to pivot: one value per (section, seed) in a group.
+    wide = csv[csv["preset"] == PRESET].pivot_table(index="seed", columns="section", values="test_acc")
+    assert wide.loc[13, "self_distillation"] == 85.32 and wide.loc[0, "seeds"] == 86.01
 
 
 def test_ignored_runs(study, report):
@@ -243,6 +248,120 @@ def test_empty_input():
     assert compare.build_tables(pd.DataFrame()) == []
     assert compare.render([], "markdown") == "no finished runs\n"
     assert json.loads(compare.render([], "json"))["seeds"] == []
-    assert compare.render([], "csv").strip() == "table,preset,dataset"
+    assert compare.render([], "csv").strip() == ",".join(compare.CSV_COLUMNS)
     with pytest.raises(ValueError):
         compare.render([], "html")
+
+
+# --- a second set, not the report's: overrides and both combine modes -----------
+
+MIXED = {0: (79.0, 80.0), 1: (81.0, 82.0), 2: (83.0, 84.0)}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """One experiment as a user fills it: a smoke study, a seed run with --epochs 1, a
+    logit ensemble (with its own KD student) and a student at another temperature."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    ids = types.SimpleNamespace()
+    try:
+        eid = mlflow.create_experiment("mixed", artifact_location=(tmp / "artifacts").as_uri())
+
+        def log(tags, acc, label, group, params=None):
+            run = mlflow.start_run(experiment_id=eid)
+            mlflow.set_tags({S.PRESET: "smoke", S.DATASET: "digits", S.GROUP: group, S.GROUP_LABEL: label, **tags})
+            mlflow.log_params(params or {})
+            mlflow.log_metrics({S.FINAL_VAL_ACC: acc[0], S.FINAL_TEST_ACC: acc[1]})
+            mlflow.end_run()
+            time.sleep(0.003)
+            return run.info.run_id
+
+        ids.train = {s: log({S.ROLE: "train", S.SEED: str(s), S.CONFIG_HASH: f"t{s}"}, acc, "smoke", "g1",
+                            {"epochs": "2"}) for s, acc in MIXED.items()}
+        ids.short = log({S.ROLE: "train", S.SEED: "0", S.CONFIG_HASH: "short"}, (50.0, 52.09),
+                        "smoke · epochs=1", "g2", {"epochs": "1"})
+        members = {S.ROLE: "ensemble", S.MEMBER_ROLE: "train", S.MEMBER_SEEDS: "0,1,2",
+                   S.MEMBER_RUN_IDS: ",".join(ids.train.values())}
+        ids.prob = log({**members, S.CONFIG_HASH: "ep"}, (88.5, 88.0), "smoke", "e1", {"combine": "prob"})
+        ids.logit = log({**members, S.CONFIG_HASH: "el"}, (87.5, 87.0), "smoke · ensemble: logit", "e2",
+                        {"combine": "logit"})
+        kd = {S.ROLE: "student", S.METHOD: "kd", S.SEED: "100", S.TEACHER_SEEDS: "0,1,2"}
+        ids.kd_prob = log({**kd, S.TEACHER_RUN_ID: ids.prob, S.CONFIG_HASH: "kp"}, (83.0, 83.5), "smoke", "k1")
+        ids.kd_logit = log({**kd, S.TEACHER_RUN_ID: ids.logit, S.CONFIG_HASH: "kl"}, (82.0, 83.0), "smoke", "k2")
+        sd = {S.ROLE: "student", S.METHOD: "sd"}
+        ids.sd = {s: log({**sd, S.SEED: str(s), S.TEACHER_RUN_ID: ids.train[t], S.TEACHER_SEEDS: str(t),
+                          S.CONFIG_HASH: f"sd{s}"}, acc, "smoke", "s1", {"temperature": "1.0"})
+                  for s, t, acc in ((10, 0, (80.0, 81.0)), (11, 1, (82.5, 83.0)))}
+        ids.sd_t2 = log({**sd, S.SEED: "10", S.TEACHER_RUN_ID: ids.train[0], S.TEACHER_SEEDS: "0",
+                         S.CONFIG_HASH: "sdT2"}, (78.0, 79.0), "smoke · temperature=2", "s2", {"temperature": "2.0"})
+        ids.sd_ens = log({S.ROLE: "ensemble", S.MEMBER_ROLE: "student", S.MEMBER_SEEDS: "10,11",
+                          S.MEMBER_RUN_IDS: ",".join(ids.sd.values()), S.CONFIG_HASH: "se"}, (85.5, 86.0),
+                         "smoke", "e3", {"combine": "prob"})
+        runs = mlflow.search_runs(experiment_ids=[eid], output_format="pandas")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return types.SimpleNamespace(runs=runs, ids=ids, tables={t.label: t for t in compare.build_tables(runs)})
+
+
+def _run_ids(t):
+    return {*t.seeds["run_id"], *t.ensembles["run_id"], *t.kd["run_id"], *t.self_distillation["run_id"],
+            *t.sd_ensembles["run_id"]}
+
+
+def test_mixed_runs_never_share_a_table(mixed):
+    ids, tables = mixed.ids, mixed.tables
+    assert set(tables) == {"smoke", "smoke · epochs=1", "smoke · ensemble: logit",
+                           "smoke · students: temperature=2", "smoke · ensemble: logit · students: temperature=2"}
+    main = tables["smoke"]
+    assert _run_ids(main) == {*ids.train.values(), ids.prob, ids.kd_prob, *ids.sd.values(), ids.sd_ens}
+    assert _run_ids(tables["smoke · epochs=1"]) == {ids.short}
+    assert _run_ids(tables["smoke · ensemble: logit"]) == {*ids.train.values(), ids.logit, ids.kd_logit,
+                                                             *ids.sd.values()}
+    assert _run_ids(tables["smoke · students: temperature=2"]) == {*ids.train.values(), ids.prob, ids.sd_t2}
+    s = main.summary.set_index("row")
+    assert s.loc["single models", "n"] == 3 and s.loc["single models", "test_mean"] == pytest.approx(82.0)
+    assert s.loc["single models", "test_std"] == pytest.approx(2.0)
+    assert s.loc["ensemble", "gain"] == pytest.approx(6.0)
+    assert s.loc["KD students", "gain"] == pytest.approx(1.5)
+    assert s.loc["SD students", "gain"] == pytest.approx(((81 - 80) + (83 - 82)) / 2)
+    assert tables["smoke · ensemble: logit"].summary.set_index("row").loc["ensemble", "gain"] == pytest.approx(5.0)
+    assert tables["smoke · students: temperature=2"].self_distillation["gain"].tolist() == [-1.0]
+
+
+def test_mixed_numbers_are_the_metrics_of_the_runs_they_name(mixed):
+    by_id = mixed.runs.set_index("run_id")
+    for t in mixed.tables.values():
+        for frame, col in ((t.seeds, "test_acc"), (t.ensembles, "test_acc"), (t.kd, "test_acc"),
+                           (t.self_distillation, "student_test_acc"), (t.sd_ensembles, "test_acc")):
+            for run_id, value in zip(frame["run_id"], frame[col]):
+                assert by_id.loc[run_id, f"metrics.{S.FINAL_TEST_ACC}"] == value
+
+
+def test_mixed_json_rows_carry_label_and_recipe_and_group_filter(mixed):
+    doc = json.loads(compare.render(list(mixed.tables.values()), "json"))
+    short = [r for r in doc["seeds"] if r["group"] == "smoke · epochs=1"]
+    assert len(short) == 1 and short[0]["recipe"]["epochs"] == "1" and short[0]["test_acc"] == 52.09
+    assert {r["group"] for r in doc["ensembles"]} >= {"smoke", "smoke · ensemble: logit"}
+    picked = compare.build_tables(mixed.runs, group="smoke · epochs")
+    assert [t.label for t in picked] == ["smoke · epochs=1"]
+    md = compare.render(picked, "markdown")
+    assert md.startswith("## smoke · epochs=1 (digits)") and "52.09" in md and "80.00" not in md
+
+
+def test_a_student_without_its_teacher_is_listed_and_counted_in_neither():
+    t0 = pd.Timestamp("2024-01-01", tz="UTC")
+    runs = pd.DataFrame({
+        "run_id": ["a", "b", "s1", "s2"], "status": ["FINISHED"] * 4, "start_time": [t0] * 4,
+        "tags.kd.role": ["train", "train", "student", "student"], "tags.kd.method": [None, None, "sd", "sd"],
+        "tags.kd.preset": ["p"] * 4, "tags.kd.dataset": ["d"] * 4, "tags.kd.seed": ["0", "1", "10", "11"],
+        "tags.kd.teacher_run_id": [None, None, "a", "gone"], "tags.kd.teacher_seeds": [None, None, "0", "1"],
+        "metrics.final_test_acc": [50.0, 60.0, 52.0, 99.0],
+    })
+    (t,) = compare.build_tables(runs)
+    assert t.self_distillation["run_id"].tolist() == ["s1", "s2"]
+    s = t.summary.set_index("row")
+    assert s.loc["SD students", "n"] == 1
+    assert s.loc["SD students", "test_mean"] == 52.0 and s.loc["SD students", "gain"] == 2.0
+    assert any("gone" in n and "counted in no mean or gain" in n for n in t.notes)
