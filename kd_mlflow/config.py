@@ -17,6 +17,11 @@ DATASETS = ("cifar10", "cifar100", "folder", "digits")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+SPLIT_STYLES = ("random_split", "head")      # val = the permutation's tail (torch's random_split) | its head
+ORDER_STYLES = ("dataloader", "randperm")    # torch DataLoader(shuffle=True, generator) | a plain randperm
+INIT_STYLES = ("torchvision-fc", "direct")   # resnet18() with 1000 classes, then fc replaced | built at num_classes
+RESIZES = ("pil", "float")                   # bilinear rounded to uint8 per pass, as PIL | one float pass
+DISTILL_LOSSES = ("soft-ce", "kl")           # the report's clamped soft-target CE | Hinton's T^2 KL
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -70,8 +75,16 @@ class Recipe:
     order_seed: int = 42             # fixes batch order and augmentation; never the model seed
     temperature: float = 1.0         # distillation only
     alpha: float = 1.0               # weight of the soft (teacher) term; 1 - alpha on labels
-    precision: str = "auto"          # auto = bf16 autocast on cuda, fp32 elsewhere
+    precision: str = "fp32"          # auto = bf16 autocast on cuda, fp32 elsewhere
     eval_batch_size: int = 512       # images per evaluation step (no effect on results)
+    # How the report did it (the defaults) or kd-mlflow's own mechanism; see README,
+    # "Fidelity to the report".
+    split_style: str = "random_split"   # which end of the split permutation is validation
+    order_style: str = "dataloader"     # how an epoch's batch order is drawn from order_seed
+    init_style: str = "torchvision-fc"  # which construction's random draws initialise the net
+    resize: str = "pil"                 # how images are resized to image_size
+    distill_loss: str = "soft-ce"       # the soft (teacher) term of distillation
+    student_init_skip: int = 1          # networks drawn and thrown away before an SD student
 
     def __post_init__(self):
         _check_choice("dataset", self.dataset, DATASETS)
@@ -79,9 +92,14 @@ class Recipe:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("split_style", self.split_style, SPLIT_STYLES)
+        _check_choice("order_style", self.order_style, ORDER_STYLES)
+        _check_choice("init_style", self.init_style, INIT_STYLES)
+        _check_choice("resize", self.resize, RESIZES)
+        _check_choice("distill_loss", self.distill_loss, DISTILL_LOSSES)
         for name in ("width", "image_size", "batch_size", "epochs", "val_size", "eval_batch_size"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
-        for name in ("train_subset", "split_seed", "order_seed"):
+        for name in ("train_subset", "split_seed", "order_seed", "student_init_skip"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 0, "must be an integer >= 0")
         _check("lr", self.lr, lambda v: _is_num(v) and v > 0, "must be > 0")
         _check("temperature", self.temperature, lambda v: _is_num(v) and v > 0, "must be > 0")
@@ -112,20 +130,26 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# kd-mlflow's own mechanisms, kept by every preset but seed-report (so their results do
+# not change) and assumed for runs logged before these fields existed.
+OWN_MECHANISMS = dict(split_style="head", order_style="randperm", init_style="direct",
+                      resize="float", distill_loss="kl", student_init_skip=0)
+
 PRESETS: dict[str, Recipe] = {
-    # The public report's recipe, exactly.
+    # The public report's recipe: its split, batch order, initialisation, pixels,
+    # fp32 and loss (README, "Fidelity to the report"; tests/test_fidelity.py).
     "seed-report": Recipe(),
     # A modern CIFAR recipe: ~95% on canonical CIFAR-10 in 100 epochs on a GPU.
-    "standard": Recipe(model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
+    "standard": Recipe(**OWN_MECHANISMS, precision="auto", model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
                        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                        schedule="cosine", augment=True, temperature=4.0, alpha=0.9),
     # The whole 11-training study on a 2-core CPU in under 30 minutes (CIFAR-10 JPEG copy).
-    "cpu-demo": Recipe(dataset="folder", model="resnet18-cifar", width=16, image_size=32,
+    "cpu-demo": Recipe(**OWN_MECHANISMS, precision="auto", dataset="folder", model="resnet18-cifar", width=16, image_size=32,
                        mean=CIFAR_MEAN, std=CIFAR_STD, optimizer="adam", lr=2e-3,
                        schedule="onecycle", batch_size=128, epochs=4, val_size=2000,
                        train_subset=10000),
     # Seconds, for tests: sklearn's bundled 8x8 digits, a very narrow network.
-    "smoke": Recipe(dataset="digits", model="resnet18-cifar", width=4, image_size=8,
+    "smoke": Recipe(**OWN_MECHANISMS, precision="auto", dataset="digits", model="resnet18-cifar", width=4, image_size=8,
                     optimizer="adam", lr=1e-2, batch_size=64, epochs=2, val_size=200,
                     eval_batch_size=1024),
 }
@@ -135,6 +159,15 @@ def preset(name: str) -> Recipe:
     if name not in PRESETS:
         raise ConfigError("preset", name, f"choose from {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+# The KD student's seed in a study, per preset: the report's KD script seeds 42.
+STUDY_KD_SEED = {"seed-report": 42}
+DEFAULT_STUDY_KD_SEED = 100
+
+
+def study_kd_seed(preset_name: str) -> int:
+    return STUDY_KD_SEED.get(preset_name, DEFAULT_STUDY_KD_SEED)
 
 
 def resolve(preset_name: str, **overrides) -> Recipe:
@@ -165,10 +198,13 @@ def parse_seeds(text: str, name: str = "seeds") -> list[int]:
 
 
 def recipe_from_params(params: dict) -> Recipe:
-    """Rebuild the Recipe a run logged (MLflow params are strings)."""
+    """Rebuild the Recipe a run logged (MLflow params are strings). A run logged before
+    the mechanism fields existed ran kd-mlflow's own mechanisms: those are its values."""
     kwargs = {}
     for f in fields(Recipe):
         if f.name not in params:
+            if f.name in OWN_MECHANISMS:
+                kwargs[f.name] = OWN_MECHANISMS[f.name]
             continue
         text, default = params[f.name], getattr(Recipe, f.name)
         if isinstance(default, bool):
