@@ -124,9 +124,14 @@ class Recipe:
                 for k, v in dataclasses.asdict(self).items()}
 
     def digest(self) -> str:
-        """Digest of the fields that change results (eval_batch_size does not)."""
+        """Digest of the fields that change results (eval_batch_size does not). A
+        mechanism field at kd-mlflow's own value is left out, so such a recipe keeps the
+        digest it had before these fields existed and its finished runs are still found."""
         d = dataclasses.asdict(self)
         d.pop("eval_batch_size")
+        for name, own in OWN_MECHANISMS.items():
+            if d[name] == own:
+                d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -43,13 +43,18 @@ def make_runtime(recipe: Recipe, device: str = "auto", compile: bool = False,
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
-        # fp32 keeps PyTorch's defaults, as the report ran (TF32 for cuDNN convolutions,
-        # not for matmuls); a bf16 run trades that precision for speed anyway.
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = True
+        tf32 = tf32_switches(precision)
+        torch.backends.cuda.matmul.allow_tf32 = tf32["matmul"]
+        torch.backends.cudnn.allow_tf32 = tf32["cudnn"]
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return Runtime(dev, precision, compile, deterministic)
+
+
+def tf32_switches(precision: str) -> dict:
+    """TF32 on CUDA. fp32 keeps PyTorch's defaults, as the report ran: TF32 for cuDNN
+    convolutions, not for matmuls. A bf16 run trades that precision for speed anyway."""
+    return {"matmul": precision != "fp32", "cudnn": True}
 
 
 def _pick_device() -> str:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision import transforms
 
-from kd_mlflow import config, data, machine, models, objectives
+from kd_mlflow import config, data, machine, models, objectives, train
 from kd_mlflow.ensemble import Ensemble
 from kd_mlflow.objectives import CrossEntropy, OnlineTeacher
 from kd_mlflow.train import fit, make_runtime
@@ -252,9 +252,12 @@ def test_cpu_model_reads_proc_cpuinfo(tmp_path):
 
 
 def test_seed_report_is_fp32_and_keeps_pytorchs_tf32_defaults():
-    rt = make_runtime(REPORT, "cpu")
-    assert rt.precision == "fp32"
+    assert make_runtime(REPORT, "cpu").precision == "fp32"
     assert make_runtime(REPORT.replace(precision="bf16"), "cpu").precision == "bf16"
+    # What a fresh process has (nothing in this CPU test session sets them).
+    defaults = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    assert train.tf32_switches(REPORT.precision) == defaults == {"matmul": False, "cudnn": True}
+    assert train.tf32_switches("bf16")["matmul"] is True
 
 
 # --- side by side -------------------------------------------------------------------

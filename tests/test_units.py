@@ -39,6 +39,10 @@ def test_presets_are_valid_and_seed_report_is_the_reports_recipe():
         assert p.precision == "auto" and config.study_kd_seed(name) == 100
     digests = {config.preset(n).digest() for n in config.PRESETS}
     assert len(digests) == len(config.PRESETS)
+    assert r.digest() != r.replace(resize="float").digest() != r.replace(student_init_skip=0).digest()
+    # Presets on kd-mlflow's own mechanisms keep the digests their runs were logged under.
+    assert {n: config.preset(n).digest() for n in ("standard", "cpu-demo", "smoke")} == {
+        "standard": "303d6f7d7b0153e0", "cpu-demo": "4900fd5c51697b4d", "smoke": "fdc97ad6980d113e"}
     for field in ("split_style", "order_style", "init_style", "resize", "distill_loss", "student_init_skip"):
         assert field in r.as_params()
 
