@@ -17,11 +17,12 @@ DATASETS = ("cifar10", "cifar100", "folder", "digits")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
-SPLIT_STYLES = ("random_split", "head")      # val = the permutation's tail (torch's random_split) | its head
-ORDER_STYLES = ("dataloader", "randperm")    # torch DataLoader(shuffle=True, generator) | a plain randperm
-INIT_STYLES = ("torchvision-fc", "direct")   # resnet18() with 1000 classes, then fc replaced | built at num_classes
-RESIZES = ("pil", "float")                   # bilinear rounded to uint8 per pass, as PIL | one float pass
-DISTILL_LOSSES = ("soft-ce", "kl")           # the report's clamped soft-target CE | Hinton's T^2 KL
+# The report's mechanism first, then kd-mlflow's own:
+SPLIT_STYLES = ("random_split", "head")     # val = the permutation's tail, as random_split | its head
+ORDER_STYLES = ("dataloader", "randperm")   # DataLoader(shuffle=True, generator) | one randperm
+INIT_STYLES = ("torchvision-fc", "direct")  # resnet18() (1000 classes), new fc | built at num_classes
+RESIZES = ("pil", "float")                  # bilinear, each pass rounded to uint8 as PIL | one float pass
+DISTILL_LOSSES = ("soft-ce", "kl")          # the report's clamped soft-target CE | Hinton's T^2 KL
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -145,16 +146,19 @@ PRESETS: dict[str, Recipe] = {
     # fp32 and loss (README, "Fidelity to the report"; tests/test_fidelity.py).
     "seed-report": Recipe(),
     # A modern CIFAR recipe: ~95% on canonical CIFAR-10 in 100 epochs on a GPU.
-    "standard": Recipe(**OWN_MECHANISMS, precision="auto", model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
+    "standard": Recipe(**OWN_MECHANISMS, precision="auto",
+                       model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
                        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                        schedule="cosine", augment=True, temperature=4.0, alpha=0.9),
     # The whole 11-training study on a 2-core CPU in under 30 minutes (CIFAR-10 JPEG copy).
-    "cpu-demo": Recipe(**OWN_MECHANISMS, precision="auto", dataset="folder", model="resnet18-cifar", width=16, image_size=32,
+    "cpu-demo": Recipe(**OWN_MECHANISMS, precision="auto",
+                       dataset="folder", model="resnet18-cifar", width=16, image_size=32,
                        mean=CIFAR_MEAN, std=CIFAR_STD, optimizer="adam", lr=2e-3,
                        schedule="onecycle", batch_size=128, epochs=4, val_size=2000,
                        train_subset=10000),
     # Seconds, for tests: sklearn's bundled 8x8 digits, a very narrow network.
-    "smoke": Recipe(**OWN_MECHANISMS, precision="auto", dataset="digits", model="resnet18-cifar", width=4, image_size=8,
+    "smoke": Recipe(**OWN_MECHANISMS, precision="auto",
+                    dataset="digits", model="resnet18-cifar", width=4, image_size=8,
                     optimizer="adam", lr=1e-2, batch_size=64, epochs=2, val_size=200,
                     eval_batch_size=1024),
 }

@@ -285,8 +285,10 @@ STEPS, BATCH, VAL, SEED = 4, 16, 56, 3
 def _report_losses(images, labels) -> list[float]:
     seed_everything(SEED)
     dataset = _PILImages(images, labels, report_transform())
-    train_data, _ = random_split(dataset, [len(dataset) - VAL, VAL], generator=torch.Generator().manual_seed(42))
-    loader = DataLoader(train_data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(42))
+    train_data, _ = random_split(dataset, [len(dataset) - VAL, VAL],
+                                 generator=torch.Generator().manual_seed(42))
+    loader = DataLoader(train_data, batch_size=BATCH, shuffle=True,
+                        generator=torch.Generator().manual_seed(42))
     model = report_resnet18()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
