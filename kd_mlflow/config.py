@@ -24,15 +24,24 @@ FORMATS = ("markdown", "csv", "json")  # compare's output
 EXECUTORS = ("local", "ray")
 ROLES = ("train", "ensemble", "student")
 
+# The report's mechanism first, then kd-mlflow's own:
+SPLIT_STYLES = ("random_split", "head")     # val = the permutation's tail, as random_split | its head
+ORDER_STYLES = ("dataloader", "randperm")   # DataLoader(shuffle=True, generator) | one randperm
+INIT_STYLES = ("torchvision-fc", "direct")  # resnet18() (1000 classes), new fc | built at num_classes
+RESIZES = ("pil", "float")                  # bilinear, each pass rounded to uint8 as PIL | one float pass
+DISTILL_LOSSES = ("soft-ce", "kl")          # the report's clamped soft-target CE | Hinton's T^2 KL
+
 # One table of choices: the recipe's checks and the CLI's options both read it
 # ("preset" is added below PRESETS).
 CHOICES: dict[str, tuple] = {
     "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-    "precision": PRECISIONS, "combine": COMBINES, "format": FORMATS, "executor": EXECUTORS,
+    "precision": PRECISIONS, "split_style": SPLIT_STYLES, "order_style": ORDER_STYLES,
+    "init_style": INIT_STYLES, "resize": RESIZES, "distill_loss": DISTILL_LOSSES,
+    "combine": COMBINES, "format": FORMATS, "executor": EXECUTORS,
 }
 
 # Fields that only a student's result depends on: never part of a teacher's identity.
-STUDENT_FIELDS = ("temperature", "alpha")
+STUDENT_FIELDS = ("temperature", "alpha", "distill_loss", "student_init_skip")
 # Fields with no effect on any result.
 NEUTRAL_FIELDS = ("eval_batch_size",)
 
@@ -92,15 +101,24 @@ class Recipe:
     order_seed: int = 42             # fixes batch order and augmentation; never the model seed
     temperature: float = 1.0         # distillation only
     alpha: float = 1.0               # weight of the soft (teacher) term; 1 - alpha on labels
-    precision: str = "auto"          # auto = bf16 autocast on cuda, fp32 elsewhere
+    precision: str = "fp32"          # auto = bf16 autocast on cuda, fp32 elsewhere
     eval_batch_size: int = 512       # images per evaluation step (no effect on results)
+    # How the report did it (the defaults) or kd-mlflow's own mechanism; see README,
+    # "Fidelity to the report".
+    split_style: str = "random_split"   # which end of the split permutation is validation
+    order_style: str = "dataloader"     # how an epoch's batch order is drawn from order_seed
+    init_style: str = "torchvision-fc"  # which construction's random draws initialise the net
+    resize: str = "pil"                 # how images are resized to image_size
+    distill_loss: str = "soft-ce"       # the soft (teacher) term of distillation
+    student_init_skip: int = 1          # networks drawn and thrown away before an SD student
 
     def __post_init__(self):
-        for name in ("dataset", "model", "optimizer", "schedule", "precision"):
+        for name in ("dataset", "model", "optimizer", "schedule", "precision", "split_style",
+                     "order_style", "init_style", "resize", "distill_loss"):
             _check_choice(name, getattr(self, name), CHOICES[name])
         for name in ("width", "image_size", "batch_size", "epochs", "val_size", "eval_batch_size"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
-        for name in ("train_subset", "split_seed", "order_seed", "crop_padding"):
+        for name in ("train_subset", "split_seed", "order_seed", "crop_padding", "student_init_skip"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 0, "must be an integer >= 0")
         _check("lr", self.lr, lambda v: _is_num(v) and v > 0, "must be > 0")
         _check("temperature", self.temperature, lambda v: _is_num(v) and v > 0, "must be > 0")
@@ -132,8 +150,13 @@ class Recipe:
                 for k, v in self.fields_for(role).items()}
 
     def digest(self, role: str = "train") -> str:
-        """Digest of the fields that change the result of a run of ``role``."""
+        """Digest of the fields that change the result of a run of ``role``. A mechanism
+        field at kd-mlflow's own value is left out, so such a recipe keeps the digest it
+        had before these fields existed and its finished runs are still found."""
         d = {k: v for k, v in self.fields_for(role).items() if k not in NEUTRAL_FIELDS}
+        for name, own in OWN_MECHANISMS.items():
+            if d.get(name) == own:
+                d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: "Recipe", role: str = "student") -> dict:
@@ -142,20 +165,29 @@ class Recipe:
         return {k: v for k, v in mine.items() if k not in NEUTRAL_FIELDS and theirs.get(k) != v}
 
 
+# kd-mlflow's own mechanisms, kept by every preset but seed-report (so their results do
+# not change) and assumed for runs logged before these fields existed.
+OWN_MECHANISMS = dict(split_style="head", order_style="randperm", init_style="direct",
+                      resize="float", distill_loss="kl", student_init_skip=0)
+
 PRESETS: dict[str, Recipe] = {
-    # The public report's recipe, exactly.
+    # The public report's recipe: its split, batch order, initialisation, pixels,
+    # fp32 and loss (README, "Fidelity to the report"; tests/test_fidelity.py).
     "seed-report": Recipe(),
     # A modern CIFAR recipe: ~95% on canonical CIFAR-10 in 100 epochs on a GPU.
-    "standard": Recipe(model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
+    "standard": Recipe(**OWN_MECHANISMS, precision="auto",
+                       model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
                        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                        schedule="cosine", augment=True, temperature=4.0, alpha=0.9),
     # The whole 11-training study on a 2-core CPU in under 30 minutes (CIFAR-10 JPEG copy).
-    "cpu-demo": Recipe(dataset="folder", model="resnet18-cifar", width=16, image_size=32,
+    "cpu-demo": Recipe(**OWN_MECHANISMS, precision="auto",
+                       dataset="folder", model="resnet18-cifar", width=16, image_size=32,
                        mean=CIFAR_MEAN, std=CIFAR_STD, optimizer="adam", lr=2e-3,
                        schedule="onecycle", batch_size=128, epochs=4, val_size=2000,
                        train_subset=10000),
     # Seconds, for tests: sklearn's bundled 8x8 digits, a very narrow network.
-    "smoke": Recipe(dataset="digits", model="resnet18-cifar", width=4, image_size=8,
+    "smoke": Recipe(**OWN_MECHANISMS, precision="auto",
+                    dataset="digits", model="resnet18-cifar", width=4, image_size=8,
                     optimizer="adam", lr=1e-2, batch_size=64, epochs=2, val_size=200,
                     eval_batch_size=1024),
 }
@@ -168,6 +200,15 @@ def preset(name: str) -> Recipe:
     if name not in PRESETS:
         raise ConfigError("preset", name, f"choose from {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+# The KD student's seed in a study, per preset: the report's KD script seeds 42.
+STUDY_KD_SEED = {"seed-report": 42}
+DEFAULT_STUDY_KD_SEED = 100
+
+
+def study_kd_seed(preset_name: str) -> int:
+    return STUDY_KD_SEED.get(preset_name, DEFAULT_STUDY_KD_SEED)
 
 
 def resolve(preset_name: str, **overrides) -> Recipe:
@@ -221,10 +262,13 @@ def parse_seeds(text: str, name: str = "seeds") -> list[int]:
 
 
 def recipe_from_params(params: dict) -> Recipe:
-    """Rebuild the Recipe a run logged (MLflow params are strings)."""
+    """Rebuild the Recipe a run logged (MLflow params are strings). A run logged before
+    the mechanism fields existed ran kd-mlflow's own mechanisms: those are its values."""
     kwargs = {}
     for f in fields(Recipe):
         if f.name not in params:
+            if f.name in OWN_MECHANISMS:
+                kwargs[f.name] = OWN_MECHANISMS[f.name]
             continue
         text, default = params[f.name], getattr(Recipe, f.name)
         if isinstance(default, bool):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from .config import ConfigError, Recipe
+from .config import ConfigError, Recipe, default_cache_dir
 
 DIGITS_TEST_FRACTION = 0.2   # digits has no official test set: a fixed one, seed 0
 DIGITS_URI = "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
@@ -56,11 +57,6 @@ class Split:
     train_idx: torch.Tensor  # indices into Source.train_*, in a fixed order
     val_idx: torch.Tensor
     digest: str
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("KD_MLFLOW_CACHE") or Path.home() / ".cache" / "kd-mlflow"
-    return Path(root)
 
 
 # --- loading -----------------------------------------------------------------
@@ -216,12 +212,20 @@ def _nhwc_to_nchw(a) -> torch.Tensor:
 # --- the split ---------------------------------------------------------------
 
 def make_split(source: Source, recipe: Recipe) -> Split:
-    """Train/val indices from the split seed alone, identical for every model seed."""
+    """Train/val indices from the split seed alone, identical for every model seed.
+
+    One permutation of the training set from ``split_seed``; ``split_style``
+    "random_split" takes validation from its tail, as ``torch.utils.data.random_split(
+    data, [n - val_size, val_size], generator)`` does, "head" from its head.
+    """
     n = len(source.train_y)
     if recipe.val_size >= n:
         raise ConfigError("val_size", recipe.val_size, f"must be < {n}, the train set's size")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.split_seed))
-    val_idx, train_idx = perm[:recipe.val_size], perm[recipe.val_size:]
+    if recipe.split_style == "random_split":
+        train_idx, val_idx = perm[:n - recipe.val_size], perm[n - recipe.val_size:]
+    else:
+        val_idx, train_idx = perm[:recipe.val_size], perm[recipe.val_size:]
     if recipe.train_subset:
         if recipe.train_subset > len(train_idx):
             raise ConfigError("train_subset", recipe.train_subset,
@@ -260,12 +264,12 @@ class DeviceData:
     def n_train(self) -> int:
         return len(self.train_y)
 
-    def train_batches(self, batch_size: int, order: torch.Generator, augment: bool, pad: int = 4):
+    def train_batches(self, batch_size: int, order: torch.Generator, augment: bool,
+                      style: str = "randperm", pad: int = 4):
         """One epoch in the order drawn from ``order`` (a CPU generator, so it is the
-        same on every device and its state can be checkpointed)."""
-        perm = torch.randperm(self.n_train, generator=order)
-        for start in range(0, self.n_train, batch_size):
-            idx = perm[start:start + batch_size]
+        same on every device and its state can be checkpointed). ``style`` is the
+        recipe's ``order_style``."""
+        for idx in epoch_order(self.n_train, batch_size, order, style):
             shifts = flips = None
             if augment:
                 shifts = torch.randint(0, 2 * pad + 1, (len(idx), 2), generator=order)
@@ -277,9 +281,28 @@ class DeviceData:
             yield Batch(x, self.train_y[idx_d], idx_d)
 
     def eval_batches(self, which: str, batch_size: int):
+        if which not in ("val", "test"):
+            raise ValueError(f"which must be 'val' or 'test', got {which!r}")
         x, y = (self.val_x, self.val_y) if which == "val" else (self.test_x, self.test_y)
         for start in range(0, len(y), batch_size):
             yield Batch(x[start:start + batch_size], y[start:start + batch_size], None)
+
+
+def epoch_order(n: int, batch_size: int, order: torch.Generator, style: str):
+    """One epoch's batches of positions in 0..n-1, drawn from ``order`` alone.
+
+    "dataloader": the positions ``DataLoader(range(n), batch_size, shuffle=True,
+    generator=order)`` yields in one ``for`` loop. It is that DataLoader, run over
+    positions only (the images stay on the device), so each epoch draws from ``order``
+    exactly what the report's loop drew: the iterator's base seed, then the sampler's
+    permutation. "randperm": one ``randperm`` per epoch (kd-mlflow's own).
+    """
+    if style == "dataloader":
+        yield from DataLoader(range(n), batch_size=batch_size, shuffle=True, generator=order)
+        return
+    perm = torch.randperm(n, generator=order)
+    for start in range(0, n, batch_size):
+        yield perm[start:start + batch_size]
 
 
 def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -14,34 +15,81 @@ class Classifier(nn.Module):
     """uint8 images (B, 3, H, W) -> logits. Resize and normalisation live here so that
     training, evaluation and the logged MLflow model preprocess identically."""
 
-    def __init__(self, net: nn.Module, image_size: int, mean, std):
+    def __init__(self, net: nn.Module, image_size: int, mean, std, resize: str = "float"):
         super().__init__()
         self.net = net
         self.image_size = image_size
+        self.resize = resize
+        self.channels_last = False
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the network's normalised float input."""
+        size = (self.image_size, self.image_size)
+        # As torchvision's ToTensor then Normalize: divide by 255, subtract, divide.
+        if tuple(x.shape[-2:]) == size:
+            x = x.float() / 255.0
+        elif self.resize == "pil":
+            x = _resize_pil(x.float(), size) / 255.0
+        else:
+            x = _resize_float(x.float() / 255.0, size)
+        return (x - self.mean) / self.std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255.0
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            # The report resized 32 -> 224 bilinearly; upscaling needs no antialias.
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)
-        x = (x - self.mean) / self.std
-        if self.mean.is_cuda:
+        x = self.preprocess(x)
+        if self.channels_last:  # decided once, by the runtime (train.Runtime.prepare)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
 
-def build(recipe: Recipe, num_classes: int) -> Classifier:
-    net = _resnet18(num_classes, recipe.width, cifar_stem=recipe.model == "resnet18-cifar")
-    return Classifier(net, recipe.image_size, recipe.mean, recipe.std)
+def _resize_float(x: torch.Tensor, size) -> torch.Tensor:
+    # One bilinear pass in float; upscaling needs no antialias.
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def _resnet18(num_classes: int, width: int, cifar_stem: bool) -> ResNet:
-    net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+def _resize_pil(x: torch.Tensor, size) -> torch.Tensor:
+    """What PIL's ``Image.resize(BILINEAR)`` (torchvision's ``Resize`` on PIL images)
+    computes: a horizontal pass, then a vertical one, each stored as uint8. The float
+    one-pass result is up to a grey level away; rounding after each pass, in PIL's
+    order, gives PIL's pixels (exactly, for 32 -> 224: tests/test_fidelity.py).
+    antialias=True is torch's PIL-style filter (it matters only when shrinking)."""
+    h, w = size
+    x = F.interpolate(x, size=(x.shape[-2], w), mode="bilinear", align_corners=False, antialias=True)
+    x = x.round().clamp(0, 255)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp(0, 255)
+
+
+def build(recipe: Recipe, num_classes: int, draws_before: int = 0) -> Classifier:
+    """The recipe's network, initialised from torch's global generator (seed it first).
+
+    ``draws_before`` networks are built and thrown away first, so that the returned one
+    holds the same draws as the report's SD student, which its script built after a
+    throw-away teacher network (see :func:`draws_before_student`).
+    """
+    for _ in range(draws_before):
+        _resnet18(recipe, num_classes)
+    net = _resnet18(recipe, num_classes)
+    return Classifier(net, recipe.image_size, recipe.mean, recipe.std, recipe.resize)
+
+
+def draws_before_student(recipe: Recipe, method: str) -> int:
+    """Throw-away networks before a distillation student of ``method`` ("kd" or "sd"):
+    the report's SD script builds its teacher's network first, its KD script does not."""
+    return recipe.student_init_skip if method == "sd" else 0
+
+
+def _resnet18(recipe: Recipe, num_classes: int) -> ResNet:
+    width, cifar_stem = recipe.width, recipe.model == "resnet18-cifar"
+    if recipe.init_style == "torchvision-fc":
+        # The report's construction: ImageNet's 1000-class network, then a fresh head.
+        net = torchvision.models.resnet18()
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    else:
+        net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
     if width == 64 and not cifar_stem:
-        return net  # exactly torchvision.models.resnet18(num_classes=...), same init draws
+        return net  # exactly torchvision's resnet18, same init draws
     if width != 64:
         # torchvision's BasicBlock has no width knob: rebuild the stages at `width`
         # with torchvision's own _make_layer, then redo its initialisation.

@@ -26,6 +26,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
 
 
+def soft_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
+    """The report's distillation loss: cross-entropy to the teacher's probabilities,
+    with the student's probabilities clamped to [1e-9, 1 - 1e-9] before the log,
+
+        -mean_b sum_c softmax(t / T)_c * log(clamp(softmax(s / T)_c)),
+
+    times T^2 as in :func:`kd_loss` (the report used T = 1). The clamp is not a
+    detail: a class whose student probability is below 1e-9 passes no gradient, where
+    :func:`kd_loss` would still pull it towards the teacher. For an ensemble teacher
+    (log of its mean probabilities) the target is the members' mean softmax.
+    """
+    t = temperature
+    target = F.softmax(teacher_logits.float() / t, dim=1)
+    probs = F.softmax(student_logits.float() / t, dim=1).clamp(1e-9, 1 - 1e-9)
+    return -(target * probs.log()).sum(1).mean() * t * t
+
+
+SOFT_LOSSES = {"soft-ce": soft_ce_loss, "kl": kd_loss}
+
+
 class CrossEntropy:
     def __call__(self, logits, batch):
         return F.cross_entropy(logits.float(), batch.y)
@@ -55,16 +75,23 @@ class OnlineTeacher:
 
 
 class Distillation:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
+    """alpha * soft(student, teacher; T) + (1 - alpha) * CE(labels), where soft is
+    :func:`kd_loss` (T^2 KL, the default) or the report's :func:`soft_ce_loss`."""
 
-    def __init__(self, teacher, temperature: float, alpha: float):
+    def __init__(self, teacher, temperature: float, alpha: float, loss: str = "kl"):
         self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+        self.soft_loss = SOFT_LOSSES[loss]
 
     def __call__(self, logits, batch):
-        soft = kd_loss(logits, self.teacher(batch), self.temperature)
+        soft = self.soft_loss(logits, self.teacher(batch), self.temperature)
         if self.alpha == 1.0:
             return soft
         return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(logits.float(), batch.y)
+
+
+def distillation(teacher, recipe) -> Distillation:
+    """The recipe's distillation objective (temperature, alpha and soft loss)."""
+    return Distillation(teacher, recipe.temperature, recipe.alpha, recipe.distill_loss)
 
 
 @torch.no_grad()

@@ -81,16 +81,18 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
     teacher_model = load_network(session, teacher, source.num_classes, "teacher")
 
     def objective(dd, rt):
-        from .objectives import CachedTeacher, Distillation, OnlineTeacher, teacher_table
+        from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_table
 
         model = rt.prepare(teacher_model)
         if recipe.augment:
             t = OnlineTeacher(model, rt.autocast)
         else:
             t = CachedTeacher(teacher_table(model, dd, rt.autocast, recipe.eval_batch_size))
-        return Distillation(t, recipe.temperature, recipe.alpha)
+        return distillation(t, recipe)
 
-    body = _fitting(recipe, seed, source, split, ex, objective)
+    from .models import draws_before_student
+
+    body = _fitting(recipe, seed, source, split, ex, objective, draws_before_student(recipe, method))
     return runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
                        parent_run_id=parent_run_id)
 
@@ -186,20 +188,23 @@ def _spec(role: str, name: str, recipe: Recipe, preset: str, source, split, *, s
                    (f"{recipe.dataset}-train", source.uri, split.digest))
 
 
-def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objective):
-    """The body of a training run: the one loop, its checkpoint selected on validation."""
+def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objective, draws_before: int = 0):
+    """The body of a training run: the one loop, its checkpoint selected on validation.
+    ``draws_before``: networks drawn and thrown away after seeding (the report's SD
+    script built its teacher's network first)."""
     def body(rec: runs.Recording) -> Final:
         import torch
 
         from . import data as data_mod
-        from . import models
+        from . import machine, models
         from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
+        # What the numbers depend on beyond the recipe (after make_runtime: it sets TF32).
         rec.set_tags({"kd.device": rt.device, "kd.precision_resolved": rt.precision,
-                      "kd.threads": torch.get_num_threads()})
+                      "kd.threads": torch.get_num_threads(), **machine.env_tags(rt.device)})
         torch.manual_seed(seed)  # the model seed sets the initialisation, nothing else
-        model = rt.prepare(models.build(recipe, source.num_classes))
+        model = rt.prepare(models.build(recipe, source.num_classes, draws_before=draws_before))
         dd = data_mod.DeviceData(source, split, rt.device)
         result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
         rec.sink.replay(result.history)

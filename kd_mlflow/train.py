@@ -32,6 +32,9 @@ class Runtime:
         model = model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+            for m in model.modules():
+                if hasattr(m, "channels_last"):  # models.Classifier: inputs channels-last too
+                    m.channels_last = True
         return model
 
 
@@ -43,11 +46,18 @@ def make_runtime(recipe: Recipe, device: str = "auto", compile: bool = False,
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        tf32 = tf32_switches(precision)
+        torch.backends.cuda.matmul.allow_tf32 = tf32["matmul"]
+        torch.backends.cudnn.allow_tf32 = tf32["cudnn"]
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return Runtime(dev, precision, compile, deterministic)
+
+
+def tf32_switches(precision: str) -> dict:
+    """TF32 on CUDA. fp32 keeps PyTorch's defaults, as the report ran: TF32 for cuDNN
+    convolutions, not for matmuls. A bf16 run trades that precision for speed anyway."""
+    return {"matmul": precision != "fp32", "cudnn": True}
 
 
 def _pick_device() -> str:
@@ -90,12 +100,13 @@ class FitResult:
 
 
 def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=None,
-        checkpoints=None, log=sys.stderr) -> FitResult:
+        checkpoints=None, log=sys.stderr, on_step=None) -> FitResult:
     """Train ``model`` with ``objective`` for ``recipe.epochs`` and keep the checkpoint
     with the best validation accuracy (never chosen on test data).
 
     ``sink(epoch, metrics)`` receives one dict per epoch; ``checkpoints`` (a
-    :class:`kd_mlflow.checkpoint.CheckpointStore`) makes the run resumable.
+    :class:`kd_mlflow.checkpoint.CheckpointStore`) makes the run resumable;
+    ``on_step(loss)``, if given, receives every step's loss tensor (detached).
     """
     steps_per_epoch = -(-data.n_train // recipe.batch_size)
     optimizer = make_optimizer(recipe, model.parameters())
@@ -105,13 +116,13 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
              "best_state": None, "history": []}
     saved = checkpoints.load_latest() if checkpoints else None
     if saved is not None:
-        _restore(saved, model, optimizer, scheduler, order, state)
+        _restore(saved, model, optimizer, scheduler, order, state, rt)
         print(f"resuming after epoch {state['epoch']}", file=log)
     step = torch.compile(model) if rt.compile else model
 
     for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
-        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order)
+        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step)
         metrics.update(evaluate_all(step, data, recipe, rt))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if metrics["val_acc"] > state["best_val_acc"]:
@@ -122,18 +133,19 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
         if sink:
             sink(epoch, metrics)
         if checkpoints:
-            checkpoints.save(_snapshot(model, optimizer, scheduler, order, state))
+            checkpoints.save(_snapshot(model, optimizer, scheduler, order, state, rt))
         print(_progress_line(epoch, recipe.epochs, metrics), file=log, flush=True)
 
     return FitResult(state["best_epoch"], state["best_val_acc"], state["best_test_acc"],
                      state["best_state"], state["history"])
 
 
-def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order) -> dict:
+def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order, on_step=None) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    for batch in data.train_batches(recipe.batch_size, order, recipe.augment, recipe.crop_padding):
+    for batch in data.train_batches(recipe.batch_size, order, recipe.augment, recipe.order_style,
+                                    recipe.crop_padding):
         with rt.autocast():
             logits = model(batch.x)
         loss = objective(logits, batch)
@@ -141,6 +153,8 @@ def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if on_step is not None:
+            on_step(loss.detach())
         # Accumulate on the device: no host sync inside the step.
         loss_sum += loss.detach() * len(batch.y)
         correct += (logits.detach().argmax(1) == batch.y).sum()
@@ -183,24 +197,24 @@ def _cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def _snapshot(model, optimizer, scheduler, order, state) -> dict:
+def _snapshot(model, optimizer, scheduler, order, state, rt: Runtime) -> dict:
     """Everything needed to continue bit for bit: weights, optimiser and schedule, every
     random generator, the epoch, the best-validation state and the metrics so far."""
     snap = {"model": _cpu_copy(model.state_dict()), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "order_rng": order.get_state(),
             "torch_rng": torch.get_rng_state(), **state}
-    if torch.cuda.is_available():
+    if rt.device.type == "cuda":
         snap["cuda_rng"] = torch.cuda.get_rng_state_all()
     return snap
 
 
-def _restore(snap, model, optimizer, scheduler, order, state):
+def _restore(snap, model, optimizer, scheduler, order, state, rt: Runtime):
     model.load_state_dict(snap["model"])
     optimizer.load_state_dict(snap["optimizer"])
     scheduler.load_state_dict(snap["scheduler"])
     order.set_state(snap["order_rng"])
     torch.set_rng_state(snap["torch_rng"])
-    if "cuda_rng" in snap and torch.cuda.is_available():
+    if "cuda_rng" in snap and rt.device.type == "cuda":
         torch.cuda.set_rng_state_all(snap["cuda_rng"])
     for key in state:
         state[key] = snap[key]

@@ -27,11 +27,49 @@ def test_presets_are_valid_and_seed_report_is_the_reports_recipe():
     assert (r.model, r.image_size, r.mean, r.std) == ("resnet18", 224, (0.5,) * 3, (0.5,) * 3)
     assert (r.optimizer, r.lr, r.batch_size, r.epochs, r.augment) == ("adam", 1e-3, 128, 100, False)
     assert (r.split_seed, r.order_seed, r.val_size, r.temperature, r.alpha) == (42, 42, 5000, 1.0, 1.0)
+    # The report's mechanisms (tests/test_fidelity.py shows each against torch/torchvision).
+    assert (r.precision, r.split_style, r.order_style, r.init_style, r.resize, r.distill_loss,
+            r.student_init_skip) == ("fp32", "random_split", "dataloader", "torchvision-fc", "pil",
+                                     "soft-ce", 1)
+    assert r == config.Recipe() and config.study_kd_seed("seed-report") == 42
+    # Every other preset keeps kd-mlflow's own mechanisms, so its results do not change.
+    for name in ("standard", "cpu-demo", "smoke"):
+        p = config.preset(name)
+        assert {k: getattr(p, k) for k in config.OWN_MECHANISMS} == config.OWN_MECHANISMS, name
+        assert p.precision == "auto" and config.study_kd_seed(name) == 100
+    digests = {config.preset(n).digest() for n in config.PRESETS}
+    assert len(digests) == len(config.PRESETS)
+    assert r.digest() != r.replace(resize="float").digest()
+    assert r.digest("student") != r.replace(student_init_skip=0).digest("student")
+
+
+def test_identity_is_role_shaped():
+    """A teacher's identity never holds a student's settings; every constant that changes
+    a result is a field, in the digest and in the params."""
+    r = config.preset("standard")
+    for field, value in (("temperature", 2.0), ("alpha", 0.5), ("distill_loss", "soft-ce"),
+                         ("student_init_skip", 1)):
+        other = r.replace(**{field: value})
+        assert other.digest("train") == r.digest("train"), field
+        assert other.digest("student") != r.digest("student"), field
+        assert field not in r.as_params("train") and field in r.as_params("student")
+    for field, value in (("nesterov", False), ("warmup", 0.3), ("crop_padding", 2), ("epochs", 1)):
+        assert r.replace(**{field: value}).digest("train") != r.digest("train"), field
+        assert field in r.as_params("train")
+    assert r.replace(eval_batch_size=7).digest("student") == r.digest("student")
+    assert config.group_label("smoke", config.resolve("smoke", epochs=1), "train") == "smoke · epochs=1"
+    assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "train") == "smoke"
+    assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "student") == \
+        "smoke · temperature=2.0"
+    for field in ("split_style", "order_style", "init_style", "resize", "distill_loss", "student_init_skip"):
+        assert field in r.as_params()
 
 
 @pytest.mark.parametrize("field,value", [
     ("lr", 0.0), ("lr", -1.0), ("epochs", 0), ("batch_size", 0), ("alpha", 1.5), ("alpha", -0.1),
     ("temperature", 0.0), ("model", "vgg"), ("dataset", "mnist"), ("width", 0), ("split_seed", -1),
+    ("split_style", "tail"), ("order_style", "sampler"), ("init_style", "kaiming"), ("resize", "nearest"),
+    ("distill_loss", "mse"), ("student_init_skip", -1),
 ])
 def test_bad_recipe_values_name_the_field(field, value):
     with pytest.raises(ConfigError) as e:
@@ -48,8 +86,17 @@ def test_parse_seeds():
 
 
 def test_recipe_round_trips_through_params():
-    r = config.preset("standard")
-    assert config.recipe_from_params(r.as_params()) == r
+    for name in config.PRESETS:
+        r = config.preset(name)
+        assert config.recipe_from_params(r.as_params()) == r
+
+
+def test_a_run_logged_before_the_mechanism_fields_rebuilds_with_the_old_mechanisms():
+    old = {k: v for k, v in config.preset("seed-report").replace(precision="auto").as_params().items()
+           if k not in config.OWN_MECHANISMS}
+    r = config.recipe_from_params(old)
+    assert {k: getattr(r, k) for k in config.OWN_MECHANISMS} == config.OWN_MECHANISMS
+    assert r.precision == "auto" and r.image_size == 224
 
 
 # --- data --------------------------------------------------------------------
@@ -122,6 +169,14 @@ def test_split_depends_on_the_split_seed_only():
     c = data.make_split(src, r.replace(split_seed=1))
     assert c.digest != a.digest
     assert not set(a.val_idx.tolist()) & set(a.train_idx.tolist())
+
+
+def test_eval_batches_refuse_an_unknown_set():
+    r, src, split, rt, dd = _smoke_setup()
+    assert sum(len(b.y) for b in dd.eval_batches("val", 64)) == r.val_size
+    assert sum(len(b.y) for b in dd.eval_batches("test", 64)) == len(src.test_y)
+    with pytest.raises(ValueError, match="'val' or 'test'"):
+        next(dd.eval_batches("train", 64))
 
 
 def test_crop_flip_is_a_per_image_shift_and_mirror():

@@ -1,0 +1,48 @@
+"""What a run's numbers depend on beyond its recipe: the machine and the libraries.
+
+Two runs of one recipe agree bit for bit only on the same CPU capability (the kernels
+torch dispatches to), the same torch, CUDA and cuDNN, the same GPU, the same TF32
+switches and the same thread count. :func:`env_tags` records them as strings for
+tags; no MLflow here.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+PREFIX = "kd.env."
+
+
+def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
+    """Flat ``{"kd.env.<name>": str}`` for the current process (read the TF32 switches
+    after :func:`kd_mlflow.train.make_runtime` has set them)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    env = {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "tf32_matmul": str(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": str(torch.backends.cudnn.allow_tf32),
+        "threads": str(torch.get_num_threads()),
+    }
+    return {PREFIX + k: (v or "unknown") for k, v in env.items()}
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's word."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware"):
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
