@@ -99,6 +99,9 @@ def _emit(out, as_json: bool) -> None:
     click.echo(out.to_json() if as_json else out.run_id)
 
 
+_register = click.option("--register", type=_Optional(click.STRING), default=None, metavar="NAME",
+                         help="Also register the run's model in the Model Registry as NAME.")
+
 _preset = click.option("--preset", type=click.Choice(config.CHOICES["preset"]), default="seed-report",
                        show_default=True)
 
@@ -182,17 +185,19 @@ def main():
 @_preset
 @_data_dir
 @_experiment
+@_register
 @_recipe_options
 @_execution_options
 @_step_options
-def train(seed, preset, data_dir, experiment, device, compile_, deterministic, force, cache_dir,
+def train(seed, preset, data_dir, experiment, register, device, compile_, deterministic, force, cache_dir,
           parent_run, outcome_json, **kw):
     """Train one model and log one MLflow run; prints its run id."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     from . import steps
 
     out = steps.train(seed, recipe, preset, data_dir, experiment,
-                      _execution(device, compile_, deterministic, force, cache_dir), parent_run)
+                      _execution(device, compile_, deterministic, force, cache_dir), parent_run,
+                      register=register)
     _emit(out, outcome_json)
 
 
@@ -203,10 +208,11 @@ def train(seed, preset, data_dir, experiment, device, compile_, deterministic, f
               help="The student's preset [the teacher's].")
 @_data_dir
 @_experiment
+@_register
 @_recipe_options
 @_execution_options
 @_step_options
-def distill(teacher, seed, preset, data_dir, experiment, device, compile_, deterministic, force,
+def distill(teacher, seed, preset, data_dir, experiment, register, device, compile_, deterministic, force,
             cache_dir, parent_run, outcome_json, **kw):
     """Train a student on a teacher's probabilities (KD if the teacher is an ensemble,
     SD otherwise); prints its run id."""
@@ -216,7 +222,8 @@ def distill(teacher, seed, preset, data_dir, experiment, device, compile_, deter
     from . import steps
 
     out = steps.distill(teacher, seed, preset, overrides, data_dir, experiment,
-                        _execution(device, compile_, deterministic, force, cache_dir), parent_run)
+                        _execution(device, compile_, deterministic, force, cache_dir), parent_run,
+                        register=register)
     _emit(out, outcome_json)
 
 
@@ -290,12 +297,17 @@ def compare(experiment, fmt, output, preset, dataset, group):
               default=None, help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].")
 @click.option("--ray-local-gpus", "ray_local_gpus", type=_Optional(click.IntRange(min=0)), default=None,
               hidden=True, help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).")
+@click.option("--register-as", "--register_as", "register_as", type=_Optional(click.STRING), default=None,
+              metavar="NAME", help="Register the KD student as NAME, alias champion "
+                                   "[the experiment's name + -kd-student].")
+@click.option("--no-register", is_flag=True, help="Do not register the KD student.")
 @_data_dir
 @_experiment
 @_recipe_options
 @_execution_options
 def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_per_run, ray_local_gpus,
-              data_dir, experiment, device, compile_, deterministic, force, cache_dir, **kw):
+              register_as, no_register, data_dir, experiment, device, compile_, deterministic, force,
+              cache_dir, **kw):
     """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
     Finished steps are reused, so a rerun does only what is missing."""
     overrides = _overrides(kw)
@@ -310,7 +322,8 @@ def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_
         runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
     try:
         result = study.reproduce(plan, experiment, _execution(device, compile_, deterministic, force,
-                                                              cache_dir), runner)
+                                                              cache_dir), runner,
+                                 register_as=None if no_register else (register_as or study.DEFAULT_REGISTRY))
     except study.StepFailed as e:
         click.echo(f"kd-mlflow: error: {e}", err=True)
         return 1

@@ -24,6 +24,9 @@ from .config import ConfigError
 from .errors import Interrupted, TrackingUnavailable
 
 connect = tracking.connect
+run_link = tracking.run_link
+compare_link = tracking.compare_link
+experiment_link = tracking.experiment_link
 
 
 # --- plain records ---------------------------------------------------------
@@ -119,24 +122,29 @@ def find_resumable(session, config_hash: str) -> RunRecord | None:
 
 
 def train_runs_for_seeds(session, seeds: list[int], preset: str | None, dataset: str | None) -> list[RunRecord]:
-    """The newest FINISHED train run per seed (optionally of one preset and dataset); all
-    of one configuration group, or a refusal that says how to choose."""
-    found: dict[int, RunRecord] = {}
-    for run in session.search(f"tags.`{schema.ROLE}` = 'train'"):
+    """The newest FINISHED train run per seed, all of one group (one recipe, one split):
+    the group that has every seed; if several do, the preset's own recipe (no overrides),
+    else the group of the newest run; optionally of one preset and dataset."""
+    groups: dict[tuple, dict[int, RunRecord]] = {}
+    for run in session.search(f"tags.`{schema.ROLE}` = 'train'"):  # newest first
         rec = record_of(run)
         if rec.duplicate_of or (preset and rec.preset != preset) or (dataset and rec.dataset != dataset):
             continue
-        found.setdefault(rec.seed if rec.seed is not None else -1, rec)  # newest first
-    for seed in seeds:
-        if seed not in found:
-            raise ConfigError("seeds", seed, "no FINISHED train run with this seed")
-    chosen = [found[s] for s in seeds]
-    groups = {(r.preset, r.dataset, r.group) for r in chosen}
-    if len(groups) > 1:
+        key = (rec.preset, rec.dataset, rec.group)
+        groups.setdefault(key, {}).setdefault(rec.seed if rec.seed is not None else -1, rec)
+    complete = {k: v for k, v in groups.items() if all(s in v for s in seeds)}
+    if not complete:
+        missing = sorted({s for s in seeds if not any(s in v for v in groups.values())})
+        if missing:
+            raise ConfigError("seeds", missing[0], "no FINISHED train run with this seed")
         raise ConfigError("seeds", ",".join(map(str, seeds)),
-                          "the newest runs of these seeds have different recipes or data: "
-                          "pass --members, or --preset/--dataset")
-    return chosen
+                          "no one recipe has a FINISHED train run for every seed: pass --members")
+    plain = [k for k, v in complete.items() if v[seeds[0]].group_label in (None, k[0])]
+    key = plain[0] if len(plain) == 1 else next(iter(complete))  # dicts keep search order
+    if len(complete) > 1 and len(plain) != 1:
+        print(f"note: several recipes have runs for these seeds; taking {complete[key][seeds[0]].group_label}"
+              " (the newest); pass --members to choose", file=sys.stderr)
+    return [complete[key][s] for s in seeds]
 
 
 def members(session, rec: RunRecord) -> list[RunRecord]:
@@ -177,6 +185,20 @@ def experiments_with_results(session) -> list[str]:
 def results_frame(session):
     """Every FINISHED run of the experiment as MLflow's runs frame (one search query)."""
     return session.runs_frame()
+
+
+def register(session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
+    """The run's model as a version of ``name`` in the Model Registry (once per run)."""
+    version = tracking.register(session, run_id, name, alias, tags)
+    print(f"registered model {name} version {version}" + (f" (alias {alias})" if alias else ""),
+          file=sys.stderr)
+    return version
+
+
+def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:
+    """Tables and plots as artifacts of a run that is not a result (compare's own)."""
+    tracking.log_study(session, run_id, texts, {}, figures)
+    tracking.set_tags(session, run_id, {schema.COMPARE: "true"})
 
 
 # --- outcomes --------------------------------------------------------------
@@ -272,10 +294,11 @@ def record(session, spec: RunSpec, body: Callable[[Recording], Final], *, force:
 def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
     resumable = find_resumable(session, spec.config_hash) if store else None
     writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
-    print(f"run {writer.run_id} ({spec.name})", file=sys.stderr)
+    print(f"run {writer.run_id} ({spec.name}): {tracking.run_link(session, writer.run_id)}", file=sys.stderr)
     if session.default_experiment:
-        print(f"note: this run is in MLflow's Default experiment; see it with "
-              f"`kd-mlflow compare --experiment Default`", file=sys.stderr)
+        print("note: this run is in MLflow's Default experiment, not where `kd-mlflow compare` looks "
+              "by default; see it with `kd-mlflow compare --experiment Default` (or run with "
+              "--experiment-name mysteries)", file=sys.stderr)
     with finishing(writer):
         writer.log_header(spec.params, {**spec.tags, schema.CONFIG_HASH: spec.config_hash})
         writer.log_dataset(*spec.dataset)

@@ -26,6 +26,7 @@ MEMBER_ROLE = "kd.member_role"        # ensembles: role of the members (train | 
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
 FAILURE = "kd.failure"            # why a run ended FAILED, in one line
 STUDY = "kd.study"                # a study's parent run: "true"
+COMPARE = "kd.compare"            # a run that only holds compare's tables: "true"
 VERSION = "kd.version"
 GIT_COMMIT = "kd.git_commit"
 

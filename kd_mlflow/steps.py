@@ -39,7 +39,7 @@ class Execution:
 
 def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
           experiment: str | None = None, ex: Execution = Execution(),
-          parent_run_id: str | None = None, session=None) -> Outcome:
+          parent_run_id: str | None = None, session=None, register: str | None = None) -> Outcome:
     _check_seed(seed)
     source, split = load_data(recipe, data_dir, ex)
     session = session or runs.connect(experiment)
@@ -48,15 +48,19 @@ def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
     from .objectives import CrossEntropy
 
     body = _fitting(recipe, seed, source, split, ex, lambda dd, rt: CrossEntropy())
-    return runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
-                       parent_run_id=parent_run_id)
+    out = runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
+                      parent_run_id=parent_run_id)
+    if register:
+        runs.register(session, out.run_id, register)
+    return out
 
 
 # --- distill -----------------------------------------------------------------
 
 def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides: dict | None = None,
             data_dir: str | None = None, experiment: str | None = None,
-            ex: Execution = Execution(), parent_run_id: str | None = None, session=None) -> Outcome:
+            ex: Execution = Execution(), parent_run_id: str | None = None, session=None,
+            register: str | None = None) -> Outcome:
     """A student of a train run (SD), an ensemble run (KD) or another student."""
     _check_seed(seed)
     session = session or runs.connect(experiment)
@@ -76,7 +80,10 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
                        schema.GENERATION: str(teacher.generation + 1)})
     existing = None if ex.force else runs.find_result(session, spec.config_hash)
     if existing:
-        return runs.reuse(session, existing)
+        out = runs.reuse(session, existing)
+        if register:
+            runs.register(session, out.run_id, register)
+        return out
     # Load (and so vet) the teacher before any run exists: a refused file creates nothing.
     teacher_model = load_network(session, teacher, source.num_classes, "teacher")
 
@@ -93,8 +100,11 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
     from .models import draws_before_student
 
     body = _fitting(recipe, seed, source, split, ex, objective, draws_before_student(recipe, method))
-    return runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
-                       parent_run_id=parent_run_id)
+    out = runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
+                      parent_run_id=parent_run_id)
+    if register:
+        runs.register(session, out.run_id, register)
+    return out
 
 
 def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
@@ -272,4 +282,14 @@ def compare(experiment: str | None, fmt: str, preset: str | None = None, dataset
         if elsewhere:
             print(f"note: no kd-mlflow results in this experiment; found some in: {', '.join(elsewhere)} "
                   f"(pass --experiment NAME)", file=sys.stderr)
-    return tables.render(built, fmt)
+    text = tables.render(built, fmt)
+    if session.adopted_run_id:
+        # Under `mlflow run -e compare`: the tables and plot are that run's artifacts.
+        from . import plots
+
+        figs = {"accuracy_by_method.png": plots.accuracy_by_method(built)}
+        runs.log_tables(session, session.adopted_run_id,
+                        {f"tables.{ext}": tables.render(built, f) for f, ext in
+                         (("markdown", "md"), ("json", "json"), ("csv", "csv"))}, figs)
+        plots.close(figs)
+    return text

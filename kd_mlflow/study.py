@@ -193,9 +193,14 @@ class StepFailed(Exception):
         super().__init__(f"step {step} failed: {reason}")
 
 
+DEFAULT_REGISTRY = "{experiment}-kd-student"
+
+
 def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = steps.Execution(),
-              executor=None) -> StudyResult:
-    """Run the study with ``executor`` (default: in this process, one step at a time)."""
+              executor=None, register_as: str | None = None) -> StudyResult:
+    """Run the study with ``executor`` (default: in this process, one step at a time).
+    ``register_as``: the registered model that gets the KD student (alias champion);
+    "{experiment}" in it is the experiment's name."""
     from .executors import InProcess
 
     # Fail on bad data before any run exists.
@@ -211,6 +216,8 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
     try:
         _waves(plan, ctx, executor, result, progress)
         result.tables, result.summary = _report(session, parent, plan, result)
+        if register_as:
+            _register_kd_student(session, parent, plan, result, register_as)
     except (StepFailed, TrackingUnavailable) as e:
         tracking.fail_run(session, parent, str(e))
         raise
@@ -220,7 +227,23 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
     finally:
         executor.close()
     tracking.set_terminated(session, parent, "FINISHED")
+    _, start_ui = tracking.ui_base()
+    print(f"study {tracking.run_link(session, parent)}\n"
+          f"its runs side by side: {tracking.compare_link(session, result.runs.values())}"
+          + (f"\n(start the UI first: {start_ui})" if start_ui else ""), file=sys.stderr)
     return result
+
+
+def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, name: str) -> None:
+    """The KD student is the single model that carries the ensemble's gain: registered,
+    alias champion, with tags that point back at the study."""
+    from . import runs
+
+    kd = schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))
+    name = name.replace("{experiment}", tracking.experiment_name(session))
+    runs.register(session, result.runs[kd], name, alias="champion",
+                  tags={"kd.study_run_id": parent, "kd.preset": plan.preset, "kd.dataset": plan.recipe.dataset,
+                        "kd.experiment_id": session.experiment_id})
 
 
 def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Progress) -> None:

@@ -341,6 +341,15 @@ def open_study(session: Session, name: str, tags: dict) -> str:
     return run_id
 
 
+def experiment_name(session: Session) -> str:
+    return session.client.get_experiment(session.experiment_id).name
+
+
+def set_tags(session: Session, run_id: str, tags: dict) -> None:
+    for key, value in tags.items():
+        session.client.set_tag(run_id, key, str(value))
+
+
 def note(session: Session, run_id: str, text: str) -> None:
     session.client.set_tag(run_id, "mlflow.note.content", text)
 
@@ -353,7 +362,8 @@ def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures
         c.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
     for name, text in texts.items():
         c.log_text(run_id, text, name)
-    c.log_dict(run_id, summary, "steps.json")
+    if summary:
+        c.log_dict(run_id, summary, "steps.json")
     for name, fig in figures.items():
         c.log_figure(run_id, fig, name)
 
@@ -361,3 +371,68 @@ def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures
 def metric_history(session: Session, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(session.client.get_metric_history(run_id, key),
                                                key=lambda m: m.step)]
+
+
+# --- links a person can open ------------------------------------------------
+
+def ui_base() -> tuple[str, str | None]:
+    """(the UI's address, how to start it when it is not a server)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/"), None
+    return "http://127.0.0.1:5000", f"mlflow ui --backend-store-uri {uri}"
+
+
+# MLflow 3's UI opens on its GenAI view unless the link asks for the training one.
+_VIEW = "workflowType=machine_learning"
+
+
+def run_link(session: Session, run_id: str) -> str:
+    base, _ = ui_base()
+    return f"{base}/#/experiments/{session.experiment_id}/runs/{run_id}?{_VIEW}"
+
+
+def experiment_link(session: Session) -> str:
+    base, _ = ui_base()
+    return f"{base}/#/experiments/{session.experiment_id}/runs?{_VIEW}"
+
+
+def compare_link(session: Session, run_ids) -> str:
+    from urllib.parse import quote
+
+    base, _ = ui_base()
+    runs = quote(json_list(run_ids))
+    exps = quote(json_list([session.experiment_id]))
+    return f"{base}/#/compare-runs?runs={runs}&experiments={exps}&{_VIEW}"
+
+
+def json_list(values) -> str:
+    import json
+
+    return json.dumps([str(v) for v in values], separators=(",", ":"))
+
+
+# --- the model registry ---------------------------------------------------------
+
+def register(session: Session, run_id: str, name: str, alias: str | None = None,
+             tags: dict | None = None) -> str:
+    """The run's logged model as a version of registered model ``name`` (a run already
+    registered there keeps its version: no new one), optionally under ``alias``.
+    Returns the version."""
+    c = session.client
+    try:
+        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        found = []
+    if found:
+        version = str(max(int(v.version) for v in found))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags or {},
+                                            await_registration_for=60).version
+    if alias:
+        c.set_registered_model_alias(name, alias, version)
+    for key, value in (tags or {}).items():
+        c.set_model_version_tag(name, version, key, value)
+    return str(version)

@@ -122,7 +122,8 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
 
     for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
-        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step)
+        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step,
+                               log, epoch)
         metrics.update(evaluate_all(step, data, recipe, rt))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if metrics["val_acc"] > state["best_val_acc"]:
@@ -140,12 +141,14 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
                      state["best_state"], state["history"])
 
 
-def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order, on_step=None) -> dict:
+def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order, on_step=None,
+                 log=None, epoch: int = 0) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    for batch in data.train_batches(recipe.batch_size, order, recipe.augment, recipe.order_style,
-                                    recipe.crop_padding):
+    batches = data.train_batches(recipe.batch_size, order, recipe.augment, recipe.order_style,
+                                 recipe.crop_padding)
+    for batch in _progress_bar(batches, -(-data.n_train // recipe.batch_size), log, epoch, recipe.epochs):
         with rt.autocast():
             logits = model(batch.x)
         loss = objective(logits, batch)
@@ -160,6 +163,17 @@ def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order
         correct += (logits.detach().argmax(1) == batch.y).sum()
     loss_total, n_correct = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
     return {"train_loss": loss_total / data.n_train, "train_acc": 100.0 * n_correct / data.n_train}
+
+
+def _progress_bar(batches, total: int, log, epoch: int, epochs: int):
+    """A bar inside an epoch for a person at a terminal, once the epoch has run for a few
+    seconds; nothing when stderr is a file or a pipe (logs stay clean)."""
+    if log is None or not getattr(log, "isatty", lambda: False)():
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", unit="step", delay=3, leave=False,
+                file=log)
 
 
 @torch.no_grad()

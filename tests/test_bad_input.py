@@ -11,7 +11,7 @@ import uuid
 import mlflow
 import pytest
 
-from conftest import REPO, invoke
+from conftest import REPO, invoke, run_cli
 from kd_mlflow import config, schema
 
 SMOKE = ["--preset", "smoke"]
@@ -132,3 +132,53 @@ def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
     assert len(ours) == 1 and "--seed" in ours[0] and "abc" in ours[0]
     assert "Traceback" not in proc.stderr
     assert all(r.info.status == "FAILED" for r in tracked.runs())
+
+
+def _offline(env, tmp_path):
+    """No network for a download: every proxy points at a closed port (the loopback
+    tracking server stays reachable)."""
+    closed = "http://127.0.0.1:9"
+    return {**env, "KD_MLFLOW_CACHE": str(tmp_path / "empty-cache"), "https_proxy": closed,
+            "HTTPS_PROXY": closed, "http_proxy": closed, "HTTP_PROXY": closed,
+            "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+def test_default_preset_without_network_is_one_line_and_creates_no_run(tracked, tmp_path):
+    proc = run_cli("train", "--seed", "2", env=_offline(tracked.env, tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cifar10" in lines[0] and "could not be downloaded" in lines[0] and "--data-dir" in lines[0]
+    assert tracked.runs() == []
+
+
+@pytest.mark.parametrize("case", ["broken-archive", "mismatched-classes"])
+def test_broken_data_is_one_line_and_creates_no_run(tracked, tmp_path, case):
+    from PIL import Image
+
+    if case == "broken-archive":
+        where = tmp_path / "data.tar.gz"
+        where.write_bytes(b"\x1f\x8b not really gzip" * 50)
+    else:
+        where = tmp_path / "tree"
+        for split, classes in (("train", ("a", "b")), ("test", ("a", "c"))):
+            for cls in classes:
+                (where / split / cls).mkdir(parents=True)
+                Image.new("RGB", (8, 8)).save(where / split / cls / "0.png")
+    proc = run_cli("train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", where, env=tracked.env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data_dir" in lines[0] and "folder" in lines[0], proc.stderr[-2000:]
+    assert tracked.runs() == []
+
+
+def test_under_mlflow_run_a_data_failure_ends_mlflows_run_failed_with_the_reason(tracked, tmp_path):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=2",
+           "--env-manager", "local", "--experiment-name", tracked.experiment]
+    env = _offline({**os.environ, **tracked.env}, tmp_path)
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    (run,) = tracked.runs()
+    assert run.info.status == "FAILED"
+    assert "cifar10" in run.data.tags[schema.FAILURE]
