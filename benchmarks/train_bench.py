@@ -19,7 +19,7 @@ from kd_mlflow.data import DeviceData
 from kd_mlflow.ensemble import Ensemble
 from kd_mlflow.objectives import (CachedTeacher, CrossEntropy, Distillation, OnlineTeacher,
                                   teacher_table)
-from kd_mlflow.steps import EpochSink
+from kd_mlflow.runs import EpochSink
 from kd_mlflow.train import Runtime, evaluate, fit, make_optimizer
 
 import report_pipeline

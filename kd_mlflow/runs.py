@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import schema, tracking
-from .checkpoint import CheckpointStore
 from .config import ConfigError
 from .errors import Interrupted, TrackingUnavailable
 
@@ -251,7 +250,7 @@ class Final:
 class Recording:
     """The run being written, as the body of :func:`record` sees it."""
 
-    def __init__(self, writer, store: CheckpointStore | None):
+    def __init__(self, writer, store):
         self.writer, self.store = writer, store
         self.sink = EpochSink(writer)
 
@@ -278,6 +277,8 @@ def record(session, spec: RunSpec, body: Callable[[Recording], Final], *, force:
             return reuse(session, existing)
     if checkpoint_root is None:
         return _record(session, spec, body, None, parent_run_id)
+    from .checkpoint import CheckpointStore  # torch: loaded only by what trains
+
     store = CheckpointStore(_checkpoint_dir(session, spec.config_hash, checkpoint_root))
     with _exclusive(store.directory):
         # Another process may have finished it while we waited for the lock.
