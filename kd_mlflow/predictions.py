@@ -1,0 +1,186 @@
+"""Predicted probabilities as a run artifact that loads without pickle.
+
+One ``.npz`` per run holds the model's softmax probabilities on the validation and
+test images, in the data's order, with the labels and their digests::
+
+    format         str     "kd-mlflow-predictions/1"
+    num_classes    int64   C
+    probs_val      float16 (N_val, C)    softmax probabilities
+    probs_test     float16 (N_test, C)
+    labels_val     int16   (N_val,)      so statistics need the artifacts alone
+    labels_test    int16   (N_test,)
+    digest_val     str     labels_digest(labels_val)
+    digest_test    str     labels_digest(labels_test)
+
+float16 because 10,000 x 10 probabilities are 200 kB instead of 400 kB and the
+statistics need no more: a probability is kept to ~3 significant digits, which never
+changes a top-1 prediction except between classes already tied to within 0.1%.
+
+The digest is what a reader compares to be sure that two runs' predictions are on the
+same images in the same order (a paired test on misaligned images is meaningless).
+No MLflow, no torch: plain numpy arrays in and out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "kd-mlflow-predictions/1"
+SPLITS = ("val", "test")
+_KEYS = frozenset({"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest")
+                                                for s in SPLITS})
+_ROW_SUM_TOL = 1e-2   # rows of a softmax sum to 1; logits or log-probabilities do not
+
+
+def labels_digest(labels) -> str:
+    """sha256 of the labels as little-endian int64 bytes, first 16 hex characters.
+
+    Independent of the dtype the labels arrive in, so int16 labels read back from an
+    artifact give the digest of the int64 tensor they were saved from.
+    """
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What :func:`load` returns. Arrays are read-only."""
+    probs_val: np.ndarray     # float16 (N_val, C)
+    probs_test: np.ndarray    # float16 (N_test, C)
+    labels_val: np.ndarray    # int16 (N_val,)
+    labels_test: np.ndarray   # int16 (N_test,)
+    digest_val: str
+    digest_test: str
+    num_classes: int
+
+    def probs(self, split: str = "test") -> np.ndarray:
+        return getattr(self, f"probs_{_split(split)}")
+
+    def labels(self, split: str = "test") -> np.ndarray:
+        return getattr(self, f"labels_{_split(split)}")
+
+    def digest(self, split: str = "test") -> str:
+        return getattr(self, f"digest_{_split(split)}")
+
+    def top1(self, split: str = "test") -> np.ndarray:
+        """Predicted class per image (ties go to the lowest class index, as argmax)."""
+        return self.probs(split).argmax(axis=1)
+
+    def correct(self, split: str = "test") -> np.ndarray:
+        """Boolean per image: the top-1 prediction equals the label."""
+        return self.top1(split) == self.labels(split)
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def _check_probs(name: str, probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs)
+    y = np.asarray(labels)
+    if p.ndim != 2 or not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"{name}: probabilities must be a 2-D float array (N, C), got {p.dtype} {p.shape}")
+    if y.ndim != 1 or len(y) != len(p) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name}: labels must be {len(p)} integers, got {y.dtype} {y.shape}")
+    p64 = p.astype(np.float64)
+    if not np.isfinite(p64).all() or (p64 < 0).any():
+        raise ValueError(f"{name}: probabilities must be finite and >= 0")
+    if len(p) and np.abs(p64.sum(axis=1) - 1).max() > _ROW_SUM_TOL:
+        raise ValueError(f"{name}: rows must sum to 1 (softmax probabilities, not logits)")
+    if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"{name}: labels must lie in [0, {p.shape[1]})")
+    return p, y
+
+
+def save(path, probs_val, probs_test, labels_val, labels_test) -> Path:
+    """Write the predictions to ``path`` (an ``.npz``, written whole or not at all).
+
+    Probabilities (N, C), any float dtype, are stored as float16; labels as int16 with
+    their :func:`labels_digest`. Returns the path.
+    """
+    path = Path(path)
+    pv, yv = _check_probs("probs_val", probs_val, labels_val)
+    pt, yt = _check_probs("probs_test", probs_test, labels_test)
+    if pv.shape[1] != pt.shape[1]:
+        raise ValueError(f"val has {pv.shape[1]} classes but test has {pt.shape[1]}")
+    if pv.shape[1] > np.iinfo(np.int16).max:
+        raise ValueError(f"too many classes for int16 labels: {pv.shape[1]}")
+    arrays = {
+        "format": np.array(FORMAT),
+        "num_classes": np.array(pv.shape[1], dtype=np.int64),
+        "probs_val": pv.astype(np.float16), "probs_test": pt.astype(np.float16),
+        "labels_val": yv.astype(np.int16), "labels_test": yt.astype(np.int16),
+        "digest_val": np.array(labels_digest(yv)), "digest_test": np.array(labels_digest(yt)),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:   # a file object: np.savez would otherwise append ".npz"
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path) -> Predictions:
+    """Read a file written by :func:`save`, never unpickling anything.
+
+    Raises ValueError naming the file if it is not in this format: not an npz, other
+    keys, another format string, wrong dtypes or shapes, an object (pickled) array,
+    or labels that do not match their stored digest.
+    """
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a predictions file ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):   # a bare .npy array
+        raise ValueError(f"{path}: not a predictions file (not an .npz archive)")
+    try:
+        with z:
+            keys = set(z.files)
+            if keys != _KEYS:
+                missing, extra = sorted(_KEYS - keys), sorted(keys - _KEYS)
+                raise ValueError(f"unexpected keys (missing {missing}, extra {extra})")
+            arrays = {k: z[k] for k in _KEYS}   # an object array raises here, unread
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a predictions file ({e})") from None
+    try:
+        return _validate(arrays)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a predictions file ({e})") from None
+
+
+def _text(a: np.ndarray, name: str) -> str:
+    if a.dtype.kind != "U" or a.shape != ():
+        raise ValueError(f"{name} must be a string scalar, got {a.dtype} {a.shape}")
+    return str(a)
+
+
+def _validate(a: dict) -> Predictions:
+    if _text(a["format"], "format") != FORMAT:
+        raise ValueError(f"format {str(a['format'])!r}, expected {FORMAT!r}")
+    nc = a["num_classes"]
+    if nc.dtype != np.int64 or nc.shape != () or int(nc) < 1:
+        raise ValueError(f"num_classes must be an int64 scalar >= 1, got {nc.dtype} {nc.shape}")
+    out = {"num_classes": int(nc)}
+    for s in SPLITS:
+        p, y = a[f"probs_{s}"], a[f"labels_{s}"]
+        if p.dtype != np.float16 or p.ndim != 2 or p.shape[1] != int(nc):
+            raise ValueError(f"probs_{s} must be float16 (N, {int(nc)}), got {p.dtype} {p.shape}")
+        if y.dtype != np.int16 or y.shape != (p.shape[0],):
+            raise ValueError(f"labels_{s} must be int16 ({p.shape[0]},), got {y.dtype} {y.shape}")
+        digest = _text(a[f"digest_{s}"], f"digest_{s}")
+        if digest != labels_digest(y):
+            raise ValueError(f"labels_{s} do not match their digest")
+        for arr in (p, y):
+            arr.setflags(write=False)
+        out.update({f"probs_{s}": p, f"labels_{s}": y, f"digest_{s}": digest})
+    return Predictions(**out)
