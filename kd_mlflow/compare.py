@@ -12,10 +12,11 @@ import json
 
 import pandas as pd
 
+from kd_mlflow import gains as gains_mod
 from kd_mlflow import schema as S
 
 FORMATS = ("markdown", "csv", "json")
-TABLES = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary")
+TABLES = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary", "gains", "mechanism")
 _ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id"]
 COLUMNS = {
     "seeds": ["seed", "val_acc", "test_acc", "run_id"],
@@ -66,6 +67,9 @@ class StudyTables:
     sd_ensembles: pd.DataFrame
     summary: pd.DataFrame
     notes: list[str]
+    gains: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=gains_mod.GAIN_COLUMNS))
+    mechanism: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS))
 
 
 # --- reading the runs frame -------------------------------------------------
@@ -312,12 +316,14 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
 
 
 def build_tables(runs: pd.DataFrame, preset: str | None = None,
-                 dataset: str | None = None, group: str | None = None) -> list[StudyTables]:
+                 dataset: str | None = None, group: str | None = None,
+                 predictions: dict | None = None) -> list[StudyTables]:
     """One StudyTables per group of comparable runs, optionally filtered.
 
     Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study are
     results; [] when none is left. ``group`` keeps the groups whose label or id starts
-    with it.
+    with it. With ``predictions`` (run id -> predictions.Predictions), every gain gets
+    its intervals and the mechanism figures are filled in (:mod:`kd_mlflow.gains`).
     """
     rows = _results(_tidy(runs))
     if preset is not None:
@@ -330,7 +336,24 @@ def build_tables(runs: pd.DataFrame, preset: str | None = None,
             tables.append(_study(key, pool))
     if group is not None:
         tables = [t for t in tables if t.label.startswith(group) or t.group_id.startswith(group)]
+    if predictions is not None:
+        tables = [with_intervals(t, predictions) for t in tables]
     return tables
+
+
+def with_intervals(t: StudyTables, predictions: dict) -> StudyTables:
+    g, m, notes = gains_mod.compute(t, predictions)
+    return dataclasses.replace(t, gains=g, mechanism=m, notes=t.notes + notes)
+
+
+def run_ids(tables: list[StudyTables]) -> list[str]:
+    """Every run a set of tables names (for fetching their predictions)."""
+    ids = []
+    for t in tables:
+        ids += list(t.seeds["run_id"]) + list(t.ensembles["run_id"]) + list(t.kd["run_id"])
+        ids += list(t.self_distillation["run_id"]) + list(t.self_distillation["teacher_run_id"].dropna())
+        ids += list(t.sd_ensembles["run_id"])
+    return list(dict.fromkeys(ids))
 
 
 # --- rendering ------------------------------------------------------------
@@ -379,6 +402,31 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
     ]
 
 
+def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
+    if t.gains.empty and t.mechanism.empty:
+        return []
+    from kd_mlflow.stats import fmt_interval
+
+    rows = []
+    for r in t.gains.itertuples():
+        p = "-" if pd.isna(r.p_value) else f"{r.p_value:.3g} ({r.b}/{r.c})"
+        seed = "-" if pd.isna(r.seed_lo) else fmt_interval(r.estimate, r.seed_lo, r.seed_hi)
+        rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), seed, p])
+    mech = []
+    for r in t.mechanism.itertuples():
+        value = fmt_interval(r.value, r.lo, r.hi).lstrip("+") if not pd.isna(r.lo) else _fmt(r.value, ".3f" if
+                                                                                          r.detail == "nats" else ".2f")
+        mech.append([r.figure, value, r.detail])
+    out = []
+    if rows:
+        out.append(("Gains with 95% intervals (test accuracy, points)", _md_table(
+            ["gain", "estimate [95% paired bootstrap over test images]", "[95% t over pairs]",
+             "McNemar p (teacher-only / student-only right)"], rows)))
+    if mech:
+        out.append(("Mechanism (test set)", _md_table(["figure", "value", "unit"], mech)))
+    return out
+
+
 def _markdown(tables: list[StudyTables]) -> str:
     if not tables:
         return "no finished runs\n"
@@ -386,6 +434,7 @@ def _markdown(tables: list[StudyTables]) -> str:
     for t in tables:
         parts.append(f"## {t.label} ({t.dataset})\n\ngroup `{t.group_id}`")
         parts += [f"### {title}\n\n{table}" for title, table in _md_sections(t)]
+        parts += [f"### {title}\n\n{table}" for title, table in _md_uncertainty(t)]
         if t.notes:
             parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in t.notes))
     return "\n\n".join(parts) + "\n"
@@ -414,7 +463,7 @@ def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
 
 
 CSV_COLUMNS = ["section", "group", "role", "seed", "teacher_seed", "members", "val_acc", "test_acc",
-               "run_id", "group_id", "preset", "dataset"]
+               "gain", "gain_lo", "gain_hi", "mcnemar_p", "run_id", "group_id", "preset", "dataset"]
 
 
 def _csv(tables: list[StudyTables]) -> str:
@@ -437,6 +486,11 @@ def _csv(tables: list[StudyTables]) -> str:
             rows.append({**g, "section": "self_distillation", "role": "student", "seed": r.student_seed,
                          "teacher_seed": r.teacher_seed, "val_acc": r.student_val_acc,
                          "test_acc": r.student_test_acc, "run_id": r.run_id})
+        for g in t.gains[t.gains["run_id"].notna()].itertuples():
+            for row in rows:
+                if row["run_id"] == g.run_id and row["group_id"] == t.group_id:
+                    row.update(gain=g.estimate, gain_lo=g.lo, gain_hi=g.hi,
+                               mcnemar_p=None if pd.isna(g.p_value) else g.p_value)
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
     for col in ("seed", "teacher_seed"):
         frame[col] = pd.array(frame[col].map(lambda v: None if v is None or pd.isna(v) else int(v)), dtype="Int64")

@@ -68,6 +68,7 @@ class RunRecord:
     params: dict = field(default_factory=dict)
     final_val_acc: float | None = None
     final_test_acc: float | None = None
+    has_predictions: bool = False
 
     @property
     def data_dir(self) -> str | None:
@@ -86,7 +87,8 @@ def record_of(run) -> RunRecord:
         generation=_int(t.get(schema.GENERATION), 0), member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
         member_seeds=_ids(t.get(schema.MEMBER_SEEDS)), member_role=t.get(schema.MEMBER_ROLE),
         combine=p.get("combine"), duplicate_of=t.get(schema.DUPLICATE_OF), params=dict(p),
-        final_val_acc=m.get(schema.FINAL_VAL_ACC), final_test_acc=m.get(schema.FINAL_TEST_ACC))
+        final_val_acc=m.get(schema.FINAL_VAL_ACC), final_test_acc=m.get(schema.FINAL_TEST_ACC),
+        has_predictions=schema.PREDICTIONS in t)
 
 
 # --- lookups ---------------------------------------------------------------
@@ -194,6 +196,19 @@ def register(session, run_id: str, name: str, alias: str | None = None, tags: di
     return version
 
 
+def predictions_of(session, rec: RunRecord):
+    """The run's logged predictions (kd_mlflow.predictions.Predictions), or None."""
+    if not rec.has_predictions:
+        return None
+    return tracking.load_predictions(rec.run_id)
+
+
+def add_predictions(session, rec: RunRecord, probs_val, probs_test, labels_val, labels_test) -> None:
+    """Predictions computed after the fact (a run made before runs logged them): logged
+    once, on the run itself."""
+    tracking.log_predictions_to(session, rec.run_id, probs_val, probs_test, labels_val, labels_test)
+
+
 def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:
     """Tables and plots as artifacts of a run that is not a result (compare's own)."""
     tracking.log_study(session, run_id, texts, {}, figures)
@@ -261,8 +276,10 @@ class Recording:
     def set_tags(self, tags: dict) -> None:
         self.writer.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_artifact_file(self, path, folder: str) -> None:
-        self.writer.log_artifact(path, folder)
+    def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
+        """The selected model's probabilities on the validation and test images, as an
+        artifact that loads without pickle (:mod:`kd_mlflow.predictions`)."""
+        self.writer.log_predictions(probs_val, probs_test, labels_val, labels_test)
 
 
 def record(session, spec: RunSpec, body: Callable[[Recording], Final], *, force: bool = False,

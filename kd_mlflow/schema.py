@@ -23,6 +23,8 @@ GENERATION = "kd.generation"      # 1 = student of a trained model or ensemble, 
 MEMBER_RUN_IDS = "kd.member_run_ids"  # ensembles: comma-separated run ids, in member order
 MEMBER_SEEDS = "kd.member_seeds"      # ensembles: comma-separated seeds, in member order
 MEMBER_ROLE = "kd.member_role"        # ensembles: role of the members (train | student)
+PREDICTIONS = "kd.predictions"    # the artifact path of the run's predicted probabilities
+PREDICTIONS_PATH = "predictions/predictions.npz"
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
 FAILURE = "kd.failure"            # why a run ended FAILED, in one line
 STUDY = "kd.study"                # a study's parent run: "true"

@@ -156,6 +156,7 @@ def ensemble(member_run_ids: list[str], combine: str = "prob", data_dir: str | N
                                     combine))
         dd = data_mod.DeviceData(source, split, rt.device)
         scores = evaluate_all(model, dd, recipe, rt)
+        _log_predictions(rec, model, dd, recipe, rt)
         final = {schema.FINAL_VAL_ACC: scores["val_acc"], schema.FINAL_TEST_ACC: scores["test_acc"],
                  "val_loss": scores["val_loss"]}
         for i, m in enumerate(members):
@@ -219,9 +220,17 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
         rec.sink.replay(result.history)
         model.load_state_dict(result.best_state)
+        _log_predictions(rec, model, dd, recipe, rt)
         return Final({schema.FINAL_VAL_ACC: result.best_val_acc, schema.FINAL_TEST_ACC: result.best_test_acc,
                       schema.BEST_EPOCH: result.best_epoch}, model, dd.test_x[:2].cpu())
     return body
+
+
+def _log_predictions(rec, model, dd, recipe, rt) -> None:
+    from .train import predict
+
+    rec.log_predictions(predict(model, dd, "val", recipe, rt).numpy(), predict(model, dd, "test", recipe, rt).numpy(),
+                        dd.val_y.cpu().numpy(), dd.test_y.cpu().numpy())
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):

@@ -244,6 +244,9 @@ class RunWriter:
     def log_artifact(self, path, folder: str) -> None:
         mlflow.log_artifact(str(path), folder)
 
+    def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
+        log_predictions_to(self.session, self.run_id, probs_val, probs_test, labels_val, labels_test)
+
     def end(self, status: str = "FINISHED") -> None:
         mlflow.end_run(status)
 
@@ -436,3 +439,22 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
     for key, value in (tags or {}).items():
         c.set_model_version_tag(name, version, key, value)
     return str(version)
+
+
+# --- predictions ------------------------------------------------------------------
+
+def log_predictions_to(session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test) -> None:
+    from . import predictions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(schema.PREDICTIONS_PATH).name
+        predictions.save(path, probs_val, probs_test, labels_val, labels_test)
+        session.client.log_artifact(run_id, str(path), Path(schema.PREDICTIONS_PATH).parent.as_posix())
+    session.client.set_tag(run_id, schema.PREDICTIONS, schema.PREDICTIONS_PATH)
+
+
+def load_predictions(run_id: str):
+    from . import predictions
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=schema.PREDICTIONS_PATH)
+    return predictions.load(path)

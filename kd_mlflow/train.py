@@ -193,6 +193,17 @@ def evaluate(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[floa
     return loss_total / n, 100.0 * n_correct / n
 
 
+@torch.no_grad()
+def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> torch.Tensor:
+    """Softmax probabilities on ``which`` ("val" or "test"), in the data's order, on the CPU."""
+    model.eval()
+    out = []
+    for batch in data.eval_batches(which, recipe.eval_batch_size):
+        with rt.autocast():
+            out.append(model(batch.x).float().softmax(1).cpu())
+    return torch.cat(out)
+
+
 def evaluate_all(model, data, recipe, rt) -> dict:
     """Validation loss and accuracy, and test accuracy."""
     val_loss, val_acc = evaluate(model, data, "val", recipe, rt)
