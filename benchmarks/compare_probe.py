@@ -3,6 +3,8 @@ the way compare_bench writes it, behind a real ``mlflow server``; each way of re
 it back is timed ``--reps`` times (median):
 
     rest_json      one POST runs/search per page (page size --page), JSON decoded only
+    rest_page200   the same, 200 runs per page
+    rest_preset    the same, filtered server-side to one preset's runs (a tag filter)
     client_pages   MlflowClient.search_runs, paged: Run entities
     search_runs    mlflow.search_runs(..., output_format="pandas"): what compare does now
     client_frame   MlflowClient pages -> a frame of only the tags and metrics compare reads
@@ -30,12 +32,12 @@ import compare_bench  # noqa: E402
 FINISHED = "attributes.status = 'FINISHED'"
 
 
-def rest_json(uri: str, exp_id: str, page: int) -> int:
+def rest_json(uri: str, exp_id: str, page: int, filter: str = FINISHED) -> int:
     import requests
 
     n, token = 0, None
     while True:
-        body = {"experiment_ids": [exp_id], "filter": FINISHED, "max_results": page}
+        body = {"experiment_ids": [exp_id], "filter": filter, "max_results": page}
         if token:
             body["page_token"] = token
         r = requests.post(f"{uri}/api/2.0/mlflow/runs/search", json=body, timeout=60).json()
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from tests.mlflow_server import MlflowServer
 
-    from kd_mlflow import tracking
+    from kd_mlflow import schema as S, tracking
 
     with tempfile.TemporaryDirectory(prefix="kd-probe-") as tmp:
         root = Path(tmp) / "server"
@@ -94,7 +96,10 @@ def main(argv=None) -> int:
         print(f"logged {args.runs} runs in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         with MlflowServer(root) as server:
             os.environ["MLFLOW_TRACKING_URI"] = server.uri
+            one_preset = f"{FINISHED} and tags.`{S.PRESET}` = 'cpu-demo'"
             arms = {"rest_json": lambda: rest_json(server.uri, exp_id, args.page),
+                    "rest_page200": lambda: rest_json(server.uri, exp_id, 200),
+                    "rest_preset": lambda: rest_json(server.uri, exp_id, args.page, one_preset),
                     "client_pages": lambda: client_pages(exp_id, args.page),
                     "search_runs": lambda: search_runs(exp_id),
                     "client_frame": lambda: client_frame(exp_id, args.page),

@@ -54,7 +54,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(k, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.shape[0], self.k, -1).transpose(0, 1)          # (K, B, features)
+        x = x.reshape(x.shape[0], self.k, -1).transpose(0, 1)       # (K, B, features)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
