@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import compare_bench  # noqa: E402
 import harness  # noqa: E402
+import pack_bench  # noqa: E402
 import train_bench  # noqa: E402
 from kd_mlflow import data, tracking  # noqa: E402
 from kd_mlflow.config import PRESETS  # noqa: E402
@@ -46,6 +47,8 @@ class Plan:
     compare_reps: int = 3
     history_epochs: int = 4  # per-epoch metric history logged per run (capped by preset)
     threads: int = 1        # torch intra-op threads, the same for every arm
+    pack_networks: int = pack_bench.NETWORKS  # networks per wave, lone and packed
+    pack_reps: int = 3      # each repetition trains 2 * pack_networks networks
 
 
 def make_plan(quick: bool, device: str) -> Plan:
@@ -119,6 +122,16 @@ def bench_kd(plan: Plan, b: train_bench.Bench) -> dict:
                                                           teacher_members=5)}
 
 
+def bench_pack(plan: Plan, b: train_bench.Bench) -> dict:
+    k = plan.pack_networks
+    log(f"pack: {k} lone networks one after another / {k} packed, {b.images} images each "
+        f"x {plan.pack_reps} reps")
+    s = harness.interleave(pack_bench.pack_arms(b, k), plan.pack_reps)
+    return {"pack_speedup": harness.ratio_entry(s, "lone", "packed", k * b.images, networks=k,
+                                                width=b.recipe.width,
+                                                image_size=b.recipe.image_size)}
+
+
 def bench_tracking(plan: Plan, b: train_bench.Bench) -> dict:
     log(f"tracking: off / on (real server), {b.recipe.epochs} epochs x {plan.reps} reps")
     sink_seconds: list = []
@@ -180,17 +193,45 @@ def _ips(e: dict, arm: str) -> str:
 
 
 def _rows(res: dict, plan: Plan) -> list[tuple]:
+    rows = []
+    if "loop_efficiency" in res:
+        rows += _loop_rows(res)
+    if "kd_overhead_cached" in res:
+        rows += _kd_rows(res)
+    if "pack_speedup" in res:
+        ps = res["pack_speedup"]
+        rows.append(("pack_speedup", f"{ps['networks']} lone / {ps['networks']} packed, "
+                     f"width {ps['width']}, {ps['image_size']} px", ps["ratio"], _spread(ps), "> 1"))
+    if "tracking_overhead" in res:
+        rows += _tracking_rows(res, plan)
+    if "compare_seconds" in res:
+        rows += _compare_rows(res["compare_seconds"])
+    return rows
+
+
+def _loop_rows(res: dict) -> list[tuple]:
     le, vr, ev = res["loop_efficiency"], res["vs_report_pipeline"], res["eval_overhead_at_preset_sizes"]
-    kc, ko, tr = res["kd_overhead_cached"], res["kd_overhead_on_the_fly"], res["tracking_overhead"]
     return [
         ("loop_efficiency", f"{_ips(le, 'fit')} / {_ips(le, 'bare')}", le["ratio"], _spread(le), ">= 0.95"),
         ("vs_report_pipeline", f"{_ips(vr, 'fit')} / {_ips(vr, 'report')}", vr["ratio"], _spread(vr), "> 1"),
         ("  eval at preset sizes", f"(fit + val {ev['val_images']} + test {ev['test_images']}) / fit",
          ev["ratio"], "", ""),
+    ]
+
+
+def _kd_rows(res: dict) -> list[tuple]:
+    kc, ko = res["kd_overhead_cached"], res["kd_overhead_on_the_fly"]
+    return [
         ("kd_overhead_cached", "teacher table excluded", kc["ratio"], _spread(kc), "<= 1.05"),
         ("  table amortised", f"table {kc['teacher_table_seconds']:.2f}s over "
          f"{kc['amortised_over_epochs']} epochs", kc["ratio_with_table_amortised"], "", ""),
         ("kd_overhead_on_the_fly", "5-model teacher on every batch", ko["ratio"], _spread(ko), ""),
+    ]
+
+
+def _tracking_rows(res: dict, plan: Plan) -> list[tuple]:
+    tr = res["tracking_overhead"]
+    return [
         ("tracking_overhead", f"on / off, {plan.tracking_epochs} epochs per run", tr["ratio"], _spread(tr),
          "<= 1.01"),
         ("  from sink time", f"{1000 * tr['sink_seconds_per_epoch']:.1f} ms per epoch",
@@ -210,7 +251,7 @@ def _compare_rows(cs: dict) -> list[tuple]:
 
 
 def table(res: dict, plan: Plan) -> str:
-    rows = _rows(res, plan) + _compare_rows(res["compare_seconds"])
+    rows = _rows(res, plan)
     lines = [f"{'figure':<24} {'detail':<46} {'value':>7}  {'per-rep ratio [range]':<22} target"]
     lines += [f"{n:<24} {d:<46} {v:>7.3f}  {r:<22} {t}" for n, d, v, r, t in rows]
     busy = [e["foreign_cpu_share_median"] for e in res.values()
@@ -232,6 +273,9 @@ def machine(rt_device: torch.device, plan: Plan) -> dict:
     return {**info, "mlflow": mlflow.__version__, "plan": asdict(plan)}
 
 
+GROUPS = ("loop", "kd", "pack", "server")  # server: tracking_overhead and compare_seconds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on a 2-core CPU")
@@ -241,7 +285,12 @@ def main(argv=None) -> int:
                    help="model and recipe to measure [cpu-demo; standard on a GPU in full mode]")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for every arm [all cores]; 1 is steadier on a shared machine")
+    p.add_argument("--only", default=",".join(GROUPS),
+                   help=f"comma-separated figure groups to run, of {', '.join(GROUPS)} [all]")
     args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    if not only <= set(GROUPS):
+        p.error(f"--only: choose from {', '.join(GROUPS)}")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # keep stdout the table
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     plan = make_plan(args.quick, device)
@@ -249,8 +298,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(plan.threads)
     t0, load0 = time.perf_counter(), os.getloadavg()
     b = make_bench(plan, device, plan.fit_epochs)
-    res = {**bench_loop(plan, b), **bench_kd(plan, b)}
-    res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
+    res = {}
+    for name, bench in (("loop", bench_loop), ("kd", bench_kd), ("pack", bench_pack)):
+        if name in only:
+            res.update(bench(plan, b))
+    if "server" in only:
+        res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
     res["machine"] = machine(b.rt.device, plan)
     res["machine"].update(total_seconds=time.perf_counter() - t0, load_average_at_start=load0)
     print(table(res, plan))

@@ -179,6 +179,14 @@ def _progress_bar(batches, total: int, log, epoch: int, epochs: int):
 @torch.no_grad()
 def evaluate(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[float, float]:
     """(mean cross-entropy, accuracy in percent) on ``which`` ("val" or "test")."""
+    loss, acc = evaluate_stacked(model, data, which, recipe, rt)
+    return loss.item(), acc.item()
+
+
+@torch.no_grad()
+def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
+    """:func:`evaluate` as CPU tensors: scalars for a model's (B, classes) logits, or (K,)
+    per network for the (K, B, classes) logits of K packed networks (kd_mlflow.pack)."""
     model.eval()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
@@ -186,11 +194,13 @@ def evaluate(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[floa
     for batch in data.eval_batches(which, recipe.eval_batch_size):
         with rt.autocast():
             logits = model(batch.x).float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")
-        correct += (logits.argmax(1) == batch.y).sum()
+        y = batch.y.expand(logits.shape[:-1])
+        loss_sum = loss_sum + torch.nn.functional.cross_entropy(
+            logits.movedim(-1, 1), y, reduction="none").sum(-1)
+        correct = correct + (logits.argmax(-1) == y).sum(-1)
         n += len(batch.y)
-    loss_total, n_correct = torch.stack([loss_sum, correct]).tolist()
-    return loss_total / n, 100.0 * n_correct / n
+    sums = torch.stack([loss_sum, correct]).double().cpu()  # one host sync per evaluation
+    return sums[0] / n, 100.0 * sums[1] / n
 
 
 @torch.no_grad()

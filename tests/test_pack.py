@@ -1,0 +1,161 @@
+"""Packed training (kd_mlflow.pack) against the lone networks it stands for: K networks
+trained as one give each network's lone losses, selected epoch and accuracies. CPU,
+the smoke preset (8x8 digits, width 4), one thread for repeatable kernels.
+
+Packed and lone convolutions round differently (~1e-7 in fp32), and at smoke's Adam
+lr 1e-2 such differences grow chaotically: after ~15 steps lone runs with 1 and with 2
+threads already differ by 1e-3 in loss and, after 2 epochs, by a few validation images.
+So fp32 is compared over the first steps; whole trainings are compared in float64,
+where the same kernels' rounding stays far below every tolerance."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from kd_mlflow import config, data, models
+from kd_mlflow.objectives import CachedTeacher, CrossEntropy, Distillation
+from kd_mlflow.pack import fit_packed, pack, unpack
+from kd_mlflow.train import fit, make_runtime
+
+SEEDS = (0, 1, 2)
+STEPS_COMPARED = 10     # first optimiser steps whose losses must agree to 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+class Recorded:
+    """An objective that keeps every step's loss."""
+
+    def __init__(self, objective):
+        self.objective, self.losses = objective, []
+
+    def __call__(self, logits, batch):
+        loss = self.objective(logits, batch)
+        self.losses.append(loss.item())
+        return loss
+
+
+def _setup(digits, **overrides):
+    recipe = config.preset("smoke").replace(**overrides)
+    rt = make_runtime(recipe, "cpu")
+    dd = data.DeviceData(digits, data.make_split(digits, recipe), rt.device)
+    return recipe, rt, dd
+
+
+def _build(recipe, seed, dtype=torch.float32):
+    torch.manual_seed(seed)  # as steps._train: the model seed sets the initialisation
+    return models.build(recipe, 10).to(dtype)
+
+
+def _lone_and_packed(recipe, rt, dd, make_objective, dtype=torch.float64):
+    lone_obj = [Recorded(make_objective(i)) for i in range(len(SEEDS))]
+    lone = [fit(_build(recipe, s, dtype), o, dd, recipe, rt, log=io.StringIO())
+            for s, o in zip(SEEDS, lone_obj)]
+    packed_obj = [Recorded(make_objective(i)) for i in range(len(SEEDS))]
+    sunk = [[] for _ in SEEDS]
+    sinks = [lambda epoch, m, out=out: out.append((epoch, m)) for out in sunk]
+    packed = fit_packed([_build(recipe, s, dtype) for s in SEEDS], packed_obj, dd, recipe, rt,
+                        sinks, log=io.StringIO())
+    steps = STEPS_COMPARED if dtype == torch.float32 else None   # float64: every step
+    for a, b in zip(lone_obj, packed_obj):
+        assert len(a.losses) == len(b.losses)
+        assert a.losses[:steps] == pytest.approx(b.losses[:steps], abs=1e-4)
+    if dtype == torch.float32:
+        return lone, packed
+    for a, b, out in zip(lone, packed, sunk):
+        assert b.best_epoch == a.best_epoch
+        assert b.best_val_acc == pytest.approx(a.best_val_acc, abs=0.1)
+        assert b.best_test_acc == pytest.approx(a.best_test_acc, abs=0.1)
+        assert len(b.history) == recipe.epochs and [e for e, _ in out] == [1, 2]
+        assert set(b.history[0]) == set(a.history[0])
+        for ha, hb in zip(a.history, b.history):
+            assert hb["train_loss"] == pytest.approx(ha["train_loss"], abs=1e-3)
+            assert hb["val_acc"] == pytest.approx(ha["val_acc"], abs=0.1)
+        # The selected checkpoint is a lone model's state dict.
+        check = _build(recipe, 99)
+        check.load_state_dict(b.best_state)
+    return lone, packed
+
+
+@pytest.mark.parametrize("overrides", [
+    {},                                                   # smoke: Adam, no augmentation
+    # SGD with nesterov momentum and L2 weight decay, and crop/flip: the draws come from
+    # the order seed, so every lone network gets the same ones, as the packed ones do.
+    {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-3, "augment": True},
+], ids=["adam", "sgd-wd-augment"])
+def test_packed_training_equals_lone_training(digits, overrides):
+    recipe, rt, dd = _setup(digits, **overrides)
+    _lone_and_packed(recipe, rt, dd, lambda i: CrossEntropy())
+
+
+def test_packed_fp32_first_steps_equal_lone_steps(digits):
+    recipe, rt, dd = _setup(digits, epochs=1)
+    _lone_and_packed(recipe, rt, dd, lambda i: CrossEntropy(), torch.float32)
+
+
+def test_packed_distillation_each_network_its_own_teacher(digits):
+    recipe, rt, dd = _setup(digits, temperature=2.0, alpha=0.7)
+    g = torch.Generator().manual_seed(7)
+    tables = [3 * torch.randn(dd.n_train, 10, generator=g) for _ in SEEDS]
+    _lone_and_packed(recipe, rt, dd,
+                     lambda i: Distillation(CachedTeacher(tables[i]), recipe.temperature, recipe.alpha))
+
+
+def test_unpack_loads_into_lone_models_and_reproduces_the_packed_logits(digits):
+    recipe, rt, dd = _setup(digits)
+    lone = [_build(recipe, s) for s in SEEDS]
+    packed = pack(lone)
+    # A few training steps, so weights and batch-norm statistics differ from the init.
+    opt = torch.optim.Adam(packed.parameters(), lr=1e-2)
+    packed.train()
+    for start in range(0, 256, 64):
+        logits = packed(dd.train_x[start:start + 64])
+        y = dd.train_y[start:start + 64]
+        loss = sum(torch.nn.functional.cross_entropy(z, y) for z in logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    packed.eval()
+    with torch.no_grad():
+        want = packed(dd.val_x)
+        for i, state in enumerate(unpack(packed)):
+            model = _build(recipe, 99)
+            model.load_state_dict(state)
+            got = model.eval()(dd.val_x)
+            torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_gradient_is_each_networks_lone_gradient(digits):
+    recipe, rt, dd = _setup(digits)
+    lone = [_build(recipe, s) for s in SEEDS]
+    packed = pack(lone)
+    x, y = dd.train_x[:64], dd.train_y[:64]
+    sum(torch.nn.functional.cross_entropy(z, y) for z in packed(x)).backward()
+    grads = {n: p.grad for n, p in packed.named_parameters()}
+    for i, model in enumerate(lone):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for name, p in model.named_parameters():
+            g = grads[name]
+            g = g[i] if name.startswith("net.fc.") else g.chunk(len(SEEDS))[i]
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pack_refuses_networks_of_different_shapes():
+    a = models.build(config.preset("smoke"), 10)
+    b = models.build(config.preset("smoke").replace(width=8), 10)
+    with pytest.raises(ValueError):
+        pack([a, b])
