@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -206,6 +207,10 @@ def _rows(res: dict, plan: Plan) -> list[tuple]:
         rows += _tracking_rows(res, plan)
     if "compare_seconds" in res:
         rows += _compare_rows(res["compare_seconds"])
+    if "refusal_seconds" in res:
+        r = res["refusal_seconds"]
+        rows.append(("refusal_seconds", "bad --epochs, whole process, median s", r["median_seconds"],
+                     f"[{min(r['samples_seconds']):.2f}-{max(r['samples_seconds']):.2f}] s", "< 1 s"))
     return rows
 
 
@@ -246,7 +251,7 @@ def _compare_rows(cs: dict) -> list[tuple]:
         sec = cs[kind]["seconds"]
         rows.append((f"compare_seconds {kind}", f"{small} runs {sec[f'{kind}_{small}']:.2f}s -> "
                      f"{big} runs {sec[f'{kind}_{big}']:.2f}s", sec[f"{kind}_{big}"],
-                     f"growth {cs[kind]['growth']:.2f}x", f"<= 3 s; growth <= {big // small}x"))
+                     f"growth {cs[kind]['growth']:.2f}x", f"<= 2 s; growth <= {big // small}x"))
     return rows
 
 
@@ -273,7 +278,25 @@ def machine(rt_device: torch.device, plan: Plan) -> dict:
     return {**info, "mlflow": mlflow.__version__, "plan": asdict(plan)}
 
 
-GROUPS = ("loop", "kd", "pack", "server")  # server: tracking_overhead and compare_seconds
+GROUPS = ("loop", "kd", "pack", "server", "refusal")  # server: tracking_overhead and compare_seconds
+
+
+def bench_refusal(plan: Plan) -> dict:
+    """Whole process: `kd-mlflow train` refusing a bad --epochs (nothing heavy may load)."""
+    argv = [sys.executable, "-m", "kd_mlflow", "train", "--seed", "0", "--epochs", "0"]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if out.returncode != 2:
+            raise RuntimeError(f"expected exit 2, got {out.returncode}: {out.stderr[-500:]}")
+        return seconds
+
+    samples = sorted(once() for _ in range(5 if plan.compare_reps <= 3 else 9))
+    log(f"refusal: {samples}")
+    return {"refusal_seconds": {"median_seconds": statistics.median(samples), "samples_seconds": samples,
+                                "target_seconds": 1.0}}
 
 
 def main(argv=None) -> int:
@@ -304,6 +327,8 @@ def main(argv=None) -> int:
             res.update(bench(plan, b))
     if "server" in only:
         res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
+    if "refusal" in only:
+        res.update(bench_refusal(plan))
     res["machine"] = machine(b.rt.device, plan)
     res["machine"].update(total_seconds=time.perf_counter() - t0, load_average_at_start=load0)
     print(table(res, plan))

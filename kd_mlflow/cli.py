@@ -269,11 +269,13 @@ def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, dev
 @click.option("--dataset", type=_Optional(click.STRING), default=None, help="Only this dataset's runs.")
 @click.option("--group", type=_Optional(click.STRING), default=None,
               help="Only the group whose label or id starts with this (labels head each table).")
-def compare(experiment, fmt, output, preset, dataset, group):
+@click.option("--intervals/--no-intervals", default=True, show_default=True,
+              help="Every gain with its 95% intervals and the mechanism figures, from the runs' predictions.")
+def compare(experiment, fmt, output, preset, dataset, group, intervals):
     """Rebuild the report's tables from the tracking server."""
     from . import steps
 
-    text = steps.compare(experiment, fmt, preset, dataset, group)
+    text = steps.compare(experiment, fmt, preset, dataset, group, intervals)
     if output:
         Path(output).write_text(text)
     else:

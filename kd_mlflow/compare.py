@@ -409,13 +409,13 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
 
     rows = []
     for r in t.gains.itertuples():
-        p = "-" if pd.isna(r.p_value) else f"{r.p_value:.3g} ({r.b}/{r.c})"
+        p = "-" if pd.isna(r.p_value) else f"{r.p_value:.3g} ({int(r.b)}/{int(r.c)})"
         seed = "-" if pd.isna(r.seed_lo) else fmt_interval(r.estimate, r.seed_lo, r.seed_hi)
         rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), seed, p])
     mech = []
     for r in t.mechanism.itertuples():
-        value = fmt_interval(r.value, r.lo, r.hi).lstrip("+") if not pd.isna(r.lo) else _fmt(r.value, ".3f" if
-                                                                                          r.detail == "nats" else ".2f")
+        spec = ".3f" if r.detail == "nats" else ".2f"
+        value = _fmt(r.value, spec) + ("" if pd.isna(r.lo) else f" [{r.lo:{spec}}, {r.hi:{spec}}]")
         mech.append([r.figure, value, r.detail])
     out = []
     if rows:

@@ -54,6 +54,23 @@ def accuracy_by_method(tables: list):
     return fig
 
 
+def gains(table):
+    """Each gain as a point with its 95% paired-bootstrap interval, and a zero line.
+    ``table``: the rows of kd_mlflow.gains (gain, estimate, lo, hi)."""
+    rows = list(table.itertuples())
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    for i, r in enumerate(rows):
+        ax.errorbar(r.estimate, i, xerr=[[r.estimate - r.lo], [r.hi - r.estimate]], fmt="o", color="black",
+                    capsize=4)
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), [r.gain for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("gain in test accuracy (points), 95% paired bootstrap interval over test images")
+    ax.set_title("Gains and their uncertainty")
+    fig.tight_layout()
+    return fig
+
+
 def close(figs: dict) -> None:
     for fig in figs.values():
         plt.close(fig)

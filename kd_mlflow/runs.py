@@ -183,9 +183,10 @@ def experiments_with_results(session) -> list[str]:
     return tracking.experiments_with_tag(session, schema.ROLE)
 
 
-def results_frame(session):
-    """Every FINISHED run of the experiment as MLflow's runs frame (one search query)."""
-    return session.runs_frame()
+def results_frame(session, preset: str | None = None):
+    """Every FINISHED run of the experiment (of one preset, filtered on the server) as
+    MLflow's runs frame, in one search query."""
+    return session.runs_frame(f"tags.`{schema.PRESET}` = '{preset}'" if preset else "")
 
 
 def register(session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:

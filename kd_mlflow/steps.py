@@ -219,6 +219,7 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         dd = data_mod.DeviceData(source, split, rt.device)
         result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
         rec.sink.replay(result.history)
+        rec.sink.flush()  # the epochs first: if the server is gone, the checkpoint keeps them
         model.load_state_dict(result.best_state)
         _log_predictions(rec, model, dd, recipe, rt)
         return Final({schema.FINAL_VAL_ACC: result.best_val_acc, schema.FINAL_TEST_ACC: result.best_test_acc,
@@ -280,12 +281,17 @@ def load_network(session, rec: RunRecord, num_classes: int, option: str):
 # --- compare -------------------------------------------------------------------
 
 def compare(experiment: str | None, fmt: str, preset: str | None = None, dataset: str | None = None,
-            group: str | None = None) -> str:
-    """The report's tables from the experiment's finished runs, rendered as ``fmt``."""
+            group: str | None = None, intervals: bool = True) -> str:
+    """The report's tables from the experiment's finished runs, rendered as ``fmt``;
+    with ``intervals``, every gain's uncertainty and the mechanism figures, from the
+    runs' logged predictions."""
     from . import compare as tables
 
     session = runs.connect(experiment, create=False)
-    built = tables.build_tables(runs.results_frame(session), preset, dataset, group)
+    built = tables.build_tables(runs.results_frame(session, preset), preset, dataset, group)
+    if intervals and built:
+        preds = predictions_for(session, tables.run_ids(built))
+        built = [tables.with_intervals(t, preds) for t in built]
     if not built:
         elsewhere = runs.experiments_with_results(session)
         if elsewhere:
@@ -302,3 +308,38 @@ def compare(experiment: str | None, fmt: str, preset: str | None = None, dataset
                          (("markdown", "md"), ("json", "json"), ("csv", "csv"))}, figs)
         plots.close(figs)
     return text
+
+
+def predictions_for(session, run_ids) -> dict:
+    """run id -> its logged predictions. A run made before runs logged them gets them
+    from its logged weights, once, and they are logged on it then; a run without
+    weights gets none (its gains have no interval)."""
+    out = {}
+    for rid in run_ids:
+        rec = runs.get(session, rid, "run")
+        if not rec.has_predictions:
+            try:
+                runs.check_weights(session, rec, "run") if rec.role != "ensemble" else None
+                _backfill_predictions(session, rec)
+            except ConfigError as e:
+                print(f"note: no predictions for run {rid}: {e.reason}", file=sys.stderr)
+                continue
+            rec = runs.get(session, rid, "run")
+        out[rid] = runs.predictions_of(session, rec)
+    return out
+
+
+def _backfill_predictions(session, rec: RunRecord) -> None:
+    from . import data as data_mod
+    from .train import make_runtime, predict
+
+    print(f"computing the predictions of run {rec.run_id} ({rec.name}) from its weights, once", file=sys.stderr)
+    member = runs.members(session, rec)[0] if rec.role == "ensemble" else rec
+    recipe = recipe_from_params(member.params)
+    source, split = load_data(recipe, rec.data_dir or member.data_dir, Execution())
+    runs.check_same_data(rec, split.digest, source.num_classes, "run")
+    rt = make_runtime(recipe, "cpu")
+    model = load_network(session, rec, source.num_classes, "run")
+    dd = data_mod.DeviceData(source, split, rt.device)
+    runs.add_predictions(session, rec, predict(model, dd, "val", recipe, rt).numpy(),
+                         predict(model, dd, "test", recipe, rt).numpy(), dd.val_y.numpy(), dd.test_y.numpy())

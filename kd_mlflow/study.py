@@ -290,12 +290,17 @@ SUMMARY_METRICS = {
 }
 
 
+# Bounds of the paired-bootstrap interval of each gain, as parent metrics too.
+GAIN_METRICS = {"ensemble - mean single": "ensemble_gain", "KD - mean single": "kd_gain",
+                "SD - teacher (mean over pairs)": "sd_gain_mean", "SD ensemble - ensemble": "sd_ensemble_gain"}
+
+
 def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str, dict]:
     from . import compare, plots, runs
 
     frame = runs.results_frame(session)
     frame = frame[frame["run_id"].isin(set(result.runs.values()))]  # exactly this study's steps
-    tables = compare.build_tables(frame)
+    tables = compare.build_tables(frame, predictions=steps.predictions_for(session, result.runs.values()))
     text = compare.render(tables, "markdown")
     summary = {}
     if tables:
@@ -304,10 +309,16 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
             value = rows.loc[row, col] if row in rows.index else None
             if value is not None and value == value:  # not NaN
                 summary[key] = float(value)
+        for g in tables[0].gains.itertuples():
+            key = GAIN_METRICS.get(g.gain)
+            if key and g.lo == g.lo:
+                summary.update({f"{key}_lo": float(g.lo), f"{key}_hi": float(g.hi)})
     roles = {name: ("teacher" if name.startswith("train-") else "student")
              for name in result.runs if not name.startswith(("ensemble-", "sd-ensemble-"))}
     histories = runs.metric_histories(session, {n: result.runs[n] for n in roles})
     figs = plots.figures(histories, roles, tables)
+    if tables and not tables[0].gains.empty:
+        figs["gains.png"] = plots.gains(tables[0].gains)
     tracking.log_study(session, parent, {
         "tables.md": text, "tables.json": compare.render(tables, "json"),
         "tables.csv": compare.render(tables, "csv")},

@@ -87,10 +87,11 @@ class Session:
     def artifact_paths(self, run_id: str, folder: str) -> set[str]:
         return {f.path for f in self.client.list_artifacts(run_id, folder)}
 
-    def runs_frame(self):
-        """Every FINISHED run of the experiment, in one search query."""
-        return mlflow.search_runs([self.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                  output_format="pandas", max_results=100_000)
+    def runs_frame(self, filter_string: str = ""):
+        """Every FINISHED run of the experiment (matching ``filter_string``), in one search query."""
+        where = " AND ".join(p for p in ("attributes.status = 'FINISHED'", filter_string) if p)
+        return mlflow.search_runs([self.experiment_id], filter_string=where, output_format="pandas",
+                                  max_results=100_000)
 
 
 def connect(experiment: str | None = None, create: bool = True) -> Session:

@@ -65,7 +65,9 @@ def test_parent_run_holds_tables_and_plots(study):
     parent = study["by_name"]["study-smoke-digits"].info.run_id
     names = {a.path for a in study["client"].list_artifacts(parent)}
     assert {"tables.md", "tables.json", "tables.csv", "learning_curves.png", "accuracy_by_method.png",
-            "steps.json"} <= names
+            "gains.png", "steps.json"} <= names
+    assert {"ensemble_gain_lo", "ensemble_gain_hi", "kd_gain", "sd_gain_mean"} <= \
+        set(study["by_name"]["study-smoke-digits"].data.metrics)
     assert "| seed | validation accuracy | test accuracy |" in study["proc"].stdout
 
 
@@ -107,3 +109,52 @@ def test_compare_refuses_a_missing_experiment_without_creating_it(study, monkeyp
     res = invoke("compare", "--experiment", "no-such-study")
     assert res.exit_code == 2 and "no-such-study" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert study["client"].get_experiment_by_name("no-such-study") is None
+
+
+# --- issue 14: predictions as artifacts, every gain with its uncertainty ----------
+
+def _predictions(client, run_id):
+    from kd_mlflow import predictions
+
+    return predictions.load(client.download_artifacts(run_id, schema.PREDICTIONS_PATH))
+
+
+def test_every_run_logs_its_predictions_and_the_ensemble_is_their_average(study):
+    client, r = study["client"], study["by_name"]
+    for name, run in r.items():
+        if name.startswith("study-"):
+            continue
+        p = _predictions(client, run.info.run_id)
+        assert p.probs("test").dtype.name == "float16" and p.probs_val.shape[0] == int(run.data.params["n_val"])
+        assert 100.0 * p.correct("test").mean() == pytest.approx(run.data.metrics[schema.FINAL_TEST_ACC], abs=1e-9)
+    ens = r["ensemble-seeds-0-1"]
+    members = [_predictions(client, rid) for rid in ens.data.tags[schema.MEMBER_RUN_IDS].split(",")]
+    mean = sum(m.probs("test").astype("float64") for m in members) / len(members)
+    acc = 100.0 * (mean.argmax(1) == members[0].labels("test")).mean()
+    assert acc == pytest.approx(ens.data.metrics[schema.FINAL_TEST_ACC], abs=1e-9)
+
+
+def test_compare_intervals_contain_their_gains_and_come_from_the_artifacts(study, monkeypatch):
+    from kd_mlflow import stats
+
+    for k, v in study["env"].items():
+        monkeypatch.setenv(k, v)
+    res = invoke("compare", "--experiment", "study-smoke", "--format", "json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    gains = {g["gain"]: g for g in doc["gains"]}
+    assert {"ensemble - mean single", "KD - mean single", "SD - teacher (mean over pairs)",
+            "SD ensemble - ensemble"} <= set(gains)
+    for g in doc["gains"]:
+        assert g["lo"] <= g["estimate"] <= g["hi"], g
+    client, r = study["client"], study["by_name"]
+    singles = [_predictions(client, r[f"train-seed-{s}"].info.run_id).correct("test") for s in (0, 1)]
+    ens = _predictions(client, r["ensemble-seeds-0-1"].info.run_id).correct("test")
+    again = stats.paired_bootstrap(singles, ens)
+    g = gains["ensemble - mean single"]
+    assert (g["estimate"], g["lo"], g["hi"]) == (again.estimate, again.lo, again.hi)
+    sd = [g for g in doc["gains"] if g["gain"].startswith("SD student")]
+    assert len(sd) == 2 and all(0 <= g["p_value"] <= 1 for g in sd)
+    assert any(m["figure"].startswith("members: images where") for m in doc["mechanism"])
+    md = invoke("compare", "--experiment", "study-smoke").stdout
+    assert "### Gains with 95% intervals" in md and " [" in md.split("### Gains")[1]
