@@ -237,6 +237,15 @@ def group_label(preset_name: str, recipe: Recipe, role: str) -> str:
     return " · ".join([preset_name or "custom", *shown])
 
 
+def check_schedule(recipe: Recipe, n_train: int) -> None:
+    """A one-cycle schedule needs a few steps in each phase (torch's OneCycleLR divides
+    by the warm-up's length): refused before any run exists."""
+    steps = recipe.epochs * -(-n_train // recipe.batch_size)
+    if recipe.schedule == "onecycle" and min(int(recipe.warmup * steps), steps - int(recipe.warmup * steps)) < 2:
+        raise ConfigError("epochs", recipe.epochs, f"a onecycle schedule over {steps} step(s) is too short: "
+                          "train longer, on more images, or use --schedule constant")
+
+
 # The study's KD student seed per preset: the report's KD script seeded 42 before it
 # built its student.
 STUDY_KD_SEED = {"seed-report": 42}

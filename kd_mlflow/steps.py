@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runs, schema
-from .config import ConfigError, Recipe, default_cache_dir, group_label, recipe_from_params, resolve
+from .config import ConfigError, Recipe, check_schedule, default_cache_dir, group_label, recipe_from_params, resolve
 from .runs import Final, Outcome, RunRecord, RunSpec
 
 
@@ -42,6 +42,7 @@ def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
           parent_run_id: str | None = None, session=None, register: str | None = None) -> Outcome:
     _check_seed(seed)
     source, split = load_data(recipe, data_dir, ex)
+    check_schedule(recipe, len(split.train_idx))
     session = session or runs.connect(experiment)
     spec = _spec("train", schema.train_name(seed), recipe, preset, source, split, seed=seed,
                  label=group_label(preset, recipe, "train"))
@@ -68,6 +69,7 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
     preset = preset or teacher.preset
     recipe = _student_recipe(preset, teacher, overrides or {})
     source, split = load_data(recipe, data_dir or teacher.data_dir, ex)
+    check_schedule(recipe, len(split.train_idx))
     runs.check_same_data(teacher, split.digest, source.num_classes, "teacher")
     method = "kd" if teacher.role == "ensemble" else "sd"
     t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import schema, steps, tracking
-from .config import ConfigError, Recipe
+from .config import ConfigError, Recipe, check_schedule
 from .errors import TrackingUnavailable
 from .runs import Outcome, digest
 
@@ -205,6 +205,7 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
 
     # Fail on bad data before any run exists.
     source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
+    check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
     executor = executor or InProcess()
     parent = tracking.open_study(session, schema.study_name(plan.preset, plan.recipe.dataset),
