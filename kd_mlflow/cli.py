@@ -181,7 +181,12 @@ def main():
 
 
 @main.command()
-@click.option("--seed", type=click.IntRange(min=0), required=True, help="Model seed: the initialisation only.")
+@click.option("--seed", type=_Optional(click.IntRange(min=0)), default=None,
+              help="Model seed: the initialisation only.")
+@click.option("--seeds", type=_Optional(click.STRING), default=None,
+              help="Several seeds (e.g. 0-4), one run each, instead of --seed.")
+@click.option("--pack", is_flag=True, help="With --seeds: train them side by side as one packed network "
+                                           "(each still its own run; pays off on a GPU).")
 @_preset
 @_data_dir
 @_experiment
@@ -189,16 +194,28 @@ def main():
 @_recipe_options
 @_execution_options
 @_step_options
-def train(seed, preset, data_dir, experiment, register, device, compile_, deterministic, force, cache_dir,
-          parent_run, outcome_json, **kw):
-    """Train one model and log one MLflow run; prints its run id."""
+def train(seed, seeds, pack, preset, data_dir, experiment, register, device, compile_, deterministic, force,
+          cache_dir, parent_run, outcome_json, **kw):
+    """Train one model and log one MLflow run; prints its run id (one per line with --seeds)."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
+    if (seed is None) == (seeds is None):
+        raise click.UsageError("give exactly one of --seed and --seeds")
+    if pack and seeds is None:
+        raise click.UsageError("--pack needs --seeds")
+    wanted = config.parse_seeds(seeds) if seeds is not None else None
     from . import steps
 
-    out = steps.train(seed, recipe, preset, data_dir, experiment,
-                      _execution(device, compile_, deterministic, force, cache_dir), parent_run,
-                      register=register)
-    _emit(out, outcome_json)
+    ex = _execution(device, compile_, deterministic, force, cache_dir)
+    if wanted is None:
+        _emit(steps.train(seed, recipe, preset, data_dir, experiment, ex, parent_run, register=register),
+              outcome_json)
+        return
+    if register:
+        raise ConfigError("register", register, "register one run at a time (--seed)")
+    outs = steps.train_wave(wanted, recipe, preset, data_dir, experiment, ex, parent_run) if pack else \
+        [steps.train(s, recipe, preset, data_dir, experiment, ex, parent_run) for s in wanted]
+    for out in outs:
+        _emit(out, outcome_json)
 
 
 @main.command()
@@ -303,12 +320,14 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
               metavar="NAME", help="Register the KD student as NAME, alias champion "
                                    "[the experiment's name + -kd-student].")
 @click.option("--no-register", is_flag=True, help="Do not register the KD student.")
+@click.option("--pack", is_flag=True, help="Train the seeds, and the SD students, of a wave side by side as "
+                                           "one packed network (in this process; pays off on a GPU).")
 @_data_dir
 @_experiment
 @_recipe_options
 @_execution_options
 def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_per_run, ray_local_gpus,
-              register_as, no_register, data_dir, experiment, device, compile_, deterministic, force,
+              register_as, no_register, pack, data_dir, experiment, device, compile_, deterministic, force,
               cache_dir, **kw):
     """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
     Finished steps are reused, so a rerun does only what is missing."""
@@ -317,7 +336,10 @@ def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
     from . import executors, study
 
-    plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir)
+    if pack and (jobs > 1 or executor != "local"):
+        raise ConfigError("pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and "
+                          "--executor, or --pack")
+    plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, pack)
     if executor == "ray":
         runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
     else:

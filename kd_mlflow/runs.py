@@ -329,6 +329,45 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
     return Outcome(writer.run_id, spec.name, False)
 
 
+def record_wave(session, specs: list[RunSpec], body, *, force: bool = False,
+                parent_run_id: str | None = None) -> list[Outcome]:
+    """Several runs trained at once (a packed wave): each configuration that has a
+    FINISHED result is reused; the others are recorded as their own runs, with the same
+    params, tags and identity as if each had been trained alone. ``body(recordings,
+    indices)`` gets one Recording per run to train (``indices`` into ``specs``) and
+    returns one Final each. A packed wave keeps no checkpoint: interrupted, it starts
+    again from its first epoch (the runs end KILLED or FAILED, never RUNNING)."""
+    outs: list = [None] * len(specs)
+    todo = []
+    for i, spec in enumerate(specs):
+        existing = None if force else find_result(session, spec.config_hash)
+        if existing:
+            outs[i] = reuse(session, existing)
+        else:
+            todo.append(i)
+    if not todo:
+        return outs
+    writers = [tracking.RunWriter(session, None, specs[i].name, parent_run_id) for i in todo]
+    with contextlib.ExitStack() as stack:
+        for w in writers:
+            stack.enter_context(finishing(w))
+        recordings = []
+        for i, w in zip(todo, writers):
+            print(f"run {w.run_id} ({specs[i].name}): {tracking.run_link(session, w.run_id)}", file=sys.stderr)
+            w.log_header(specs[i].params, {**specs[i].tags, schema.CONFIG_HASH: specs[i].config_hash,
+                                           schema.PACKED: str(len(todo))})
+            w.log_dataset(*specs[i].dataset)
+            recordings.append(Recording(w, None))
+        finals = body(recordings, todo)
+        for rec, final in zip(recordings, finals):
+            rec.sink.flush()
+            rec.writer.log_final(final.metrics)
+            rec.writer.log_model(final.model, final.example)
+    for i, w in zip(todo, writers):
+        outs[i] = Outcome(w.run_id, specs[i].name, False)
+    return outs
+
+
 class EpochSink:
     """Delivers each epoch's metrics exactly once, in one request per epoch. If the
     server is unreachable, training goes on and the epochs wait here (and in the
@@ -401,14 +440,6 @@ def finishing(writer):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def fail_adopted(session, reason: str) -> None:
-    """Under `mlflow run`, a command refused before it made a run still ends the run
-    MLflow made: FAILED, with the reason as a tag (never left RUNNING)."""
-    if session is not None and session.adopted_run_id:
-        with contextlib.suppress(Exception):
-            tracking.fail_run(session, session.adopted_run_id, reason)
 
 
 @contextlib.contextmanager

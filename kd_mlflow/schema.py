@@ -26,6 +26,7 @@ MEMBER_ROLE = "kd.member_role"        # ensembles: role of the members (train | 
 PREDICTIONS = "kd.predictions"    # the artifact path of the run's predicted probabilities
 PREDICTIONS_PATH = "predictions/predictions.npz"
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
+PACKED = "kd.packed"              # trained in a packed wave of this many networks (not identity)
 FAILURE = "kd.failure"            # why a run ended FAILED, in one line
 STUDY = "kd.study"                # a study's parent run: "true"
 COMPARE = "kd.compare"            # a run that only holds compare's tables: "true"

@@ -44,8 +44,7 @@ def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     session = session or runs.connect(experiment)
-    spec = _spec("train", schema.train_name(seed), recipe, preset, source, split, seed=seed,
-                 label=group_label(preset, recipe, "train"))
+    spec = _train_spec(seed, recipe, preset, source, split)
     from .objectives import CrossEntropy
 
     body = _fitting(recipe, seed, source, split, ex, lambda dd, rt: CrossEntropy())
@@ -63,11 +62,38 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
             ex: Execution = Execution(), parent_run_id: str | None = None, session=None,
             register: str | None = None) -> Outcome:
     """A student of a train run (SD), an ensemble run (KD) or another student."""
-    _check_seed(seed)
     session = session or runs.connect(experiment)
+    plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
+    existing = None if ex.force else runs.find_result(session, plan.spec.config_hash)
+    if existing:
+        out = runs.reuse(session, existing)
+    else:
+        # Load (and so vet) the teacher before any run exists: a refused file creates nothing.
+        teacher_model = load_network(session, plan.teacher, plan.source.num_classes, "teacher")
+        body = _fitting(plan.recipe, seed, plan.source, plan.split, ex,
+                        lambda dd, rt: _student_objective(plan, teacher_model, dd, rt, ex), plan.draws_before)
+        out = runs.record(session, plan.spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
+                          parent_run_id=parent_run_id)
+    if register:
+        runs.register(session, out.run_id, register)
+    return out
+
+
+@dataclass(frozen=True)
+class _StudentPlan:
+    spec: RunSpec
+    recipe: Recipe
+    source: object
+    split: object
+    teacher: RunRecord
+    draws_before: int
+
+
+def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: dict, data_dir, ex) -> _StudentPlan:
+    _check_seed(seed)
     teacher = runs.finished(session, teacher_run_id, "teacher")
     preset = preset or teacher.preset
-    recipe = _student_recipe(preset, teacher, overrides or {})
+    recipe = _student_recipe(preset, teacher, overrides)
     source, split = load_data(recipe, data_dir or teacher.data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     runs.check_same_data(teacher, split.digest, source.num_classes, "teacher")
@@ -80,33 +106,94 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
                  tags={schema.METHOD: method, schema.TEACHER_RUN_ID: teacher_run_id,
                        schema.TEACHER_ROLE: teacher.role, schema.TEACHER_SEEDS: t_seeds,
                        schema.GENERATION: str(teacher.generation + 1)})
-    existing = None if ex.force else runs.find_result(session, spec.config_hash)
-    if existing:
-        out = runs.reuse(session, existing)
-        if register:
-            runs.register(session, out.run_id, register)
-        return out
-    # Load (and so vet) the teacher before any run exists: a refused file creates nothing.
-    teacher_model = load_network(session, teacher, source.num_classes, "teacher")
-
-    def objective(dd, rt):
-        from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_table
-
-        model = rt.prepare(teacher_model)
-        if recipe.augment:
-            t = OnlineTeacher(model, rt.autocast)
-        else:
-            t = CachedTeacher(teacher_table(model, dd, rt.autocast, recipe.eval_batch_size))
-        return distillation(t, recipe)
-
     from .models import draws_before_student
 
-    body = _fitting(recipe, seed, source, split, ex, objective, draws_before_student(recipe, method))
-    out = runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
-                      parent_run_id=parent_run_id)
-    if register:
-        runs.register(session, out.run_id, register)
-    return out
+    return _StudentPlan(spec, recipe, source, split, teacher, draws_before_student(recipe, method))
+
+
+def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution):
+    from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_table
+
+    model = rt.prepare(teacher_model)
+    if plan.recipe.augment:
+        t = OnlineTeacher(model, rt.autocast)
+    else:
+        t = CachedTeacher(_teacher_table(plan.teacher.run_id, plan.split.digest, ex, rt,
+                                         lambda: teacher_table(model, dd, rt.autocast, plan.recipe.eval_batch_size)))
+    return distillation(t, plan.recipe)
+
+
+# --- packed waves: the networks of a wave trained side by side as one network ---
+
+def train_wave(seeds: list[int], recipe: Recipe, preset: str, data_dir: str | None = None,
+               experiment: str | None = None, ex: Execution = Execution(), parent_run_id: str | None = None,
+               session=None) -> list[Outcome]:
+    """Train runs of these seeds, the missing ones packed (kd_mlflow.pack): each is its
+    own run with the identity it would have alone, so lone and packed runs reuse each other."""
+    for seed in seeds:
+        _check_seed(seed)
+    source, split = load_data(recipe, data_dir, ex)
+    check_schedule(recipe, len(split.train_idx))
+    session = session or runs.connect(experiment)
+    specs = [_train_spec(seed, recipe, preset, source, split) for seed in seeds]
+
+    def objective(dd, rt, i):
+        from .objectives import CrossEntropy
+        return CrossEntropy()
+
+    body = _fitting_packed(recipe, seeds, [0] * len(seeds), source, split, ex, objective)
+    return runs.record_wave(session, specs, body, force=ex.force, parent_run_id=parent_run_id)
+
+
+def distill_wave(pairs: list[tuple[str, int]], preset: str | None = None, overrides: dict | None = None,
+                 data_dir: str | None = None, experiment: str | None = None, ex: Execution = Execution(),
+                 parent_run_id: str | None = None, session=None) -> list[Outcome]:
+    """Students of (teacher run, seed) pairs of one recipe and split, the missing ones packed."""
+    session = session or runs.connect(experiment)
+    plans = [_student_plan(session, t, seed, preset, overrides or {}, data_dir, ex) for t, seed in pairs]
+    if len({(p.recipe, p.split.digest) for p in plans}) > 1:
+        raise ConfigError("pack", ",".join(t for t, _ in pairs), "a packed wave needs one recipe and one split")
+    first = plans[0]
+    teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
+    body = _fitting_packed(first.recipe, [seed for _, seed in pairs], [p.draws_before for p in plans],
+                           first.source, first.split, ex,
+                           lambda dd, rt, i: _student_objective(plans[i], teachers[i], dd, rt, ex))
+    return runs.record_wave(session, [p.spec for p in plans], body, force=ex.force, parent_run_id=parent_run_id)
+
+
+def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, make_objective):
+    """The body of a packed wave: each network seeded and built as it would be alone."""
+    def body(recordings, indices) -> list:
+        import torch
+
+        from . import data as data_mod
+        from . import machine, models
+        from .pack import fit_packed
+        from .train import make_runtime
+
+        rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
+        for rec in recordings:
+            rec.set_tags({"kd.device": rt.device, "kd.precision_resolved": rt.precision,
+                          "kd.threads": torch.get_num_threads(), **machine.env_tags(rt.device)})
+        nets = []
+        for i in indices:
+            torch.manual_seed(seeds[i])
+            nets.append(models.build(recipe, source.num_classes, draws_before=draws[i]))
+        dd = data_mod.DeviceData(source, split, rt.device)
+        results = fit_packed(nets, [make_objective(dd, rt, i) for i in indices], dd, recipe, rt,
+                             [rec.sink for rec in recordings])
+        finals = []
+        for rec, net, result in zip(recordings, nets, results):
+            rec.sink.replay(result.history)
+            rec.sink.flush()
+            net.load_state_dict(result.best_state)
+            net = rt.prepare(net)
+            _log_predictions(rec, net, dd, recipe, rt)
+            finals.append(Final({schema.FINAL_VAL_ACC: result.best_val_acc,
+                                 schema.FINAL_TEST_ACC: result.best_test_acc,
+                                 schema.BEST_EPOCH: result.best_epoch}, net, dd.test_x[:2].cpu()))
+        return finals
+    return body
 
 
 def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
@@ -179,6 +266,11 @@ def members_for_seeds(seeds: list[int], preset: str | None, dataset: str | None,
 
 # --- the shared path ---------------------------------------------------------
 
+def _train_spec(seed: int, recipe: Recipe, preset: str, source, split) -> RunSpec:
+    return _spec("train", schema.train_name(seed), recipe, preset, source, split, seed=seed,
+                 label=group_label(preset, recipe, "train"))
+
+
 def _spec(role: str, name: str, recipe: Recipe, preset: str, source, split, *, seed: int | None = None,
           recipe_role: str | None = None, identity: tuple = (), group_parts: tuple = (), label: str = "",
           params: dict | None = None, tags: dict | None = None) -> RunSpec:
@@ -227,6 +319,26 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         return Final({schema.FINAL_VAL_ACC: result.best_val_acc, schema.FINAL_TEST_ACC: result.best_test_acc,
                       schema.BEST_EPOCH: result.best_epoch}, model, dd.test_x[:2].cpu())
     return body
+
+
+def _teacher_table(teacher_run_id: str, split_digest: str, ex: Execution, rt, compute):
+    """A teacher's logits on the training images, computed once per teacher run, split,
+    device type and precision, and kept beside the checkpoints: the students of one
+    teacher (other seeds, temperatures, alphas) reuse it."""
+    import torch
+
+    from .checkpoint import CorruptCheckpoint, dump, parse, write_atomic
+
+    key = runs.digest(teacher_run_id, split_digest, rt.device.type, rt.precision)
+    path = ex.checkpoint_root / "teacher-tables" / f"{key}.ckpt"
+    if path.is_file():
+        try:
+            return parse(path.read_bytes(), str(path))["logits"].to(rt.device)
+        except (CorruptCheckpoint, KeyError):
+            pass  # recomputed below
+    logits = compute()
+    write_atomic(path, dump({"logits": logits.detach().to("cpu", torch.float32)}))
+    return logits
 
 
 def _log_predictions(rec, model, dd, recipe, rt) -> None:

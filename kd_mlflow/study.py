@@ -30,6 +30,7 @@ class Plan:
     student_seed_offset: int = 10
     kd_seed: int = 100
     data_dir: str | None = None
+    pack: bool = False        # the seeds, and the SD students, as packed waves
 
     def __post_init__(self):
         if self.student_seed_offset < 1:
@@ -208,6 +209,8 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
     executor = executor or InProcess()
+    if plan.pack:
+        executor = PackedWaves(executor)
     parent = tracking.open_study(session, schema.study_name(plan.preset, plan.recipe.dataset),
                                  _study_tags(plan, split.digest))
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
@@ -260,15 +263,47 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
-    students = [DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)))]
-    students += [DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds)]
-    done = wave(students)
-    wave([EnsembleStep(tuple(done[1:]), tuple(s + off for s in seeds), "student")])
+    kd = wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)))])
+    sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds)])
+    wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
+
+
+class PackedWaves:
+    """A wave of several trainings as one packed network (kd_mlflow.pack), in this
+    process; single steps go to the executor it wraps."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def run_wave(self, items, ctx: Context, progress) -> list:
+        if len(items) < 2 or not all(isinstance(s, (TrainStep, DistillStep)) for s in items):
+            return self.inner.run_wave(items, ctx, progress)
+        p = ctx.plan
+        for step in items:
+            progress.starting(step)
+        t0 = time.monotonic()
+        try:
+            if isinstance(items[0], TrainStep):
+                outs = steps.train_wave([s.seed for s in items], p.recipe, p.preset, p.data_dir, None, ctx.ex,
+                                        ctx.parent, session=ctx.session)
+            else:
+                outs = steps.distill_wave([(s.teacher, s.seed) for s in items], p.preset, p.overrides, p.data_dir,
+                                          None, ctx.ex, ctx.parent, session=ctx.session)
+        except ConfigError as e:
+            raise StepFailed(",".join(s.name for s in items), str(e)) from None
+        for step, out in zip(items, outs):
+            progress.finished(step, out, (time.monotonic() - t0) / len(items))
+        return outs
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 # --- the parent run --------------------------------------------------------
 
 def _study_tags(plan: Plan, split_digest: str) -> dict:
+    # --pack is not part of a study's identity: packed and lone runs of a configuration
+    # are the same runs.
     return {schema.STUDY: "true", schema.PRESET: plan.preset, schema.DATASET: plan.recipe.dataset,
             schema.SPLIT_DIGEST: split_digest,
             schema.CONFIG_HASH: digest("study", plan.recipe.digest("student"), split_digest, plan.seeds,

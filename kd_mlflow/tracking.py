@@ -1,4 +1,5 @@
-"""The only module that imports mlflow.
+"""The MLflow adapter: with :mod:`kd_mlflow.runs` (a run's life), the only module that
+imports mlflow or handles its entities.
 
 Where runs go: MLflow's own resolution of the tracking URI (MLFLOW_TRACKING_URI, else
 MLflow 3's default ``sqlite:///mlflow.db``). Which experiment: ``--experiment``, else
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -158,21 +159,18 @@ def _first_line(e: Exception) -> str:
 # --- a run being written ---------------------------------------------------
 
 class RunWriter:
-    """One run, written through the fluent API so that models attach to it."""
+    """One run, written through the client by run id (never MLflow's fluent "active
+    run"), so that several can be open at once and none depends on $MLFLOW_RUN_ID."""
 
     def __init__(self, session: Session, run_id: str | None, name: str, parent_run_id=None):
         self.session = session
         if run_id is None and session.adopted_run_id:
             run_id = session.adopted_run_id
         if run_id is None:
-            # Created through the client, never by the fluent API's fallback to
-            # $MLFLOW_RUN_ID: under `mlflow run -e main` that run is the study's parent.
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
             run_id = session.client.create_run(session.experiment_id, run_name=name, tags=tags).info.run_id
         else:
-            session.client.set_tag(run_id, "mlflow.runName", name)
-        self.nested = mlflow.active_run() is not None
-        self.active = mlflow.start_run(run_id=run_id, nested=self.nested)
+            session.client.update_run(run_id, status="RUNNING", name=name)
         self.run_id = run_id
 
     def log_header(self, params: dict, tags: dict) -> None:
@@ -187,18 +185,21 @@ class RunWriter:
                 fresh[key] = value
             elif not _same_value(held[key], value):
                 fresh[f"resolved.{key}"] = value
-        mlflow.log_params(fresh)
-        mlflow.set_tags({**tags, schema.VERSION: _version(), **_git_tag()})
+        self.session.client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh.items()])
+        self.set_tags({**tags, schema.VERSION: _version(), **_git_tag()})
 
     def log_dataset(self, name: str, uri: str, digest: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
 
         with warnings.catch_warnings():
             # A file URI matches two registered local sources that behave the same.
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(uri)
-        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="training")
+        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+        self.session.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                                    "training")])])
 
     def logged_epochs(self) -> set[int]:
         hist = self.session.client.get_metric_history(self.run_id, "val_acc")
@@ -214,7 +215,8 @@ class RunWriter:
             raise TrackingUnavailable(_first_line(e)) from None
 
     def log_final(self, metrics: dict) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        ts = int(1000 * time.time())
+        self.session.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
 
     def log_model(self, model, example) -> None:
         """The model as an MLflow model (pt2: torch.export, loads without pickle) with a
@@ -226,9 +228,19 @@ class RunWriter:
         with torch.no_grad():
             out = model(example).numpy()
         x = example.numpy()
-        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, out),
-                                 input_example=x, serialization_format="pt2",
-                                 pip_requirements=["torch", "torchvision"])
+        # MLflow 3 files a logged model under the fluent API's experiment unless told:
+        # this run's, for the length of the call (restored after).
+        previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        os.environ["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
+        try:
+            mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, out),
+                                     input_example=x, serialization_format="pt2",
+                                     pip_requirements=["torch", "torchvision"], run_id=self.run_id)
+        finally:
+            if previous is None:
+                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            else:
+                os.environ["MLFLOW_EXPERIMENT_ID"] = previous
         self.log_weights(model.state_dict())
 
     def log_weights(self, state_dict: dict) -> None:
@@ -237,19 +249,19 @@ class RunWriter:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(WEIGHTS_PATH).name
             torch.save({k: v.cpu() for k, v in state_dict.items()}, path)
-            mlflow.log_artifact(str(path), Path(WEIGHTS_PATH).parent.as_posix())
+            self.log_artifact(path, Path(WEIGHTS_PATH).parent.as_posix())
 
     def set_tags(self, tags: dict) -> None:
-        mlflow.set_tags(tags)
+        self.session.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path, folder: str) -> None:
-        mlflow.log_artifact(str(path), folder)
+        self.session.client.log_artifact(self.run_id, str(path), folder)
 
     def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
         log_predictions_to(self.session, self.run_id, probs_val, probs_test, labels_val, labels_test)
 
     def end(self, status: str = "FINISHED") -> None:
-        mlflow.end_run(status)
+        self.session.client.set_terminated(self.run_id, status)
 
 
 def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:

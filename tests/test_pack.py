@@ -159,3 +159,24 @@ def test_pack_refuses_networks_of_different_shapes():
     b = models.build(config.preset("smoke").replace(width=8), 10)
     with pytest.raises(ValueError):
         pack([a, b])
+
+
+# --- the packed path through the CLI: each network its own run, reused by lone runs -----
+
+@pytest.mark.e2e
+def test_train_seeds_pack_logs_runs_a_lone_run_reuses(tracked):
+    from conftest import run_cli
+    from kd_mlflow import schema
+
+    packed = run_cli("train", "--seeds", "0-1", "--pack", "--preset", "smoke", "--epochs", "3", env=tracked.env)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    ids = packed.stdout.strip().splitlines()[-2:]
+    runs = {r.info.run_id: r for r in tracked.runs()}
+    assert set(runs) == set(ids) and all(r.info.status == "FINISHED" for r in runs.values())
+    for seed, rid in zip((0, 1), ids):
+        r = runs[rid]
+        assert r.info.run_name == f"train-seed-{seed}" and r.data.tags[schema.PACKED] == "2"
+        assert r.data.metrics[schema.FINAL_TEST_ACC] > 0 and r.data.tags.get(schema.PREDICTIONS)
+    lone = run_cli("train", "--seed", "1", "--preset", "smoke", "--epochs", "3", env=tracked.env)
+    assert lone.returncode == 0 and lone.stdout.strip().splitlines()[-1] == ids[1]
+    assert "reusing finished run" in lone.stderr and len(tracked.runs()) == 2

@@ -372,3 +372,25 @@ def test_resume_test_can_fail_without_each_piece_of_state(tmp_path, piece):
     full_model, _ = _fit(6)
     model, _ = _resumed(tmp_path, _Lossy(tmp_path / "ckpt", piece))
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in full_model.state_dict().items())
+
+
+def test_a_teachers_table_is_computed_once_per_teacher_and_split(tmp_path):
+    from kd_mlflow import steps
+
+    ex = steps.Execution(cache_dir=tmp_path)
+    rt = make_runtime(config.preset("smoke"), "cpu")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.arange(12, dtype=torch.float32).view(4, 3)
+
+    first = steps._teacher_table("t" * 32, "split-a", ex, rt, compute)
+    again = steps._teacher_table("t" * 32, "split-a", ex, rt, compute)
+    assert len(calls) == 1 and torch.equal(first, again)
+    steps._teacher_table("t" * 32, "split-b", ex, rt, compute)  # another split: its own table
+    assert len(calls) == 2
+    for f in (tmp_path / "teacher-tables").iterdir():
+        f.write_bytes(f.read_bytes()[:-5])  # truncated: refused, recomputed
+    steps._teacher_table("t" * 32, "split-a", ex, rt, compute)
+    assert len(calls) == 3
