@@ -1,7 +1,8 @@
 """One composition function per command, between the CLI and the library.
 
 Each checks its inputs, loads the data, then records its run through
-:func:`kd_mlflow.runs.record`, the one path shared by every role: so train runs,
+:func:`kd_mlflow.runs.record` (a packed wave: :func:`kd_mlflow.runs.record_wave`),
+with the core params and tags of :func:`_spec`, shared by every role: so train runs,
 students and ensembles log the same core params and tags. Everything that can be
 refused is refused before a run is created.
 
