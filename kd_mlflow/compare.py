@@ -271,7 +271,10 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
     trains = part[part["role"] == "train"]
     ens = part[part["role"] == "ensemble"]
     students = part[part["role"] == "student"]
-    train_groups = sorted(trains["group"].unique()) or [NO_GROUP]
+    labels = trains.groupby("group")["group_label"].first()
+    # The preset's own recipe first, then the variants by label.
+    train_groups = sorted(trains["group"].unique(), key=lambda g: (labels.get(g) not in (None, preset),
+                                                                  str(labels.get(g)), g)) or [NO_GROUP]
     single = len(train_groups) == 1
     out = []
     for g in train_groups:
