@@ -325,6 +325,7 @@ def _kd_mlflow_losses(images, labels) -> list[float]:
     return losses
 
 
+@pytest.mark.e2e  # two whole training pipelines, side by side
 def test_training_steps_match_a_reference_written_from_the_report(jpegs):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # runs the script as a process
+
 REPO = Path(__file__).resolve().parent.parent
 
 FIGURES = [

@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 import torch
 
 from conftest import REPO, run_cli
 from kd_mlflow import data, schema
+
+pytestmark = pytest.mark.e2e  # real processes, a real server or store
 
 
 def _test_acc_of_logged_model(run_id: str) -> float:
