@@ -246,15 +246,6 @@ def check_schedule(recipe: Recipe, n_train: int) -> None:
                           "train longer, on more images, or use --schedule constant")
 
 
-# The study's KD student seed per preset: the report's KD script seeded 42 before it
-# built its student.
-STUDY_KD_SEED = {"seed-report": 42}
-
-
-def study_kd_seed(preset_name: str) -> int:
-    return STUDY_KD_SEED.get(preset_name, 100)
-
-
 def default_cache_dir() -> Path:
     """Decoded datasets and checkpoints: $KD_MLFLOW_CACHE, else ~/.cache/kd-mlflow."""
     return Path(os.environ.get("KD_MLFLOW_CACHE") or Path.home() / ".cache" / "kd-mlflow")

@@ -10,7 +10,6 @@ model all see the same preprocessing.
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path

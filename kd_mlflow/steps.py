@@ -12,6 +12,7 @@ torch and the training modules are imported where they are used, so that `compar
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -168,14 +169,13 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
         import torch
 
         from . import data as data_mod
-        from . import machine, models
+        from . import models
         from .pack import fit_packed
         from .train import make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
         for rec in recordings:
-            rec.set_tags({"kd.device": rt.device, "kd.precision_resolved": rt.precision,
-                          "kd.threads": torch.get_num_threads(), **machine.env_tags(rt.device)})
+            rec.set_tags(_runtime_tags(rt))
         nets = []
         for i in indices:
             torch.manual_seed(seeds[i])
@@ -183,17 +183,8 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
         dd = data_mod.DeviceData(source, split, rt.device)
         results = fit_packed(nets, [make_objective(dd, rt, i) for i in indices], dd, recipe, rt,
                              [rec.sink for rec in recordings])
-        finals = []
-        for rec, net, result in zip(recordings, nets, results):
-            rec.sink.replay(result.history)
-            rec.sink.flush()
-            net.load_state_dict(result.best_state)
-            net = rt.prepare(net)
-            _log_predictions(rec, net, dd, recipe, rt)
-            finals.append(Final({schema.FINAL_VAL_ACC: result.best_val_acc,
-                                 schema.FINAL_TEST_ACC: result.best_test_acc,
-                                 schema.BEST_EPOCH: result.best_epoch}, net, dd.test_x[:2].cpu()))
-        return finals
+        return [_selected(rec, rt.prepare(net), result, dd, recipe, rt)
+                for rec, net, result in zip(recordings, nets, results)]
     return body
 
 
@@ -302,23 +293,16 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         import torch
 
         from . import data as data_mod
-        from . import machine, models
+        from . import models
         from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
-        # What the numbers depend on beyond the recipe (after make_runtime: it sets TF32).
-        rec.set_tags({"kd.device": rt.device, "kd.precision_resolved": rt.precision,
-                      "kd.threads": torch.get_num_threads(), **machine.env_tags(rt.device)})
+        rec.set_tags(_runtime_tags(rt))
         torch.manual_seed(seed)  # the model seed sets the initialisation, nothing else
         model = rt.prepare(models.build(recipe, source.num_classes, draws_before=draws_before))
         dd = data_mod.DeviceData(source, split, rt.device)
         result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
-        rec.sink.replay(result.history)
-        rec.sink.flush()  # the epochs first: if the server is gone, the checkpoint keeps them
-        model.load_state_dict(result.best_state)
-        _log_predictions(rec, model, dd, recipe, rt)
-        return Final({schema.FINAL_VAL_ACC: result.best_val_acc, schema.FINAL_TEST_ACC: result.best_test_acc,
-                      schema.BEST_EPOCH: result.best_epoch}, model, dd.test_x[:2].cpu())
+        return _selected(rec, model, result, dd, recipe, rt)
     return body
 
 
@@ -340,6 +324,27 @@ def _teacher_table(teacher_run_id: str, split_digest: str, ex: Execution, rt, co
     logits = compute()
     write_atomic(path, dump({"logits": logits.detach().to("cpu", torch.float32)}))
     return logits
+
+
+def _runtime_tags(rt) -> dict:
+    """What the numbers depend on beyond the recipe (after make_runtime: it sets TF32)."""
+    import torch
+
+    from . import machine
+
+    return {"kd.device": rt.device, "kd.precision_resolved": rt.precision,
+            "kd.threads": torch.get_num_threads(), **machine.env_tags(rt.device)}
+
+
+def _selected(rec, model, result, dd, recipe, rt) -> Final:
+    """After the loop: the epochs' metrics first (if the server is gone, the checkpoint
+    keeps them), then the best-validation weights, their predictions and results."""
+    rec.sink.replay(result.history)
+    rec.sink.flush()
+    model.load_state_dict(result.best_state)
+    _log_predictions(rec, model, dd, recipe, rt)
+    return Final({schema.FINAL_VAL_ACC: result.best_val_acc, schema.FINAL_TEST_ACC: result.best_test_acc,
+                  schema.BEST_EPOCH: result.best_epoch}, model, dd.test_x[:2].cpu())
 
 
 def _log_predictions(rec, model, dd, recipe, rt) -> None:
@@ -434,12 +439,12 @@ def predictions_for(session, run_ids) -> dict:
         rec = runs.get(session, rid, "run")
         if not rec.has_predictions:
             try:
-                runs.check_weights(session, rec, "run") if rec.role != "ensemble" else None
+                _check_loadable(session, rec, "run")
                 _backfill_predictions(session, rec)
             except ConfigError as e:
                 print(f"note: no predictions for run {rid}: {e.reason}", file=sys.stderr)
                 continue
-            rec = runs.get(session, rid, "run")
+            rec = dataclasses.replace(rec, has_predictions=True)
         out[rid] = runs.predictions_of(session, rec)
     return out
 

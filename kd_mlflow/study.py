@@ -263,7 +263,7 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
-    kd = wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)))])
+    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)))])
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
 

@@ -71,12 +71,17 @@ def test_parent_run_holds_tables_and_plots(study):
     assert "| seed | validation accuracy | test accuracy |" in study["proc"].stdout
 
 
-def test_compare_numbers_are_the_metrics_of_the_runs_they_name(study, monkeypatch):
+def _compare(study, monkeypatch, *args):
+    """`kd-mlflow compare` on the study's experiment, in this process."""
     for k, v in study["env"].items():
         monkeypatch.setenv(k, v)
-    res = invoke("compare", "--experiment", "study-smoke", "--format", "json")
+    res = invoke("compare", "--experiment", "study-smoke", *args)
     assert res.exit_code == 0, res.output
-    tables = json.loads(res.stdout)
+    return res.stdout
+
+
+def test_compare_numbers_are_the_metrics_of_the_runs_they_name(study, monkeypatch):
+    tables = json.loads(_compare(study, monkeypatch, "--format", "json"))
     assert set(tables) >= {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary"}
     client, checked = study["client"], 0
     for key, val_col, test_col in (("seeds", "val_acc", "test_acc"), ("ensembles", "val_acc", "test_acc"),
@@ -137,11 +142,7 @@ def test_every_run_logs_its_predictions_and_the_ensemble_is_their_average(study)
 def test_compare_intervals_contain_their_gains_and_come_from_the_artifacts(study, monkeypatch):
     from kd_mlflow import stats
 
-    for k, v in study["env"].items():
-        monkeypatch.setenv(k, v)
-    res = invoke("compare", "--experiment", "study-smoke", "--format", "json")
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
+    doc = json.loads(_compare(study, monkeypatch, "--format", "json"))
     gains = {g["gain"]: g for g in doc["gains"]}
     assert {"ensemble - mean single", "KD - mean single", "SD - teacher (mean over pairs)",
             "SD ensemble - ensemble"} <= set(gains)
@@ -156,5 +157,5 @@ def test_compare_intervals_contain_their_gains_and_come_from_the_artifacts(study
     sd = [g for g in doc["gains"] if g["gain"].startswith("SD student")]
     assert len(sd) == 2 and all(0 <= g["p_value"] <= 1 for g in sd)
     assert any(m["figure"].startswith("members: images where") for m in doc["mechanism"])
-    md = invoke("compare", "--experiment", "study-smoke").stdout
+    md = _compare(study, monkeypatch)
     assert "### Gains with 95% intervals" in md and " [" in md.split("### Gains")[1]
