@@ -136,8 +136,15 @@ def _resolve_experiment(client, name, create) -> str:
     if exp is None:
         if not create:
             raise ConfigError("experiment", name, "no such experiment")
-        exp_id = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        return exp_id
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as e:
+            # Two launches at once: the one that lost the race uses the winner's experiment.
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.lifecycle_stage != "active":
         raise ConfigError("experiment", name, "experiment is deleted")
     if EXPERIMENT_KIND_TAG not in exp.tags:

@@ -142,6 +142,27 @@ def test_two_launches_at_once_train_once(tracked, tmp_path):
     assert [r.info.status for r in tracked.runs()] == ["FINISHED"]
 
 
+def test_the_launch_that_loses_the_experiment_race_uses_the_winners(tracked):
+    """Between this launch's lookup and its create, another launch creates the
+    experiment (what two `kd-mlflow train` started together do): the loser adopts it."""
+    from kd_mlflow import tracking
+
+    class Late(mlflow.MlflowClient):
+        lookups = 0
+
+        def get_experiment_by_name(self, name):
+            Late.lookups += 1
+            if Late.lookups == 1:
+                mlflow.MlflowClient(tracked.uri).create_experiment(name)  # the other launch
+                return None
+            return super().get_experiment_by_name(name)
+
+    exp_id = tracking._resolve_experiment(Late(tracked.uri), tracked.experiment, create=True)
+    winner = tracked.client.get_experiment_by_name(tracked.experiment)
+    assert exp_id == winner.experiment_id and Late.lookups == 2
+    assert winner.tags.get(tracking.EXPERIMENT_KIND_TAG) == tracking.EXPERIMENT_KIND
+
+
 @pytest.fixture
 def own_server(tmp_path):
     srv = MlflowServer(tmp_path / "own-store").start()
