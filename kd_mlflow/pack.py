@@ -176,16 +176,17 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
         t0 = time.perf_counter()
         train = train_epoch_packed(step, objectives, data, recipe, rt, optimizer, scheduler, order)
         val_loss, val_acc = evaluate_stacked(step, data, "val", recipe, rt)
-        _, test_acc = evaluate_stacked(step, data, "test", recipe, rt)
+        test_acc = evaluate_stacked(step, data, "test", recipe, rt)[1] if recipe.test_each_epoch else None
         seconds = time.perf_counter() - t0
         metrics = [{"train_loss": train[0][i].item(), "train_acc": train[1][i].item(),
                     "val_loss": val_loss[i].item(), "val_acc": val_acc[i].item(),
-                    "test_acc": test_acc[i].item(), "epoch_seconds": seconds} for i in range(k)]
+                    **({"test_acc": test_acc[i].item()} if test_acc is not None else {}),
+                    "epoch_seconds": seconds} for i in range(k)]
         improved = [i for i in range(k) if metrics[i]["val_acc"] > best[i]["val"]]
         states = unpack(packed) if improved else None
         for i in improved:
-            best[i].update(val=metrics[i]["val_acc"], test=metrics[i]["test_acc"], epoch=epoch,
-                           state=states[i])
+            best[i].update(val=metrics[i]["val_acc"], test=metrics[i].get("test_acc", float("nan")),
+                           epoch=epoch, state=states[i])
         for i in range(k):
             histories[i].append(metrics[i])
             if sinks[i]:
@@ -194,8 +195,19 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
               + " ".join(f"{m['val_acc']:.2f}" for m in metrics) + f"  {seconds:.1f}s",
               file=log, flush=True)
 
-    for model, state in zip(models, unpack(packed)):
-        model.load_state_dict(state)
+    if not recipe.test_each_epoch and all(b["state"] is not None for b in best):
+        # One test pass, on each network's selected weights, packed again.
+        final = unpack(packed)
+        for model, b in zip(models, best):
+            model.load_state_dict(b["state"])
+        tests = evaluate_stacked(rt.prepare(pack(models)), data, "test", recipe, rt)[1]
+        for i in range(k):
+            best[i]["test"] = tests[i].item()
+        for model, state in zip(models, final):
+            model.load_state_dict(state)
+    else:
+        for model, state in zip(models, unpack(packed)):
+            model.load_state_dict(state)
     return [FitResult(b["epoch"], b["val"], b["test"], b["state"], h)
             for b, h in zip(best, histories)]
 

@@ -124,10 +124,10 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
         t0 = time.perf_counter()
         metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step,
                                log, epoch)
-        metrics.update(evaluate_all(step, data, recipe, rt))
+        metrics.update(evaluate_all(step, data, recipe, rt, test=recipe.test_each_epoch))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if metrics["val_acc"] > state["best_val_acc"]:
-            state.update(best_val_acc=metrics["val_acc"], best_test_acc=metrics["test_acc"],
+            state.update(best_val_acc=metrics["val_acc"], best_test_acc=metrics.get("test_acc", float("nan")),
                          best_epoch=epoch, best_state=_cpu_copy(model.state_dict()))
         state["epoch"] = epoch
         state["history"].append(metrics)
@@ -137,6 +137,11 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
             checkpoints.save(_snapshot(model, optimizer, scheduler, order, state, rt))
         print(_progress_line(epoch, recipe.epochs, metrics), file=log, flush=True)
 
+    if not recipe.test_each_epoch and state["best_state"] is not None:
+        final = _cpu_copy(model.state_dict())
+        model.load_state_dict(state["best_state"])
+        state["best_test_acc"] = evaluate(model, data, "test", recipe, rt)[1]
+        model.load_state_dict(final)  # the model leaves with its last epoch's weights, as always
     return FitResult(state["best_epoch"], state["best_val_acc"], state["best_test_acc"],
                      state["best_state"], state["history"])
 
@@ -214,16 +219,19 @@ def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> torch.Tenso
     return torch.cat(out)
 
 
-def evaluate_all(model, data, recipe, rt) -> dict:
-    """Validation loss and accuracy, and test accuracy."""
+def evaluate_all(model, data, recipe, rt, test: bool = True) -> dict:
+    """Validation loss and accuracy, and (``test``) test accuracy."""
     val_loss, val_acc = evaluate(model, data, "val", recipe, rt)
-    _, test_acc = evaluate(model, data, "test", recipe, rt)
-    return {"val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc}
+    out = {"val_loss": val_loss, "val_acc": val_acc}
+    if test:
+        out["test_acc"] = evaluate(model, data, "test", recipe, rt)[1]
+    return out
 
 
 def _progress_line(epoch, epochs, m) -> str:
+    test = f"  test_acc {m['test_acc']:.2f}" if "test_acc" in m else ""
     return (f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.2f}"
-            f"  val_acc {m['val_acc']:.2f}  test_acc {m['test_acc']:.2f}  {m['epoch_seconds']:.1f}s")
+            f"  val_acc {m['val_acc']:.2f}{test}  {m['epoch_seconds']:.1f}s")
 
 
 # --- resumable state -------------------------------------------------------

@@ -154,6 +154,24 @@ def test_packed_gradient_is_each_networks_lone_gradient(digits):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_packed_one_test_pass_is_each_networks_per_epoch_result(digits):
+    """test_each_epoch=False, packed: one test pass on each network's selected weights
+    gives what a per-epoch pass gave at that network's selected epoch."""
+    out = {}
+    for each in (True, False):
+        recipe, rt, dd = _setup(digits, epochs=4, test_each_epoch=each)
+        models_ = [_build(recipe, s) for s in SEEDS]
+        out[each] = models_, fit_packed(models_, CrossEntropy(), dd, recipe, rt, log=io.StringIO())
+    (m_each, each), (m_once, once) = out[True], out[False]
+    assert any(r.best_epoch < 4 for r in each), "some network must select an earlier epoch"
+    for a, b in zip(each, once):
+        assert b.best_epoch == a.best_epoch and b.best_test_acc == a.history[a.best_epoch - 1]["test_acc"]
+        assert all("test_acc" not in h for h in b.history)
+    for a, b in zip(m_each, m_once):  # every lone model leaves with its last epoch's weights
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+
+
 def test_pack_refuses_networks_of_different_shapes():
     a = models.build(config.preset("smoke"), 10)
     b = models.build(config.preset("smoke").replace(width=8), 10)

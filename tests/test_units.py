@@ -3,6 +3,7 @@ checkpoints and bitwise resume. No MLflow."""
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import tarfile
@@ -57,6 +58,7 @@ def test_identity_is_role_shaped():
         assert r.replace(**{field: value}).digest("train") != r.digest("train"), field
         assert field in r.as_params("train")
     assert r.replace(eval_batch_size=7).digest("student") == r.digest("student")
+    assert r.replace(test_each_epoch=False).digest("student") == r.digest("student")
     assert config.group_label("smoke", config.resolve("smoke", epochs=1), "train") == "smoke · epochs=1"
     assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "train") == "smoke"
     assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "student") == \
@@ -394,3 +396,25 @@ def test_a_teachers_table_is_computed_once_per_teacher_and_split(tmp_path):
         f.write_bytes(f.read_bytes()[:-5])  # truncated: refused, recomputed
     steps._teacher_table("t" * 32, "split-a", ex, rt, compute)
     assert len(calls) == 3
+
+
+def test_one_test_pass_on_the_selected_weights_is_the_per_epoch_result():
+    """test_each_epoch=False: no test pass per epoch, one on the selected weights; the
+    run's result is the test accuracy a per-epoch pass gave at the selected epoch."""
+    runs = {}
+    for each in (True, False):
+        r, src, split, rt, dd = _smoke_setup(epochs=4, test_each_epoch=each)  # selects epoch 3
+        torch.manual_seed(0)
+        model = models.build(r, 10)
+        from kd_mlflow.objectives import CrossEntropy
+        runs[each] = model, fit(model, CrossEntropy(), dd, r, rt, None, None, log=io.StringIO())
+    (m_each, each), (m_once, once) = runs[True], runs[False]
+    assert each.best_epoch < 4, "this recipe must select an earlier epoch for the test to tell"
+    assert once.best_epoch == each.best_epoch and once.best_val_acc == each.best_val_acc
+    assert once.best_test_acc == each.history[each.best_epoch - 1]["test_acc"] == each.best_test_acc
+    assert once.best_test_acc != each.history[-1]["test_acc"]
+    assert all("test_acc" not in h for h in once.history)
+    assert [{k: v for k, v in h.items() if k not in ("test_acc", "epoch_seconds")} for h in each.history] == \
+        [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in once.history]
+    for k, v in m_each.state_dict().items():  # both leave with the last epoch's weights
+        assert torch.equal(v, m_once.state_dict()[k]), k
