@@ -53,8 +53,13 @@ def _recipe_options(func):
         default = getattr(Recipe, f.name)
         flags = _spellings(f.name)
         if isinstance(default, bool):
-            opt = click.option(f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}", f.name,
-                               default=None, help=f"Override the preset's {f.name}.")
+            # --augment, --augment false (what `mlflow run -P augment=false` passes) and
+            # --no-augment.
+            dashed = f.name.replace("_", "-")
+            func = click.option(f"--no-{dashed}", f"no_{f.name}", is_flag=True, default=False,
+                                help=f"Same as --{dashed} false.")(func)
+            opt = click.option(*flags, f.name, type=_Optional(click.BOOL), is_flag=False, flag_value="true",
+                               default=None, help=f"Override the preset's {f.name} (true or false).")
         else:
             inner = (click.Choice(config.CHOICES[f.name]) if f.name in config.CHOICES else
                      _triple if isinstance(default, tuple) else
@@ -73,7 +78,16 @@ def _spellings(name: str) -> list[str]:
 
 
 def _overrides(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if v is not None}
+    """The recipe fields given on the command line; ``--no-x`` is ``x`` false."""
+    bools = {f.name for f in dataclasses.fields(Recipe) if isinstance(f.default, bool)}
+    out = {k: v for k, v in kwargs.items() if v is not None and not (k.startswith("no_") and k[3:] in bools)}
+    for name in bools:
+        if kwargs.get(f"no_{name}"):
+            if out.get(name) is True:
+                dashed = name.replace("_", "-")
+                raise click.UsageError(f"--{dashed} and --no-{dashed} contradict each other")
+            out[name] = False
+    return out
 
 
 def _execution_options(func):

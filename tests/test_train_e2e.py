@@ -27,6 +27,8 @@ def _test_acc_of_logged_model(run_id: str) -> float:
 def test_mlflow_run_train_gives_one_complete_run(tracked):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=3",
            "-P", "preset=smoke", "-P", "epochs=3", "--env-manager", "local",
+           # booleans as `mlflow run` passes them (--augment true): one test pass at the end
+           "-P", "augment=true", "-P", "test_each_epoch=false",
            "--experiment-name", tracked.experiment]
     env = {**os.environ, **tracked.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -41,9 +43,11 @@ def test_mlflow_run_train_gives_one_complete_run(tracked):
     for key in ("split_seed", "order_seed", "split_digest", "optimizer", "lr", "batch_size", "width"):
         assert key in p, key
     assert t[schema.ROLE] == "train" and t[schema.SPLIT_DIGEST] == p["split_digest"]
+    assert (p["augment"], p["test_each_epoch"]) == ("True", "False")
     for key in schema.EPOCH_METRICS:
         steps = [h.step for h in tracked.client.get_metric_history(run.info.run_id, key)]
-        assert sorted(steps) == [1, 2, 3], (key, steps)  # once per epoch, step = epoch
+        expected = [] if key == "test_acc" else [1, 2, 3]  # test_each_epoch=false: no test curve
+        assert sorted(steps) == expected, (key, steps)  # once per epoch, step = epoch
     best = int(m[schema.BEST_EPOCH])
     val_hist = {h.step: h.value for h in tracked.client.get_metric_history(run.info.run_id, "val_acc")}
     assert m[schema.FINAL_VAL_ACC] == max(val_hist.values()) == val_hist[best]

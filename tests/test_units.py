@@ -418,3 +418,29 @@ def test_one_test_pass_on_the_selected_weights_is_the_per_epoch_result():
         [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in once.history]
     for k, v in m_each.state_dict().items():  # both leave with the last epoch's weights
         assert torch.equal(v, m_once.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--augment", "true"], {"augment": True}),          # `mlflow run -P augment=true`
+    (["--augment", "false"], {"augment": False}),
+    (["--augment"], {"augment": True}),
+    (["--no-augment"], {"augment": False}),
+    (["--test_each_epoch", "false"], {"test_each_epoch": False}),
+    (["--augment", ""], {}),                              # `-P augment=`: not given
+    ([], {}),
+])
+def test_boolean_recipe_fields_take_every_spelling(argv, expected):
+    from kd_mlflow import cli
+
+    ctx = cli.train.make_context("train", ["--seed", "0", *argv])
+    got = cli._overrides(ctx.params)
+    assert {k: v for k, v in got.items() if k in ("augment", "test_each_epoch")} == expected
+
+
+def test_a_bad_or_contradicting_boolean_is_a_usage_error():
+    from conftest import invoke
+
+    res = invoke("train", "--seed", "0", "--preset", "smoke", "--augment", "maybe")
+    assert res.exit_code == 2 and "'maybe'" in res.stderr and "Traceback" not in res.stderr
+    res = invoke("train", "--seed", "0", "--preset", "smoke", "--augment", "--no-augment")
+    assert res.exit_code == 2 and "--augment and --no-augment contradict" in res.stderr
