@@ -24,7 +24,8 @@ break this (gradient norm clipping, LARS/LAMB trust ratios, a shared loss scale)
 the recipes have none. The numbers agree up to float rounding of the different
 convolution kernels (tests/test_pack.py).
 
-Not supported: checkpoint/resume of a packed run (a packed fit restarts from epoch 1).
+A packed wave checkpoints and resumes as one: the packed weights, the one optimiser and
+schedule, the order generator, and each network's best-validation state and history.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def unpack(packed: PackedResNet) -> list[dict]:
 # --- training --------------------------------------------------------------------
 
 def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, sinks=None,
-               log=sys.stderr) -> list[FitResult]:
+               log=sys.stderr, checkpoints=None) -> list[FitResult]:
     """:func:`kd_mlflow.train.fit` for K networks at once, as one packed network.
 
     ``objectives``: one objective per network (``objective(logits, batch)``, e.g. a
@@ -156,7 +157,9 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
     or None. Each network gets its own history and best-validation checkpoint (the
     first epoch of strictly highest ``val_acc``), as it would alone; ``epoch_seconds``
     is the packed epoch's wall time (all K networks). On return every lone model holds
-    its final-epoch weights, as after :func:`~kd_mlflow.train.fit`.
+    its final-epoch weights, as after :func:`~kd_mlflow.train.fit`. ``checkpoints`` (a
+    :class:`kd_mlflow.checkpoint.CheckpointStore`) makes the wave resumable, bit for bit
+    as a lone run is.
     """
     k = len(models)
     objectives = list(objectives) if isinstance(objectives, (list, tuple)) else [objectives] * k
@@ -171,8 +174,22 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
     step = torch.compile(packed) if rt.compile else packed
     best = [{"val": -1.0, "test": float("nan"), "epoch": 0, "state": None} for _ in range(k)]
     histories: list[list[dict]] = [[] for _ in range(k)]
+    done = 0
+    saved = checkpoints.load_latest() if checkpoints else None
+    if saved is not None:
+        if len(saved["best"]) != k:
+            raise ValueError(f"the wave's checkpoint holds {len(saved['best'])} networks, not {k}")
+        packed.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        order.set_state(saved["order_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        if "cuda_rng" in saved and rt.device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        best, histories, done = saved["best"], saved["histories"], saved["epoch"]
+        print(f"resuming the packed wave after epoch {done}", file=log)
 
-    for epoch in range(1, recipe.epochs + 1):
+    for epoch in range(done + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
         train = train_epoch_packed(step, objectives, data, recipe, rt, optimizer, scheduler, order)
         val_loss, val_acc = evaluate_stacked(step, data, "val", recipe, rt)
@@ -191,6 +208,13 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
             histories[i].append(metrics[i])
             if sinks[i]:
                 sinks[i](epoch, metrics[i])
+        if checkpoints:
+            snap = {"model": _cpu_copy(packed.state_dict()), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "order_rng": order.get_state(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best, "histories": histories}
+            if rt.device.type == "cuda":
+                snap["cuda_rng"] = torch.cuda.get_rng_state_all()
+            checkpoints.save(snap)
         print(f"epoch {epoch}/{recipe.epochs}  {k} packed networks  val_acc "
               + " ".join(f"{m['val_acc']:.2f}" for m in metrics) + f"  {seconds:.1f}s",
               file=log, flush=True)

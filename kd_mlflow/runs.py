@@ -330,24 +330,52 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
 
 
 def record_wave(session, specs: list[RunSpec], body, *, force: bool = False,
-                parent_run_id: str | None = None) -> list[Outcome]:
+                checkpoint_root: Path | None = None, parent_run_id: str | None = None) -> list[Outcome]:
     """Several runs trained at once (a packed wave): each configuration that has a
     FINISHED result is reused; the others are recorded as their own runs, with the same
     params, tags and identity as if each had been trained alone. ``body(recordings,
-    indices)`` gets one Recording per run to train (``indices`` into ``specs``) and
-    returns one Final each. A packed wave keeps no checkpoint: interrupted, it starts
-    again from its first epoch (the runs end KILLED or FAILED, never RUNNING)."""
+    indices, store)`` gets one Recording per run to train (``indices`` into ``specs``)
+    and the wave's checkpoint store (or None), and returns one Final each. With
+    ``checkpoint_root`` the wave is resumable as a lone run is: the same set of unfinished
+    configurations continues from the wave's checkpoint, in the runs it began."""
     outs: list = [None] * len(specs)
-    todo = []
-    for i, spec in enumerate(specs):
-        existing = None if force else find_result(session, spec.config_hash)
-        if existing:
-            outs[i] = reuse(session, existing)
-        else:
-            todo.append(i)
-    if not todo:
-        return outs
-    writers = [tracking.RunWriter(session, None, specs[i].name, parent_run_id) for i in todo]
+
+    def pending() -> list[int]:
+        todo = []
+        for i, spec in enumerate(specs):
+            existing = None if force or outs[i] else find_result(session, spec.config_hash)
+            if existing:
+                outs[i] = reuse(session, existing)
+            elif outs[i] is None:
+                todo.append(i)
+        return todo
+
+    todo = pending()
+    if checkpoint_root is None:
+        return _record_wave(session, specs, todo, outs, body, None, parent_run_id) if todo else outs
+    from .checkpoint import CheckpointStore  # torch: loaded only by what trains
+
+    while todo:
+        key = digest("wave", *(specs[i].config_hash for i in todo))
+        store = CheckpointStore(_checkpoint_dir(session, key, checkpoint_root))
+        with _exclusive(store.directory):
+            # Another process may have finished some of them while we waited.
+            again = todo if force else pending()
+            if again != todo:
+                todo = again
+                continue
+            if force:
+                store.clear()
+            out = _record_wave(session, specs, todo, outs, body, store, parent_run_id)
+        store.clear()
+        return out
+    return outs
+
+
+def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
+    resumable = [find_resumable(session, specs[i].config_hash) if store else None for i in todo]
+    writers = [tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
+               for i, r in zip(todo, resumable)]
     with contextlib.ExitStack() as stack:
         for w in writers:
             stack.enter_context(finishing(w))
@@ -358,7 +386,7 @@ def record_wave(session, specs: list[RunSpec], body, *, force: bool = False,
                                            schema.PACKED: str(len(todo))})
             w.log_dataset(*specs[i].dataset)
             recordings.append(Recording(w, None))
-        finals = body(recordings, todo)
+        finals = body(recordings, todo, store)
         for rec, final in zip(recordings, finals):
             rec.sink.flush()
             rec.writer.log_final(final.metrics)

@@ -144,7 +144,8 @@ def train_wave(seeds: list[int], recipe: Recipe, preset: str, data_dir: str | No
         return CrossEntropy()
 
     body = _fitting_packed(recipe, seeds, [0] * len(seeds), source, split, ex, objective)
-    return runs.record_wave(session, specs, body, force=ex.force, parent_run_id=parent_run_id)
+    return runs.record_wave(session, specs, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
+                            parent_run_id=parent_run_id)
 
 
 def distill_wave(pairs: list[tuple[str, int]], preset: str | None = None, overrides: dict | None = None,
@@ -160,12 +161,13 @@ def distill_wave(pairs: list[tuple[str, int]], preset: str | None = None, overri
     body = _fitting_packed(first.recipe, [seed for _, seed in pairs], [p.draws_before for p in plans],
                            first.source, first.split, ex,
                            lambda dd, rt, i: _student_objective(plans[i], teachers[i], dd, rt, ex))
-    return runs.record_wave(session, [p.spec for p in plans], body, force=ex.force, parent_run_id=parent_run_id)
+    return runs.record_wave(session, [p.spec for p in plans], body, force=ex.force,
+                            checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id)
 
 
 def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, make_objective):
     """The body of a packed wave: each network seeded and built as it would be alone."""
-    def body(recordings, indices) -> list:
+    def body(recordings, indices, store) -> list:
         import torch
 
         from . import data as data_mod
@@ -182,7 +184,7 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
             nets.append(models.build(recipe, source.num_classes, draws_before=draws[i]))
         dd = data_mod.DeviceData(source, split, rt.device)
         results = fit_packed(nets, [make_objective(dd, rt, i) for i in indices], dd, recipe, rt,
-                             [rec.sink for rec in recordings])
+                             [rec.sink for rec in recordings], checkpoints=store)
         return [_selected(rec, rt.prepare(net), result, dd, recipe, rt)
                 for rec, net, result in zip(recordings, nets, results)]
     return body

@@ -96,6 +96,27 @@ def test_kill_9_then_rerun_resumes_the_same_run_bitwise(tracked, tmp_path, refer
     _assert_same_result(tracked, killed.info.run_id, reference)
 
 
+def test_kill_9_a_packed_wave_then_rerun_resumes_its_runs(tracked, tmp_path):
+    wave = ["train", "--seeds", "3-4", "--pack", "--preset", "smoke", "--epochs", "6"]
+    env = _env(tracked, tmp_path / "cache")
+    proc = _start(wave, env)
+    _wait_for_line(proc, "epoch 3/6")
+    proc.kill()
+    proc.wait()
+    killed = {r.info.run_name: r.info.run_id for r in tracked.runs()}
+    assert sorted(killed) == ["train-seed-3", "train-seed-4"]
+
+    again = _finish(wave, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the packed wave after epoch" in again.stderr
+    runs = tracked.runs()
+    assert {r.info.run_name: r.info.run_id for r in runs} == killed  # the same two runs, finished
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        for key in schema.EPOCH_METRICS:
+            assert _steps(tracked.client, r.info.run_id, key) == [1, 2, 3, 4, 5, 6], key  # each epoch once
+
+
 def test_sigterm_marks_killed_and_the_next_run_finishes_it(tracked, tmp_path, reference):
     env = _env(tracked, tmp_path / "cache")
     proc = _start(TRAIN, env)

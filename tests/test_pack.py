@@ -172,6 +172,46 @@ def test_packed_one_test_pass_is_each_networks_per_epoch_result(digits):
             assert torch.equal(v, b.state_dict()[k]), k
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_packed_wave_resumes_bit_for_bit(digits, tmp_path):
+    """Killed after epoch 2 of 4 (a crash while saving stands in for kill -9), the wave
+    continues from its checkpoint: every network ends with the weights, history and
+    selection of an uninterrupted wave, whatever weights the new process built."""
+    from kd_mlflow.checkpoint import CheckpointStore
+
+    class CrashAfter(CheckpointStore):
+        def save(self, state):
+            path = super().save(state)
+            if state["epoch"] == 2:
+                raise _Crash
+            return path
+
+    recipe, rt, dd = _setup(digits, epochs=4, augment=True, schedule="onecycle")
+
+    def wave(store, seed_shift=0):
+        nets = [_build(recipe, s + seed_shift) for s in SEEDS]
+        return nets, fit_packed(nets, CrossEntropy(), dd, recipe, rt, log=io.StringIO(), checkpoints=store)
+
+    full_nets, full = wave(None)
+    with pytest.raises(_Crash):
+        wave(CrashAfter(tmp_path / "ckpt"))
+    log = io.StringIO()
+    nets = [_build(recipe, s + 100) for s in SEEDS]
+    resumed = fit_packed(nets, CrossEntropy(), dd, recipe, rt, log=log,
+                         checkpoints=CheckpointStore(tmp_path / "ckpt"))
+    assert "resuming the packed wave after epoch 2" in log.getvalue()
+    for a, b, na, nb in zip(full, resumed, full_nets, nets):
+        assert (b.best_epoch, b.best_val_acc, b.best_test_acc) == (a.best_epoch, a.best_val_acc, a.best_test_acc)
+        assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
+        for k, v in na.state_dict().items():
+            assert torch.equal(v, nb.state_dict()[k]), k
+        for k, v in a.best_state.items():
+            assert torch.equal(v, b.best_state[k]), k
+
+
 def test_pack_refuses_networks_of_different_shapes():
     a = models.build(config.preset("smoke"), 10)
     b = models.build(config.preset("smoke").replace(width=8), 10)
