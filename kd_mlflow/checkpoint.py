@@ -69,6 +69,9 @@ class CheckpointStore:
             old.unlink(missing_ok=True)
         return path
 
+    def exists(self) -> bool:
+        return bool(self._files())
+
     def load_latest(self):
         """The newest checkpoint that verifies; corrupted ones are reported in one line
         each and skipped, falling back to an older one or to a clean start."""

@@ -310,9 +310,30 @@ def record(session, spec: RunSpec, body: Callable[[Recording], Final], *, force:
     return out
 
 
+def _continuing(session, config_hash: str, store) -> tuple[RunRecord | None, RunRecord | None]:
+    """(the unfinished run to continue, the unfinished run to supersede). A run is
+    continued only where its epochs can be: from a checkpoint on this machine, or if it
+    has logged no epoch yet. Otherwise its logged epochs came from a training this
+    process cannot continue (another machine, a cleared cache, a lone run now in a
+    packed wave, or the other way round): a new run starts, so that no run's curves mix
+    two trainings."""
+    rec = find_resumable(session, config_hash) if store else None
+    if rec is None or store.exists() or not session.logged_epochs(rec.run_id):
+        return rec, None
+    return None, rec
+
+
+def _supersede(old: RunRecord | None, new_run_id: str) -> None:
+    if old is not None:
+        print(f"note: run {old.run_id} ({old.status}) has no checkpoint here to continue from; "
+              f"training anew in run {new_run_id}", file=sys.stderr)
+        tracking.fail_run_by_id(old.run_id, f"superseded by run {new_run_id}: no checkpoint to continue from")
+
+
 def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
-    resumable = find_resumable(session, spec.config_hash) if store else None
+    resumable, stale = _continuing(session, spec.config_hash, store)
     writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
+    _supersede(stale, writer.run_id)
     print(f"run {writer.run_id} ({spec.name}): {tracking.run_link(session, writer.run_id)}", file=sys.stderr)
     if session.default_experiment:
         print("note: this run is in MLflow's Default experiment, not where `kd-mlflow compare` looks "
@@ -373,9 +394,11 @@ def record_wave(session, specs: list[RunSpec], body, *, force: bool = False,
 
 
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
-    resumable = [find_resumable(session, specs[i].config_hash) if store else None for i in todo]
+    continuing = [_continuing(session, specs[i].config_hash, store) for i in todo]
     writers = [tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
-               for i, r in zip(todo, resumable)]
+               for i, (r, _) in zip(todo, continuing)]
+    for w, (_, stale) in zip(writers, continuing):
+        _supersede(stale, w.run_id)
     with contextlib.ExitStack() as stack:
         for w in writers:
             stack.enter_context(finishing(w))

@@ -81,6 +81,9 @@ class Session:
         runs = self.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'", statuses=UNFINISHED)
         return runs[0] if runs else None
 
+    def logged_epochs(self, run_id: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, "val_acc")}
+
     def get_run(self, run_id: str, option: str):
         try:
             return self.client.get_run(run_id)
@@ -211,8 +214,7 @@ class RunWriter:
                                                                                     "training")])])
 
     def logged_epochs(self) -> set[int]:
-        hist = self.session.client.get_metric_history(self.run_id, "val_acc")
-        return {m.step for m in hist}
+        return self.session.logged_epochs(self.run_id)
 
     def log_epoch(self, epoch: int, metrics: dict) -> None:
         """One request per epoch, never one per step."""

@@ -96,6 +96,26 @@ def test_kill_9_then_rerun_resumes_the_same_run_bitwise(tracked, tmp_path, refer
     _assert_same_result(tracked, killed.info.run_id, reference)
 
 
+def test_a_run_with_epochs_but_no_checkpoint_here_is_superseded_not_mixed(tracked, tmp_path, reference):
+    """Killed on one machine, rerun where its checkpoint is not (another cache): its
+    logged epochs cannot be continued, so a new run trains and the old one ends FAILED
+    saying why; no run's curves mix two trainings."""
+    proc = _start(TRAIN, _env(tracked, tmp_path / "cache-a"))
+    _wait_for_line(proc, "epoch 2/6")
+    proc.kill()
+    proc.wait()
+    (killed,) = tracked.runs()
+
+    again = _finish(TRAIN, _env(tracked, tmp_path / "cache-b"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "has no checkpoint here to continue from" in again.stderr
+    new_id = again.stdout.strip().splitlines()[-1]
+    assert new_id != killed.info.run_id
+    old = tracked.client.get_run(killed.info.run_id)
+    assert old.info.status == "FAILED" and new_id in old.data.tags[schema.FAILURE]
+    _assert_same_result(tracked, new_id, reference)
+
+
 def test_kill_9_a_packed_wave_then_rerun_resumes_its_runs(tracked, tmp_path):
     wave = ["train", "--seeds", "3-4", "--pack", "--preset", "smoke", "--epochs", "6"]
     env = _env(tracked, tmp_path / "cache")
