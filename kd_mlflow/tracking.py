@@ -155,9 +155,14 @@ def _resolve_experiment(client, name, create) -> str:
     return exp.experiment_id
 
 
+_BOOL_SPELLINGS = {"True": {"true", "1", "yes", "y", "on", "t"}, "False": {"false", "0", "no", "n", "off", "f"}}
+
+
 def _same_value(a: str, b: str) -> bool:
     if a.strip("'\"") == b:
         return True
+    if b in _BOOL_SPELLINGS:  # `-P augment=true` is the recipe's True
+        return a.strip("'\"").lower() in _BOOL_SPELLINGS[b]
     try:
         return float(a) == float(b)
     except ValueError:

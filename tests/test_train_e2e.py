@@ -43,7 +43,9 @@ def test_mlflow_run_train_gives_one_complete_run(tracked):
     for key in ("split_seed", "order_seed", "split_digest", "optimizer", "lr", "batch_size", "width"):
         assert key in p, key
     assert t[schema.ROLE] == "train" and t[schema.SPLIT_DIGEST] == p["split_digest"]
-    assert (p["augment"], p["test_each_epoch"]) == ("True", "False")
+    # as typed under `mlflow run` (the same values as the recipe's True and False)
+    assert (p["augment"], p["test_each_epoch"]) == ("true", "false")
+    assert not any(k.startswith("resolved.") for k in p), p
     for key in schema.EPOCH_METRICS:
         steps = [h.step for h in tracked.client.get_metric_history(run.info.run_id, key)]
         expected = [] if key == "test_acc" else [1, 2, 3]  # test_each_epoch=false: no test curve
