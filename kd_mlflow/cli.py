@@ -37,6 +37,19 @@ class _Optional(click.ParamType):
             else self.inner(value)
 
 
+class _YesNo(click.ParamType):
+    name = "boolean"
+    VALUES = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return value
+        try:
+            return self.VALUES[str(value).strip().lower()]
+        except KeyError:
+            self.fail(f"{value!r} is not true or false", param, ctx)
+
+
 def _triple(text: str):
     try:
         values = tuple(float(x) for x in text.split(","))
@@ -58,7 +71,7 @@ def _recipe_options(func):
             dashed = f.name.replace("_", "-")
             func = click.option(f"--no-{dashed}", f"no_{f.name}", is_flag=True, default=False,
                                 help=f"Same as --{dashed} false.")(func)
-            opt = click.option(*flags, f.name, type=_Optional(click.BOOL), is_flag=False, flag_value="true",
+            opt = click.option(*flags, f.name, type=_Optional(_YesNo()), is_flag=False, flag_value="true",
                                default=None, help=f"Override the preset's {f.name} (true or false).")
         else:
             inner = (click.Choice(config.CHOICES[f.name]) if f.name in config.CHOICES else

@@ -155,7 +155,7 @@ def _resolve_experiment(client, name, create) -> str:
     return exp.experiment_id
 
 
-_BOOL_SPELLINGS = {"True": {"true", "1", "yes", "y", "on", "t"}, "False": {"false", "0", "no", "n", "off", "f"}}
+_BOOL_SPELLINGS = {"True": {"true", "1", "yes", "on"}, "False": {"false", "0", "no", "off"}}  # as the CLI reads them
 
 
 def _same_value(a: str, b: str) -> bool:
