@@ -238,3 +238,27 @@ def test_train_seeds_pack_logs_runs_a_lone_run_reuses(tracked):
     lone = run_cli("train", "--seed", "1", "--preset", "smoke", "--epochs", "3", env=tracked.env)
     assert lone.returncode == 0 and lone.stdout.strip().splitlines()[-1] == ids[1]
     assert "reusing finished run" in lone.stderr and len(tracked.runs()) == 2
+
+
+@pytest.mark.e2e
+def test_reproduce_pack_is_the_study_a_lone_reproduce_reuses(tracked):
+    """`reproduce --pack`: the seeds and the SD students as packed waves, each student
+    with its own teacher; a lone `reproduce` of the same study then trains nothing."""
+    from conftest import run_cli
+    from kd_mlflow import schema
+
+    packed = run_cli("reproduce", "--preset", "smoke", "--seeds", "0-1", "--pack", "--no-register", env=tracked.env)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert "7 step(s) ran, 0 reused" in packed.stderr
+    runs = [r for r in tracked.runs() if r.data.tags.get(schema.STUDY) != "true"]
+    assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs)
+    by_name = {r.info.run_name: r for r in runs}
+    for name in ("train-seed-0", "train-seed-1", "sd-t0-s10", "sd-t1-s11"):
+        assert by_name[name].data.tags[schema.PACKED] == "2", name
+    assert schema.PACKED not in by_name["kd-seed-100"].data.tags  # the KD student trains alone
+    for t, s in ((0, 10), (1, 11)):  # each SD student learned from its own teacher
+        assert by_name[f"sd-t{t}-s{s}"].data.tags[schema.TEACHER_RUN_ID] == by_name[f"train-seed-{t}"].info.run_id
+
+    lone = run_cli("reproduce", "--preset", "smoke", "--seeds", "0-1", "--no-register", env=tracked.env)
+    assert lone.returncode == 0, lone.stderr[-3000:]
+    assert "0 step(s) ran, 7 reused" in lone.stderr
