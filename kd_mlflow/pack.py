@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .models import Classifier
-from .train import (FitResult, Runtime, _cpu_copy, evaluate_stacked, make_optimizer,
+from .train import (FitResult, Runtime, _cpu_copy, _restore, _snapshot, evaluate_stacked, make_optimizer,
                     make_scheduler)
 
 # Classifier entries that are the same for every network (preprocessing constants).
@@ -174,22 +174,16 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
     step = torch.compile(packed) if rt.compile else packed
     best = [{"val": -1.0, "test": float("nan"), "epoch": 0, "state": None} for _ in range(k)]
     histories: list[list[dict]] = [[] for _ in range(k)]
-    done = 0
+    state = {"epoch": 0, "best": best, "histories": histories}
     saved = checkpoints.load_latest() if checkpoints else None
     if saved is not None:
         if len(saved["best"]) != k:
             raise ValueError(f"the wave's checkpoint holds {len(saved['best'])} networks, not {k}")
-        packed.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        order.set_state(saved["order_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        if "cuda_rng" in saved and rt.device.type == "cuda":
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        best, histories, done = saved["best"], saved["histories"], saved["epoch"]
-        print(f"resuming the packed wave after epoch {done}", file=log)
+        _restore(saved, packed, optimizer, scheduler, order, state, rt)  # as a lone run resumes
+        best, histories = state["best"], state["histories"]
+        print(f"resuming the packed wave after epoch {state['epoch']}", file=log)
 
-    for epoch in range(done + 1, recipe.epochs + 1):
+    for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
         train = train_epoch_packed(step, objectives, data, recipe, rt, optimizer, scheduler, order)
         val_loss, val_acc = evaluate_stacked(step, data, "val", recipe, rt)
@@ -208,13 +202,9 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
             histories[i].append(metrics[i])
             if sinks[i]:
                 sinks[i](epoch, metrics[i])
+        state["epoch"] = epoch
         if checkpoints:
-            snap = {"model": _cpu_copy(packed.state_dict()), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "order_rng": order.get_state(),
-                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best, "histories": histories}
-            if rt.device.type == "cuda":
-                snap["cuda_rng"] = torch.cuda.get_rng_state_all()
-            checkpoints.save(snap)
+            checkpoints.save(_snapshot(packed, optimizer, scheduler, order, state, rt))
         print(f"epoch {epoch}/{recipe.epochs}  {k} packed networks  val_acc "
               + " ".join(f"{m['val_acc']:.2f}" for m in metrics) + f"  {seconds:.1f}s",
               file=log, flush=True)
