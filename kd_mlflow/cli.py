@@ -39,13 +39,12 @@ class _Optional(click.ParamType):
 
 class _YesNo(click.ParamType):
     name = "boolean"
-    VALUES = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
     def convert(self, value, param, ctx):
         if isinstance(value, bool):
             return value
         try:
-            return self.VALUES[str(value).strip().lower()]
+            return config.YES_NO[str(value).strip().lower()]
         except KeyError:
             self.fail(f"{value!r} is not true or false", param, ctx)
 

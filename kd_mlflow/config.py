@@ -40,6 +40,9 @@ CHOICES: dict[str, tuple] = {
     "combine": COMBINES, "format": FORMATS, "executor": EXECUTORS,
 }
 
+# How a yes/no value may be written (the CLI, and MLflow's `-P augment=true`).
+YES_NO = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
 # Fields that only a student's result depends on: never part of a teacher's identity.
 STUDENT_FIELDS = ("temperature", "alpha", "distill_loss", "student_init_skip")
 # Fields with no effect on any result.

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import schema
-from .config import ConfigError
+from .config import YES_NO, ConfigError
 from .errors import TrackingRefused, TrackingUnavailable
 
 DEFAULT_EXPERIMENT = "mysteries"
@@ -155,14 +155,11 @@ def _resolve_experiment(client, name, create) -> str:
     return exp.experiment_id
 
 
-_BOOL_SPELLINGS = {"True": {"true", "1", "yes", "on"}, "False": {"false", "0", "no", "off"}}  # as the CLI reads them
-
-
 def _same_value(a: str, b: str) -> bool:
     if a.strip("'\"") == b:
         return True
-    if b in _BOOL_SPELLINGS:  # `-P augment=true` is the recipe's True
-        return a.strip("'\"").lower() in _BOOL_SPELLINGS[b]
+    if b in ("True", "False"):  # `-P augment=true` is the recipe's True
+        return str(YES_NO.get(a.strip("'\"").lower())) == b
     try:
         return float(a) == float(b)
     except ValueError:
