@@ -209,19 +209,16 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
               + " ".join(f"{m['val_acc']:.2f}" for m in metrics) + f"  {seconds:.1f}s",
               file=log, flush=True)
 
+    final = unpack(packed)
     if not recipe.test_each_epoch and all(b["state"] is not None for b in best):
         # One test pass, on each network's selected weights, packed again.
-        final = unpack(packed)
         for model, b in zip(models, best):
             model.load_state_dict(b["state"])
         tests = evaluate_stacked(rt.prepare(pack(models)), data, "test", recipe, rt)[1]
         for i in range(k):
             best[i]["test"] = tests[i].item()
-        for model, state in zip(models, final):
-            model.load_state_dict(state)
-    else:
-        for model, state in zip(models, unpack(packed)):
-            model.load_state_dict(state)
+    for model, state in zip(models, final):
+        model.load_state_dict(state)
     return [FitResult(b["epoch"], b["val"], b["test"], b["state"], h)
             for b, h in zip(best, histories)]
 

@@ -70,17 +70,6 @@ class Session:
                                        max_results=max_results, order_by=["attributes.start_time DESC"])
         return [r for r in runs if r.info.status in statuses]
 
-    def find_result(self, config_hash: str):
-        """The newest FINISHED run that holds this configuration's result."""
-        for run in self.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'"):
-            if schema.DUPLICATE_OF not in run.data.tags:
-                return run
-        return None
-
-    def find_resumable(self, config_hash: str):
-        runs = self.search(f"tags.`{schema.CONFIG_HASH}` = '{config_hash}'", statuses=UNFINISHED)
-        return runs[0] if runs else None
-
     def logged_epochs(self, run_id: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, "val_acc")}
 
