@@ -19,7 +19,8 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from kd_mlflow import compare, schema as S, tracking
+from kd_mlflow import compare, tracking
+from kd_mlflow import schema as S
 from kd_mlflow.config import PRESETS
 
 STUDY_PRESETS = ("standard", "cpu-demo", "seed-report", "smoke")
@@ -29,9 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tags(preset: str, seed: int | None, role: str, **extra) -> dict:
     r = PRESETS[preset]
-    tags = {S.ROLE: role, S.PRESET: preset, S.DATASET: r.dataset, S.SPLIT_DIGEST: "0" * 16,
-            S.NUM_CLASSES: "10", S.VERSION: "0.1.0", S.GIT_COMMIT: "f" * 40,
-            "kd.device": "cuda", "kd.precision_resolved": "bf16", **extra}
+    tags = {
+        S.ROLE: role,
+        S.PRESET: preset,
+        S.DATASET: r.dataset,
+        S.SPLIT_DIGEST: "0" * 16,
+        S.NUM_CLASSES: "10",
+        S.VERSION: "0.1.0",
+        S.GIT_COMMIT: "f" * 40,
+        "kd.device": "cuda",
+        "kd.precision_resolved": "bf16",
+        **extra,
+    }
     if seed is not None:
         tags[S.SEED] = str(seed)
     return tags
@@ -39,32 +49,83 @@ def _tags(preset: str, seed: int | None, role: str, **extra) -> dict:
 
 def _metrics(epochs: int, acc: float) -> list[Metric]:
     ts = int(time.time() * 1000)
-    history = [Metric(k, acc - 5 + e / epochs, ts + e, e)
-               for e in range(1, epochs + 1) for k in EPOCH_METRICS]
-    final = [Metric(S.FINAL_VAL_ACC, acc + 0.4, ts, 0), Metric(S.FINAL_TEST_ACC, acc, ts, 0),
-             Metric(S.BEST_EPOCH, epochs, ts, 0)]
+    history = [Metric(k, acc - 5 + e / epochs, ts + e, e) for e in range(1, epochs + 1) for k in EPOCH_METRICS]
+    final = [
+        Metric(S.FINAL_VAL_ACC, acc + 0.4, ts, 0),
+        Metric(S.FINAL_TEST_ACC, acc, ts, 0),
+        Metric(S.BEST_EPOCH, epochs, ts, 0),
+    ]
     return history + final
 
 
 def _study(preset: str, study: int) -> list[dict]:
     """One study's runs as (tags, with_history) specs; "@i" names the i-th run's id."""
     seeds = list(range(5 * study, 5 * study + 5))
-    train = [{"tags": _tags(preset, s, "train", **{S.CONFIG_HASH: f"t{preset}{s}"}), "history": True}
-             for s in seeds]
+    train = [{"tags": _tags(preset, s, "train", **{S.CONFIG_HASH: f"t{preset}{s}"}), "history": True} for s in seeds]
     members = ",".join(map(str, seeds))
-    ens = {"tags": _tags(preset, None, "ensemble", **{
-        S.MEMBER_ROLE: "train", S.MEMBER_SEEDS: members, S.MEMBER_RUN_IDS: "@0,@1,@2,@3,@4",
-        S.CONFIG_HASH: f"e{preset}{study}"}), "history": False}
-    kd = {"tags": _tags(preset, 1000 + study, "student", **{
-        S.METHOD: "kd", S.TEACHER_RUN_ID: "@5", S.TEACHER_ROLE: "ensemble", S.TEACHER_SEEDS: members,
-        S.GENERATION: "1", S.CONFIG_HASH: f"k{preset}{study}"}), "history": True}
-    sd = [{"tags": _tags(preset, 2000 + s, "student", **{
-        S.METHOD: "sd", S.TEACHER_RUN_ID: f"@{i}", S.TEACHER_ROLE: "train", S.TEACHER_SEEDS: str(s),
-        S.GENERATION: "1", S.CONFIG_HASH: f"s{preset}{s}"}), "history": True}
-        for i, s in enumerate(seeds)]
-    sd_ens = {"tags": _tags(preset, None, "ensemble", **{
-        S.MEMBER_ROLE: "student", S.MEMBER_SEEDS: ",".join(str(2000 + s) for s in seeds),
-        S.MEMBER_RUN_IDS: "@7,@8,@9,@10,@11", S.CONFIG_HASH: f"se{preset}{study}"}), "history": False}
+    ens = {
+        "tags": _tags(
+            preset,
+            None,
+            "ensemble",
+            **{
+                S.MEMBER_ROLE: "train",
+                S.MEMBER_SEEDS: members,
+                S.MEMBER_RUN_IDS: "@0,@1,@2,@3,@4",
+                S.CONFIG_HASH: f"e{preset}{study}",
+            },
+        ),
+        "history": False,
+    }
+    kd = {
+        "tags": _tags(
+            preset,
+            1000 + study,
+            "student",
+            **{
+                S.METHOD: "kd",
+                S.TEACHER_RUN_ID: "@5",
+                S.TEACHER_ROLE: "ensemble",
+                S.TEACHER_SEEDS: members,
+                S.GENERATION: "1",
+                S.CONFIG_HASH: f"k{preset}{study}",
+            },
+        ),
+        "history": True,
+    }
+    sd = [
+        {
+            "tags": _tags(
+                preset,
+                2000 + s,
+                "student",
+                **{
+                    S.METHOD: "sd",
+                    S.TEACHER_RUN_ID: f"@{i}",
+                    S.TEACHER_ROLE: "train",
+                    S.TEACHER_SEEDS: str(s),
+                    S.GENERATION: "1",
+                    S.CONFIG_HASH: f"s{preset}{s}",
+                },
+            ),
+            "history": True,
+        }
+        for i, s in enumerate(seeds)
+    ]
+    sd_ens = {
+        "tags": _tags(
+            preset,
+            None,
+            "ensemble",
+            **{
+                S.MEMBER_ROLE: "student",
+                S.MEMBER_SEEDS: ",".join(str(2000 + s) for s in seeds),
+                S.MEMBER_RUN_IDS: "@7,@8,@9,@10,@11",
+                S.CONFIG_HASH: f"se{preset}{study}",
+            },
+        ),
+        "history": False,
+    }
     return [*train, ens, kd, *sd, sd_ens]
 
 
@@ -72,12 +133,11 @@ def _log_study(client, exp_id: str, specs: list[dict], preset: str, epochs: int,
     runs = [client.create_run(exp_id, start_time=t0 + i) for i in range(len(specs))]
     ids = [r.info.run_id for r in runs]
     params = [Param(k, v) for k, v in PRESETS[preset].as_params().items()]
-    for i, (run_id, spec) in enumerate(zip(ids, specs)):
+    for i, (run_id, spec) in enumerate(zip(ids, specs, strict=True)):
         tags = {k: _resolve(v, ids) for k, v in spec["tags"].items()}
         tags["mlflow.runName"] = f"bench-{i}"
         metrics = _metrics(epochs if spec["history"] else 0, 80.0 + i % 7)
-        client.log_batch(run_id, metrics=metrics, params=params,
-                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
         client.set_terminated(run_id, "FINISHED", end_time=t0 + len(specs) + i)
 
 
@@ -112,6 +172,7 @@ def log_runs(store_uri: str, experiment: str, n_runs: int, history_epochs: int) 
 
 # --- the two ways of running compare -----------------------------------------
 
+
 def library_seconds(experiment: str, parts: dict) -> float:
     """connect + runs_frame + build_tables + render, each part timed into ``parts``."""
     marks = [time.perf_counter()]
@@ -124,7 +185,7 @@ def library_seconds(experiment: str, parts: dict) -> float:
     text = compare.render(tables, "markdown")
     marks.append(time.perf_counter())
     assert text.startswith("## "), text[:200]
-    for name, a, b in zip(("connect", "runs_frame", "build_tables", "render"), marks, marks[1:]):
+    for name, a, b in zip(("connect", "runs_frame", "build_tables", "render"), marks, marks[1:], strict=False):
         parts.setdefault(name, []).append(b - a)
     return marks[-1] - marks[0]
 
@@ -134,9 +195,13 @@ def cli_seconds(experiment: str, uri: str) -> float:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     t0 = time.perf_counter()
     # The tables alone (--no-intervals): the intervals read one predictions artifact per run.
-    out = subprocess.run([sys.executable, "-m", "kd_mlflow", "compare", "--experiment", experiment,
-                          "--no-intervals"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "kd_mlflow", "compare", "--experiment", experiment, "--no-intervals"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"kd-mlflow compare exited {out.returncode}: {out.stderr[-2000:]}")

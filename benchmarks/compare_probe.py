@@ -63,17 +63,21 @@ def client_frame(exp_id: str, page: int):
     """Only the columns compare reads: tags and metrics, no params."""
     import pandas as pd
 
-    rows = [{"run_id": r.info.run_id, **{f"tags.{k}": v for k, v in r.data.tags.items()},
-             **{f"metrics.{k}": v for k, v in r.data.metrics.items()}}
-            for r in client_pages(exp_id, page)]
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            **{f"tags.{k}": v for k, v in r.data.tags.items()},
+            **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+        }
+        for r in client_pages(exp_id, page)
+    ]
     return pd.DataFrame(rows)
 
 
 def search_runs(exp_id: str):
     import mlflow
 
-    return mlflow.search_runs([exp_id], filter_string=FINISHED, output_format="pandas",
-                              max_results=100_000)
+    return mlflow.search_runs([exp_id], filter_string=FINISHED, output_format="pandas", max_results=100_000)
 
 
 def main(argv=None) -> int:
@@ -84,9 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from kd_mlflow import schema as S
+    from kd_mlflow import tracking
     from tests.mlflow_server import MlflowServer
-
-    from kd_mlflow import schema as S, tracking
 
     with tempfile.TemporaryDirectory(prefix="kd-probe-") as tmp:
         root = Path(tmp) / "server"
@@ -97,13 +101,15 @@ def main(argv=None) -> int:
         with MlflowServer(root) as server:
             os.environ["MLFLOW_TRACKING_URI"] = server.uri
             one_preset = f"{FINISHED} and tags.`{S.PRESET}` = 'cpu-demo'"
-            arms = {"rest_json": lambda: rest_json(server.uri, exp_id, args.page),
-                    "rest_page200": lambda: rest_json(server.uri, exp_id, 200),
-                    "rest_preset": lambda: rest_json(server.uri, exp_id, args.page, one_preset),
-                    "client_pages": lambda: client_pages(exp_id, args.page),
-                    "search_runs": lambda: search_runs(exp_id),
-                    "client_frame": lambda: client_frame(exp_id, args.page),
-                    "runs_frame": lambda: tracking.connect("probe", create=False).runs_frame()}
+            arms = {
+                "rest_json": lambda: rest_json(server.uri, exp_id, args.page),
+                "rest_page200": lambda: rest_json(server.uri, exp_id, 200),
+                "rest_preset": lambda: rest_json(server.uri, exp_id, args.page, one_preset),
+                "client_pages": lambda: client_pages(exp_id, args.page),
+                "search_runs": lambda: search_runs(exp_id),
+                "client_frame": lambda: client_frame(exp_id, args.page),
+                "runs_frame": lambda: tracking.connect("probe", create=False).runs_frame(),
+            }
             seconds: dict = {k: [] for k in arms}
             for rep in range(args.reps + 1):
                 for name, fn in arms.items():
@@ -114,14 +120,15 @@ def main(argv=None) -> int:
                     if rep == 1:
                         size = out if isinstance(out, int) else len(out)
                         cols = getattr(out, "shape", None)
-                        print(f"{name}: {size} runs{'' if cols is None else f', frame {cols}'}",
-                              file=sys.stderr)
+                        print(f"{name}: {size} runs{'' if cols is None else f', frame {cols}'}", file=sys.stderr)
     res = {k: statistics.median(v) for k, v in seconds.items()}
     for k, v in res.items():
         print(f"{k:<14} {v:.3f} s")
     if args.json:
-        args.json.write_text(json.dumps({"median_seconds": res, "samples": seconds,
-                                         "runs": args.runs, "page": args.page}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"median_seconds": res, "samples": seconds, "runs": args.runs, "page": args.page}, indent=2)
+            + "\n"
+        )
     return 0
 
 

@@ -28,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-import torch  # noqa: E402
-
 import harness  # noqa: E402
 import pack_bench  # noqa: E402
+import torch  # noqa: E402
 import train_bench  # noqa: E402
+
 from kd_mlflow import data  # noqa: E402
 from kd_mlflow.config import PRESETS  # noqa: E402
 from kd_mlflow.objectives import CrossEntropy  # noqa: E402
@@ -45,21 +45,22 @@ STUDY_TRAININGS, STUDY_EPOCHS, STUDY_TRAIN_IMAGES, STUDY_EVAL_IMAGES = 11, 100, 
 
 @dataclass(frozen=True)
 class Sizes:
-    steps_224: int       # timed training steps at 224 px
-    steps_32: int        # timed training steps at 32 px
-    warmup: int          # warm-up steps before each timing (one thrown-away epoch)
-    eval_batches: int    # timed evaluation batches (of the preset's eval_batch_size)
-    batch_size: int | None = None   # None: the preset's
-    width: int | None = None        # None: the preset's
-    image_size: int | None = None   # None: the preset's (224 for seed-report)
+    steps_224: int  # timed training steps at 224 px
+    steps_32: int  # timed training steps at 32 px
+    warmup: int  # warm-up steps before each timing (one thrown-away epoch)
+    eval_batches: int  # timed evaluation batches (of the preset's eval_batch_size)
+    batch_size: int | None = None  # None: the preset's
+    width: int | None = None  # None: the preset's
+    image_size: int | None = None  # None: the preset's (224 for seed-report)
     compile_backend: str = "inductor"
 
 
 GPU = Sizes(steps_224=30, steps_32=100, warmup=8, eval_batches=6)
 # The CPU dry run: the same code paths at toy sizes; torch.compile traces with dynamo
 # but runs eagerly (no C++ toolchain or minutes of inductor compilation needed).
-DRY = Sizes(steps_224=2, steps_32=2, warmup=1, eval_batches=1, batch_size=4, width=4,
-            image_size=16, compile_backend="eager")
+DRY = Sizes(
+    steps_224=2, steps_32=2, warmup=1, eval_batches=1, batch_size=4, width=4, image_size=16, compile_backend="eager"
+)
 
 
 class Check:
@@ -92,6 +93,7 @@ class Check:
 
 # --- measurements ------------------------------------------------------------------
 
+
 def _reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -119,12 +121,19 @@ def train_images_per_second(c: Check, recipe, steps: int, compile: bool = False)
     _reset_peak(b.rt.device)
     with harness.Timer(b.rt.device) as t:
         epoch()
-    return {"images_per_second": b.dd.n_train / t.seconds, "seconds": t.seconds,
-            "images": b.dd.n_train, "warmup_seconds": warm.seconds,
-            "peak_memory_gib": _peak_gib(b.rt.device), "precision": b.rt.precision,
-            "compiled": compile, "batch_size": b.recipe.batch_size,
-            "image_size": b.recipe.image_size, "width": b.recipe.width,
-            "memory_format": "channels_last" if b.rt.device.type == "cuda" else "contiguous"}
+    return {
+        "images_per_second": b.dd.n_train / t.seconds,
+        "seconds": t.seconds,
+        "images": b.dd.n_train,
+        "warmup_seconds": warm.seconds,
+        "peak_memory_gib": _peak_gib(b.rt.device),
+        "precision": b.rt.precision,
+        "compiled": compile,
+        "batch_size": b.recipe.batch_size,
+        "image_size": b.recipe.image_size,
+        "width": b.recipe.width,
+        "memory_format": "channels_last" if b.rt.device.type == "cuda" else "contiguous",
+    }
 
 
 def epoch_of(b: train_bench.Bench, epoch, warmup_steps: int):
@@ -143,13 +152,18 @@ def eval_images_per_second(c: Check, recipe) -> dict:
     n = c.sizes.eval_batches * recipe.eval_batch_size
     b = c.bench(recipe, 1, eval_images=n)
     model = train_bench.fresh_model(b)
-    evaluate(model, b.dd, "val", b.recipe, b.rt)   # warm-up
+    evaluate(model, b.dd, "val", b.recipe, b.rt)  # warm-up
     _reset_peak(b.rt.device)
     with harness.Timer(b.rt.device) as t:
         evaluate(model, b.dd, "val", b.recipe, b.rt)
-    return {"images_per_second": n / t.seconds, "seconds": t.seconds, "images": n,
-            "peak_memory_gib": _peak_gib(b.rt.device), "precision": b.rt.precision,
-            "eval_batch_size": b.recipe.eval_batch_size}
+    return {
+        "images_per_second": n / t.seconds,
+        "seconds": t.seconds,
+        "images": n,
+        "peak_memory_gib": _peak_gib(b.rt.device),
+        "precision": b.rt.precision,
+        "eval_batch_size": b.recipe.eval_batch_size,
+    }
 
 
 def loop_efficiency(c: Check, recipe, steps: int) -> dict:
@@ -157,11 +171,14 @@ def loop_efficiency(c: Check, recipe, steps: int) -> dict:
     float batches (train_bench.bare_seconds), same network, batch and precision."""
     b = c.bench(recipe, steps)
     x = train_bench.normalised_inputs(b, train_bench.fresh_model(b))
-    s = harness.interleave({"bare": lambda: train_bench.bare_seconds(b, x),
-                            "ours": lambda: ours_seconds(b)}, reps=1)
+    s = harness.interleave({"bare": lambda: train_bench.bare_seconds(b, x), "ours": lambda: ours_seconds(b)}, reps=1)
     ours, bare = s.median("ours"), s.median("bare")
-    return {"ratio": bare / ours, "images_per_second": {"ours": b.images / ours, "bare": b.images / bare},
-            "images": b.images, "precision": b.rt.precision}
+    return {
+        "ratio": bare / ours,
+        "images_per_second": {"ours": b.images / ours, "bare": b.images / bare},
+        "images": b.images,
+        "precision": b.rt.precision,
+    }
 
 
 def ours_seconds(b: train_bench.Bench) -> float:
@@ -184,27 +201,43 @@ def pack_speedup(c: Check, recipe, steps: int, k: int = pack_bench.NETWORKS) -> 
             seconds = fn(b, k)
             peaks[name] = _peak_gib(b.rt.device)
             return seconds
+
         return run
 
-    s = harness.interleave({"lone": arm("lone", pack_bench.lone_seconds),
-                            "packed": arm("packed", pack_bench.packed_seconds)}, reps=1)
-    return {"ratio": s.median("lone") / s.median("packed"), "networks": k,
-            "seconds": {"lone": s.median("lone"), "packed": s.median("packed")},
-            "images_per_second_per_network": {"lone": k * b.images / s.median("lone"),
-                                              "packed": k * b.images / s.median("packed")},
-            "peak_memory_gib": peaks, "width": b.recipe.width, "image_size": b.recipe.image_size,
-            "precision": b.rt.precision, "batch_size": b.recipe.batch_size}
+    s = harness.interleave(
+        {"lone": arm("lone", pack_bench.lone_seconds), "packed": arm("packed", pack_bench.packed_seconds)}, reps=1
+    )
+    return {
+        "ratio": s.median("lone") / s.median("packed"),
+        "networks": k,
+        "seconds": {"lone": s.median("lone"), "packed": s.median("packed")},
+        "images_per_second_per_network": {
+            "lone": k * b.images / s.median("lone"),
+            "packed": k * b.images / s.median("packed"),
+        },
+        "peak_memory_gib": peaks,
+        "width": b.recipe.width,
+        "image_size": b.recipe.image_size,
+        "precision": b.rt.precision,
+        "batch_size": b.recipe.batch_size,
+    }
 
 
 def projection(train_ips: float, eval_ips: float, label: str) -> dict:
     per_epoch_train = STUDY_TRAIN_IMAGES / train_ips
     per_epoch_eval = STUDY_EVAL_IMAGES / eval_ips
     total = STUDY_TRAININGS * STUDY_EPOCHS * (per_epoch_train + per_epoch_eval)
-    return {"seconds": total, "hours": total / 3600, "runtime": label, "arithmetic": (
-        f"{STUDY_TRAININGS} trainings x {STUDY_EPOCHS} epochs x ({STUDY_TRAIN_IMAGES} images / "
-        f"{train_ips:.0f} img/s + {STUDY_EVAL_IMAGES} images / {eval_ips:.0f} img/s) = "
-        f"{STUDY_TRAININGS} x {STUDY_EPOCHS} x ({per_epoch_train:.2f} s + {per_epoch_eval:.2f} s) "
-        f"= {total:.0f} s = {total / 3600:.2f} h")}
+    return {
+        "seconds": total,
+        "hours": total / 3600,
+        "runtime": label,
+        "arithmetic": (
+            f"{STUDY_TRAININGS} trainings x {STUDY_EPOCHS} epochs x ({STUDY_TRAIN_IMAGES} images / "
+            f"{train_ips:.0f} img/s + {STUDY_EVAL_IMAGES} images / {eval_ips:.0f} img/s) = "
+            f"{STUDY_TRAININGS} x {STUDY_EPOCHS} x ({per_epoch_train:.2f} s + {per_epoch_eval:.2f} s) "
+            f"= {total:.0f} s = {total / 3600:.2f} h"
+        ),
+    }
 
 
 def packed_projection(lone: dict, speedup: float) -> dict:
@@ -214,9 +247,14 @@ def packed_projection(lone: dict, speedup: float) -> dict:
     train = STUDY_EPOCHS * STUDY_TRAIN_IMAGES / lone["train_ips"]
     ev = STUDY_EPOCHS * STUDY_EVAL_IMAGES / lone["eval_ips"]
     total = (1 + 10 / speedup) * train + STUDY_TRAININGS * ev
-    return {"seconds": total, "hours": total / 3600, "arithmetic": (
-        f"(1 lone + 10 packed / {speedup:.2f}) x {train:.0f} s training per run + 11 x "
-        f"{ev:.0f} s evaluation per run = {total:.0f} s = {total / 3600:.2f} h")}
+    return {
+        "seconds": total,
+        "hours": total / 3600,
+        "arithmetic": (
+            f"(1 lone + 10 packed / {speedup:.2f}) x {train:.0f} s training per run + 11 x "
+            f"{ev:.0f} s evaluation per run = {total:.0f} s = {total / 3600:.2f} h"
+        ),
+    }
 
 
 def run(c: Check) -> dict:
@@ -233,31 +271,34 @@ def run(c: Check) -> dict:
         return value
 
     for p in ("fp32", "bf16"):
-        out["seed_report_train"][f"{p}_eager"] = timed(f"seed_report {p} eager", train_images_per_second,
-                                                       report[p], s.steps_224)
+        out["seed_report_train"][f"{p}_eager"] = timed(
+            f"seed_report {p} eager", train_images_per_second, report[p], s.steps_224
+        )
         out["seed_report_eval"][p] = timed(f"seed_report eval {p}", eval_images_per_second, report[p])
     standard = c.recipe("standard", precision="bf16")
-    out["standard_train"] = {"bf16_eager": timed("standard bf16 eager", train_images_per_second,
-                                                 standard, s.steps_32)}
-    out["loop_efficiency"] = {"standard_bf16": timed("loop efficiency standard", loop_efficiency,
-                                                     standard, s.steps_32)}
+    out["standard_train"] = {"bf16_eager": timed("standard bf16 eager", train_images_per_second, standard, s.steps_32)}
+    out["loop_efficiency"] = {"standard_bf16": timed("loop efficiency standard", loop_efficiency, standard, s.steps_32)}
     cpu_demo = c.recipe("cpu-demo", precision="bf16")
     out["pack_speedup"] = {
         "cpu_demo_width_32px": timed("pack cpu-demo", pack_speedup, cpu_demo, s.steps_32),
-        "standard_32px": timed("pack standard", pack_speedup, standard, s.steps_32)}
+        "standard_32px": timed("pack standard", pack_speedup, standard, s.steps_32),
+    }
     # Optional from here, in order of importance (compilation takes a minute or two each).
     out["pack_speedup"]["seed_report_bf16_224px"] = timed(
-        "pack seed-report 224", pack_speedup, report["bf16"], s.steps_224 // 2 or 1, optional=True)
+        "pack seed-report 224", pack_speedup, report["bf16"], s.steps_224 // 2 or 1, optional=True
+    )
     out["seed_report_train"]["bf16_compiled"] = timed(
-        "seed_report bf16 compiled", train_images_per_second, report["bf16"], s.steps_224,
-        compile=True, optional=True)
-    out["standard_train"]["bf16_compiled"] = timed("standard bf16 compiled", train_images_per_second,
-                                                   standard, s.steps_32, compile=True, optional=True)
+        "seed_report bf16 compiled", train_images_per_second, report["bf16"], s.steps_224, compile=True, optional=True
+    )
+    out["standard_train"]["bf16_compiled"] = timed(
+        "standard bf16 compiled", train_images_per_second, standard, s.steps_32, compile=True, optional=True
+    )
     out["seed_report_train"]["fp32_compiled"] = timed(
-        "seed_report fp32 compiled", train_images_per_second, report["fp32"], s.steps_224,
-        compile=True, optional=True)
+        "seed_report fp32 compiled", train_images_per_second, report["fp32"], s.steps_224, compile=True, optional=True
+    )
     out["loop_efficiency"]["seed_report_bf16"] = timed(
-        "loop efficiency seed-report", loop_efficiency, report["bf16"], s.steps_224, optional=True)
+        "loop efficiency seed-report", loop_efficiency, report["bf16"], s.steps_224, optional=True
+    )
     out["projected_seed_report_study"] = _projections(out)
     out["peak_memory_gib"] = max(_peaks(out))
     return out
@@ -267,17 +308,19 @@ def _projections(out: dict) -> dict:
     tr, ev = out["seed_report_train"], out["seed_report_eval"]
     proj = {}
     # The preset's runtime on a GPU: precision auto = bf16, eager (kd-mlflow study default).
-    for name, train_key, eval_key in (("bf16_eager", "bf16_eager", "bf16"),
-                                      ("fp32_eager_as_the_report", "fp32_eager", "fp32"),
-                                      ("bf16_compiled", "bf16_compiled", "bf16")):
+    for name, train_key, eval_key in (
+        ("bf16_eager", "bf16_eager", "bf16"),
+        ("fp32_eager_as_the_report", "fp32_eager", "fp32"),
+        ("bf16_compiled", "bf16_compiled", "bf16"),
+    ):
         if tr.get(train_key):
-            proj[name] = projection(tr[train_key]["images_per_second"],
-                                    ev[eval_key]["images_per_second"], name)
+            proj[name] = projection(tr[train_key]["images_per_second"], ev[eval_key]["images_per_second"], name)
     packed = out["pack_speedup"].get("seed_report_bf16_224px")
     if packed:
         proj["bf16_eager_waves_packed"] = packed_projection(
-            {"train_ips": tr["bf16_eager"]["images_per_second"],
-             "eval_ips": ev["bf16"]["images_per_second"]}, packed["ratio"])
+            {"train_ips": tr["bf16_eager"]["images_per_second"], "eval_ips": ev["bf16"]["images_per_second"]},
+            packed["ratio"],
+        )
     return proj
 
 
@@ -289,12 +332,20 @@ def _peaks(tree, inside: bool = False) -> list[float]:
 
 
 def machine(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
-        info.update(gpu_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(),
-                    gpu_memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30)
+        info.update(
+            gpu_name=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            gpu_memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
+        )
     else:
         info["gpu_name"] = f"none (CPU dry run: {platform.processor() or platform.machine()})"
     return info
@@ -302,11 +353,14 @@ def machine(device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", nargs="?", type=Path, default=None,
-                   help="JSON file to write [$OUT/gpu.json, or ./gpu.json]")
+    p.add_argument("out", nargs="?", type=Path, default=None, help="JSON file to write [$OUT/gpu.json, or ./gpu.json]")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, seconds: checks the script")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds after which optional measurements are skipped [330; dry run: 600]")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds after which optional measurements are skipped [330; dry run: 600]",
+    )
     args = p.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT", ".")) / "gpu.json"
     if args.dry_run:

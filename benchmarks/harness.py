@@ -11,8 +11,8 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -23,6 +23,7 @@ from kd_mlflow import data
 class Samples:
     """Seconds per repetition, by arm name, and the share of the machine that other
     processes used meanwhile (see :class:`ForeignLoad`)."""
+
     seconds: dict[str, list[float]] = field(default_factory=dict)
     foreign: dict[str, list[float]] = field(default_factory=dict)
 
@@ -31,7 +32,7 @@ class Samples:
 
     def paired(self, a: str, b: str) -> list[float]:
         """a/b within each repetition: how much the ratio moves from rep to rep."""
-        return [x / y for x, y in zip(self.seconds[a], self.seconds[b])]
+        return [x / y for x, y in zip(self.seconds[a], self.seconds[b], strict=True)]
 
 
 def interleave(arms: dict[str, Callable[[], float]], reps: int, warmup: int = 1) -> Samples:
@@ -74,13 +75,15 @@ def _busy_seconds() -> float:
             ticks = [int(v) for v in f.readline().split()[1:]]
     except OSError:
         return float("nan")  # not Linux: the share is unknown, not zero
-    user, nice, system, idle, iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_seconds() -> float:
-    return sum(r.ru_utime + r.ru_stime for r in
-               (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -110,15 +113,18 @@ def ratio_entry(samples: Samples, a: str, b: str, images: int | None = None, **e
     of load better when the machine is shared."""
     paired = samples.paired(a, b)
     foreign = [x for n in (a, b) for x in samples.foreign.get(n, [])]
-    entry = {"ratio": samples.median(a) / samples.median(b),
-             "paired_ratio_median": statistics.median(paired),
-             "paired_ratio_range": [min(paired), max(paired)],
-             # On a loaded machine the fastest repetition is the least disturbed one.
-             "ratio_of_minimums": min(samples.seconds[a]) / min(samples.seconds[b]),
-             "median_seconds": {a: samples.median(a), b: samples.median(b)},
-             "foreign_cpu_share_median": statistics.median(foreign) if foreign else None,
-             "samples_seconds": samples.seconds, "samples_foreign_cpu_share": samples.foreign,
-             "reps": len(paired)}
+    entry = {
+        "ratio": samples.median(a) / samples.median(b),
+        "paired_ratio_median": statistics.median(paired),
+        "paired_ratio_range": [min(paired), max(paired)],
+        # On a loaded machine the fastest repetition is the least disturbed one.
+        "ratio_of_minimums": min(samples.seconds[a]) / min(samples.seconds[b]),
+        "median_seconds": {a: samples.median(a), b: samples.median(b)},
+        "foreign_cpu_share_median": statistics.median(foreign) if foreign else None,
+        "samples_seconds": samples.seconds,
+        "samples_foreign_cpu_share": samples.foreign,
+        "reps": len(paired),
+    }
     if images:
         entry["images_per_second"] = {n: images / samples.median(n) for n in samples.seconds}
     return {**entry, **extra}
@@ -126,8 +132,8 @@ def ratio_entry(samples: Samples, a: str, b: str, images: int | None = None, **e
 
 # --- data ----------------------------------------------------------------------
 
-def synthetic_source(n_train: int, n_test: int, size: int = 32, classes: int = 10,
-                     seed: int = 0) -> data.Source:
+
+def synthetic_source(n_train: int, n_test: int, size: int = 32, classes: int = 10, seed: int = 0) -> data.Source:
     """Random uint8 images of CIFAR shape: offline, and compute does not depend on the
     pixels, so the timings are those of real CIFAR-10 at the same sizes."""
     g = torch.Generator().manual_seed(seed)
@@ -138,8 +144,15 @@ def synthetic_source(n_train: int, n_test: int, size: int = 32, classes: int = 1
     def labels(n):
         return torch.randint(0, classes, (n,), generator=g)
 
-    return data.Source("synthetic", "benchmarks/harness.py", tuple(map(str, range(classes))),
-                       images(n_train), labels(n_train), images(n_test), labels(n_test))
+    return data.Source(
+        "synthetic",
+        "benchmarks/harness.py",
+        tuple(map(str, range(classes))),
+        images(n_train),
+        labels(n_train),
+        images(n_test),
+        labels(n_test),
+    )
 
 
 def first_split(source: data.Source, n_train: int, n_val: int) -> data.Split:

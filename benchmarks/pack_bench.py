@@ -9,13 +9,12 @@ so the figure is the training loop's, as a study would run it.
 from __future__ import annotations
 
 import torch
+from harness import Timer
+from train_bench import Bench, fresh_model
 
 from kd_mlflow.objectives import CrossEntropy
 from kd_mlflow.pack import pack, train_epoch_packed
 from kd_mlflow.train import _train_epoch, make_optimizer, make_scheduler
-
-from harness import Timer
-from train_bench import Bench, fresh_model
 
 NETWORKS = 5  # a wave: five seeds, or five SD students
 

@@ -32,12 +32,17 @@ class PilImages(Dataset):
         return self.transform(Image.fromarray(np.asarray(self.images[i]))), self.labels[i]
 
 
-def loader(x: torch.Tensor, y: torch.Tensor, image_size: int, mean, std, batch_size: int,
-           workers: int, seed: int = 0) -> DataLoader:
-    tf = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
-                             transforms.Normalize(mean, std)])
-    return DataLoader(PilImages(x, y, tf), batch_size=batch_size, shuffle=True,
-                      num_workers=workers, generator=torch.Generator().manual_seed(seed))
+def loader(
+    x: torch.Tensor, y: torch.Tensor, image_size: int, mean, std, batch_size: int, workers: int, seed: int = 0
+) -> DataLoader:
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return DataLoader(
+        PilImages(x, y, tf),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def train_epoch(net, batches: DataLoader, optimizer, device, autocast) -> float:

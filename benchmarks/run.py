@@ -24,12 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]  # tests/mlflow_server.py, and kd_mlflow when not installed
 
-import torch  # noqa: E402
-
 import compare_bench  # noqa: E402
 import harness  # noqa: E402
 import pack_bench  # noqa: E402
+import torch  # noqa: E402
 import train_bench  # noqa: E402
+
 from kd_mlflow import data, tracking  # noqa: E402
 from kd_mlflow.config import PRESETS  # noqa: E402
 from kd_mlflow.train import make_runtime  # noqa: E402
@@ -38,29 +38,36 @@ from kd_mlflow.train import make_runtime  # noqa: E402
 @dataclass(frozen=True)
 class Plan:
     preset: str
-    n_train: int            # training images per epoch
-    n_eval: int             # val and test images each: small, so fit's per-epoch
-                            # evaluation does not count as loop overhead (README)
-    reps: int               # measured repetitions per arm (plus one warm-up)
-    fit_epochs: int         # epochs per timed call (loop, KD)
-    tracking_epochs: int    # epochs per timed call with tracking on/off
-    compare_sizes: tuple = (100, 1000)   # runs in the experiment compare reads
+    n_train: int  # training images per epoch
+    n_eval: int  # val and test images each: small, so fit's per-epoch
+    # evaluation does not count as loop overhead (README)
+    reps: int  # measured repetitions per arm (plus one warm-up)
+    fit_epochs: int  # epochs per timed call (loop, KD)
+    tracking_epochs: int  # epochs per timed call with tracking on/off
+    compare_sizes: tuple = (100, 1000)  # runs in the experiment compare reads
     compare_reps: int = 3
     history_epochs: int = 4  # per-epoch metric history logged per run (capped by preset)
-    threads: int = 1        # torch intra-op threads, the same for every arm
+    threads: int = 1  # torch intra-op threads, the same for every arm
     pack_networks: int = pack_bench.NETWORKS  # networks per wave, lone and packed
-    pack_reps: int = 3      # each repetition trains 2 * pack_networks networks
+    pack_reps: int = 3  # each repetition trains 2 * pack_networks networks
 
 
 def make_plan(quick: bool, device: str) -> Plan:
     threads = os.cpu_count() or 1
     if quick:
-        return Plan("cpu-demo", n_train=1024, n_eval=16, reps=6, fit_epochs=1,
-                    tracking_epochs=2, threads=threads)
+        return Plan("cpu-demo", n_train=1024, n_eval=16, reps=6, fit_epochs=1, tracking_epochs=2, threads=threads)
     gpu = device == "cuda"
-    return Plan("standard" if gpu else "cpu-demo", n_train=45000 if gpu else 10000, n_eval=128,
-                reps=5, fit_epochs=1, tracking_epochs=3, compare_reps=5, history_epochs=100,
-                threads=threads)
+    return Plan(
+        "standard" if gpu else "cpu-demo",
+        n_train=45000 if gpu else 10000,
+        n_eval=128,
+        reps=5,
+        fit_epochs=1,
+        tracking_epochs=3,
+        compare_reps=5,
+        history_epochs=100,
+        threads=threads,
+    )
 
 
 def make_bench(plan: Plan, device: str, epochs: int) -> train_bench.Bench:
@@ -92,21 +99,28 @@ def log(text: str) -> None:
 
 # --- the figures --------------------------------------------------------------
 
+
 def bench_loop(plan: Plan, b: train_bench.Bench) -> dict:
     workers = 0 if b.rt.device.type == "cpu" else min(4, os.cpu_count() or 1)
     dd_eval = eval_data(plan, b)
     log(f"loop: bare / fit / report pipeline / eval, {b.images} images x {plan.reps} reps")
     s = harness.interleave(train_bench.loop_arms(b, workers, dd_eval), plan.reps)
     fit, ev = s.median("fit"), s.median("eval")
-    return {"loop_efficiency": harness.ratio_entry(s, "bare", "fit", b.images,
-                                                   fit_val_images=plan.n_eval, fit_test_images=plan.n_eval),
-            "vs_report_pipeline": harness.ratio_entry(
-                s, "report", "fit", b.images, report_workers=workers,
-                report_image_size=b.recipe.image_size),
-            "eval_overhead_at_preset_sizes": {
-                "ratio": (fit + ev) / fit, "median_seconds": {"fit": fit, "eval": ev},
-                "val_images": len(dd_eval.val_y), "test_images": len(dd_eval.test_y),
-                "samples_seconds": s.seconds["eval"]}}
+    return {
+        "loop_efficiency": harness.ratio_entry(
+            s, "bare", "fit", b.images, fit_val_images=plan.n_eval, fit_test_images=plan.n_eval
+        ),
+        "vs_report_pipeline": harness.ratio_entry(
+            s, "report", "fit", b.images, report_workers=workers, report_image_size=b.recipe.image_size
+        ),
+        "eval_overhead_at_preset_sizes": {
+            "ratio": (fit + ev) / fit,
+            "median_seconds": {"fit": fit, "eval": ev},
+            "val_images": len(dd_eval.val_y),
+            "test_images": len(dd_eval.test_y),
+            "samples_seconds": s.seconds["eval"],
+        },
+    }
 
 
 def bench_kd(plan: Plan, b: train_bench.Bench) -> dict:
@@ -114,23 +128,32 @@ def bench_kd(plan: Plan, b: train_bench.Bench) -> dict:
     s = harness.interleave(train_bench.kd_arms(b), plan.reps)
     epochs = PRESETS[plan.preset].epochs
     table, plain = s.median("table"), s.median("plain")
-    cached = harness.ratio_entry(s, "cached", "plain", b.images, teacher_members=5,
-                                 teacher_table_seconds=table, amortised_over_epochs=epochs,
-                                 teacher_table_included=False)
+    cached = harness.ratio_entry(
+        s,
+        "cached",
+        "plain",
+        b.images,
+        teacher_members=5,
+        teacher_table_seconds=table,
+        amortised_over_epochs=epochs,
+        teacher_table_included=False,
+    )
     cached["ratio_with_table_amortised"] = (s.median("cached") + table / epochs) / plain
-    return {"kd_overhead_cached": cached,
-            "kd_overhead_on_the_fly": harness.ratio_entry(s, "online", "plain", b.images,
-                                                          teacher_members=5)}
+    return {
+        "kd_overhead_cached": cached,
+        "kd_overhead_on_the_fly": harness.ratio_entry(s, "online", "plain", b.images, teacher_members=5),
+    }
 
 
 def bench_pack(plan: Plan, b: train_bench.Bench) -> dict:
     k = plan.pack_networks
-    log(f"pack: {k} lone networks one after another / {k} packed, {b.images} images each "
-        f"x {plan.pack_reps} reps")
+    log(f"pack: {k} lone networks one after another / {k} packed, {b.images} images each x {plan.pack_reps} reps")
     s = harness.interleave(pack_bench.pack_arms(b, k), plan.pack_reps)
-    return {"pack_speedup": harness.ratio_entry(s, "lone", "packed", k * b.images, networks=k,
-                                                width=b.recipe.width,
-                                                image_size=b.recipe.image_size)}
+    return {
+        "pack_speedup": harness.ratio_entry(
+            s, "lone", "packed", k * b.images, networks=k, width=b.recipe.width, image_size=b.recipe.image_size
+        )
+    }
 
 
 def bench_tracking(plan: Plan, b: train_bench.Bench) -> dict:
@@ -140,9 +163,11 @@ def bench_tracking(plan: Plan, b: train_bench.Bench) -> dict:
     s = harness.interleave(train_bench.tracking_arms(b, session, sink_seconds), plan.reps)
     per_call = statistics.median(sink_seconds)  # warm-up calls included
     epoch = s.median("off") / b.recipe.epochs
-    return {"tracking_overhead": harness.ratio_entry(
-        s, "on", "off", b.images, sink_seconds_per_epoch=per_call,
-        ratio_from_sink_time=1 + per_call / epoch)}
+    return {
+        "tracking_overhead": harness.ratio_entry(
+            s, "on", "off", b.images, sink_seconds_per_epoch=per_call, ratio_from_sink_time=1 + per_call / epoch
+        )
+    }
 
 
 def prefill(plan: Plan, root: Path) -> dict[int, str]:
@@ -164,10 +189,15 @@ def bench_compare(plan: Plan, sizes: dict[int, str], uri: str) -> dict:
     out = {"runs": list(plan.compare_sizes), "history_epochs": plan.history_epochs}
     for kind in ("library", "cli"):
         g = harness.ratio_entry(s, f"{kind}_{big}", f"{kind}_{small}")
-        out[kind] = {"seconds": g["median_seconds"], "growth": g["ratio"],
-                     "growth_range": g["paired_ratio_range"], "samples_seconds": g["samples_seconds"]}
+        out[kind] = {
+            "seconds": g["median_seconds"],
+            "growth": g["ratio"],
+            "growth_range": g["paired_ratio_range"],
+            "samples_seconds": g["samples_seconds"],
+        }
     out["library"]["parts_median_seconds"] = {
-        n: {k: statistics.median(v) for k, v in p.items()} for n, p in parts.items()}
+        n: {k: statistics.median(v) for k, v in p.items()} for n, p in parts.items()
+    }
     return {"compare_seconds": out}
 
 
@@ -185,6 +215,7 @@ def with_server(plan: Plan, b: train_bench.Bench) -> dict:
 
 # --- output -------------------------------------------------------------------
 
+
 def _spread(e: dict) -> str:
     return "{:.3f} [{:.3f}-{:.3f}]".format(e["paired_ratio_median"], *e["paired_ratio_range"])
 
@@ -201,16 +232,30 @@ def _rows(res: dict, plan: Plan) -> list[tuple]:
         rows += _kd_rows(res)
     if "pack_speedup" in res:
         ps = res["pack_speedup"]
-        rows.append(("pack_speedup", f"{ps['networks']} lone / {ps['networks']} packed, "
-                     f"width {ps['width']}, {ps['image_size']} px", ps["ratio"], _spread(ps), "> 1"))
+        rows.append(
+            (
+                "pack_speedup",
+                f"{ps['networks']} lone / {ps['networks']} packed, width {ps['width']}, {ps['image_size']} px",
+                ps["ratio"],
+                _spread(ps),
+                "> 1",
+            )
+        )
     if "tracking_overhead" in res:
         rows += _tracking_rows(res, plan)
     if "compare_seconds" in res:
         rows += _compare_rows(res["compare_seconds"])
     if "refusal_seconds" in res:
         r = res["refusal_seconds"]
-        rows.append(("refusal_seconds", "bad --epochs, whole process, median s", r["median_seconds"],
-                     f"[{min(r['samples_seconds']):.2f}-{max(r['samples_seconds']):.2f}] s", "< 1 s"))
+        rows.append(
+            (
+                "refusal_seconds",
+                "bad --epochs, whole process, median s",
+                r["median_seconds"],
+                f"[{min(r['samples_seconds']):.2f}-{max(r['samples_seconds']):.2f}] s",
+                "< 1 s",
+            )
+        )
     return rows
 
 
@@ -219,8 +264,13 @@ def _loop_rows(res: dict) -> list[tuple]:
     return [
         ("loop_efficiency", f"{_ips(le, 'fit')} / {_ips(le, 'bare')}", le["ratio"], _spread(le), ">= 0.95"),
         ("vs_report_pipeline", f"{_ips(vr, 'fit')} / {_ips(vr, 'report')}", vr["ratio"], _spread(vr), "> 1"),
-        ("  eval at preset sizes", f"(fit + val {ev['val_images']} + test {ev['test_images']}) / fit",
-         ev["ratio"], "", ""),
+        (
+            "  eval at preset sizes",
+            f"(fit + val {ev['val_images']} + test {ev['test_images']}) / fit",
+            ev["ratio"],
+            "",
+            "",
+        ),
     ]
 
 
@@ -228,8 +278,13 @@ def _kd_rows(res: dict) -> list[tuple]:
     kc, ko = res["kd_overhead_cached"], res["kd_overhead_on_the_fly"]
     return [
         ("kd_overhead_cached", "teacher table excluded", kc["ratio"], _spread(kc), "<= 1.05"),
-        ("  table amortised", f"table {kc['teacher_table_seconds']:.2f}s over "
-         f"{kc['amortised_over_epochs']} epochs", kc["ratio_with_table_amortised"], "", ""),
+        (
+            "  table amortised",
+            f"table {kc['teacher_table_seconds']:.2f}s over {kc['amortised_over_epochs']} epochs",
+            kc["ratio_with_table_amortised"],
+            "",
+            "",
+        ),
         ("kd_overhead_on_the_fly", "5-model teacher on every batch", ko["ratio"], _spread(ko), ""),
     ]
 
@@ -237,10 +292,14 @@ def _kd_rows(res: dict) -> list[tuple]:
 def _tracking_rows(res: dict, plan: Plan) -> list[tuple]:
     tr = res["tracking_overhead"]
     return [
-        ("tracking_overhead", f"on / off, {plan.tracking_epochs} epochs per run", tr["ratio"], _spread(tr),
-         "<= 1.01"),
-        ("  from sink time", f"{1000 * tr['sink_seconds_per_epoch']:.1f} ms per epoch",
-         tr["ratio_from_sink_time"], "", "<= 1.01"),
+        ("tracking_overhead", f"on / off, {plan.tracking_epochs} epochs per run", tr["ratio"], _spread(tr), "<= 1.01"),
+        (
+            "  from sink time",
+            f"{1000 * tr['sink_seconds_per_epoch']:.1f} ms per epoch",
+            tr["ratio_from_sink_time"],
+            "",
+            "<= 1.01",
+        ),
     ]
 
 
@@ -249,9 +308,15 @@ def _compare_rows(cs: dict) -> list[tuple]:
     rows = []
     for kind in ("library", "cli"):
         sec = cs[kind]["seconds"]
-        rows.append((f"compare_seconds {kind}", f"{small} runs {sec[f'{kind}_{small}']:.2f}s -> "
-                     f"{big} runs {sec[f'{kind}_{big}']:.2f}s", sec[f"{kind}_{big}"],
-                     f"growth {cs[kind]['growth']:.2f}x", f"<= 2 s; growth <= {big // small}x"))
+        rows.append(
+            (
+                f"compare_seconds {kind}",
+                f"{small} runs {sec[f'{kind}_{small}']:.2f}s -> {big} runs {sec[f'{kind}_{big}']:.2f}s",
+                sec[f"{kind}_{big}"],
+                f"growth {cs[kind]['growth']:.2f}x",
+                f"<= 2 s; growth <= {big // small}x",
+            )
+        )
     return rows
 
 
@@ -259,22 +324,33 @@ def table(res: dict, plan: Plan) -> str:
     rows = _rows(res, plan)
     lines = [f"{'figure':<24} {'detail':<46} {'value':>7}  {'per-rep ratio [range]':<22} target"]
     lines += [f"{n:<24} {d:<46} {v:>7.3f}  {r:<22} {t}" for n, d, v, r, t in rows]
-    busy = [e["foreign_cpu_share_median"] for e in res.values()
-            if isinstance(e, dict) and e.get("foreign_cpu_share_median") is not None]
+    busy = [
+        e["foreign_cpu_share_median"]
+        for e in res.values()
+        if isinstance(e, dict) and e.get("foreign_cpu_share_median") is not None
+    ]
     if busy and max(busy) > 0.10:
-        lines.append(f"note: other processes used up to {100 * max(busy):.0f}% of the CPUs during "
-                     "the measurements (median per figure); the figures measured them too.")
+        lines.append(
+            f"note: other processes used up to {100 * max(busy):.0f}% of the CPUs during "
+            "the measurements (median per figure); the figures measured them too."
+        )
     return "\n".join(lines)
 
 
 def machine(rt_device: torch.device, plan: Plan) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "load_average_at_end": os.getloadavg(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(rt_device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_end": os.getloadavg(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(rt_device),
+    }
     if rt_device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(rt_device)
     import mlflow
+
     return {**info, "mlflow": mlflow.__version__, "plan": asdict(plan)}
 
 
@@ -295,8 +371,13 @@ def bench_refusal(plan: Plan) -> dict:
 
     samples = sorted(once() for _ in range(5 if plan.compare_reps <= 3 else 9))
     log(f"refusal: {samples}")
-    return {"refusal_seconds": {"median_seconds": statistics.median(samples), "samples_seconds": samples,
-                                "target_seconds": 1.0}}
+    return {
+        "refusal_seconds": {
+            "median_seconds": statistics.median(samples),
+            "samples_seconds": samples,
+            "target_seconds": 1.0,
+        }
+    }
 
 
 def main(argv=None) -> int:
@@ -304,12 +385,21 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on a 2-core CPU")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="model and recipe to measure [cpu-demo; standard on a GPU in full mode]")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for every arm [all cores]; 1 is steadier on a shared machine")
-    p.add_argument("--only", default=",".join(GROUPS),
-                   help=f"comma-separated figure groups to run, of {', '.join(GROUPS)} [all]")
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="model and recipe to measure [cpu-demo; standard on a GPU in full mode]",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every arm [all cores]; 1 is steadier on a shared machine",
+    )
+    p.add_argument(
+        "--only", default=",".join(GROUPS), help=f"comma-separated figure groups to run, of {', '.join(GROUPS)} [all]"
+    )
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= set(GROUPS):

@@ -10,26 +10,25 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import report_pipeline
 import torch
 import torch.nn.functional as F
+from harness import Timer
 
 from kd_mlflow import models, tracking
 from kd_mlflow.config import Recipe
 from kd_mlflow.data import DeviceData
 from kd_mlflow.ensemble import Ensemble
-from kd_mlflow.objectives import (CachedTeacher, CrossEntropy, Distillation, OnlineTeacher,
-                                  teacher_table)
+from kd_mlflow.objectives import CachedTeacher, CrossEntropy, Distillation, OnlineTeacher, teacher_table
 from kd_mlflow.runs import EpochSink
 from kd_mlflow.train import Runtime, evaluate, fit, make_optimizer
-
-import report_pipeline
-from harness import Timer
 
 
 @dataclass
 class Bench:
     """What every training arm shares: one recipe, runtime and resident dataset."""
-    recipe: Recipe          # epochs = epochs per timed fit call
+
+    recipe: Recipe  # epochs = epochs per timed fit call
     rt: Runtime
     dd: DeviceData
     num_classes: int
@@ -65,7 +64,7 @@ def normalised_inputs(b: Bench, model) -> torch.Tensor:
     kept and reused (compute does not depend on pixel values; 224 px floats of a whole
     training set would not fit in memory)."""
     with torch.no_grad():
-        x = b.dd.train_x[:BARE_BATCHES * b.recipe.batch_size].float() / 255.0
+        x = b.dd.train_x[: BARE_BATCHES * b.recipe.batch_size].float() / 255.0
         size = b.recipe.image_size
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -80,9 +79,9 @@ def bare_seconds(b: Bench, x: torch.Tensor) -> float:
     with Timer(b.rt.device) as t:
         for _ in range(b.recipe.epochs):
             for s in range(0, len(y), bs):
-                yb, k = y[s:s + bs], s % len(x)  # x holds whole batches: k + bs fits
+                yb, k = y[s : s + bs], s % len(x)  # x holds whole batches: k + bs fits
                 with b.rt.autocast():
-                    logits = net(x[k:k + len(yb)])
+                    logits = net(x[k : k + len(yb)])
                 loss = F.cross_entropy(logits.float(), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -96,8 +95,9 @@ def report_seconds(b: Bench, workers: int) -> float:
     net = models.build(b.recipe, b.num_classes).net.to(b.rt.device)
     opt = make_optimizer(b.recipe, net.parameters())
     r = b.recipe
-    batches = report_pipeline.loader(b.dd.train_x.cpu(), b.dd.train_y.cpu(), r.image_size, r.mean,
-                                     r.std, r.batch_size, workers)
+    batches = report_pipeline.loader(
+        b.dd.train_x.cpu(), b.dd.train_y.cpu(), r.image_size, r.mean, r.std, r.batch_size, workers
+    )
     with Timer(b.rt.device) as t:
         for _ in range(r.epochs):
             report_pipeline.train_epoch(net, batches, opt, b.rt.device, b.rt.autocast)
@@ -116,13 +116,16 @@ def eval_seconds(b: Bench, dd_eval: DeviceData) -> float:
 
 def loop_arms(b: Bench, report_workers: int, dd_eval: DeviceData) -> dict:
     x = normalised_inputs(b, fresh_model(b))
-    return {"bare": lambda: bare_seconds(b, x),
-            "fit": lambda: timed_fit(b, CrossEntropy()),
-            "report": lambda: report_seconds(b, report_workers),
-            "eval": lambda: eval_seconds(b, dd_eval)}
+    return {
+        "bare": lambda: bare_seconds(b, x),
+        "fit": lambda: timed_fit(b, CrossEntropy()),
+        "report": lambda: report_seconds(b, report_workers),
+        "eval": lambda: eval_seconds(b, dd_eval),
+    }
 
 
 # --- 3: distillation from a five-model ensemble -------------------------------
+
 
 def ensemble_teacher(b: Bench, members: int = 5) -> Ensemble:
     return Ensemble([fresh_model(b, seed) for seed in range(1, members + 1)]).eval()
@@ -139,13 +142,16 @@ def kd_arms(b: Bench) -> dict:
     table = teacher_table(teacher, b.dd, b.rt.autocast, r.eval_batch_size)
     cached = Distillation(CachedTeacher(table), r.temperature, r.alpha)
     online = Distillation(OnlineTeacher(teacher, b.rt.autocast), r.temperature, r.alpha)
-    return {"plain": lambda: timed_fit(b, CrossEntropy()),
-            "cached": lambda: timed_fit(b, cached),
-            "online": lambda: timed_fit(b, online),
-            "table": lambda: table_seconds(b, teacher)}
+    return {
+        "plain": lambda: timed_fit(b, CrossEntropy()),
+        "cached": lambda: timed_fit(b, cached),
+        "online": lambda: timed_fit(b, online),
+        "table": lambda: table_seconds(b, teacher),
+    }
 
 
 # --- 5: tracking on (a real run, EpochSink) against off -----------------------
+
 
 class TimedSink:
     """Wraps a sink and keeps how long each call took."""
@@ -171,5 +177,4 @@ def tracked_seconds(b: Bench, session, sink_log: list) -> float:
 
 
 def tracking_arms(b: Bench, session, sink_log: list) -> dict:
-    return {"off": lambda: timed_fit(b, CrossEntropy()),
-            "on": lambda: tracked_seconds(b, session, sink_log)}
+    return {"off": lambda: timed_fit(b, CrossEntropy()), "on": lambda: tracked_seconds(b, session, sink_log)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -44,12 +45,13 @@ def dump(obj) -> bytes:
 def parse(data: bytes, name: str = "checkpoint"):
     if len(data) < len(MAGIC) + 32 or not data.startswith(MAGIC):
         raise CorruptCheckpoint(f"{name}: not a kd-mlflow checkpoint (truncated or foreign)")
-    digest, payload = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+    digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
     if hashlib.sha256(payload).digest() != digest:
         raise CorruptCheckpoint(f"{name}: checksum mismatch (truncated or corrupted)")
     try:
         return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
-    except Exception as e:  # weights_only refuses anything but plain data
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # weights_only refuses anything
+        # but plain data; a damaged archive fails as RuntimeError
         raise CorruptCheckpoint(f"{name}: refused to load ({type(e).__name__})") from None
 
 
@@ -65,7 +67,7 @@ class CheckpointStore:
     def save(self, state: dict) -> Path:
         path = self.directory / f"epoch-{state['epoch']:05d}.ckpt"
         write_atomic(path, dump(state))
-        for old in self._files()[:-self.keep]:
+        for old in self._files()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
 

@@ -33,8 +33,7 @@ class _Optional(click.ParamType):
     def convert(self, value, param, ctx):
         if value is None or value == "":
             return None
-        return self.inner.convert(value, param, ctx) if isinstance(self.inner, click.ParamType) \
-            else self.inner(value)
+        return self.inner.convert(value, param, ctx) if isinstance(self.inner, click.ParamType) else self.inner(value)
 
 
 class _YesNo(click.ParamType):
@@ -68,17 +67,33 @@ def _recipe_options(func):
             # --augment, --augment false (what `mlflow run -P augment=false` passes) and
             # --no-augment.
             dashed = f.name.replace("_", "-")
-            func = click.option(f"--no-{dashed}", f"no_{f.name}", is_flag=True, default=False,
-                                help=f"Same as --{dashed} false.")(func)
-            opt = click.option(*flags, f.name, type=_Optional(_YesNo()), is_flag=False, flag_value="true",
-                               default=None, help=f"Override the preset's {f.name} (true or false).")
+            func = click.option(
+                f"--no-{dashed}", f"no_{f.name}", is_flag=True, default=False, help=f"Same as --{dashed} false."
+            )(func)
+            opt = click.option(
+                *flags,
+                f.name,
+                type=_Optional(_YesNo()),
+                is_flag=False,
+                flag_value="true",
+                default=None,
+                help=f"Override the preset's {f.name} (true or false).",
+            )
         else:
-            inner = (click.Choice(config.CHOICES[f.name]) if f.name in config.CHOICES else
-                     _triple if isinstance(default, tuple) else
-                     click.INT if isinstance(default, int) else
-                     click.FLOAT if isinstance(default, float) else click.STRING)
-            opt = click.option(*flags, f.name, type=_Optional(inner), default=None,
-                               help=f"Override the preset's {f.name}.")
+            inner = (
+                click.Choice(config.CHOICES[f.name])
+                if f.name in config.CHOICES
+                else _triple
+                if isinstance(default, tuple)
+                else click.INT
+                if isinstance(default, int)
+                else click.FLOAT
+                if isinstance(default, float)
+                else click.STRING
+            )
+            opt = click.option(
+                *flags, f.name, type=_Optional(inner), default=None, help=f"Override the preset's {f.name}."
+            )
         func = opt(func)
     return func
 
@@ -103,45 +118,75 @@ def _overrides(kwargs: dict) -> dict:
 
 
 def _execution_options(func):
-    func = click.option("--cache-dir", "--cache_dir", "cache_dir", type=_Optional(click.Path(file_okay=False)), default=None,
-                        help="Decoded datasets and checkpoints [~/.cache/kd-mlflow or $KD_MLFLOW_CACHE].")(func)
+    func = click.option(
+        "--cache-dir",
+        "--cache_dir",
+        "cache_dir",
+        type=_Optional(click.Path(file_okay=False)),
+        default=None,
+        help="Decoded datasets and checkpoints [~/.cache/kd-mlflow or $KD_MLFLOW_CACHE].",
+    )(func)
     func = click.option("--force", is_flag=True, help="Train anew even if a FINISHED run exists.")(func)
     func = click.option("--deterministic", is_flag=True, help="No cudnn autotuning; deterministic kernels.")(func)
     func = click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")(func)
-    func = click.option("--device", default="auto", show_default=True,
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")(func)
+    func = click.option(
+        "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
+    )(func)
     return func
 
 
 def _step_options(func):
     """Hidden options a study uses when it runs a step as a process."""
-    func = click.option("--outcome-json", is_flag=True, hidden=True,
-                        help="Print the outcome as JSON instead of the run id.")(func)
-    return click.option("--parent-run", type=_Optional(click.STRING), default=None, hidden=True,
-                        help="Nest the run under this study run.")(func)
+    func = click.option(
+        "--outcome-json", is_flag=True, hidden=True, help="Print the outcome as JSON instead of the run id."
+    )(func)
+    return click.option(
+        "--parent-run",
+        type=_Optional(click.STRING),
+        default=None,
+        hidden=True,
+        help="Nest the run under this study run.",
+    )(func)
 
 
 def _emit(out, as_json: bool) -> None:
     click.echo(out.to_json() if as_json else out.run_id)
 
 
-_register = click.option("--register", type=_Optional(click.STRING), default=None, metavar="NAME",
-                         help="Also register the run's model in the Model Registry as NAME.")
+_register = click.option(
+    "--register",
+    type=_Optional(click.STRING),
+    default=None,
+    metavar="NAME",
+    help="Also register the run's model in the Model Registry as NAME.",
+)
 
-_preset = click.option("--preset", type=click.Choice(config.CHOICES["preset"]), default="seed-report",
-                       show_default=True)
+_preset = click.option(
+    "--preset", type=click.Choice(config.CHOICES["preset"]), default="seed-report", show_default=True
+)
 
 
 def _execution(device, compile_, deterministic, force, cache_dir):
-    from .steps import Execution  # noqa: I001  (no torch: steps loads it where it is used)
+    from .steps import Execution
+
     return Execution(device, compile_, deterministic, force, Path(cache_dir) if cache_dir else None)
 
 
-_experiment = click.option("--experiment", type=_Optional(click.STRING), default=None,
-                           help="Experiment name [$MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID, or mysteries].")
-_data_dir = click.option("--data-dir", "--data_dir", "data_dir", type=_Optional(click.STRING), default=None,
-                         help="cifar*: torchvision root (downloaded if missing); folder: an ImageFolder "
-                              "tree with train/ and test/, or a .tar.gz of one.")
+_experiment = click.option(
+    "--experiment",
+    type=_Optional(click.STRING),
+    default=None,
+    help="Experiment name [$MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID, or mysteries].",
+)
+_data_dir = click.option(
+    "--data-dir",
+    "--data_dir",
+    "data_dir",
+    type=_Optional(click.STRING),
+    default=None,
+    help="cifar*: torchvision root (downloaded if missing); folder: an ImageFolder "
+    "tree with train/ and test/, or a .tar.gz of one.",
+)
 
 
 class _Group(click.Group):
@@ -207,12 +252,20 @@ def main():
 
 
 @main.command()
-@click.option("--seed", type=_Optional(click.IntRange(min=0)), default=None,
-              help="Model seed: the initialisation only.")
-@click.option("--seeds", type=_Optional(click.STRING), default=None,
-              help="Several seeds (e.g. 0-4), one run each, instead of --seed.")
-@click.option("--pack", is_flag=True, help="With --seeds: train them side by side as one packed network "
-                                           "(each still its own run; pays off on a GPU).")
+@click.option(
+    "--seed", type=_Optional(click.IntRange(min=0)), default=None, help="Model seed: the initialisation only."
+)
+@click.option(
+    "--seeds",
+    type=_Optional(click.STRING),
+    default=None,
+    help="Several seeds (e.g. 0-4), one run each, instead of --seed.",
+)
+@click.option(
+    "--pack",
+    is_flag=True,
+    help="With --seeds: train them side by side as one packed network (each still its own run; pays off on a GPU).",
+)
 @_preset
 @_data_dir
 @_experiment
@@ -220,8 +273,23 @@ def main():
 @_recipe_options
 @_execution_options
 @_step_options
-def train(seed, seeds, pack, preset, data_dir, experiment, register, device, compile_, deterministic, force,
-          cache_dir, parent_run, outcome_json, **kw):
+def train(
+    seed,
+    seeds,
+    pack,
+    preset,
+    data_dir,
+    experiment,
+    register,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    parent_run,
+    outcome_json,
+    **kw,
+):
     """Train one model and log one MLflow run; prints its run id (one per line with --seeds)."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     if (seed is None) == (seeds is None):
@@ -233,13 +301,15 @@ def train(seed, seeds, pack, preset, data_dir, experiment, register, device, com
 
     ex = _execution(device, compile_, deterministic, force, cache_dir)
     if wanted is None:
-        _emit(steps.train(seed, recipe, preset, data_dir, experiment, ex, parent_run, register=register),
-              outcome_json)
+        _emit(steps.train(seed, recipe, preset, data_dir, experiment, ex, parent_run, register=register), outcome_json)
         return
     if register:
         raise ConfigError("register", register, "register one run at a time (--seed)")
-    outs = steps.train_wave(wanted, recipe, preset, data_dir, experiment, ex, parent_run) if pack else \
-        [steps.train(s, recipe, preset, data_dir, experiment, ex, parent_run) for s in wanted]
+    outs = (
+        steps.train_wave(wanted, recipe, preset, data_dir, experiment, ex, parent_run)
+        if pack
+        else [steps.train(s, recipe, preset, data_dir, experiment, ex, parent_run) for s in wanted]
+    )
     for out in outs:
         _emit(out, outcome_json)
 
@@ -247,16 +317,34 @@ def train(seed, seeds, pack, preset, data_dir, experiment, register, device, com
 @main.command()
 @click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
 @click.option("--seed", type=click.IntRange(min=0), required=True, help="The student's model seed.")
-@click.option("--preset", type=_Optional(click.Choice(config.CHOICES["preset"])), default=None,
-              help="The student's preset [the teacher's].")
+@click.option(
+    "--preset",
+    type=_Optional(click.Choice(config.CHOICES["preset"])),
+    default=None,
+    help="The student's preset [the teacher's].",
+)
 @_data_dir
 @_experiment
 @_register
 @_recipe_options
 @_execution_options
 @_step_options
-def distill(teacher, seed, preset, data_dir, experiment, register, device, compile_, deterministic, force,
-            cache_dir, parent_run, outcome_json, **kw):
+def distill(
+    teacher,
+    seed,
+    preset,
+    data_dir,
+    experiment,
+    register,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    parent_run,
+    outcome_json,
+    **kw,
+):
     """Train a student on a teacher's probabilities (KD if the teacher is an ensemble,
     SD otherwise); prints its run id."""
     overrides = _overrides(kw)
@@ -264,28 +352,64 @@ def distill(teacher, seed, preset, data_dir, experiment, register, device, compi
     _check_run_id("teacher", teacher)
     from . import steps
 
-    out = steps.distill(teacher, seed, preset, overrides, data_dir, experiment,
-                        _execution(device, compile_, deterministic, force, cache_dir), parent_run,
-                        register=register)
+    out = steps.distill(
+        teacher,
+        seed,
+        preset,
+        overrides,
+        data_dir,
+        experiment,
+        _execution(device, compile_, deterministic, force, cache_dir),
+        parent_run,
+        register=register,
+    )
     _emit(out, outcome_json)
 
 
 @main.command()
 @click.option("--members", type=_Optional(click.STRING), default=None, help="Comma-separated run ids.")
-@click.option("--seeds", type=_Optional(click.STRING), default=None,
-              help="Seeds of FINISHED train runs (e.g. 0-4 or 0,1,2), instead of --members.")
-@click.option("--preset", type=_Optional(click.Choice(config.CHOICES["preset"])), default=None,
-              help="With --seeds: the members' preset.")
-@click.option("--dataset", type=_Optional(click.Choice(config.DATASETS)), default=None,
-              help="With --seeds: the members' dataset.")
-@click.option("--combine", type=click.Choice(config.COMBINES), default="prob", show_default=True,
-              help="Average probabilities (the report) or logits.")
+@click.option(
+    "--seeds",
+    type=_Optional(click.STRING),
+    default=None,
+    help="Seeds of FINISHED train runs (e.g. 0-4 or 0,1,2), instead of --members.",
+)
+@click.option(
+    "--preset",
+    type=_Optional(click.Choice(config.CHOICES["preset"])),
+    default=None,
+    help="With --seeds: the members' preset.",
+)
+@click.option(
+    "--dataset", type=_Optional(click.Choice(config.DATASETS)), default=None, help="With --seeds: the members' dataset."
+)
+@click.option(
+    "--combine",
+    type=click.Choice(config.COMBINES),
+    default="prob",
+    show_default=True,
+    help="Average probabilities (the report) or logits.",
+)
 @_data_dir
 @_experiment
 @_execution_options
 @_step_options
-def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, device, compile_,
-             deterministic, force, cache_dir, parent_run, outcome_json):
+def ensemble(
+    members,
+    seeds,
+    preset,
+    dataset,
+    combine,
+    data_dir,
+    experiment,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    parent_run,
+    outcome_json,
+):
     """Evaluate an ensemble of finished runs and log it as a run; prints its run id."""
     if bool(members) == bool(seeds):
         raise ConfigError("members", members or "", "give exactly one of --members and --seeds")
@@ -297,23 +421,38 @@ def ensemble(members, seeds, preset, dataset, combine, data_dir, experiment, dev
 
     session = runs.connect(experiment)
     ids = ids or steps.members_for_seeds(wanted, preset, dataset, session=session)
-    out = steps.ensemble(ids, combine, data_dir, experiment,
-                         _execution(device, compile_, deterministic, force, cache_dir), parent_run,
-                         session=session)
+    out = steps.ensemble(
+        ids,
+        combine,
+        data_dir,
+        experiment,
+        _execution(device, compile_, deterministic, force, cache_dir),
+        parent_run,
+        session=session,
+    )
     _emit(out, outcome_json)
 
 
 @main.command()
 @_experiment
 @click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
-@click.option("--output", type=_Optional(click.Path(dir_okay=False)), default=None,
-              help="Write here instead of stdout.")
+@click.option(
+    "--output", type=_Optional(click.Path(dir_okay=False)), default=None, help="Write here instead of stdout."
+)
 @click.option("--preset", type=_Optional(click.STRING), default=None, help="Only this preset's runs.")
 @click.option("--dataset", type=_Optional(click.STRING), default=None, help="Only this dataset's runs.")
-@click.option("--group", type=_Optional(click.STRING), default=None,
-              help="Only the group whose label or id starts with this (labels head each table).")
-@click.option("--intervals/--no-intervals", default=True, show_default=True,
-              help="Every gain with its 95% intervals and the mechanism figures, from the runs' predictions.")
+@click.option(
+    "--group",
+    type=_Optional(click.STRING),
+    default=None,
+    help="Only the group whose label or id starts with this (labels head each table).",
+)
+@click.option(
+    "--intervals/--no-intervals",
+    default=True,
+    show_default=True,
+    help="Every gain with its 95% intervals and the mechanism figures, from the runs' predictions.",
+)
 def compare(experiment, fmt, output, preset, dataset, group, intervals):
     """Rebuild the report's tables from the tracking server."""
     from . import steps
@@ -328,33 +467,103 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
 @main.command()
 @_preset
 @click.option("--seeds", default="0-4", show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
-@click.option("--student-seed-offset", "--student_seed_offset", "offset", type=click.IntRange(min=1),
-              default=10, show_default=True, help="SD student of seed i has seed i + offset.")
-@click.option("--kd-seed", "--kd_seed", "kd_seed", type=_Optional(click.IntRange(min=0)), default=None,
-              help="Seed of the KD student of the ensemble [the preset's: 42 for seed-report, else 100].")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Independent steps run concurrently, as separate processes (local executor).")
-@click.option("--executor", type=click.Choice(config.EXECUTORS), default="local", show_default=True,
-              help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').")
-@click.option("--ray-address", "--ray_address", "ray_address", type=_Optional(click.STRING), default=None,
-              help="An existing Ray cluster [a local instance].")
-@click.option("--gpus-per-run", "--gpus_per_run", "gpus_per_run", type=_Optional(click.FloatRange(min=0)),
-              default=None, help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].")
-@click.option("--ray-local-gpus", "ray_local_gpus", type=_Optional(click.IntRange(min=0)), default=None,
-              hidden=True, help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).")
-@click.option("--register-as", "--register_as", "register_as", type=_Optional(click.STRING), default=None,
-              metavar="NAME", help="Register the KD student as NAME, alias champion "
-                                   "[the experiment's name + -kd-student].")
+@click.option(
+    "--student-seed-offset",
+    "--student_seed_offset",
+    "offset",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="SD student of seed i has seed i + offset.",
+)
+@click.option(
+    "--kd-seed",
+    "--kd_seed",
+    "kd_seed",
+    type=_Optional(click.IntRange(min=0)),
+    default=None,
+    help="Seed of the KD student of the ensemble [the preset's: 42 for seed-report, else 100].",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Independent steps run concurrently, as separate processes (local executor).",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(config.EXECUTORS),
+    default="local",
+    show_default=True,
+    help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').",
+)
+@click.option(
+    "--ray-address",
+    "--ray_address",
+    "ray_address",
+    type=_Optional(click.STRING),
+    default=None,
+    help="An existing Ray cluster [a local instance].",
+)
+@click.option(
+    "--gpus-per-run",
+    "--gpus_per_run",
+    "gpus_per_run",
+    type=_Optional(click.FloatRange(min=0)),
+    default=None,
+    help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
+)
+@click.option(
+    "--ray-local-gpus",
+    "ray_local_gpus",
+    type=_Optional(click.IntRange(min=0)),
+    default=None,
+    hidden=True,
+    help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
+)
+@click.option(
+    "--register-as",
+    "--register_as",
+    "register_as",
+    type=_Optional(click.STRING),
+    default=None,
+    metavar="NAME",
+    help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",
+)
 @click.option("--no-register", is_flag=True, help="Do not register the KD student.")
-@click.option("--pack", is_flag=True, help="Train the seeds, and the SD students, of a wave side by side as "
-                                           "one packed network (in this process; pays off on a GPU).")
+@click.option(
+    "--pack",
+    is_flag=True,
+    help="Train the seeds, and the SD students, of a wave side by side as "
+    "one packed network (in this process; pays off on a GPU).",
+)
 @_data_dir
 @_experiment
 @_recipe_options
 @_execution_options
-def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_per_run, ray_local_gpus,
-              register_as, no_register, pack, data_dir, experiment, device, compile_, deterministic, force,
-              cache_dir, **kw):
+def reproduce(
+    preset,
+    seeds,
+    offset,
+    kd_seed,
+    jobs,
+    executor,
+    ray_address,
+    gpus_per_run,
+    ray_local_gpus,
+    register_as,
+    no_register,
+    pack,
+    data_dir,
+    experiment,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    **kw,
+):
     """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
     Finished steps are reused, so a rerun does only what is missing."""
     overrides = _overrides(kw)
@@ -363,23 +572,31 @@ def reproduce(preset, seeds, offset, kd_seed, jobs, executor, ray_address, gpus_
     from . import executors, study
 
     if pack and (jobs > 1 or executor != "local"):
-        raise ConfigError("pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and "
-                          "--executor, or --pack")
+        raise ConfigError(
+            "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
+        )
     plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, pack)
     if executor == "ray":
         runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
     else:
         runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
     try:
-        result = study.reproduce(plan, experiment, _execution(device, compile_, deterministic, force,
-                                                              cache_dir), runner,
-                                 register_as=None if no_register else (register_as or study.DEFAULT_REGISTRY))
+        result = study.reproduce(
+            plan,
+            experiment,
+            _execution(device, compile_, deterministic, force, cache_dir),
+            runner,
+            register_as=None if no_register else (register_as or study.DEFAULT_REGISTRY),
+        )
     except study.StepFailed as e:
         click.echo(f"kd-mlflow: error: {e}", err=True)
         return 1
     click.echo(result.tables)
-    click.echo(f"study run {result.parent_run_id}: {len(result.trained)} step(s) ran, "
-               f"{len(result.runs) - len(result.trained)} reused", err=True)
+    click.echo(
+        f"study run {result.parent_run_id}: {len(result.trained)} step(s) ran, "
+        f"{len(result.runs) - len(result.trained)} reused",
+        err=True,
+    )
 
 
 def _check_run_id(option: str, run_id: str) -> None:

@@ -5,6 +5,7 @@ and a summary, per (preset, dataset) group.
 Pure pandas, no MLflow and no torch: the CLI fetches the runs and this module
 only reads them, so it is tested on hand-made frames as well as on real runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,14 +22,29 @@ _ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id"]
 COLUMNS = {
     "seeds": ["seed", "val_acc", "test_acc", "run_id"],
     "ensembles": _ENSEMBLE_COLUMNS,
-    "kd": ["seed", "teacher_seeds", "teacher_val_acc", "teacher_test_acc",
-           "val_acc", "test_acc", "teacher_run_id", "run_id"],
-    "self_distillation": ["teacher_seed", "teacher_val_acc", "teacher_test_acc",
-                          "student_seed", "student_val_acc", "student_test_acc",
-                          "gain", "teacher_run_id", "run_id"],
+    "kd": [
+        "seed",
+        "teacher_seeds",
+        "teacher_val_acc",
+        "teacher_test_acc",
+        "val_acc",
+        "test_acc",
+        "teacher_run_id",
+        "run_id",
+    ],
+    "self_distillation": [
+        "teacher_seed",
+        "teacher_val_acc",
+        "teacher_test_acc",
+        "student_seed",
+        "student_val_acc",
+        "student_test_acc",
+        "gain",
+        "teacher_run_id",
+        "run_id",
+    ],
     "sd_ensembles": _ENSEMBLE_COLUMNS,
-    "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std",
-                "gain", "gain_over", "run_ids"],
+    "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std", "gain", "gain_over", "run_ids"],
 }
 _MISSING = {
     "seeds": "no finished train runs",
@@ -39,13 +55,22 @@ _MISSING = {
 }
 # Tidy column name -> MLflow tag key.
 _TAGS = {
-    "role": S.ROLE, "method": S.METHOD, "preset": S.PRESET, "dataset": S.DATASET,
-    "config_hash": S.CONFIG_HASH, "teacher_run_id": S.TEACHER_RUN_ID,
-    "teacher_seeds": S.TEACHER_SEEDS, "member_seeds": S.MEMBER_SEEDS,
-    "member_run_ids": S.MEMBER_RUN_IDS, "member_role": S.MEMBER_ROLE,
-    "duplicate_of": S.DUPLICATE_OF, "study": S.STUDY, "group": S.GROUP, "group_label": S.GROUP_LABEL,
+    "role": S.ROLE,
+    "method": S.METHOD,
+    "preset": S.PRESET,
+    "dataset": S.DATASET,
+    "config_hash": S.CONFIG_HASH,
+    "teacher_run_id": S.TEACHER_RUN_ID,
+    "teacher_seeds": S.TEACHER_SEEDS,
+    "member_seeds": S.MEMBER_SEEDS,
+    "member_run_ids": S.MEMBER_RUN_IDS,
+    "member_role": S.MEMBER_ROLE,
+    "duplicate_of": S.DUPLICATE_OF,
+    "study": S.STUDY,
+    "group": S.GROUP,
+    "group_label": S.GROUP_LABEL,
 }
-NO_GROUP = "-"   # runs logged before groups existed: grouped by preset and dataset alone
+NO_GROUP = "-"  # runs logged before groups existed: grouped by preset and dataset alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +80,12 @@ class StudyTables:
     A group is one training recipe on one split (the train runs' kd.group), one way of
     combining an ensemble, and one set of distillation settings: runs that differ in
     anything but their seed are never in the same table."""
+
     preset: str
     dataset: str
-    label: str          # the preset and what differs from it: "smoke · epochs=1"
-    group_id: str       # the train runs' kd.group, plus the variant
-    recipe: dict        # the group's full recipe, as its runs logged it
+    label: str  # the preset and what differs from it: "smoke · epochs=1"
+    group_id: str  # the train runs' kd.group, plus the variant
+    recipe: dict  # the group's full recipe, as its runs logged it
     seeds: pd.DataFrame
     ensembles: pd.DataFrame
     kd: pd.DataFrame
@@ -69,10 +95,12 @@ class StudyTables:
     notes: list[str]
     gains: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=gains_mod.GAIN_COLUMNS))
     mechanism: pd.DataFrame = dataclasses.field(
-        default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS))
+        default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS)
+    )
 
 
 # --- reading the runs frame -------------------------------------------------
+
 
 def _column(runs: pd.DataFrame, name: str) -> pd.Series:
     """``runs[name]``, or all missing: search_runs omits keys no run has."""
@@ -111,8 +139,14 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     out["combine"] = _text(runs, "params.combine").fillna("prob")
     out["group"] = out["group"].fillna(NO_GROUP)
     params = [c for c in runs.columns if c.startswith("params.")]
-    out["recipe"] = [dict(sorted((k[len("params."):], v) for k, v in row.items() if isinstance(v, str) and v != ""))
-                     for row in runs[params].to_dict("records")] if params else [{} for _ in range(len(out))]
+    out["recipe"] = (
+        [
+            dict(sorted((k[len("params.") :], v) for k, v in row.items() if isinstance(v, str) and v != ""))
+            for row in runs[params].to_dict("records")
+        ]
+        if params
+        else [{} for _ in range(len(out))]
+    )
     return out
 
 
@@ -120,8 +154,11 @@ def _results(tidy: pd.DataFrame) -> pd.DataFrame:
     """FINISHED kd-mlflow runs that are results, not pointers or study parents."""
     keep = (
         (tidy["status"] == "FINISHED")
-        & tidy["duplicate_of"].isna() & tidy["study"].isna()
-        & tidy["role"].notna() & tidy["preset"].notna() & tidy["dataset"].notna()
+        & tidy["duplicate_of"].isna()
+        & tidy["study"].isna()
+        & tidy["role"].notna()
+        & tidy["preset"].notna()
+        & tidy["dataset"].notna()
     )
     return tidy[keep]
 
@@ -143,6 +180,7 @@ def _dedupe(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 # --- the tables -----------------------------------------------------------
+
 
 def _seeds(rows: pd.DataFrame) -> pd.DataFrame:
     t = rows[rows["role"] == "train"]
@@ -183,7 +221,8 @@ def _kd(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]
     seeds = t["teacher_seeds"].where(t["teacher_seeds"].notna(), teacher["member_seeds"])
     out = t.assign(
         teacher_seeds=_members(seeds),
-        teacher_val_acc=teacher["val_acc"], teacher_test_acc=teacher["test_acc"],
+        teacher_val_acc=teacher["val_acc"],
+        teacher_test_acc=teacher["test_acc"],
     )
     return out[COLUMNS["kd"]].sort_values(["seed", "run_id"]).reset_index(drop=True), notes
 
@@ -191,30 +230,44 @@ def _kd(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]
 def _self_distillation(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     t = rows[(rows["role"] == "student") & (rows["method"] == "sd")]
     teacher, notes = _teachers(t, pool)
-    out = pd.DataFrame({
-        # The student's own kd.teacher_seeds tag still names a lost teacher's seed.
-        "teacher_seed": teacher["seed"].fillna(_int(t["teacher_seeds"])),
-        "teacher_val_acc": teacher["val_acc"],
-        "teacher_test_acc": teacher["test_acc"],
-        "student_seed": t["seed"],
-        "student_val_acc": t["val_acc"],
-        "student_test_acc": t["test_acc"],
-        "gain": t["test_acc"] - teacher["test_acc"],
-        "teacher_run_id": t["teacher_run_id"],
-        "run_id": t["run_id"],
-    }, index=t.index)
+    out = pd.DataFrame(
+        {
+            # The student's own kd.teacher_seeds tag still names a lost teacher's seed.
+            "teacher_seed": teacher["seed"].fillna(_int(t["teacher_seeds"])),
+            "teacher_val_acc": teacher["val_acc"],
+            "teacher_test_acc": teacher["test_acc"],
+            "student_seed": t["seed"],
+            "student_val_acc": t["val_acc"],
+            "student_test_acc": t["test_acc"],
+            "gain": t["test_acc"] - teacher["test_acc"],
+            "teacher_run_id": t["teacher_run_id"],
+            "run_id": t["run_id"],
+        },
+        index=t.index,
+    )
     out = out.sort_values(["teacher_seed", "student_seed", "run_id"])
     return out.reset_index(drop=True), notes
 
 
-def _stat(row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series,
-          gain: float = float("nan"), gain_over: str | None = None) -> dict:
+def _stat(
+    row: str,
+    val: pd.Series,
+    test: pd.Series,
+    run_ids: pd.Series,
+    gain: float = float("nan"),
+    gain_over: str | None = None,
+) -> dict:
     """One summary row: mean and sample std (NaN below two runs)."""
     return {
-        "row": row, "n": len(run_ids),
-        "val_mean": val.mean(), "val_std": val.std(ddof=1),
-        "test_mean": test.mean(), "test_std": test.std(ddof=1),
-        "gain": gain, "gain_over": gain_over, "run_ids": list(run_ids),
+        "row": row,
+        "n": len(run_ids),
+        "val_mean": val.mean(),
+        "val_std": val.std(ddof=1),
+        "test_mean": test.mean(),
+        "test_std": test.std(ddof=1),
+        "gain": gain,
+        "gain_over": gain_over,
+        "run_ids": list(run_ids),
     }
 
 
@@ -224,17 +277,44 @@ def _summary(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFr
     sd = self_distillation[self_distillation["teacher_test_acc"].notna()]
     single = seeds["test_acc"].mean()
     ensemble = ensembles["test_acc"].mean()
-    return pd.DataFrame([
-        _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"]),
-        _stat("ensemble", ensembles["val_acc"], ensembles["test_acc"], ensembles["run_id"],
-              ensemble - single, "single models (mean)"),
-        _stat("KD students", kd["val_acc"], kd["test_acc"], kd["run_id"],
-              kd["test_acc"].mean() - single, "single models (mean)"),
-        _stat("SD students", sd["student_val_acc"], sd["student_test_acc"], sd["run_id"],
-              sd["gain"].mean(), "own teacher (mean of differences)"),
-        _stat("SD ensemble", sd_ensembles["val_acc"], sd_ensembles["test_acc"],
-              sd_ensembles["run_id"], sd_ensembles["test_acc"].mean() - ensemble, "ensemble (mean)"),
-    ], columns=COLUMNS["summary"])
+    return pd.DataFrame(
+        [
+            _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"]),
+            _stat(
+                "ensemble",
+                ensembles["val_acc"],
+                ensembles["test_acc"],
+                ensembles["run_id"],
+                ensemble - single,
+                "single models (mean)",
+            ),
+            _stat(
+                "KD students",
+                kd["val_acc"],
+                kd["test_acc"],
+                kd["run_id"],
+                kd["test_acc"].mean() - single,
+                "single models (mean)",
+            ),
+            _stat(
+                "SD students",
+                sd["student_val_acc"],
+                sd["student_test_acc"],
+                sd["run_id"],
+                sd["gain"].mean(),
+                "own teacher (mean of differences)",
+            ),
+            _stat(
+                "SD ensemble",
+                sd_ensembles["val_acc"],
+                sd_ensembles["test_acc"],
+                sd_ensembles["run_id"],
+                sd_ensembles["test_acc"].mean() - ensemble,
+                "ensemble (mean)",
+            ),
+        ],
+        columns=COLUMNS["summary"],
+    )
 
 
 def _study(key: tuple, pool: pd.DataFrame) -> StudyTables:
@@ -243,14 +323,21 @@ def _study(key: tuple, pool: pd.DataFrame) -> StudyTables:
     kd, kd_notes = _kd(rows, pool)
     sd, sd_notes = _self_distillation(rows, pool)
     tables = {
-        "seeds": _seeds(rows), "ensembles": _ensembles(rows, "train"), "kd": kd,
-        "self_distillation": sd, "sd_ensembles": _ensembles(rows, "student"),
+        "seeds": _seeds(rows),
+        "ensembles": _ensembles(rows, "train"),
+        "kd": kd,
+        "self_distillation": sd,
+        "sd_ensembles": _ensembles(rows, "student"),
     }
-    lost = [n.replace("is not a finished run of this group", "is not a finished run of this group; "
-                      "the student is listed but counted in no mean or gain") for n in sd_notes]
+    lost = [
+        n.replace(
+            "is not a finished run of this group",
+            "is not a finished run of this group; the student is listed but counted in no mean or gain",
+        )
+        for n in sd_notes
+    ]
     notes += kd_notes + lost + [m for k, m in _MISSING.items() if tables[k].empty]
-    return StudyTables(preset, dataset, label, group_id, recipe, **tables, summary=_summary(**tables),
-                       notes=notes)
+    return StudyTables(preset, dataset, label, group_id, recipe, **tables, summary=_summary(**tables), notes=notes)
 
 
 def _variant_label(base: str, combine: str, student_label: str | None) -> str:
@@ -273,8 +360,9 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
     students = part[part["role"] == "student"]
     labels = trains.groupby("group")["group_label"].first()
     # The preset's own recipe first, then the variants by label.
-    train_groups = sorted(trains["group"].unique(), key=lambda g: (labels.get(g) not in (None, preset),
-                                                                  str(labels.get(g)), g)) or [NO_GROUP]
+    train_groups = sorted(
+        trains["group"].unique(), key=lambda g: (labels.get(g) not in (None, preset), str(labels.get(g)), g)
+    ) or [NO_GROUP]
     single = len(train_groups) == 1
     out = []
     for g in train_groups:
@@ -296,15 +384,18 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
             g_ens = pd.concat([g_ens, loose[(loose["role"] == "ensemble") & (loose["member_role"] == "train")]])
         base = g_train["group_label"].dropna().iloc[0] if g_train["group_label"].notna().any() else preset
         # The preset's own settings first: that variant keeps the train group's id.
-        s_labels = sorted({lbl for lbl in pd.concat([sd, kd])["group_label"].fillna("")},
-                          key=lambda lbl: (lbl not in ("", base), lbl)) or [""]
+        s_labels = sorted(
+            {lbl for lbl in pd.concat([sd, kd])["group_label"].fillna("")}, key=lambda lbl: (lbl not in ("", base), lbl)
+        ) or [""]
         combines = sorted(set(g_ens["combine"]), key=lambda c: (c != "prob", c)) or ["prob"]
         recipe = g_train["recipe"].iloc[-1] if len(g_train) else {}
         for c in combines:
             for lbl in s_labels:
                 v_ens = g_ens[g_ens["combine"] == c]
-                v_kd = kd[(kd["group_label"].fillna("") == lbl) & kd["teacher_run_id"].isin(set(v_ens["run_id"]))
-                          | (kd["group_label"].fillna("") == lbl) & ~kd["teacher_run_id"].isin(set(ens["run_id"]))]
+                v_kd = kd[
+                    (kd["group_label"].fillna("") == lbl) & kd["teacher_run_id"].isin(set(v_ens["run_id"]))
+                    | (kd["group_label"].fillna("") == lbl) & ~kd["teacher_run_id"].isin(set(ens["run_id"]))
+                ]
                 v_sd = sd[sd["group_label"].fillna("") == lbl]
                 sd_ids = set(students[students["group_label"].fillna("") == lbl]["run_id"])
                 v_sd_ens = members_in(ens[(ens["member_role"] == "student") & (ens["combine"] == c)], sd_ids)
@@ -318,9 +409,13 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
     return out
 
 
-def build_tables(runs: pd.DataFrame, preset: str | None = None,
-                 dataset: str | None = None, group: str | None = None,
-                 predictions: dict | None = None) -> list[StudyTables]:
+def build_tables(
+    runs: pd.DataFrame,
+    preset: str | None = None,
+    dataset: str | None = None,
+    group: str | None = None,
+    predictions: dict | None = None,
+) -> list[StudyTables]:
     """One StudyTables per group of comparable runs, optionally filtered.
 
     Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study are
@@ -361,6 +456,7 @@ def run_ids(tables: list[StudyTables]) -> list[str]:
 
 # --- rendering ------------------------------------------------------------
 
+
 def _fmt(value, spec: str = ".2f") -> str:
     """A cell: "-" for a missing value."""
     if value is None or (not isinstance(value, (str, list)) and pd.isna(value)):
@@ -384,14 +480,41 @@ def _ens(df: pd.DataFrame) -> list[list[str]]:
 def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
     """(title, table) pairs in the report's order."""
     seeds = [[_fmt(r.seed, "d"), _fmt(r.val_acc), _fmt(r.test_acc)] for r in t.seeds.itertuples()]
-    kd = [[_fmt(r.teacher_seeds), _fmt(r.teacher_val_acc), _fmt(r.teacher_test_acc),
-           _fmt(r.seed, "d"), _fmt(r.val_acc), _fmt(r.test_acc)] for r in t.kd.itertuples()]
-    sd = [[_fmt(r.teacher_seed, "d"), _fmt(r.teacher_val_acc), _fmt(r.teacher_test_acc),
-           _fmt(r.student_seed, "d"), _fmt(r.student_val_acc), _fmt(r.student_test_acc)]
-          for r in t.self_distillation.itertuples()]
-    summary = [[r.row, str(r.n), _fmt(r.val_mean), _fmt(r.val_std), _fmt(r.test_mean),
-                _fmt(r.test_std), _fmt(r.gain, "+.2f"), _fmt(r.gain_over)]
-               for r in t.summary.itertuples()]
+    kd = [
+        [
+            _fmt(r.teacher_seeds),
+            _fmt(r.teacher_val_acc),
+            _fmt(r.teacher_test_acc),
+            _fmt(r.seed, "d"),
+            _fmt(r.val_acc),
+            _fmt(r.test_acc),
+        ]
+        for r in t.kd.itertuples()
+    ]
+    sd = [
+        [
+            _fmt(r.teacher_seed, "d"),
+            _fmt(r.teacher_val_acc),
+            _fmt(r.teacher_test_acc),
+            _fmt(r.student_seed, "d"),
+            _fmt(r.student_val_acc),
+            _fmt(r.student_test_acc),
+        ]
+        for r in t.self_distillation.itertuples()
+    ]
+    summary = [
+        [
+            r.row,
+            str(r.n),
+            _fmt(r.val_mean),
+            _fmt(r.val_std),
+            _fmt(r.test_mean),
+            _fmt(r.test_std),
+            _fmt(r.gain, "+.2f"),
+            _fmt(r.gain_over),
+        ]
+        for r in t.summary.itertuples()
+    ]
     pair = ["seed", *_ACC, "seed", *_ACC]
     return [
         ("Single models", _md_table(["seed", *_ACC], seeds)),
@@ -399,9 +522,12 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
         ("Knowledge distillation (teacher: ensemble, left; student, right)", _md_table(pair, kd)),
         ("Self-distillation (teacher left, student right)", _md_table(pair, sd)),
         ("Ensemble of SD students", _md_table(["members", *_ACC], _ens(t.sd_ensembles))),
-        ("Summary (gain: test accuracy)", _md_table(
-            ["", "n", "validation mean", "validation std", "test mean", "test std",
-             "gain", "gain over"], summary)),
+        (
+            "Summary (gain: test accuracy)",
+            _md_table(
+                ["", "n", "validation mean", "validation std", "test mean", "test std", "gain", "gain over"], summary
+            ),
+        ),
     ]
 
 
@@ -422,9 +548,20 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
         mech.append([r.figure, value, r.detail])
     out = []
     if rows:
-        out.append(("Gains with 95% intervals (test accuracy, points)", _md_table(
-            ["gain", "estimate [95% paired bootstrap over test images]", "[95% t over pairs]",
-             "McNemar p (teacher-only / student-only right)"], rows)))
+        out.append(
+            (
+                "Gains with 95% intervals (test accuracy, points)",
+                _md_table(
+                    [
+                        "gain",
+                        "estimate [95% paired bootstrap over test images]",
+                        "[95% t over pairs]",
+                        "McNemar p (teacher-only / student-only right)",
+                    ],
+                    rows,
+                ),
+            )
+        )
     if mech:
         out.append(("Mechanism (test set)", _md_table(["figure", "value", "unit"], mech)))
     return out
@@ -456,8 +593,7 @@ def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
     """Every table as row dicts tagged with preset and dataset; keys TABLES + notes."""
     out = {name: [] for name in (*TABLES, "notes")}
     for t in tables:
-        group = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset,
-                 "recipe": t.recipe}
+        group = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset, "recipe": t.recipe}
         for name in TABLES:
             records = getattr(t, name).to_dict("records")
             out[name] += [{**group, **{k: _native(v) for k, v in r.items()}} for r in records]
@@ -465,8 +601,24 @@ def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
     return out
 
 
-CSV_COLUMNS = ["section", "group", "role", "seed", "teacher_seed", "members", "val_acc", "test_acc",
-               "gain", "gain_lo", "gain_hi", "mcnemar_p", "run_id", "group_id", "preset", "dataset"]
+CSV_COLUMNS = [
+    "section",
+    "group",
+    "role",
+    "seed",
+    "teacher_seed",
+    "members",
+    "val_acc",
+    "test_acc",
+    "gain",
+    "gain_lo",
+    "gain_hi",
+    "mcnemar_p",
+    "run_id",
+    "group_id",
+    "preset",
+    "dataset",
+]
 
 
 def _csv(tables: list[StudyTables]) -> str:
@@ -476,24 +628,62 @@ def _csv(tables: list[StudyTables]) -> str:
     for t in tables:
         g = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset}
         for r in t.seeds.itertuples():
-            rows.append({**g, "section": "seeds", "role": "train", "seed": r.seed, "val_acc": r.val_acc,
-                         "test_acc": r.test_acc, "run_id": r.run_id})
+            rows.append(
+                {
+                    **g,
+                    "section": "seeds",
+                    "role": "train",
+                    "seed": r.seed,
+                    "val_acc": r.val_acc,
+                    "test_acc": r.test_acc,
+                    "run_id": r.run_id,
+                }
+            )
         for section, frame in (("ensembles", t.ensembles), ("sd_ensembles", t.sd_ensembles)):
             for r in frame.itertuples():
-                rows.append({**g, "section": section, "role": "ensemble", "members": r.members,
-                             "val_acc": r.val_acc, "test_acc": r.test_acc, "run_id": r.run_id})
+                rows.append(
+                    {
+                        **g,
+                        "section": section,
+                        "role": "ensemble",
+                        "members": r.members,
+                        "val_acc": r.val_acc,
+                        "test_acc": r.test_acc,
+                        "run_id": r.run_id,
+                    }
+                )
         for r in t.kd.itertuples():
-            rows.append({**g, "section": "kd", "role": "student", "seed": r.seed, "members": r.teacher_seeds,
-                         "val_acc": r.val_acc, "test_acc": r.test_acc, "run_id": r.run_id})
+            rows.append(
+                {
+                    **g,
+                    "section": "kd",
+                    "role": "student",
+                    "seed": r.seed,
+                    "members": r.teacher_seeds,
+                    "val_acc": r.val_acc,
+                    "test_acc": r.test_acc,
+                    "run_id": r.run_id,
+                }
+            )
         for r in t.self_distillation.itertuples():
-            rows.append({**g, "section": "self_distillation", "role": "student", "seed": r.student_seed,
-                         "teacher_seed": r.teacher_seed, "val_acc": r.student_val_acc,
-                         "test_acc": r.student_test_acc, "run_id": r.run_id})
+            rows.append(
+                {
+                    **g,
+                    "section": "self_distillation",
+                    "role": "student",
+                    "seed": r.student_seed,
+                    "teacher_seed": r.teacher_seed,
+                    "val_acc": r.student_val_acc,
+                    "test_acc": r.student_test_acc,
+                    "run_id": r.run_id,
+                }
+            )
         for g in t.gains[t.gains["run_id"].notna()].itertuples():
             for row in rows:
                 if row["run_id"] == g.run_id and row["group_id"] == t.group_id:
-                    row.update(gain=g.estimate, gain_lo=g.lo, gain_hi=g.hi,
-                               mcnemar_p=None if pd.isna(g.p_value) else g.p_value)
+                    row.update(
+                        gain=g.estimate, gain_lo=g.lo, gain_hi=g.hi, mcnemar_p=None if pd.isna(g.p_value) else g.p_value
+                    )
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
     for col in ("seed", "teacher_seed"):
         frame[col] = pd.array(frame[col].map(lambda v: None if v is None or pd.isna(v) else int(v)), dtype="Int64")

@@ -19,25 +19,34 @@ DATASETS = ("cifar10", "cifar100", "folder", "digits")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
-COMBINES = ("prob", "logit")          # ensembles: average probabilities (the report) or logits
+COMBINES = ("prob", "logit")  # ensembles: average probabilities (the report) or logits
 FORMATS = ("markdown", "csv", "json")  # compare's output
 EXECUTORS = ("local", "ray")
 ROLES = ("train", "ensemble", "student")
 
 # The report's mechanism first, then kd-mlflow's own:
-SPLIT_STYLES = ("random_split", "head")     # val = the permutation's tail, as random_split | its head
-ORDER_STYLES = ("dataloader", "randperm")   # DataLoader(shuffle=True, generator) | one randperm
+SPLIT_STYLES = ("random_split", "head")  # val = the permutation's tail, as random_split | its head
+ORDER_STYLES = ("dataloader", "randperm")  # DataLoader(shuffle=True, generator) | one randperm
 INIT_STYLES = ("torchvision-fc", "direct")  # resnet18() (1000 classes), new fc | built at num_classes
-RESIZES = ("pil", "float")                  # bilinear, each pass rounded to uint8 as PIL | one float pass
-DISTILL_LOSSES = ("soft-ce", "kl")          # the report's clamped soft-target CE | Hinton's T^2 KL
+RESIZES = ("pil", "float")  # bilinear, each pass rounded to uint8 as PIL | one float pass
+DISTILL_LOSSES = ("soft-ce", "kl")  # the report's clamped soft-target CE | Hinton's T^2 KL
 
 # One table of choices: the recipe's checks and the CLI's options both read it
 # ("preset" is added below PRESETS).
 CHOICES: dict[str, tuple] = {
-    "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-    "precision": PRECISIONS, "split_style": SPLIT_STYLES, "order_style": ORDER_STYLES,
-    "init_style": INIT_STYLES, "resize": RESIZES, "distill_loss": DISTILL_LOSSES,
-    "combine": COMBINES, "format": FORMATS, "executor": EXECUTORS,
+    "dataset": DATASETS,
+    "model": MODELS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "precision": PRECISIONS,
+    "split_style": SPLIT_STYLES,
+    "order_style": ORDER_STYLES,
+    "init_style": INIT_STYLES,
+    "resize": RESIZES,
+    "distill_loss": DISTILL_LOSSES,
+    "combine": COMBINES,
+    "format": FORMATS,
+    "executor": EXECUTORS,
 }
 
 # How a yes/no value may be written (the CLI, and MLflow's `-P augment=true`).
@@ -83,43 +92,53 @@ def _check_choice(name, value, choices):
 class Recipe:
     dataset: str = "cifar10"
     model: str = "resnet18"
-    width: int = 64                  # channels of the first stage; 64 is torchvision's ResNet-18
-    image_size: int = 224            # pixels; images are resized per batch on the device
-    mean: tuple = (0.5, 0.5, 0.5)    # normalisation, per channel, of [0, 1] pixels
+    width: int = 64  # channels of the first stage; 64 is torchvision's ResNet-18
+    image_size: int = 224  # pixels; images are resized per batch on the device
+    mean: tuple = (0.5, 0.5, 0.5)  # normalisation, per channel, of [0, 1] pixels
     std: tuple = (0.5, 0.5, 0.5)
     optimizer: str = "adam"
-    lr: float = 1e-3                 # peak learning rate
-    momentum: float = 0.9            # sgd only
-    nesterov: bool = True            # sgd only
-    weight_decay: float = 0.0        # L2, coupled (torch's weight_decay)
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    weight_decay: float = 0.0  # L2, coupled (torch's weight_decay)
     schedule: str = "constant"
-    warmup: float = 0.25             # onecycle only: share of the steps spent warming up
-    batch_size: int = 128            # images per step
+    warmup: float = 0.25  # onecycle only: share of the steps spent warming up
+    batch_size: int = 128  # images per step
     epochs: int = 100
-    augment: bool = False            # random crop + horizontal flip, on the device
-    crop_padding: int = 4            # pixels of zero padding before the random crop (augment only)
-    val_size: int = 5000             # images held out of train for model selection
-    train_subset: int = 0            # train on only this many images (0 = all the rest)
-    split_seed: int = 42             # fixes the train/val split; never the model seed
-    order_seed: int = 42             # fixes batch order and augmentation; never the model seed
-    temperature: float = 1.0         # distillation only
-    alpha: float = 1.0               # weight of the soft (teacher) term; 1 - alpha on labels
-    precision: str = "fp32"          # auto = bf16 autocast on cuda, fp32 elsewhere
-    eval_batch_size: int = 512       # images per evaluation step (no effect on results)
-    test_each_epoch: bool = True     # a test accuracy per epoch; False: once, on the selected
-                                     # weights (the same final result, one test pass per run)
+    augment: bool = False  # random crop + horizontal flip, on the device
+    crop_padding: int = 4  # pixels of zero padding before the random crop (augment only)
+    val_size: int = 5000  # images held out of train for model selection
+    train_subset: int = 0  # train on only this many images (0 = all the rest)
+    split_seed: int = 42  # fixes the train/val split; never the model seed
+    order_seed: int = 42  # fixes batch order and augmentation; never the model seed
+    temperature: float = 1.0  # distillation only
+    alpha: float = 1.0  # weight of the soft (teacher) term; 1 - alpha on labels
+    precision: str = "fp32"  # auto = bf16 autocast on cuda, fp32 elsewhere
+    eval_batch_size: int = 512  # images per evaluation step (no effect on results)
+    test_each_epoch: bool = True  # a test accuracy per epoch; False: once, on the selected
+    # weights (the same final result, one test pass per run)
     # How the report did it (the defaults) or kd-mlflow's own mechanism; see README,
     # "Fidelity to the report".
-    split_style: str = "random_split"   # which end of the split permutation is validation
-    order_style: str = "dataloader"     # how an epoch's batch order is drawn from order_seed
+    split_style: str = "random_split"  # which end of the split permutation is validation
+    order_style: str = "dataloader"  # how an epoch's batch order is drawn from order_seed
     init_style: str = "torchvision-fc"  # which construction's random draws initialise the net
-    resize: str = "pil"                 # how images are resized to image_size
-    distill_loss: str = "soft-ce"       # the soft (teacher) term of distillation
-    student_init_skip: int = 1          # networks drawn and thrown away before an SD student
+    resize: str = "pil"  # how images are resized to image_size
+    distill_loss: str = "soft-ce"  # the soft (teacher) term of distillation
+    student_init_skip: int = 1  # networks drawn and thrown away before an SD student
 
     def __post_init__(self):
-        for name in ("dataset", "model", "optimizer", "schedule", "precision", "split_style",
-                     "order_style", "init_style", "resize", "distill_loss"):
+        for name in (
+            "dataset",
+            "model",
+            "optimizer",
+            "schedule",
+            "precision",
+            "split_style",
+            "order_style",
+            "init_style",
+            "resize",
+            "distill_loss",
+        ):
             _check_choice(name, getattr(self, name), CHOICES[name])
         for name in ("width", "image_size", "batch_size", "epochs", "val_size", "eval_batch_size"):
             _check(name, getattr(self, name), lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
@@ -132,11 +151,10 @@ class Recipe:
         _check("momentum", self.momentum, lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)")
         _check("weight_decay", self.weight_decay, lambda v: _is_num(v) and v >= 0, "must be >= 0")
         for name in ("mean", "std"):
-            _check(name, getattr(self, name),
-                   lambda v: len(v) == 3 and all(_is_num(x) for x in v), "must be 3 numbers")
+            _check(name, getattr(self, name), lambda v: len(v) == 3 and all(_is_num(x) for x in v), "must be 3 numbers")
         _check("std", self.std, lambda v: all(x > 0 for x in v), "must be > 0")
 
-    def replace(self, **overrides) -> "Recipe":
+    def replace(self, **overrides) -> Recipe:
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
             name = sorted(unknown)[0]
@@ -151,8 +169,9 @@ class Recipe:
 
     def as_params(self, role: str = "student") -> dict:
         """Flat, string-valued view for MLflow params."""
-        return {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v))
-                for k, v in self.fields_for(role).items()}
+        return {
+            k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in self.fields_for(role).items()
+        }
 
     def digest(self, role: str = "train") -> str:
         """Digest of the fields that change the result of a run of ``role``. A mechanism
@@ -164,7 +183,7 @@ class Recipe:
                 d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def differences(self, other: "Recipe", role: str = "student") -> dict:
+    def differences(self, other: Recipe, role: str = "student") -> dict:
         """Fields of ``role`` whose value here differs from ``other``'s."""
         mine, theirs = self.fields_for(role), other.fields_for(role)
         return {k: v for k, v in mine.items() if k not in NEUTRAL_FIELDS and theirs.get(k) != v}
@@ -172,38 +191,91 @@ class Recipe:
 
 # kd-mlflow's own mechanisms, kept by every preset but seed-report (so their results do
 # not change) and assumed for runs logged before these fields existed.
-OWN_MECHANISMS = dict(split_style="head", order_style="randperm", init_style="direct",
-                      resize="float", distill_loss="kl", student_init_skip=0)
+OWN_MECHANISMS = dict(
+    split_style="head",
+    order_style="randperm",
+    init_style="direct",
+    resize="float",
+    distill_loss="kl",
+    student_init_skip=0,
+)
 
 PRESETS: dict[str, Recipe] = {
     # The public report's recipe: its split, batch order, initialisation, pixels,
     # fp32 and loss (README, "Fidelity to the report"; tests/test_fidelity.py).
     "seed-report": Recipe(),
     # A modern CIFAR recipe: ~95% on canonical CIFAR-10 in 100 epochs on a GPU.
-    "standard": Recipe(**OWN_MECHANISMS, precision="auto",
-                       model="resnet18-cifar", image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD,
-                       optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                       schedule="cosine", augment=True, temperature=4.0, alpha=0.9),
+    "standard": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        model="resnet18-cifar",
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        augment=True,
+        temperature=4.0,
+        alpha=0.9,
+    ),
     # The whole 11-training study on a 2-core CPU in under 30 minutes (CIFAR-10 JPEG copy).
-    "cpu-demo": Recipe(**OWN_MECHANISMS, precision="auto",
-                       dataset="folder", model="resnet18-cifar", width=16, image_size=32,
-                       mean=CIFAR_MEAN, std=CIFAR_STD, optimizer="adam", lr=2e-3,
-                       schedule="onecycle", batch_size=128, epochs=4, val_size=2000,
-                       train_subset=10000),
+    "cpu-demo": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        dataset="folder",
+        model="resnet18-cifar",
+        width=16,
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        optimizer="adam",
+        lr=2e-3,
+        schedule="onecycle",
+        batch_size=128,
+        epochs=4,
+        val_size=2000,
+        train_subset=10000,
+    ),
     # The report's regime on a 2-core CPU: networks that fit their training set (on the
     # CIFAR-10 JPEG copy the five teachers ended at 99.1-99.8% training accuracy); the
     # test set is evaluated once per run, on the selected weights, not every epoch; the
     # whole study took 28.5 minutes here (README, "A measured study").
-    "cpu-converge": Recipe(**OWN_MECHANISMS, precision="auto",
-                           dataset="folder", model="resnet18-cifar", width=16, image_size=32,
-                           mean=CIFAR_MEAN, std=CIFAR_STD, optimizer="adam", lr=2e-3,
-                           schedule="onecycle", batch_size=128, epochs=12, val_size=1000,
-                           train_subset=5000, test_each_epoch=False),
+    "cpu-converge": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        dataset="folder",
+        model="resnet18-cifar",
+        width=16,
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        optimizer="adam",
+        lr=2e-3,
+        schedule="onecycle",
+        batch_size=128,
+        epochs=12,
+        val_size=1000,
+        train_subset=5000,
+        test_each_epoch=False,
+    ),
     # Seconds, for tests: sklearn's bundled 8x8 digits, a very narrow network.
-    "smoke": Recipe(**OWN_MECHANISMS, precision="auto",
-                    dataset="digits", model="resnet18-cifar", width=4, image_size=8,
-                    optimizer="adam", lr=1e-2, batch_size=64, epochs=2, val_size=200,
-                    eval_batch_size=1024),
+    "smoke": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        dataset="digits",
+        model="resnet18-cifar",
+        width=4,
+        image_size=8,
+        optimizer="adam",
+        lr=1e-2,
+        batch_size=64,
+        epochs=2,
+        val_size=200,
+        eval_batch_size=1024,
+    ),
 }
 
 
@@ -248,8 +320,12 @@ def check_schedule(recipe: Recipe, n_train: int) -> None:
     by the warm-up's length): refused before any run exists."""
     steps = recipe.epochs * -(-n_train // recipe.batch_size)
     if recipe.schedule == "onecycle" and min(int(recipe.warmup * steps), steps - int(recipe.warmup * steps)) < 2:
-        raise ConfigError("epochs", recipe.epochs, f"a onecycle schedule over {steps} step(s) is too short: "
-                          "train longer, on more images, or use --schedule constant")
+        raise ConfigError(
+            "epochs",
+            recipe.epochs,
+            f"a onecycle schedule over {steps} step(s) is too short: "
+            "train longer, on more images, or use --schedule constant",
+        )
 
 
 def default_cache_dir() -> Path:

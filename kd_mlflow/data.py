@@ -20,20 +20,23 @@ from torch.utils.data import DataLoader
 
 from .config import ConfigError, Recipe, default_cache_dir
 
-DIGITS_TEST_FRACTION = 0.2   # digits has no official test set: a fixed one, seed 0
+DIGITS_TEST_FRACTION = 0.2  # digits has no official test set: a fixed one, seed 0
 DIGITS_URI = "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
-CIFAR_URIS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+CIFAR_URIS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
 
 
 @dataclass(frozen=True)
 class Source:
     """A dataset as uint8 tensors: the official train and test sets."""
+
     name: str
-    location: str           # where it came from (a path, or the torchvision root)
+    location: str  # where it came from (a path, or the torchvision root)
     classes: tuple
-    train_x: torch.Tensor   # (N, 3, H, W) uint8
-    train_y: torch.Tensor   # (N,) int64
+    train_x: torch.Tensor  # (N, 3, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
 
@@ -60,6 +63,7 @@ class Split:
 
 # --- loading -----------------------------------------------------------------
 
+
 def load(dataset: str, data_dir: str | None = None, cache_dir: Path | None = None) -> Source:
     cache_dir = Path(cache_dir or default_cache_dir())
     if dataset in ("cifar10", "cifar100"):
@@ -83,19 +87,22 @@ def _load_cifar(name: str, root: Path) -> Source:
             root.mkdir(parents=True, exist_ok=True)
             cls(str(root), train=True, download=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad md5 a RuntimeError
-            why = str(getattr(e, "reason", "") or e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            why = (
+                str(getattr(e, "reason", "") or e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            )
             raise ConfigError(
-                "data_dir", str(root),
+                "data_dir",
+                str(root),
                 f"{name} is not there and could not be downloaded ({why}); point --data-dir at a "
                 f"folder holding {cls.base_folder}/, or use --dataset folder --data-dir with an "
-                "ImageFolder tree or .tar.gz of it") from None
+                "ImageFolder tree or .tar.gz of it",
+            ) from None
 
     class _Present(cls):
         # Files already on disk are read as they are (a test writes a tiny set in this
         # format); torchvision's md5 check guarded the download above.
         def _check_integrity(self):
-            return all((Path(self.root) / self.base_folder / f).is_file()
-                       for f, _ in self.train_list + self.test_list)
+            return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
 
         def _load_meta(self):
             import pickle  # CIFAR's own format; torchvision reads it the same way
@@ -108,31 +115,44 @@ def _load_cifar(name: str, root: Path) -> Source:
         train, test = (_Present(str(root), train=t, download=False) for t in (True, False))
     except (RuntimeError, OSError, KeyError) as e:
         raise ConfigError("data_dir", str(root), f"not a readable {name} tree: {e}") from None
-    return Source(name, str(root), tuple(train.classes),
-                  _nhwc_to_nchw(train.data), torch.as_tensor(train.targets),
-                  _nhwc_to_nchw(test.data), torch.as_tensor(test.targets))
+    return Source(
+        name,
+        str(root),
+        tuple(train.classes),
+        _nhwc_to_nchw(train.data),
+        torch.as_tensor(train.targets),
+        _nhwc_to_nchw(test.data),
+        torch.as_tensor(test.targets),
+    )
 
 
 def _load_folder(path: Path, cache_dir: Path) -> Source:
     if not path.exists():
-        raise ConfigError("data_dir", str(path), "does not exist: dataset 'folder' needs an ImageFolder "
-                          "tree with train/ and test/, or a .tar.gz of one")
+        raise ConfigError(
+            "data_dir",
+            str(path),
+            "does not exist: dataset 'folder' needs an ImageFolder tree with train/ and test/, or a .tar.gz of one",
+        )
     key = _file_key(path)
     cached = cache_dir / "decoded" / f"folder-{key}.pt"
     if cached.is_file():
         d = torch.load(cached, weights_only=True)
-        return Source("folder", str(path), tuple(d["classes"]), d["train_x"], d["train_y"],
-                      d["test_x"], d["test_y"])
+        return Source("folder", str(path), tuple(d["classes"]), d["train_x"], d["train_y"], d["test_x"], d["test_y"])
     root = _unpack(path, cache_dir / "unpacked" / key) if path.is_file() else path
     train_x, train_y, classes = _decode_tree(root / "train", path)
     test_x, test_y, test_classes = _decode_tree(root / "test", path)
     if classes != test_classes:
-        raise ConfigError("data_dir", str(path), "dataset 'folder': train/ and test/ have different classes "
-                          f"({len(classes)} vs {len(test_classes)}); both need the same class folders")
+        raise ConfigError(
+            "data_dir",
+            str(path),
+            "dataset 'folder': train/ and test/ have different classes "
+            f"({len(classes)} vs {len(test_classes)}); both need the same class folders",
+        )
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
-    torch.save({"classes": list(classes), "train_x": train_x, "train_y": train_y,
-                "test_x": test_x, "test_y": test_y}, tmp)
+    torch.save(
+        {"classes": list(classes), "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, tmp
+    )
     tmp.replace(cached)
     return Source("folder", str(path), classes, train_x, train_y, test_x, test_y)
 
@@ -157,8 +177,12 @@ def _unpack(archive: Path, dest: Path) -> Path:
             with tarfile.open(archive) as tar:
                 tar.extractall(dest, filter="data")
         except tarfile.TarError as e:
-            raise ConfigError("data_dir", str(archive), f"dataset 'folder': not a readable archive ({e}); "
-                              "point --data-dir at an ImageFolder tree or a .tar.gz of one") from None
+            raise ConfigError(
+                "data_dir",
+                str(archive),
+                f"dataset 'folder': not a readable archive ({e}); "
+                "point --data-dir at an ImageFolder tree or a .tar.gz of one",
+            ) from None
         (dest / ".complete").touch()
     # Accept an archive whose train/ and test/ sit one folder down.
     if not (dest / "train").is_dir():
@@ -195,13 +219,14 @@ def _load_digits() -> Source:
 
     d = load_digits()
     x = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8))  # 0..16 -> 0..255
-    x = x[:, None].expand(-1, 3, -1, -1).contiguous()                     # grey -> RGB
+    x = x[:, None].expand(-1, 3, -1, -1).contiguous()  # grey -> RGB
     y = torch.from_numpy(d.target).long()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_test = int(len(y) * DIGITS_TEST_FRACTION)
     test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
-    return Source("digits", "sklearn.datasets.load_digits", tuple(str(c) for c in range(10)),
-                  x[train], y[train], x[test], y[test])
+    return Source(
+        "digits", "sklearn.datasets.load_digits", tuple(str(c) for c in range(10)), x[train], y[train], x[test], y[test]
+    )
 
 
 def _nhwc_to_nchw(a) -> torch.Tensor:
@@ -209,6 +234,7 @@ def _nhwc_to_nchw(a) -> torch.Tensor:
 
 
 # --- the split ---------------------------------------------------------------
+
 
 def make_split(source: Source, recipe: Recipe) -> Split:
     """Train/val indices from the split seed alone, identical for every model seed.
@@ -222,14 +248,15 @@ def make_split(source: Source, recipe: Recipe) -> Split:
         raise ConfigError("val_size", recipe.val_size, f"must be < {n}, the train set's size")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.split_seed))
     if recipe.split_style == "random_split":
-        train_idx, val_idx = perm[:n - recipe.val_size], perm[n - recipe.val_size:]
+        train_idx, val_idx = perm[: n - recipe.val_size], perm[n - recipe.val_size :]
     else:
-        val_idx, train_idx = perm[:recipe.val_size], perm[recipe.val_size:]
+        val_idx, train_idx = perm[: recipe.val_size], perm[recipe.val_size :]
     if recipe.train_subset:
         if recipe.train_subset > len(train_idx):
-            raise ConfigError("train_subset", recipe.train_subset,
-                              f"must be <= {len(train_idx)}, the images left after validation")
-        train_idx = train_idx[:recipe.train_subset]
+            raise ConfigError(
+                "train_subset", recipe.train_subset, f"must be <= {len(train_idx)}, the images left after validation"
+            )
+        train_idx = train_idx[: recipe.train_subset]
     h = hashlib.sha256()
     for t in (train_idx, val_idx, source.train_y):
         h.update(t.numpy().astype(np.int64).tobytes())
@@ -239,10 +266,11 @@ def make_split(source: Source, recipe: Recipe) -> Split:
 
 # --- batches -----------------------------------------------------------------
 
+
 @dataclass
 class Batch:
-    x: torch.Tensor    # uint8 (B, 3, H, W), on the device
-    y: torch.Tensor    # int64 (B,)
+    x: torch.Tensor  # uint8 (B, 3, H, W), on the device
+    y: torch.Tensor  # int64 (B,)
     idx: torch.Tensor  # positions in the training set (for cached teacher outputs)
 
 
@@ -263,8 +291,9 @@ class DeviceData:
     def n_train(self) -> int:
         return len(self.train_y)
 
-    def train_batches(self, batch_size: int, order: torch.Generator, augment: bool,
-                      style: str = "randperm", pad: int = 4):
+    def train_batches(
+        self, batch_size: int, order: torch.Generator, augment: bool, style: str = "randperm", pad: int = 4
+    ):
         """One epoch in the order drawn from ``order`` (a CPU generator, so it is the
         same on every device and its state can be checkpointed). ``style`` is the
         recipe's ``order_style``."""
@@ -284,7 +313,7 @@ class DeviceData:
             raise ValueError(f"which must be 'val' or 'test', got {which!r}")
         x, y = (self.val_x, self.val_y) if which == "val" else (self.test_x, self.test_y)
         for start in range(0, len(y), batch_size):
-            yield Batch(x[start:start + batch_size], y[start:start + batch_size], None)
+            yield Batch(x[start : start + batch_size], y[start : start + batch_size], None)
 
 
 def epoch_order(n: int, batch_size: int, order: torch.Generator, style: str):
@@ -301,7 +330,7 @@ def epoch_order(n: int, batch_size: int, order: torch.Generator, style: str):
         return
     perm = torch.randperm(n, generator=order)
     for start in range(0, n, batch_size):
-        yield perm[start:start + batch_size]
+        yield perm[start : start + batch_size]
 
 
 def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4):
@@ -312,5 +341,9 @@ def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: i
     rows = (shifts[:, 0:1] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = shifts[:, 1:2] + torch.arange(w, device=x.device)
     cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, None, :]
-    return padded[torch.arange(n, device=x.device)[:, None, None, None],
-                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    return padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]

@@ -57,8 +57,8 @@ class Processes:
         t0 = time.monotonic()
         with ThreadPoolExecutor(self.jobs) as pool:
             results = list(pool.map(lambda step: run_step_process(*command(step, ctx)), items))
-        outcomes = [outcome(step.name, *res) for step, res in zip(items, results)]
-        for step, out in zip(items, outcomes):
+        outcomes = [outcome(step.name, *res) for step, res in zip(items, results, strict=True)]
+        for step, out in zip(items, outcomes, strict=True):
             progress.finished(step, out, (time.monotonic() - t0) * self.jobs / len(items))
         return outcomes
 
@@ -71,8 +71,7 @@ class Ray(Processes):
     whichever node Ray picks; waves wait for the previous wave. Every task logs to the
     shared tracking server, so runs and tables are the same as with the local executor."""
 
-    def __init__(self, address: str | None = None, gpus_per_run: float | None = None,
-                 local_gpus: int | None = None):
+    def __init__(self, address: str | None = None, gpus_per_run: float | None = None, local_gpus: int | None = None):
         super().__init__(jobs=1)
         try:
             import ray
@@ -93,10 +92,12 @@ class Ray(Processes):
         for step in items:
             progress.starting(step)
         t0 = time.monotonic()
-        refs = [self.task.options(num_gpus=self.gpus, num_cpus=1, name=step.name).remote(*command(step, ctx))
-                for step in items]
-        outcomes = [outcome(step.name, *res) for step, res in zip(items, self.ray.get(refs))]
-        for step, out in zip(items, outcomes):
+        refs = [
+            self.task.options(num_gpus=self.gpus, num_cpus=1, name=step.name).remote(*command(step, ctx))
+            for step in items
+        ]
+        outcomes = [outcome(step.name, *res) for step, res in zip(items, self.ray.get(refs), strict=True)]
+        for step, out in zip(items, outcomes, strict=True):
             progress.finished(step, out, time.monotonic() - t0)
         return outcomes
 
@@ -121,7 +122,7 @@ def command(step, ctx) -> tuple[list[str], dict]:
 
 def run_step_process(argv, env):
     """One step as a process: (exit code, stdout, stderr). A Ray task, too."""
-    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     return proc.returncode, proc.stdout, proc.stderr
 
 

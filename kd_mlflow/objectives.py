@@ -101,5 +101,5 @@ def teacher_table(model: nn.Module, data, autocast, batch_size: int) -> torch.Te
     out = []
     for start in range(0, data.n_train, batch_size):
         with autocast():
-            out.append(model(data.train_x[start:start + batch_size]).float())
+            out.append(model(data.train_x[start : start + batch_size]).float())
     return torch.cat(out)

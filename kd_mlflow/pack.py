@@ -38,8 +38,7 @@ import torch
 from torch import nn
 
 from .models import Classifier
-from .train import (FitResult, Runtime, _cpu_copy, _restore, _snapshot, evaluate_stacked, make_optimizer,
-                    make_scheduler)
+from .train import FitResult, Runtime, _cpu_copy, _restore, _snapshot, evaluate_stacked, make_optimizer, make_scheduler
 
 # Classifier entries that are the same for every network (preprocessing constants).
 _SHARED = ("mean", "std")
@@ -55,7 +54,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(k, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], self.k, -1).transpose(0, 1)       # (K, B, features)
+        x = x.reshape(x.shape[0], self.k, -1).transpose(0, 1)  # (K, B, features)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
@@ -66,9 +65,8 @@ class PackedResNet(Classifier):
 
     def __init__(self, lone: Classifier, k: int):
         with torch.random.fork_rng(devices=[]):  # the new layers' throwaway init draws
-            net = _widen(copy.deepcopy(lone.net), k)   # must not move the caller's seed
-        super().__init__(net, lone.image_size,
-                         lone.mean.flatten().tolist(), lone.std.flatten().tolist())
+            net = _widen(copy.deepcopy(lone.net), k)  # must not move the caller's seed
+        super().__init__(net, lone.image_size, lone.mean.flatten().tolist(), lone.std.flatten().tolist())
         self.k = k
 
 
@@ -78,12 +76,18 @@ def _widen(net: nn.Module, k: int) -> nn.Module:
     for name, m in list(net.named_modules()):
         if isinstance(m, nn.Conv2d):
             stem = m.in_channels == 3 and m.groups == 1 and name == "conv1"
-            new = nn.Conv2d(m.in_channels if stem else k * m.in_channels, k * m.out_channels,
-                            m.kernel_size, m.stride, m.padding, m.dilation,
-                            groups=1 if stem else k * m.groups, bias=m.bias is not None)
+            new = nn.Conv2d(
+                m.in_channels if stem else k * m.in_channels,
+                k * m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                groups=1 if stem else k * m.groups,
+                bias=m.bias is not None,
+            )
         elif isinstance(m, nn.BatchNorm2d):
-            new = nn.BatchNorm2d(k * m.num_features, m.eps, m.momentum, m.affine,
-                                 m.track_running_stats)
+            new = nn.BatchNorm2d(k * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         elif isinstance(m, nn.Linear):
             new = PackedLinear(k, m.in_features, m.out_features)
         else:
@@ -106,7 +110,7 @@ def pack(models: list[Classifier]) -> PackedResNet:
         raise ValueError("pack needs at least one model")
     states = [_cpu_copy(m.state_dict()) for m in models]
     first = states[0]
-    for m, sd in zip(models, states):
+    for m, sd in zip(models, states, strict=True):
         shapes = {k: v.shape for k, v in sd.items()}
         if shapes != {k: v.shape for k, v in first.items()} or m.image_size != models[0].image_size:
             raise ValueError("pack needs networks of one architecture and input size")
@@ -118,7 +122,7 @@ def pack(models: list[Classifier]) -> PackedResNet:
     merged = {}
     for key, value in first.items():
         parts = [sd[key] for sd in states]
-        if key in _SHARED or value.dim() == 0:   # preprocessing; BN's num_batches_tracked
+        if key in _SHARED or value.dim() == 0:  # preprocessing; BN's num_batches_tracked
             merged[key] = value
         elif _stacks(key):
             merged[key] = torch.stack(parts)
@@ -140,15 +144,17 @@ def unpack(packed: PackedResNet) -> list[dict]:
             parts = [v.clone() for v in value.unbind(0)]
         else:
             parts = [v.clone() for v in value.chunk(packed.k, 0)]
-        for state, part in zip(out, parts):
+        for state, part in zip(out, parts, strict=True):
             state[key] = part
     return out
 
 
 # --- training --------------------------------------------------------------------
 
-def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, sinks=None,
-               log=sys.stderr, checkpoints=None) -> list[FitResult]:
+
+def fit_packed(
+    models: list[Classifier], objectives, data, recipe, rt: Runtime, sinks=None, log=sys.stderr, checkpoints=None
+) -> list[FitResult]:
     """:func:`kd_mlflow.train.fit` for K networks at once, as one packed network.
 
     ``objectives``: one objective per network (``objective(logits, batch)``, e.g. a
@@ -170,7 +176,7 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
     steps_per_epoch = -(-data.n_train // recipe.batch_size)
     optimizer = make_optimizer(recipe, packed.parameters())
     scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
-    order = torch.Generator().manual_seed(recipe.order_seed)   # as fit draws it
+    order = torch.Generator().manual_seed(recipe.order_seed)  # as fit draws it
     step = torch.compile(packed) if rt.compile else packed
     best = [{"val": -1.0, "test": float("nan"), "epoch": 0, "state": None} for _ in range(k)]
     histories: list[list[dict]] = [[] for _ in range(k)]
@@ -189,15 +195,23 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
         val_loss, val_acc = evaluate_stacked(step, data, "val", recipe, rt)
         test_acc = evaluate_stacked(step, data, "test", recipe, rt)[1] if recipe.test_each_epoch else None
         seconds = time.perf_counter() - t0
-        metrics = [{"train_loss": train[0][i].item(), "train_acc": train[1][i].item(),
-                    "val_loss": val_loss[i].item(), "val_acc": val_acc[i].item(),
-                    **({"test_acc": test_acc[i].item()} if test_acc is not None else {}),
-                    "epoch_seconds": seconds} for i in range(k)]
+        metrics = [
+            {
+                "train_loss": train[0][i].item(),
+                "train_acc": train[1][i].item(),
+                "val_loss": val_loss[i].item(),
+                "val_acc": val_acc[i].item(),
+                **({"test_acc": test_acc[i].item()} if test_acc is not None else {}),
+                "epoch_seconds": seconds,
+            }
+            for i in range(k)
+        ]
         improved = [i for i in range(k) if metrics[i]["val_acc"] > best[i]["val"]]
         states = unpack(packed) if improved else None
         for i in improved:
-            best[i].update(val=metrics[i]["val_acc"], test=metrics[i].get("test_acc", float("nan")),
-                           epoch=epoch, state=states[i])
+            best[i].update(
+                val=metrics[i]["val_acc"], test=metrics[i].get("test_acc", float("nan")), epoch=epoch, state=states[i]
+            )
         for i in range(k):
             histories[i].append(metrics[i])
             if sinks[i]:
@@ -205,22 +219,25 @@ def fit_packed(models: list[Classifier], objectives, data, recipe, rt: Runtime, 
         state["epoch"] = epoch
         if checkpoints:
             checkpoints.save(_snapshot(packed, optimizer, scheduler, order, state, rt))
-        print(f"epoch {epoch}/{recipe.epochs}  {k} packed networks  val_acc "
-              + " ".join(f"{m['val_acc']:.2f}" for m in metrics) + f"  {seconds:.1f}s",
-              file=log, flush=True)
+        print(
+            f"epoch {epoch}/{recipe.epochs}  {k} packed networks  val_acc "
+            + " ".join(f"{m['val_acc']:.2f}" for m in metrics)
+            + f"  {seconds:.1f}s",
+            file=log,
+            flush=True,
+        )
 
     final = unpack(packed)
     if not recipe.test_each_epoch and all(b["state"] is not None for b in best):
         # One test pass, on each network's selected weights, packed again.
-        for model, b in zip(models, best):
+        for model, b in zip(models, best, strict=True):
             model.load_state_dict(b["state"])
         tests = evaluate_stacked(rt.prepare(pack(models)), data, "test", recipe, rt)[1]
         for i in range(k):
             best[i]["test"] = tests[i].item()
-    for model, state in zip(models, final):
+    for model, state in zip(models, final, strict=True):
         model.load_state_dict(state)
-    return [FitResult(b["epoch"], b["val"], b["test"], b["state"], h)
-            for b, h in zip(best, histories)]
+    return [FitResult(b["epoch"], b["val"], b["test"], b["state"], h) for b, h in zip(best, histories, strict=True)]
 
 
 def train_epoch_packed(model, objectives, data, recipe, rt, optimizer, scheduler, order):
@@ -232,7 +249,7 @@ def train_epoch_packed(model, objectives, data, recipe, rt, optimizer, scheduler
     correct = torch.zeros(k, device=rt.device)
     for batch in data.train_batches(recipe.batch_size, order, recipe.augment):
         with rt.autocast():
-            logits = model(batch.x)                                  # (K, B, classes)
+            logits = model(batch.x)  # (K, B, classes)
         losses = torch.stack([obj(logits[i], batch) for i, obj in enumerate(objectives)])
         optimizer.zero_grad(set_to_none=True)
         # The sum of the networks' mean losses: network k's gradient is its lone gradient.
@@ -241,5 +258,5 @@ def train_epoch_packed(model, objectives, data, recipe, rt, optimizer, scheduler
         scheduler.step()
         loss_sum += losses.detach() * len(batch.y)
         correct += (logits.detach().argmax(-1) == batch.y).sum(-1)
-    sums = torch.stack([loss_sum, correct]).double().cpu()           # one host sync
+    sums = torch.stack([loss_sum, correct]).double().cpu()  # one host sync
     return sums[0] / data.n_train, 100.0 * sums[1] / data.n_train

@@ -7,12 +7,14 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def figures(histories: dict, roles: dict, tables: list) -> dict:
-    return {"learning_curves.png": learning_curves(histories, roles),
-            "accuracy_by_method.png": accuracy_by_method(tables)}
+    return {
+        "learning_curves.png": learning_curves(histories, roles),
+        "accuracy_by_method.png": accuracy_by_method(tables),
+    }
 
 
 def learning_curves(histories: dict, roles: dict):
@@ -24,7 +26,7 @@ def learning_curves(histories: dict, roles: dict):
         for ax, key in ((ax_loss, "train_loss"), (ax_acc, "val_acc")):
             points = histories[name].get(key)
             if points:
-                ax.plot(*zip(*points), style, label=name)
+                ax.plot(*zip(*points, strict=True), style, label=name)
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_acc.legend(fontsize=7, ncol=2)
@@ -36,17 +38,20 @@ def accuracy_by_method(tables: list):
     fig, ax = plt.subplots(figsize=(7, 4))
     if tables:
         t = tables[0]
-        groups = [("single", t.seeds["test_acc"]), ("ensemble", t.ensembles["test_acc"]),
-                  ("KD", t.kd["test_acc"]), ("SD", t.self_distillation["student_test_acc"]),
-                  ("SD ensemble", t.sd_ensembles["test_acc"])]
-        for i, (label, values) in enumerate(groups):
+        groups = [
+            ("single", t.seeds["test_acc"]),
+            ("ensemble", t.ensembles["test_acc"]),
+            ("KD", t.kd["test_acc"]),
+            ("SD", t.self_distillation["student_test_acc"]),
+            ("SD ensemble", t.sd_ensembles["test_acc"]),
+        ]
+        for i, (_label, values) in enumerate(groups):
             values = values.dropna().astype(float)
             if len(values) == 0:
                 continue
             ax.scatter([i] * len(values), values, alpha=0.6)
             if len(values) > 1:
-                ax.errorbar(i + 0.15, values.mean(), yerr=values.std(ddof=1), fmt="o", color="black",
-                            capsize=4)
+                ax.errorbar(i + 0.15, values.mean(), yerr=values.std(ddof=1), fmt="o", color="black", capsize=4)
         ax.set_xticks(range(len(groups)), [g for g, _ in groups])
         ax.set_title(f"Test accuracy by method ({t.preset}, {t.dataset}); bars: mean ± std over seeds")
     ax.set_ylabel("test accuracy (%)")
@@ -60,8 +65,7 @@ def gains(table):
     rows = list(table.itertuples())
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
     for i, r in enumerate(rows):
-        ax.errorbar(r.estimate, i, xerr=[[r.estimate - r.lo], [r.hi - r.estimate]], fmt="o", color="black",
-                    capsize=4)
+        ax.errorbar(r.estimate, i, xerr=[[r.estimate - r.lo], [r.hi - r.estimate]], fmt="o", color="black", capsize=4)
     ax.axvline(0, color="grey", lw=1, ls="--")
     ax.set_yticks(range(len(rows)), [r.gain for r in rows])
     ax.invert_yaxis()

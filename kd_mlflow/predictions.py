@@ -33,9 +33,8 @@ import numpy as np
 
 FORMAT = "kd-mlflow-predictions/1"
 SPLITS = ("val", "test")
-_KEYS = frozenset({"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest")
-                                                for s in SPLITS})
-_ROW_SUM_TOL = 1e-2   # rows of a softmax sum to 1; logits or log-probabilities do not
+_KEYS = frozenset({"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest") for s in SPLITS})
+_ROW_SUM_TOL = 1e-2  # rows of a softmax sum to 1; logits or log-probabilities do not
 
 
 def labels_digest(labels) -> str:
@@ -53,10 +52,11 @@ def labels_digest(labels) -> str:
 @dataclass(frozen=True)
 class Predictions:
     """What :func:`load` returns. Arrays are read-only."""
-    probs_val: np.ndarray     # float16 (N_val, C)
-    probs_test: np.ndarray    # float16 (N_test, C)
-    labels_val: np.ndarray    # int16 (N_val,)
-    labels_test: np.ndarray   # int16 (N_test,)
+
+    probs_val: np.ndarray  # float16 (N_val, C)
+    probs_test: np.ndarray  # float16 (N_test, C)
+    labels_val: np.ndarray  # int16 (N_val,)
+    labels_test: np.ndarray  # int16 (N_test,)
     digest_val: str
     digest_test: str
     num_classes: int
@@ -118,12 +118,15 @@ def save(path, probs_val, probs_test, labels_val, labels_test) -> Path:
     arrays = {
         "format": np.array(FORMAT),
         "num_classes": np.array(pv.shape[1], dtype=np.int64),
-        "probs_val": pv.astype(np.float16), "probs_test": pt.astype(np.float16),
-        "labels_val": yv.astype(np.int16), "labels_test": yt.astype(np.int16),
-        "digest_val": np.array(labels_digest(yv)), "digest_test": np.array(labels_digest(yt)),
+        "probs_val": pv.astype(np.float16),
+        "probs_test": pt.astype(np.float16),
+        "labels_val": yv.astype(np.int16),
+        "labels_test": yt.astype(np.int16),
+        "digest_val": np.array(labels_digest(yv)),
+        "digest_test": np.array(labels_digest(yt)),
     }
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:   # a file object: np.savez would otherwise append ".npz"
+    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
         np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
     return path
@@ -141,7 +144,7 @@ def load(path) -> Predictions:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a predictions file ({e})") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):   # a bare .npy array
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
         raise ValueError(f"{path}: not a predictions file (not an .npz archive)")
     try:
         with z:
@@ -149,7 +152,7 @@ def load(path) -> Predictions:
             if keys != _KEYS:
                 missing, extra = sorted(_KEYS - keys), sorted(keys - _KEYS)
                 raise ValueError(f"unexpected keys (missing {missing}, extra {extra})")
-            arrays = {k: z[k] for k in _KEYS}   # an object array raises here, unread
+            arrays = {k: z[k] for k in _KEYS}  # an object array raises here, unread
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a predictions file ({e})") from None
     try:

@@ -14,9 +14,9 @@ import hashlib
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import schema, tracking
 from .config import ConfigError
@@ -29,6 +29,7 @@ experiment_link = tracking.experiment_link
 
 
 # --- plain records ---------------------------------------------------------
+
 
 def _int(text, default=None):
     try:
@@ -44,6 +45,7 @@ def _ids(text) -> tuple:
 @dataclass(frozen=True)
 class RunRecord:
     """What kd-mlflow needs to know of a logged run, without MLflow's types."""
+
     run_id: str
     name: str
     status: str
@@ -56,7 +58,7 @@ class RunRecord:
     config_hash: str | None
     group: str | None
     group_label: str | None = None
-    method: str | None = None            # students: kd | sd
+    method: str | None = None  # students: kd | sd
     teacher_run_id: str | None = None
     teacher_seeds: str = ""
     generation: int = 0
@@ -78,20 +80,36 @@ class RunRecord:
 def record_of(run) -> RunRecord:
     t, p, m = run.data.tags, run.data.params, run.data.metrics
     return RunRecord(
-        run_id=run.info.run_id, name=t.get("mlflow.runName", ""), status=run.info.status,
-        role=t.get(schema.ROLE), seed=_int(t.get(schema.SEED)), preset=t.get(schema.PRESET),
-        dataset=t.get(schema.DATASET), split_digest=t.get(schema.SPLIT_DIGEST),
-        num_classes=_int(t.get(schema.NUM_CLASSES)), config_hash=t.get(schema.CONFIG_HASH),
-        group=t.get(schema.GROUP), group_label=t.get(schema.GROUP_LABEL), method=t.get(schema.METHOD),
-        teacher_run_id=t.get(schema.TEACHER_RUN_ID), teacher_seeds=t.get(schema.TEACHER_SEEDS, ""),
-        generation=_int(t.get(schema.GENERATION), 0), member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
-        member_seeds=_ids(t.get(schema.MEMBER_SEEDS)), member_role=t.get(schema.MEMBER_ROLE),
-        combine=p.get("combine"), duplicate_of=t.get(schema.DUPLICATE_OF), params=dict(p),
-        final_val_acc=m.get(schema.FINAL_VAL_ACC), final_test_acc=m.get(schema.FINAL_TEST_ACC),
-        has_predictions=schema.PREDICTIONS in t)
+        run_id=run.info.run_id,
+        name=t.get("mlflow.runName", ""),
+        status=run.info.status,
+        role=t.get(schema.ROLE),
+        seed=_int(t.get(schema.SEED)),
+        preset=t.get(schema.PRESET),
+        dataset=t.get(schema.DATASET),
+        split_digest=t.get(schema.SPLIT_DIGEST),
+        num_classes=_int(t.get(schema.NUM_CLASSES)),
+        config_hash=t.get(schema.CONFIG_HASH),
+        group=t.get(schema.GROUP),
+        group_label=t.get(schema.GROUP_LABEL),
+        method=t.get(schema.METHOD),
+        teacher_run_id=t.get(schema.TEACHER_RUN_ID),
+        teacher_seeds=t.get(schema.TEACHER_SEEDS, ""),
+        generation=_int(t.get(schema.GENERATION), 0),
+        member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
+        member_seeds=_ids(t.get(schema.MEMBER_SEEDS)),
+        member_role=t.get(schema.MEMBER_ROLE),
+        combine=p.get("combine"),
+        duplicate_of=t.get(schema.DUPLICATE_OF),
+        params=dict(p),
+        final_val_acc=m.get(schema.FINAL_VAL_ACC),
+        final_test_acc=m.get(schema.FINAL_TEST_ACC),
+        has_predictions=schema.PREDICTIONS in t,
+    )
 
 
 # --- lookups ---------------------------------------------------------------
+
 
 def get(session, run_id: str, option: str) -> RunRecord:
     return record_of(session.get_run(run_id, option))
@@ -138,13 +156,17 @@ def train_runs_for_seeds(session, seeds: list[int], preset: str | None, dataset:
         missing = sorted({s for s in seeds if not any(s in v for v in groups.values())})
         if missing:
             raise ConfigError("seeds", missing[0], "no FINISHED train run with this seed")
-        raise ConfigError("seeds", ",".join(map(str, seeds)),
-                          "no one recipe has a FINISHED train run for every seed: pass --members")
+        raise ConfigError(
+            "seeds", ",".join(map(str, seeds)), "no one recipe has a FINISHED train run for every seed: pass --members"
+        )
     plain = [k for k, v in complete.items() if v[seeds[0]].group_label in (None, k[0])]
     key = plain[0] if len(plain) == 1 else next(iter(complete))  # dicts keep search order
     if len(complete) > 1 and len(plain) != 1:
-        print(f"note: several recipes have runs for these seeds; taking {complete[key][seeds[0]].group_label}"
-              " (the newest); pass --members to choose", file=sys.stderr)
+        print(
+            f"note: several recipes have runs for these seeds; taking {complete[key][seeds[0]].group_label}"
+            " (the newest); pass --members to choose",
+            file=sys.stderr,
+        )
     return [complete[key][s] for s in seeds]
 
 
@@ -154,8 +176,9 @@ def members(session, rec: RunRecord) -> list[RunRecord]:
 
 def check_same_data(rec: RunRecord, split_digest: str, num_classes: int, option: str) -> None:
     if rec.split_digest != split_digest:
-        raise ConfigError(option, rec.run_id,
-                          f"different dataset or split (digest {rec.split_digest} != {split_digest})")
+        raise ConfigError(
+            option, rec.run_id, f"different dataset or split (digest {rec.split_digest} != {split_digest})"
+        )
     if rec.num_classes != num_classes:
         raise ConfigError(option, rec.run_id, "different number of classes")
 
@@ -167,9 +190,12 @@ def check_weights(session, rec: RunRecord, option: str) -> None:
 
 def load_weights(rec: RunRecord, option: str) -> dict:
     """A run's weights, read with weights_only=True: a planted pickle is refused."""
+    import pickle
+
     try:
         return tracking.load_weights(rec.run_id)
-    except Exception as e:  # a planted pickle or a foreign file is refused here
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # a planted pickle or a
+        # foreign file is refused here; a tracking server that does not answer is not the file's fault
         raise ConfigError(option, rec.run_id, f"weights refused: {type(e).__name__}") from None
 
 
@@ -192,8 +218,7 @@ def results_frame(session, preset: str | None = None):
 def register(session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
     """The run's model as a version of ``name`` in the Model Registry (once per run)."""
     version = tracking.register(session, run_id, name, alias, tags)
-    print(f"registered model {name} version {version}" + (f" (alias {alias})" if alias else ""),
-          file=sys.stderr)
+    print(f"registered model {name} version {version}" + (f" (alias {alias})" if alias else ""), file=sys.stderr)
     return version
 
 
@@ -218,9 +243,11 @@ def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:
 
 # --- outcomes --------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Outcome:
     """What a step hands back: as JSON on stdout when it ran as a process."""
+
     run_id: str
     name: str
     reused: bool
@@ -229,7 +256,7 @@ class Outcome:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Outcome":
+    def from_json(cls, text: str) -> Outcome:
         d = json.loads(text)
         return cls(d["run_id"], d["name"], bool(d["reused"]))
 
@@ -245,22 +272,25 @@ def reuse(session, rec: RunRecord, log=sys.stderr) -> Outcome:
 
 # --- recording a run -------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that names and identifies a run before it exists."""
+
     name: str
     config_hash: str
-    params: dict            # logged whole, once
-    tags: dict              # kd.* identity and lineage
-    dataset: tuple          # (name, uri, digest) of the run's input
+    params: dict  # logged whole, once
+    tags: dict  # kd.* identity and lineage
+    dataset: tuple  # (name, uri, digest) of the run's input
 
 
 @dataclass
 class Final:
     """What a finished body hands back: the result metrics and the model to log."""
+
     metrics: dict
     model: object
-    example: object         # a few raw inputs, for the model's signature
+    example: object  # a few raw inputs, for the model's signature
 
 
 class Recording:
@@ -283,8 +313,15 @@ class Recording:
         self.writer.log_predictions(probs_val, probs_test, labels_val, labels_test)
 
 
-def record(session, spec: RunSpec, body: Callable[[Recording], Final], *, force: bool = False,
-           checkpoint_root: Path | None = None, parent_run_id: str | None = None) -> Outcome:
+def record(
+    session,
+    spec: RunSpec,
+    body: Callable[[Recording], Final],
+    *,
+    force: bool = False,
+    checkpoint_root: Path | None = None,
+    parent_run_id: str | None = None,
+) -> Outcome:
     """Run ``body`` as the run ``spec`` describes, unless its configuration already has a
     FINISHED result (then reuse it). With ``checkpoint_root`` the run is resumable: an
     unfinished run of the same configuration is continued from its local checkpoint, and
@@ -325,8 +362,11 @@ def _continuing(session, config_hash: str, store) -> tuple[RunRecord | None, Run
 
 def _supersede(old: RunRecord | None, new_run_id: str) -> None:
     if old is not None:
-        print(f"note: run {old.run_id} ({old.status}) has no checkpoint here to continue from; "
-              f"training anew in run {new_run_id}", file=sys.stderr)
+        print(
+            f"note: run {old.run_id} ({old.status}) has no checkpoint here to continue from; "
+            f"training anew in run {new_run_id}",
+            file=sys.stderr,
+        )
         tracking.fail_run_by_id(old.run_id, f"superseded by run {new_run_id}: no checkpoint to continue from")
 
 
@@ -336,9 +376,12 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
     _supersede(stale, writer.run_id)
     print(f"run {writer.run_id} ({spec.name}): {tracking.run_link(session, writer.run_id)}", file=sys.stderr)
     if session.default_experiment:
-        print("note: this run is in MLflow's Default experiment, not where `kd-mlflow compare` looks "
-              "by default; see it with `kd-mlflow compare --experiment Default` (or run with "
-              "--experiment-name mysteries)", file=sys.stderr)
+        print(
+            "note: this run is in MLflow's Default experiment, not where `kd-mlflow compare` looks "
+            "by default; see it with `kd-mlflow compare --experiment Default` (or run with "
+            "--experiment-name mysteries)",
+            file=sys.stderr,
+        )
     with finishing(writer):
         writer.log_header(spec.params, {**spec.tags, schema.CONFIG_HASH: spec.config_hash})
         writer.log_dataset(*spec.dataset)
@@ -350,8 +393,15 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
     return Outcome(writer.run_id, spec.name, False)
 
 
-def record_wave(session, specs: list[RunSpec], body, *, force: bool = False,
-                checkpoint_root: Path | None = None, parent_run_id: str | None = None) -> list[Outcome]:
+def record_wave(
+    session,
+    specs: list[RunSpec],
+    body,
+    *,
+    force: bool = False,
+    checkpoint_root: Path | None = None,
+    parent_run_id: str | None = None,
+) -> list[Outcome]:
     """Several runs trained at once (a packed wave): each configuration that has a
     FINISHED result is reused; the others are recorded as their own runs, with the same
     params, tags and identity as if each had been trained alone. ``body(recordings,
@@ -395,26 +445,30 @@ def record_wave(session, specs: list[RunSpec], body, *, force: bool = False,
 
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
     continuing = [_continuing(session, specs[i].config_hash, store) for i in todo]
-    writers = [tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
-               for i, (r, _) in zip(todo, continuing)]
-    for w, (_, stale) in zip(writers, continuing):
+    writers = [
+        tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
+        for i, (r, _) in zip(todo, continuing, strict=True)
+    ]
+    for w, (_, stale) in zip(writers, continuing, strict=True):
         _supersede(stale, w.run_id)
     with contextlib.ExitStack() as stack:
         for w in writers:
             stack.enter_context(finishing(w))
         recordings = []
-        for i, w in zip(todo, writers):
+        for i, w in zip(todo, writers, strict=True):
             print(f"run {w.run_id} ({specs[i].name}): {tracking.run_link(session, w.run_id)}", file=sys.stderr)
-            w.log_header(specs[i].params, {**specs[i].tags, schema.CONFIG_HASH: specs[i].config_hash,
-                                           schema.PACKED: str(len(todo))})
+            w.log_header(
+                specs[i].params,
+                {**specs[i].tags, schema.CONFIG_HASH: specs[i].config_hash, schema.PACKED: str(len(todo))},
+            )
             w.log_dataset(*specs[i].dataset)
             recordings.append(Recording(w, None))
         finals = body(recordings, todo, store)
-        for rec, final in zip(recordings, finals):
+        for rec, final in zip(recordings, finals, strict=True):
             rec.sink.flush()
             rec.writer.log_final(final.metrics)
             rec.writer.log_model(final.model, final.example)
-    for i, w in zip(todo, writers):
+    for i, w in zip(todo, writers, strict=True):
         outs[i] = Outcome(w.run_id, specs[i].name, False)
     return outs
 
@@ -445,8 +499,7 @@ class EpochSink:
             try:
                 self.writer.log_epoch(epoch, self.pending[epoch])
             except TrackingUnavailable as e:
-                print(f"warning: tracking server unreachable, metrics kept locally ({e})",
-                      file=sys.stderr)
+                print(f"warning: tracking server unreachable, metrics kept locally ({e})", file=sys.stderr)
                 return False
             self.delivered.add(epoch)
             del self.pending[epoch]
@@ -456,7 +509,8 @@ class EpochSink:
         if not self._try_deliver():
             raise TrackingUnavailable(
                 f"{len(self.pending)} epoch(s) of metrics could not be delivered; "
-                "the checkpoint is kept: run the same command again to upload them")
+                "the checkpoint is kept: run the same command again to upload them"
+            )
 
 
 @contextlib.contextmanager
@@ -481,8 +535,9 @@ def finishing(writer):
         raise
     except BaseException as e:
         with contextlib.suppress(Exception):
-            writer.set_tags({schema.FAILURE: str(e).strip().splitlines()[0][:500] if str(e).strip()
-                             else type(e).__name__})
+            writer.set_tags(
+                {schema.FAILURE: str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__}
+            )
         with contextlib.suppress(Exception):
             writer.end("FAILED")
         raise

@@ -6,30 +6,30 @@ No torch, no MLflow: both the writers and the readers import this module.
 """
 
 # --- tags (strings) -------------------------------------------------------
-ROLE = "kd.role"                  # one of ROLES
-METHOD = "kd.method"              # students only: "kd" (ensemble teacher) or "sd" (single teacher)
-PRESET = "kd.preset"              # the preset the recipe started from
-DATASET = "kd.dataset"            # cifar10 | cifar100 | folder | digits
+ROLE = "kd.role"  # one of ROLES
+METHOD = "kd.method"  # students only: "kd" (ensemble teacher) or "sd" (single teacher)
+PRESET = "kd.preset"  # the preset the recipe started from
+DATASET = "kd.dataset"  # cifar10 | cifar100 | folder | digits
 SPLIT_DIGEST = "kd.split_digest"  # sha256 of the train/val split (same split <=> same digest)
 NUM_CLASSES = "kd.num_classes"
-SEED = "kd.seed"                  # model seed (train and student runs)
-CONFIG_HASH = "kd.config_hash"    # digest of everything that determines the result
-GROUP = "kd.group"                # the same digest less the seed: runs that may be averaged
-GROUP_LABEL = "kd.group_label"    # that group in words: the preset and what differs from it
+SEED = "kd.seed"  # model seed (train and student runs)
+CONFIG_HASH = "kd.config_hash"  # digest of everything that determines the result
+GROUP = "kd.group"  # the same digest less the seed: runs that may be averaged
+GROUP_LABEL = "kd.group_label"  # that group in words: the preset and what differs from it
 TEACHER_RUN_ID = "kd.teacher_run_id"
 TEACHER_ROLE = "kd.teacher_role"  # train | ensemble | student
 TEACHER_SEEDS = "kd.teacher_seeds"  # comma-separated model seeds behind the teacher
-GENERATION = "kd.generation"      # 1 = student of a trained model or ensemble, 2 = student of a student, ...
+GENERATION = "kd.generation"  # 1 = student of a trained model or ensemble, 2 = student of a student, ...
 MEMBER_RUN_IDS = "kd.member_run_ids"  # ensembles: comma-separated run ids, in member order
-MEMBER_SEEDS = "kd.member_seeds"      # ensembles: comma-separated seeds, in member order
-MEMBER_ROLE = "kd.member_role"        # ensembles: role of the members (train | student)
-PREDICTIONS = "kd.predictions"    # the artifact path of the run's predicted probabilities
+MEMBER_SEEDS = "kd.member_seeds"  # ensembles: comma-separated seeds, in member order
+MEMBER_ROLE = "kd.member_role"  # ensembles: role of the members (train | student)
+PREDICTIONS = "kd.predictions"  # the artifact path of the run's predicted probabilities
 PREDICTIONS_PATH = "predictions/predictions.npz"
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
-PACKED = "kd.packed"              # trained in a packed wave of this many networks (not identity)
-FAILURE = "kd.failure"            # why a run ended FAILED, in one line
-STUDY = "kd.study"                # a study's parent run: "true"
-COMPARE = "kd.compare"            # a run that only holds compare's tables: "true"
+PACKED = "kd.packed"  # trained in a packed wave of this many networks (not identity)
+FAILURE = "kd.failure"  # why a run ended FAILED, in one line
+STUDY = "kd.study"  # a study's parent run: "true"
+COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
 VERSION = "kd.version"
 GIT_COMMIT = "kd.git_commit"
 
@@ -45,6 +45,7 @@ BEST_EPOCH = "best_epoch"
 
 
 # --- run names: built here only ----------------------------------------------
+
 
 def seed_label(seeds) -> str:
     """0,1,2,3,4 -> "0-4"; other lists joined with "_"."""

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_CHUNK_BYTES = 64 * 2**20   # memory for one chunk of resamples (indices + gathered values)
-KL_EPS = 1e-7               # probability floor for KL; float16 flushes below ~6e-8 to 0
+_CHUNK_BYTES = 64 * 2**20  # memory for one chunk of resamples (indices + gathered values)
+KL_EPS = 1e-7  # probability floor for KL; float16 flushes below ~6e-8 to 0
 
 
 # --- results -------------------------------------------------------------------
+
 
 class _Record:
     def as_dict(self) -> dict:
@@ -52,10 +53,11 @@ class _Record:
 @dataclass(frozen=True)
 class BootstrapInterval(_Record):
     """A paired-bootstrap percentile interval of a gain (percentage points)."""
-    estimate: float      # b - a on the full test set
+
+    estimate: float  # b - a on the full test set
     lo: float
     hi: float
-    level: float         # e.g. 0.95
+    level: float  # e.g. 0.95
     n_images: int
     n_resamples: int
     seed: int
@@ -67,10 +69,11 @@ class BootstrapInterval(_Record):
 @dataclass(frozen=True)
 class SeedInterval(_Record):
     """Mean over seeds and its Student-t interval; lo/hi/std are NaN when n < 2."""
+
     mean: float
     lo: float
     hi: float
-    std: float           # sample standard deviation (ddof=1)
+    std: float  # sample standard deviation (ddof=1)
     n: int
     level: float
 
@@ -81,37 +84,39 @@ class SeedInterval(_Record):
 @dataclass(frozen=True)
 class McNemar(_Record):
     """Exact McNemar test; b and c are the two discordant counts."""
+
     p_value: float
-    b: int               # teacher right, student wrong
-    c: int               # teacher wrong, student right
+    b: int  # teacher right, student wrong
+    c: int  # teacher wrong, student right
 
 
 @dataclass(frozen=True)
 class Disagreement(_Record):
-    not_unanimous: float     # share of images where the members' top-1 are not all equal
-    pairwise: float          # mean over member pairs of the share of images they differ on
+    not_unanimous: float  # share of images where the members' top-1 are not all equal
+    pairwise: float  # mean over member pairs of the share of images they differ on
     n_members: int
     n_images: int
 
 
 @dataclass(frozen=True)
 class Agreement(_Record):
-    top1: float              # share of images where teacher and student predict the same class
-    kl: float                # mean over images of KL(teacher || student), nats
+    top1: float  # share of images where teacher and student predict the same class
+    kl: float  # mean over images of KL(teacher || student), nats
     n_images: int
-    eps: float               # the probability floor used for the KL
+    eps: float  # the probability floor used for the KL
 
 
 @dataclass(frozen=True)
 class Retention(_Record):
     """Share of the ensemble's gain that the KD student keeps (1.0 = all of it)."""
+
     estimate: float
-    lo: float                # NaN when the ensemble's gain interval includes 0
+    lo: float  # NaN when the ensemble's gain interval includes 0
     hi: float
     level: float
-    kd_gain: BootstrapInterval        # KD - mean single, points
+    kd_gain: BootstrapInterval  # KD - mean single, points
     ensemble_gain: BootstrapInterval  # ensemble - mean single, points
-    n_undefined: int         # resamples whose ensemble gain was exactly 0 (dropped)
+    n_undefined: int  # resamples whose ensemble gain was exactly 0 (dropped)
 
     def __str__(self) -> str:
         return fmt_interval(self.estimate, self.lo, self.hi)
@@ -119,13 +124,14 @@ class Retention(_Record):
 
 @dataclass(frozen=True)
 class Rescued(_Record):
-    share: float             # of the rescued images, the share the student gets right
-    n_images: int            # images the ensemble gets right and most members get wrong
+    share: float  # of the rescued images, the share the student gets right
+    n_images: int  # images the ensemble gets right and most members get wrong
     n_student_right: int
-    member_share: float      # the same share for the members, averaged (< 0.5 by construction)
+    member_share: float  # the same share for the members, averaged (< 0.5 by construction)
 
 
 # --- inputs --------------------------------------------------------------------
+
 
 def _as_correct(x, name: str) -> np.ndarray:
     """A boolean (N,) or (k, N) array as a float64 (k, N) matrix of 0/1."""
@@ -154,6 +160,7 @@ def _check_level(level: float) -> None:
 
 # --- the paired bootstrap --------------------------------------------------------
 
+
 def _resampled_means(columns: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """Means of per-image values over bootstrap resamples of the images.
 
@@ -168,13 +175,13 @@ def _resampled_means(columns: np.ndarray, n_resamples: int, seed: int) -> np.nda
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples!r}")
     m, n = columns.shape
     rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_BYTES // (16 * n))   # int64 indices + one gathered float64 copy
+    chunk = max(1, _CHUNK_BYTES // (16 * n))  # int64 indices + one gathered float64 copy
     out = np.empty((n_resamples, m))
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
         idx = rng.integers(0, n, size=(size, n))
-        for j in range(m):   # np.take per row: ~5x faster than columns[:, idx]
-            out[start:start + size, j] = np.take(columns[j], idx).mean(axis=1)
+        for j in range(m):  # np.take per row: ~5x faster than columns[:, idx]
+            out[start : start + size, j] = np.take(columns[j], idx).mean(axis=1)
     return out
 
 
@@ -184,8 +191,9 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_bootstrap(correct_a, correct_b, n_resamples: int = 10_000, seed: int = 0,
-                     level: float = 0.95) -> BootstrapInterval:
+def paired_bootstrap(
+    correct_a, correct_b, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> BootstrapInterval:
     """Gain of b over a in accuracy (percentage points) with a paired bootstrap interval.
 
     ``correct_a`` and ``correct_b`` are boolean per test image, shape (N,) for one model
@@ -204,7 +212,7 @@ def paired_bootstrap(correct_a, correct_b, n_resamples: int = 10_000, seed: int 
     _check_level(level)
     a, b = _as_correct(correct_a, "correct_a"), _as_correct(correct_b, "correct_b")
     n = _same_images(correct_a=a, correct_b=b)
-    d = (b.mean(axis=0) - a.mean(axis=0))[None, :]     # per-image gain, (1, N)
+    d = (b.mean(axis=0) - a.mean(axis=0))[None, :]  # per-image gain, (1, N)
     gains = 100 * _resampled_means(d, n_resamples, seed)[:, 0]
     lo, hi = _percentiles(gains, level)
     return BootstrapInterval(float(100 * d.mean()), lo, hi, level, n, n_resamples, seed)
@@ -212,18 +220,19 @@ def paired_bootstrap(correct_a, correct_b, n_resamples: int = 10_000, seed: int 
 
 # --- over seeds ------------------------------------------------------------------
 
+
 def _t_two_sided(t: float, df: int) -> float:
     """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4)."""
     theta = math.atan(t / math.sqrt(df))
     s, c2 = math.sin(theta), math.cos(theta) ** 2
     if df % 2 == 1:
         term, total = math.cos(theta), 0.0
-        for j in range(1, (df - 1) // 2 + 1):   # cos + 2/3 cos^3 + (2*4)/(3*5) cos^5 ...
+        for j in range(1, (df - 1) // 2 + 1):  # cos + 2/3 cos^3 + (2*4)/(3*5) cos^5 ...
             total += term
             term *= c2 * (2 * j) / (2 * j + 1)
         return (2 / math.pi) * (theta + s * total) if df > 1 else 2 * theta / math.pi
     term, total = 1.0, 0.0
-    for j in range(1, df // 2 + 1):             # 1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 ...
+    for j in range(1, df // 2 + 1):  # 1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 ...
         total += term
         term *= c2 * (2 * j - 1) / (2 * j)
     return s * total
@@ -272,6 +281,7 @@ def seed_interval(values, level: float = 0.95) -> SeedInterval:
 
 # --- paired test ------------------------------------------------------------------
 
+
 def mcnemar_exact(correct_teacher, correct_student) -> McNemar:
     """Exact (binomial) McNemar test that teacher and student are equally accurate.
 
@@ -292,9 +302,9 @@ def mcnemar_exact(correct_teacher, correct_student) -> McNemar:
     t, s = t[0].astype(bool), s[0].astype(bool)
     b, c = int((t & ~s).sum()), int((~t & s).sum())
     n, k = b + c, min(b, c)
-    if 2 * k >= n:          # includes n == 0: the observed split is the most likely one
+    if 2 * k >= n:  # includes n == 0: the observed split is the most likely one
         return McNemar(1.0, b, c)
-    tail, term = 0, 1       # sum of C(n, i) for i <= k, term = C(n, i)
+    tail, term = 0, 1  # sum of C(n, i) for i <= k, term = C(n, i)
     for i in range(k + 1):
         tail += term
         term = term * (n - i) // (i + 1)
@@ -305,9 +315,10 @@ def mcnemar_exact(correct_teacher, correct_student) -> McNemar:
 
 # --- mechanism figures ---------------------------------------------------------------
 
+
 def _top1(x, name: str, ndim_probs: int) -> np.ndarray:
     arr = np.asarray(x)
-    if arr.ndim == ndim_probs:               # probabilities: take the top-1 class
+    if arr.ndim == ndim_probs:  # probabilities: take the top-1 class
         return arr.argmax(axis=-1)
     if arr.ndim == ndim_probs - 1 and np.issubdtype(arr.dtype, np.integer):
         return arr
@@ -363,8 +374,9 @@ def _clamp(probs: np.ndarray, eps: float) -> np.ndarray:
     return x / x.sum(axis=1, keepdims=True)
 
 
-def retention(correct_single, correct_ensemble, correct_kd, n_resamples: int = 10_000,
-              seed: int = 0, level: float = 0.95) -> Retention:
+def retention(
+    correct_single, correct_ensemble, correct_kd, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> Retention:
     """How much of the ensemble's gain the KD student keeps, with a bootstrap interval.
 
     ``correct_single`` is (k, N), the single models the ensemble is made of;
@@ -392,11 +404,13 @@ def retention(correct_single, correct_ensemble, correct_kd, n_resamples: int = 1
     kd = _as_correct(correct_kd, "correct_kd")
     n = _same_images(correct_single=s, correct_ensemble=e, correct_kd=kd)
     base = s.mean(axis=0)
-    cols = np.stack([kd.mean(axis=0) - base, e.mean(axis=0) - base])   # (2, N)
-    means = 100 * _resampled_means(cols, n_resamples, seed)             # (R, 2)
+    cols = np.stack([kd.mean(axis=0) - base, e.mean(axis=0) - base])  # (2, N)
+    means = 100 * _resampled_means(cols, n_resamples, seed)  # (R, 2)
     est_num, est_den = (float(100 * c.mean()) for c in cols)
-    gains = [BootstrapInterval(est, *_percentiles(means[:, j], level), level, n, n_resamples, seed)
-             for j, est in enumerate((est_num, est_den))]
+    gains = [
+        BootstrapInterval(est, *_percentiles(means[:, j], level), level, n, n_resamples, seed)
+        for j, est in enumerate((est_num, est_den))
+    ]
     estimate = est_num / est_den if est_den != 0 else math.nan
     defined = means[:, 1] != 0
     n_undefined = int((~defined).sum())
@@ -437,6 +451,7 @@ def rescued_share(correct_members, correct_ensemble, correct_student) -> Rescued
 
 
 # --- formatting ------------------------------------------------------------------
+
 
 def _missing(x) -> bool:
     return x is None or (isinstance(x, (float, np.floating)) and math.isnan(x))

@@ -26,6 +26,7 @@ from .runs import Final, Outcome, RunRecord, RunSpec
 @dataclass(frozen=True)
 class Execution:
     """How to run, not what: none of this changes a result's identity."""
+
     device: str = "auto"
     compile: bool = False
     deterministic: bool = False
@@ -39,9 +40,18 @@ class Execution:
 
 # --- train -------------------------------------------------------------------
 
-def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
-          experiment: str | None = None, ex: Execution = Execution(),
-          parent_run_id: str | None = None, session=None, register: str | None = None) -> Outcome:
+
+def train(
+    seed: int,
+    recipe: Recipe,
+    preset: str,
+    data_dir: str | None = None,
+    experiment: str | None = None,
+    ex: Execution = Execution(),
+    parent_run_id: str | None = None,
+    session=None,
+    register: str | None = None,
+) -> Outcome:
     _check_seed(seed)
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
@@ -50,8 +60,9 @@ def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
     from .objectives import CrossEntropy
 
     body = _fitting(recipe, seed, source, split, ex, lambda dd, rt: CrossEntropy())
-    out = runs.record(session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
-                      parent_run_id=parent_run_id)
+    out = runs.record(
+        session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
+    )
     if register:
         runs.register(session, out.run_id, register)
     return out
@@ -59,10 +70,19 @@ def train(seed: int, recipe: Recipe, preset: str, data_dir: str | None = None,
 
 # --- distill -----------------------------------------------------------------
 
-def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides: dict | None = None,
-            data_dir: str | None = None, experiment: str | None = None,
-            ex: Execution = Execution(), parent_run_id: str | None = None, session=None,
-            register: str | None = None) -> Outcome:
+
+def distill(
+    teacher_run_id: str,
+    seed: int,
+    preset: str | None = None,
+    overrides: dict | None = None,
+    data_dir: str | None = None,
+    experiment: str | None = None,
+    ex: Execution = Execution(),
+    parent_run_id: str | None = None,
+    session=None,
+    register: str | None = None,
+) -> Outcome:
     """A student of a train run (SD), an ensemble run (KD) or another student."""
     session = session or runs.connect(experiment)
     plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
@@ -72,10 +92,18 @@ def distill(teacher_run_id: str, seed: int, preset: str | None = None, overrides
     else:
         # Load (and so vet) the teacher before any run exists: a refused file creates nothing.
         teacher_model = load_network(session, plan.teacher, plan.source.num_classes, "teacher")
-        body = _fitting(plan.recipe, seed, plan.source, plan.split, ex,
-                        lambda dd, rt: _student_objective(plan, teacher_model, dd, rt, ex), plan.draws_before)
-        out = runs.record(session, plan.spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
-                          parent_run_id=parent_run_id)
+        body = _fitting(
+            plan.recipe,
+            seed,
+            plan.source,
+            plan.split,
+            ex,
+            lambda dd, rt: _student_objective(plan, teacher_model, dd, rt, ex),
+            plan.draws_before,
+        )
+        out = runs.record(
+            session, plan.spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
+        )
     if register:
         runs.register(session, out.run_id, register)
     return out
@@ -102,12 +130,25 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
     method = "kd" if teacher.role == "ensemble" else "sd"
     t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
     _check_loadable(session, teacher, "teacher")
-    spec = _spec("student", schema.student_name(method, seed, t_seeds), recipe, preset, source, split,
-                 seed=seed, identity=(teacher_run_id,), group_parts=(method, teacher.group),
-                 label=group_label(preset, recipe, "student"),
-                 tags={schema.METHOD: method, schema.TEACHER_RUN_ID: teacher_run_id,
-                       schema.TEACHER_ROLE: teacher.role, schema.TEACHER_SEEDS: t_seeds,
-                       schema.GENERATION: str(teacher.generation + 1)})
+    spec = _spec(
+        "student",
+        schema.student_name(method, seed, t_seeds),
+        recipe,
+        preset,
+        source,
+        split,
+        seed=seed,
+        identity=(teacher_run_id,),
+        group_parts=(method, teacher.group),
+        label=group_label(preset, recipe, "student"),
+        tags={
+            schema.METHOD: method,
+            schema.TEACHER_RUN_ID: teacher_run_id,
+            schema.TEACHER_ROLE: teacher.role,
+            schema.TEACHER_SEEDS: t_seeds,
+            schema.GENERATION: str(teacher.generation + 1),
+        },
+    )
     from .models import draws_before_student
 
     return _StudentPlan(spec, recipe, source, split, teacher, draws_before_student(recipe, method))
@@ -120,16 +161,31 @@ def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution)
     if plan.recipe.augment:
         t = OnlineTeacher(model, rt.autocast)
     else:
-        t = CachedTeacher(_teacher_table(plan.teacher.run_id, plan.split.digest, ex, rt,
-                                         lambda: teacher_table(model, dd, rt.autocast, plan.recipe.eval_batch_size)))
+        t = CachedTeacher(
+            _teacher_table(
+                plan.teacher.run_id,
+                plan.split.digest,
+                ex,
+                rt,
+                lambda: teacher_table(model, dd, rt.autocast, plan.recipe.eval_batch_size),
+            )
+        )
     return distillation(t, plan.recipe)
 
 
 # --- packed waves: the networks of a wave trained side by side as one network ---
 
-def train_wave(seeds: list[int], recipe: Recipe, preset: str, data_dir: str | None = None,
-               experiment: str | None = None, ex: Execution = Execution(), parent_run_id: str | None = None,
-               session=None) -> list[Outcome]:
+
+def train_wave(
+    seeds: list[int],
+    recipe: Recipe,
+    preset: str,
+    data_dir: str | None = None,
+    experiment: str | None = None,
+    ex: Execution = Execution(),
+    parent_run_id: str | None = None,
+    session=None,
+) -> list[Outcome]:
     """Train runs of these seeds, the missing ones packed (kd_mlflow.pack): each is its
     own run with the identity it would have alone, so lone and packed runs reuse each other."""
     for seed in seeds:
@@ -141,16 +197,25 @@ def train_wave(seeds: list[int], recipe: Recipe, preset: str, data_dir: str | No
 
     def objective(dd, rt, i):
         from .objectives import CrossEntropy
+
         return CrossEntropy()
 
     body = _fitting_packed(recipe, seeds, [0] * len(seeds), source, split, ex, objective)
-    return runs.record_wave(session, specs, body, force=ex.force, checkpoint_root=ex.checkpoint_root,
-                            parent_run_id=parent_run_id)
+    return runs.record_wave(
+        session, specs, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
+    )
 
 
-def distill_wave(pairs: list[tuple[str, int]], preset: str | None = None, overrides: dict | None = None,
-                 data_dir: str | None = None, experiment: str | None = None, ex: Execution = Execution(),
-                 parent_run_id: str | None = None, session=None) -> list[Outcome]:
+def distill_wave(
+    pairs: list[tuple[str, int]],
+    preset: str | None = None,
+    overrides: dict | None = None,
+    data_dir: str | None = None,
+    experiment: str | None = None,
+    ex: Execution = Execution(),
+    parent_run_id: str | None = None,
+    session=None,
+) -> list[Outcome]:
     """Students of (teacher run, seed) pairs of one recipe and split, the missing ones packed."""
     session = session or runs.connect(experiment)
     plans = [_student_plan(session, t, seed, preset, overrides or {}, data_dir, ex) for t, seed in pairs]
@@ -158,15 +223,28 @@ def distill_wave(pairs: list[tuple[str, int]], preset: str | None = None, overri
         raise ConfigError("pack", ",".join(t for t, _ in pairs), "a packed wave needs one recipe and one split")
     first = plans[0]
     teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
-    body = _fitting_packed(first.recipe, [seed for _, seed in pairs], [p.draws_before for p in plans],
-                           first.source, first.split, ex,
-                           lambda dd, rt, i: _student_objective(plans[i], teachers[i], dd, rt, ex))
-    return runs.record_wave(session, [p.spec for p in plans], body, force=ex.force,
-                            checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id)
+    body = _fitting_packed(
+        first.recipe,
+        [seed for _, seed in pairs],
+        [p.draws_before for p in plans],
+        first.source,
+        first.split,
+        ex,
+        lambda dd, rt, i: _student_objective(plans[i], teachers[i], dd, rt, ex),
+    )
+    return runs.record_wave(
+        session,
+        [p.spec for p in plans],
+        body,
+        force=ex.force,
+        checkpoint_root=ex.checkpoint_root,
+        parent_run_id=parent_run_id,
+    )
 
 
 def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, make_objective):
     """The body of a packed wave: each network seeded and built as it would be alone."""
+
     def body(recordings, indices, store) -> list:
         import torch
 
@@ -183,25 +261,45 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
             torch.manual_seed(seeds[i])
             nets.append(models.build(recipe, source.num_classes, draws_before=draws[i]))
         dd = data_mod.DeviceData(source, split, rt.device)
-        results = fit_packed(nets, [make_objective(dd, rt, i) for i in indices], dd, recipe, rt,
-                             [rec.sink for rec in recordings], checkpoints=store)
-        return [_selected(rec, rt.prepare(net), result, dd, recipe, rt)
-                for rec, net, result in zip(recordings, nets, results)]
+        results = fit_packed(
+            nets,
+            [make_objective(dd, rt, i) for i in indices],
+            dd,
+            recipe,
+            rt,
+            [rec.sink for rec in recordings],
+            checkpoints=store,
+        )
+        return [
+            _selected(rec, rt.prepare(net), result, dd, recipe, rt)
+            for rec, net, result in zip(recordings, nets, results, strict=True)
+        ]
+
     return body
 
 
 def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
     # Distillation must see the teacher's data: its dataset, split and subset.
-    same_data = {k: type(getattr(Recipe, k))(teacher.params[k])
-                 for k in ("dataset", "val_size", "train_subset", "split_seed") if k in teacher.params}
+    same_data = {
+        k: type(getattr(Recipe, k))(teacher.params[k])
+        for k in ("dataset", "val_size", "train_subset", "split_seed")
+        if k in teacher.params
+    }
     return resolve(preset, **{**same_data, **overrides})
 
 
 # --- ensemble ----------------------------------------------------------------
 
-def ensemble(member_run_ids: list[str], combine: str = "prob", data_dir: str | None = None,
-             experiment: str | None = None, ex: Execution = Execution(),
-             parent_run_id: str | None = None, session=None) -> Outcome:
+
+def ensemble(
+    member_run_ids: list[str],
+    combine: str = "prob",
+    data_dir: str | None = None,
+    experiment: str | None = None,
+    ex: Execution = Execution(),
+    parent_run_id: str | None = None,
+    session=None,
+) -> Outcome:
     if len(member_run_ids) < 2 or len(set(member_run_ids)) != len(member_run_ids):
         raise ConfigError("members", ",".join(member_run_ids), "need at least two distinct runs")
     session = session or runs.connect(experiment)
@@ -220,14 +318,25 @@ def ensemble(member_run_ids: list[str], combine: str = "prob", data_dir: str | N
     seeds = [str(m.seed) if m.seed is not None else "?" for m in members]
     preset = first.preset or ""
     base = first.group_label or group_label(preset, recipe, member_role)
-    spec = _spec("ensemble", schema.ensemble_name(seeds, member_role), recipe, preset, source, split,
-                 recipe_role=member_role, identity=(combine, *sorted(member_run_ids)),
-                 group_parts=(combine, member_role, *sorted({m.group or "" for m in members})),
-                 label=base + (f" · ensemble: {combine}" if combine != "prob" else ""),
-                 params={"combine": combine, "n_members": len(members)},
-                 tags={schema.MEMBER_RUN_IDS: ",".join(member_run_ids), schema.MEMBER_SEEDS: ",".join(seeds),
-                       schema.MEMBER_ROLE: member_role,
-                       schema.GENERATION: str(max(m.generation for m in members))})
+    spec = _spec(
+        "ensemble",
+        schema.ensemble_name(seeds, member_role),
+        recipe,
+        preset,
+        source,
+        split,
+        recipe_role=member_role,
+        identity=(combine, *sorted(member_run_ids)),
+        group_parts=(combine, member_role, *sorted({m.group or "" for m in members})),
+        label=base + (f" · ensemble: {combine}" if combine != "prob" else ""),
+        params={"combine": combine, "n_members": len(members)},
+        tags={
+            schema.MEMBER_RUN_IDS: ",".join(member_run_ids),
+            schema.MEMBER_SEEDS: ",".join(seeds),
+            schema.MEMBER_ROLE: member_role,
+            schema.GENERATION: str(max(m.generation for m in members)),
+        },
+    )
 
     def body(rec: runs.Recording) -> Final:
         from . import data as data_mod
@@ -235,62 +344,110 @@ def ensemble(member_run_ids: list[str], combine: str = "prob", data_dir: str | N
         from .train import evaluate_all, make_runtime
 
         rt = make_runtime(recipe, ex.device, deterministic=ex.deterministic)
-        model = rt.prepare(Ensemble([load_network(session, m, source.num_classes, "members") for m in members],
-                                    combine))
+        model = rt.prepare(
+            Ensemble([load_network(session, m, source.num_classes, "members") for m in members], combine)
+        )
         dd = data_mod.DeviceData(source, split, rt.device)
         scores = evaluate_all(model, dd, recipe, rt)
         _log_predictions(rec, model, dd, recipe, rt)
-        final = {schema.FINAL_VAL_ACC: scores["val_acc"], schema.FINAL_TEST_ACC: scores["test_acc"],
-                 "val_loss": scores["val_loss"]}
+        final = {
+            schema.FINAL_VAL_ACC: scores["val_acc"],
+            schema.FINAL_TEST_ACC: scores["test_acc"],
+            "val_loss": scores["val_loss"],
+        }
         for i, m in enumerate(members):
             final[f"member_{i}_val_acc"] = m.final_val_acc if m.final_val_acc is not None else float("nan")
             final[f"member_{i}_test_acc"] = m.final_test_acc if m.final_test_acc is not None else float("nan")
-        print(f"ensemble of {len(members)}: val_acc {scores['val_acc']:.2f}  test_acc {scores['test_acc']:.2f}",
-              file=sys.stderr)
+        print(
+            f"ensemble of {len(members)}: val_acc {scores['val_acc']:.2f}  test_acc {scores['test_acc']:.2f}",
+            file=sys.stderr,
+        )
         return Final(final, model, dd.test_x[:2].cpu())
 
     return runs.record(session, spec, body, force=ex.force, parent_run_id=parent_run_id)
 
 
-def members_for_seeds(seeds: list[int], preset: str | None, dataset: str | None,
-                      experiment: str | None = None, session=None) -> list[str]:
+def members_for_seeds(
+    seeds: list[int], preset: str | None, dataset: str | None, experiment: str | None = None, session=None
+) -> list[str]:
     session = session or runs.connect(experiment)
     return [r.run_id for r in runs.train_runs_for_seeds(session, seeds, preset, dataset)]
 
 
 # --- the shared path ---------------------------------------------------------
 
+
 def _train_spec(seed: int, recipe: Recipe, preset: str, source, split) -> RunSpec:
-    return _spec("train", schema.train_name(seed), recipe, preset, source, split, seed=seed,
-                 label=group_label(preset, recipe, "train"))
+    return _spec(
+        "train",
+        schema.train_name(seed),
+        recipe,
+        preset,
+        source,
+        split,
+        seed=seed,
+        label=group_label(preset, recipe, "train"),
+    )
 
 
-def _spec(role: str, name: str, recipe: Recipe, preset: str, source, split, *, seed: int | None = None,
-          recipe_role: str | None = None, identity: tuple = (), group_parts: tuple = (), label: str = "",
-          params: dict | None = None, tags: dict | None = None) -> RunSpec:
+def _spec(
+    role: str,
+    name: str,
+    recipe: Recipe,
+    preset: str,
+    source,
+    split,
+    *,
+    seed: int | None = None,
+    recipe_role: str | None = None,
+    identity: tuple = (),
+    group_parts: tuple = (),
+    label: str = "",
+    params: dict | None = None,
+    tags: dict | None = None,
+) -> RunSpec:
     """The core params and tags every role logs, and its identity: the configuration
     hash (what changes the result) and the group (the same, less the seed)."""
     recipe_role = recipe_role or role
     group = runs.digest(role, recipe.digest(recipe_role), split.digest, *group_parts)
     config_hash = runs.digest(role, recipe.digest(recipe_role), split.digest, seed, *identity)
-    core_params = {**recipe.as_params(recipe_role), "preset": preset, "data_dir": source.location,
-                   "num_classes": source.num_classes, "split_digest": split.digest,
-                   "n_train": len(split.train_idx), "n_val": len(split.val_idx), "n_test": len(source.test_y)}
+    core_params = {
+        **recipe.as_params(recipe_role),
+        "preset": preset,
+        "data_dir": source.location,
+        "num_classes": source.num_classes,
+        "split_digest": split.digest,
+        "n_train": len(split.train_idx),
+        "n_val": len(split.val_idx),
+        "n_test": len(source.test_y),
+    }
     if seed is not None:
         core_params["seed"] = seed
-    core_tags = {schema.ROLE: role, schema.PRESET: preset, schema.DATASET: recipe.dataset,
-                 schema.SPLIT_DIGEST: split.digest, schema.NUM_CLASSES: str(source.num_classes),
-                 schema.GROUP: group, schema.GROUP_LABEL: label or preset}
+    core_tags = {
+        schema.ROLE: role,
+        schema.PRESET: preset,
+        schema.DATASET: recipe.dataset,
+        schema.SPLIT_DIGEST: split.digest,
+        schema.NUM_CLASSES: str(source.num_classes),
+        schema.GROUP: group,
+        schema.GROUP_LABEL: label or preset,
+    }
     if seed is not None:
         core_tags[schema.SEED] = str(seed)
-    return RunSpec(name, config_hash, {**core_params, **(params or {})}, {**core_tags, **(tags or {})},
-                   (f"{recipe.dataset}-train", source.uri, split.digest))
+    return RunSpec(
+        name,
+        config_hash,
+        {**core_params, **(params or {})},
+        {**core_tags, **(tags or {})},
+        (f"{recipe.dataset}-train", source.uri, split.digest),
+    )
 
 
 def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objective, draws_before: int = 0):
     """The body of a training run: the one loop, its checkpoint selected on validation.
     ``draws_before``: networks drawn and thrown away after seeding (the report's SD
     script built its teacher's network first)."""
+
     def body(rec: runs.Recording) -> Final:
         import torch
 
@@ -305,6 +462,7 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         dd = data_mod.DeviceData(source, split, rt.device)
         result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
         return _selected(rec, model, result, dd, recipe, rt)
+
     return body
 
 
@@ -334,8 +492,12 @@ def _runtime_tags(rt) -> dict:
 
     from . import machine
 
-    return {"kd.device": rt.device, "kd.precision_resolved": rt.precision,
-            "kd.threads": torch.get_num_threads(), **machine.env_tags(rt.device)}
+    return {
+        "kd.device": rt.device,
+        "kd.precision_resolved": rt.precision,
+        "kd.threads": torch.get_num_threads(),
+        **machine.env_tags(rt.device),
+    }
 
 
 def _selected(rec, model, result, dd, recipe, rt) -> Final:
@@ -345,15 +507,26 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
     rec.sink.flush()
     model.load_state_dict(result.best_state)
     _log_predictions(rec, model, dd, recipe, rt)
-    return Final({schema.FINAL_VAL_ACC: result.best_val_acc, schema.FINAL_TEST_ACC: result.best_test_acc,
-                  schema.BEST_EPOCH: result.best_epoch}, model, dd.test_x[:2].cpu())
+    return Final(
+        {
+            schema.FINAL_VAL_ACC: result.best_val_acc,
+            schema.FINAL_TEST_ACC: result.best_test_acc,
+            schema.BEST_EPOCH: result.best_epoch,
+        },
+        model,
+        dd.test_x[:2].cpu(),
+    )
 
 
 def _log_predictions(rec, model, dd, recipe, rt) -> None:
     from .train import predict
 
-    rec.log_predictions(predict(model, dd, "val", recipe, rt).numpy(), predict(model, dd, "test", recipe, rt).numpy(),
-                        dd.val_y.cpu().numpy(), dd.test_y.cpu().numpy())
+    rec.log_predictions(
+        predict(model, dd, "val", recipe, rt).numpy(),
+        predict(model, dd, "test", recipe, rt).numpy(),
+        dd.val_y.cpu().numpy(),
+        dd.test_y.cpu().numpy(),
+    )
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):
@@ -402,8 +575,15 @@ def load_network(session, rec: RunRecord, num_classes: int, option: str):
 
 # --- compare -------------------------------------------------------------------
 
-def compare(experiment: str | None, fmt: str, preset: str | None = None, dataset: str | None = None,
-            group: str | None = None, intervals: bool = True) -> str:
+
+def compare(
+    experiment: str | None,
+    fmt: str,
+    preset: str | None = None,
+    dataset: str | None = None,
+    group: str | None = None,
+    intervals: bool = True,
+) -> str:
     """The report's tables from the experiment's finished runs, rendered as ``fmt``;
     with ``intervals``, every gain's uncertainty and the mechanism figures, from the
     runs' logged predictions."""
@@ -417,17 +597,26 @@ def compare(experiment: str | None, fmt: str, preset: str | None = None, dataset
     if not built:
         elsewhere = runs.experiments_with_results(session)
         if elsewhere:
-            print(f"note: no kd-mlflow results in this experiment; found some in: {', '.join(elsewhere)} "
-                  f"(pass --experiment NAME)", file=sys.stderr)
+            print(
+                f"note: no kd-mlflow results in this experiment; found some in: {', '.join(elsewhere)} "
+                f"(pass --experiment NAME)",
+                file=sys.stderr,
+            )
     text = tables.render(built, fmt)
     if session.adopted_run_id:
         # Under `mlflow run -e compare`: the tables and plot are that run's artifacts.
         from . import plots
 
         figs = {"accuracy_by_method.png": plots.accuracy_by_method(built)}
-        runs.log_tables(session, session.adopted_run_id,
-                        {f"tables.{ext}": tables.render(built, f) for f, ext in
-                         (("markdown", "md"), ("json", "json"), ("csv", "csv"))}, figs)
+        runs.log_tables(
+            session,
+            session.adopted_run_id,
+            {
+                f"tables.{ext}": tables.render(built, f)
+                for f, ext in (("markdown", "md"), ("json", "json"), ("csv", "csv"))
+            },
+            figs,
+        )
         plots.close(figs)
     return text
 
@@ -463,5 +652,11 @@ def _backfill_predictions(session, rec: RunRecord) -> None:
     rt = make_runtime(recipe, "cpu")
     model = load_network(session, rec, source.num_classes, "run")
     dd = data_mod.DeviceData(source, split, rt.device)
-    runs.add_predictions(session, rec, predict(model, dd, "val", recipe, rt).numpy(),
-                         predict(model, dd, "test", recipe, rt).numpy(), dd.val_y.numpy(), dd.test_y.numpy())
+    runs.add_predictions(
+        session,
+        rec,
+        predict(model, dd, "val", recipe, rt).numpy(),
+        predict(model, dd, "test", recipe, rt).numpy(),
+        dd.val_y.numpy(),
+        dd.test_y.numpy(),
+    )

@@ -30,7 +30,7 @@ class Plan:
     student_seed_offset: int = 10
     kd_seed: int = 100
     data_dir: str | None = None
-    pack: bool = False        # the seeds, and the SD students, as packed waves
+    pack: bool = False  # the seeds, and the SD students, as packed waves
 
     def __post_init__(self):
         if self.student_seed_offset < 1:
@@ -39,8 +39,11 @@ class Plan:
             raise ConfigError("seeds", ",".join(map(str, self.seeds)), "a study needs at least two seeds")
         clash = set(self.seeds) & ({s + self.student_seed_offset for s in self.seeds} | {self.kd_seed})
         if clash:
-            raise ConfigError("student_seed_offset", self.student_seed_offset,
-                              f"student seeds would reuse teacher seeds {sorted(clash)}")
+            raise ConfigError(
+                "student_seed_offset",
+                self.student_seed_offset,
+                f"student seeds would reuse teacher seeds {sorted(clash)}",
+            )
 
     @property
     def n_steps(self) -> int:
@@ -50,13 +53,15 @@ class Plan:
 @dataclass(frozen=True)
 class Context:
     """What a step needs wherever it runs."""
+
     plan: Plan
     ex: steps.Execution
     parent: str
-    session: object = None   # in-process steps only
+    session: object = None  # in-process steps only
 
 
 # --- the typed steps ---------------------------------------------------------
+
 
 def _common_argv(ctx: Context) -> list[str]:
     p, ex = ctx.plan, ctx.ex
@@ -90,19 +95,25 @@ class TrainStep:
 
     def run_here(self, ctx: Context) -> Outcome:
         p = ctx.plan
-        return steps.train(self.seed, p.recipe, p.preset, p.data_dir, None, ctx.ex, ctx.parent,
-                           session=ctx.session)
+        return steps.train(self.seed, p.recipe, p.preset, p.data_dir, None, ctx.ex, ctx.parent, session=ctx.session)
 
     def argv(self, ctx: Context) -> list[str]:
-        return ["train", "--seed", str(self.seed), "--preset", ctx.plan.preset,
-                *_override_argv(ctx.plan.overrides), *_common_argv(ctx)]
+        return [
+            "train",
+            "--seed",
+            str(self.seed),
+            "--preset",
+            ctx.plan.preset,
+            *_override_argv(ctx.plan.overrides),
+            *_common_argv(ctx),
+        ]
 
 
 @dataclass(frozen=True)
 class DistillStep:
-    teacher: str          # run id
+    teacher: str  # run id
     seed: int
-    method: str           # kd | sd
+    method: str  # kd | sd
     teacher_seeds: str
     trains: bool = True
 
@@ -112,17 +123,27 @@ class DistillStep:
 
     def run_here(self, ctx: Context) -> Outcome:
         p = ctx.plan
-        return steps.distill(self.teacher, self.seed, p.preset, p.overrides, p.data_dir, None, ctx.ex,
-                             ctx.parent, session=ctx.session)
+        return steps.distill(
+            self.teacher, self.seed, p.preset, p.overrides, p.data_dir, None, ctx.ex, ctx.parent, session=ctx.session
+        )
 
     def argv(self, ctx: Context) -> list[str]:
-        return ["distill", "--teacher", self.teacher, "--seed", str(self.seed), "--preset", ctx.plan.preset,
-                *_override_argv(ctx.plan.overrides), *_common_argv(ctx)]
+        return [
+            "distill",
+            "--teacher",
+            self.teacher,
+            "--seed",
+            str(self.seed),
+            "--preset",
+            ctx.plan.preset,
+            *_override_argv(ctx.plan.overrides),
+            *_common_argv(ctx),
+        ]
 
 
 @dataclass(frozen=True)
 class EnsembleStep:
-    members: tuple        # run ids
+    members: tuple  # run ids
     seeds: tuple
     member_role: str
     combine: str = "prob"
@@ -134,15 +155,16 @@ class EnsembleStep:
 
     def run_here(self, ctx: Context) -> Outcome:
         p = ctx.plan
-        return steps.ensemble(list(self.members), self.combine, p.data_dir, None, ctx.ex, ctx.parent,
-                              session=ctx.session)
+        return steps.ensemble(
+            list(self.members), self.combine, p.data_dir, None, ctx.ex, ctx.parent, session=ctx.session
+        )
 
     def argv(self, ctx: Context) -> list[str]:
-        return ["ensemble", "--members", ",".join(self.members), "--combine", self.combine,
-                *_common_argv(ctx)]
+        return ["ensemble", "--members", ",".join(self.members), "--combine", self.combine, *_common_argv(ctx)]
 
 
 # --- progress ------------------------------------------------------------------
+
 
 class Progress:
     """`[step 3/13] train-seed-2` with the elapsed time and an estimate of what is left,
@@ -162,8 +184,11 @@ class Progress:
         if self.trained_seconds:
             per = sum(self.trained_seconds) / len(self.trained_seconds)
             left = f", about {_clock(per * self.trainings_left)} left"
-        print(f"[step {self.count}/{self.total}] {step.name}  ({_clock(elapsed)} elapsed{left})",
-              file=self.log, flush=True)
+        print(
+            f"[step {self.count}/{self.total}] {step.name}  ({_clock(elapsed)} elapsed{left})",
+            file=self.log,
+            flush=True,
+        )
 
     def finished(self, step, outcome: Outcome, seconds: float) -> None:
         if step.trains:
@@ -173,17 +198,18 @@ class Progress:
 
 
 def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 # --- the study ---------------------------------------------------------------
 
+
 @dataclass
 class StudyResult:
     parent_run_id: str
-    runs: dict = field(default_factory=dict)     # step name -> run id
+    runs: dict = field(default_factory=dict)  # step name -> run id
     trained: list = field(default_factory=list)  # step names that trained (not reused)
     tables: str = ""
     summary: dict = field(default_factory=dict)  # the parent run's metrics
@@ -197,22 +223,28 @@ class StepFailed(Exception):
 DEFAULT_REGISTRY = "{experiment}-kd-student"
 
 
-def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = steps.Execution(),
-              executor=None, register_as: str | None = None) -> StudyResult:
+def reproduce(
+    plan: Plan,
+    experiment: str | None = None,
+    ex: steps.Execution = steps.Execution(),
+    executor=None,
+    register_as: str | None = None,
+) -> StudyResult:
     """Run the study with ``executor`` (default: in this process, one step at a time).
     ``register_as``: the registered model that gets the KD student (alias champion);
     "{experiment}" in it is the experiment's name."""
     from .executors import InProcess
 
     # Fail on bad data before any run exists.
-    source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
+    _source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
     executor = executor or InProcess()
     if plan.pack:
         executor = PackedWaves(executor)
-    parent = tracking.open_study(session, schema.study_name(plan.preset, plan.recipe.dataset),
-                                 _study_tags(plan, split.digest))
+    parent = tracking.open_study(
+        session, schema.study_name(plan.preset, plan.recipe.dataset), _study_tags(plan, split.digest)
+    )
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
     ctx = Context(plan, ex, parent, session.without_adoption())
     result = StudyResult(parent)
@@ -232,9 +264,12 @@ def reproduce(plan: Plan, experiment: str | None = None, ex: steps.Execution = s
         executor.close()
     tracking.set_terminated(session, parent, "FINISHED")
     _, start_ui = tracking.ui_base()
-    print(f"study {tracking.run_link(session, parent)}\n"
-          f"its runs side by side: {tracking.compare_link(session, result.runs.values())}"
-          + (f"\n(start the UI first: {start_ui})" if start_ui else ""), file=sys.stderr)
+    print(
+        f"study {tracking.run_link(session, parent)}\n"
+        f"its runs side by side: {tracking.compare_link(session, result.runs.values())}"
+        + (f"\n(start the UI first: {start_ui})" if start_ui else ""),
+        file=sys.stderr,
+    )
     return result
 
 
@@ -245,9 +280,18 @@ def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, 
 
     kd = schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))
     name = name.replace("{experiment}", tracking.experiment_name(session))
-    runs.register(session, result.runs[kd], name, alias="champion",
-                  tags={"kd.study_run_id": parent, "kd.preset": plan.preset, "kd.dataset": plan.recipe.dataset,
-                        "kd.experiment_id": session.experiment_id})
+    runs.register(
+        session,
+        result.runs[kd],
+        name,
+        alias="champion",
+        tags={
+            "kd.study_run_id": parent,
+            "kd.preset": plan.preset,
+            "kd.dataset": plan.recipe.dataset,
+            "kd.experiment_id": session.experiment_id,
+        },
+    )
 
 
 def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Progress) -> None:
@@ -255,7 +299,7 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     def wave(items):
         outcomes = executor.run_wave(items, ctx, progress)
-        for step, out in zip(items, outcomes):
+        for step, out in zip(items, outcomes, strict=True):
             result.runs[step.name] = out.run_id
             if not out.reused:
                 result.trained.append(step.name)
@@ -264,7 +308,7 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
     wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)))])
-    sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds)])
+    sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
 
 
@@ -284,14 +328,30 @@ class PackedWaves:
         t0 = time.monotonic()
         try:
             if isinstance(items[0], TrainStep):
-                outs = steps.train_wave([s.seed for s in items], p.recipe, p.preset, p.data_dir, None, ctx.ex,
-                                        ctx.parent, session=ctx.session)
+                outs = steps.train_wave(
+                    [s.seed for s in items],
+                    p.recipe,
+                    p.preset,
+                    p.data_dir,
+                    None,
+                    ctx.ex,
+                    ctx.parent,
+                    session=ctx.session,
+                )
             else:
-                outs = steps.distill_wave([(s.teacher, s.seed) for s in items], p.preset, p.overrides, p.data_dir,
-                                          None, ctx.ex, ctx.parent, session=ctx.session)
+                outs = steps.distill_wave(
+                    [(s.teacher, s.seed) for s in items],
+                    p.preset,
+                    p.overrides,
+                    p.data_dir,
+                    None,
+                    ctx.ex,
+                    ctx.parent,
+                    session=ctx.session,
+                )
         except ConfigError as e:
             raise StepFailed(",".join(s.name for s in items), str(e)) from None
-        for step, out in zip(items, outs):
+        for step, out in zip(items, outs, strict=True):
             progress.finished(step, out, (time.monotonic() - t0) / len(items))
         return outs
 
@@ -301,13 +361,19 @@ class PackedWaves:
 
 # --- the parent run --------------------------------------------------------
 
+
 def _study_tags(plan: Plan, split_digest: str) -> dict:
     # --pack is not part of a study's identity: packed and lone runs of a configuration
     # are the same runs.
-    return {schema.STUDY: "true", schema.PRESET: plan.preset, schema.DATASET: plan.recipe.dataset,
-            schema.SPLIT_DIGEST: split_digest,
-            schema.CONFIG_HASH: digest("study", plan.recipe.digest("student"), split_digest, plan.seeds,
-                                       plan.student_seed_offset, plan.kd_seed)}
+    return {
+        schema.STUDY: "true",
+        schema.PRESET: plan.preset,
+        schema.DATASET: plan.recipe.dataset,
+        schema.SPLIT_DIGEST: split_digest,
+        schema.CONFIG_HASH: digest(
+            "study", plan.recipe.digest("student"), split_digest, plan.seeds, plan.student_seed_offset, plan.kd_seed
+        ),
+    }
 
 
 # Summary rows -> the parent run's metrics, so MLflow lists the study as a training
@@ -327,8 +393,12 @@ SUMMARY_METRICS = {
 
 
 # Bounds of the paired-bootstrap interval of each gain, as parent metrics too.
-GAIN_METRICS = {"ensemble - mean single": "ensemble_gain", "KD - mean single": "kd_gain",
-                "SD - teacher (mean over pairs)": "sd_gain_mean", "SD ensemble - ensemble": "sd_ensemble_gain"}
+GAIN_METRICS = {
+    "ensemble - mean single": "ensemble_gain",
+    "KD - mean single": "kd_gain",
+    "SD - teacher (mean over pairs)": "sd_gain_mean",
+    "SD ensemble - ensemble": "sd_ensemble_gain",
+}
 
 
 def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str, dict]:
@@ -349,15 +419,22 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
             key = GAIN_METRICS.get(g.gain)
             if key and g.lo == g.lo:
                 summary.update({f"{key}_lo": float(g.lo), f"{key}_hi": float(g.hi)})
-    roles = {name: ("teacher" if name.startswith("train-") else "student")
-             for name in result.runs if not name.startswith(("ensemble-", "sd-ensemble-"))}
+    roles = {
+        name: ("teacher" if name.startswith("train-") else "student")
+        for name in result.runs
+        if not name.startswith(("ensemble-", "sd-ensemble-"))
+    }
     histories = runs.metric_histories(session, {n: result.runs[n] for n in roles})
     figs = plots.figures(histories, roles, tables)
     if tables and not tables[0].gains.empty:
         figs["gains.png"] = plots.gains(tables[0].gains)
-    tracking.log_study(session, parent, {
-        "tables.md": text, "tables.json": compare.render(tables, "json"),
-        "tables.csv": compare.render(tables, "csv")},
-        {"steps": result.runs, "trained": result.trained}, figs, summary)
+    tracking.log_study(
+        session,
+        parent,
+        {"tables.md": text, "tables.json": compare.render(tables, "json"), "tables.csv": compare.render(tables, "csv")},
+        {"steps": result.runs, "trained": result.trained},
+        figs,
+        summary,
+    )
     plots.close(figs)
     return text, summary

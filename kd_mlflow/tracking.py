@@ -55,7 +55,7 @@ class Session:
     adopted_run_id: str | None  # the run `mlflow run` created, if any
     default_experiment: bool = False  # MLflow's "Default" experiment (id 0)
 
-    def without_adoption(self) -> "Session":
+    def without_adoption(self) -> Session:
         """The same experiment, for runs that must not take over the adopted run."""
         return dataclasses.replace(self, adopted_run_id=None)
 
@@ -66,8 +66,9 @@ class Session:
         parts = [filter_string] if filter_string else []
         if len(statuses) == 1:
             parts.append(f"attributes.status = '{statuses[0]}'")
-        runs = self.client.search_runs([self.experiment_id], " AND ".join(parts),
-                                       max_results=max_results, order_by=["attributes.start_time DESC"])
+        runs = self.client.search_runs(
+            [self.experiment_id], " AND ".join(parts), max_results=max_results, order_by=["attributes.start_time DESC"]
+        )
         return [r for r in runs if r.info.status in statuses]
 
     def logged_epochs(self, run_id: str) -> set[int]:
@@ -85,8 +86,9 @@ class Session:
     def runs_frame(self, filter_string: str = ""):
         """Every FINISHED run of the experiment (matching ``filter_string``), in one search query."""
         where = " AND ".join(p for p in ("attributes.status = 'FINISHED'", filter_string) if p)
-        return mlflow.search_runs([self.experiment_id], filter_string=where, output_format="pandas",
-                                  max_results=100_000)
+        return mlflow.search_runs(
+            [self.experiment_id], filter_string=where, output_format="pandas", max_results=100_000
+        )
 
 
 def connect(experiment: str | None = None, create: bool = True) -> Session:
@@ -105,11 +107,15 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
         exp_id = _resolve_experiment(client, experiment, create)
     except MlflowException as e:
         if e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
-            why = "HTTP 403, permission denied" if e.error_code == "PERMISSION_DENIED" or " 403 " in str(e) \
+            why = (
+                "HTTP 403, permission denied"
+                if e.error_code == "PERMISSION_DENIED" or " 403 " in str(e)
                 else "HTTP 401, not authenticated"
+            )
             raise TrackingRefused(
                 f"{tracking_uri()} refused the request ({why}): check MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment") from None
+                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment"
+            ) from None
         raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {_first_line(e)}") from None
     except OSError as e:
         raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {e}") from None
@@ -161,6 +167,7 @@ def _first_line(e: Exception) -> str:
 
 # --- a run being written ---------------------------------------------------
 
+
 class RunWriter:
     """One run, written through the client by run id (never MLflow's fluent "active
     run"), so that several can be open at once and none depends on $MLFLOW_RUN_ID."""
@@ -201,8 +208,9 @@ class RunWriter:
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(uri)
         dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
-        self.session.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                                    "training")])])
+        self.session.client.log_inputs(
+            self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        )
 
     def logged_epochs(self) -> set[int]:
         return self.session.logged_epochs(self.run_id)
@@ -235,9 +243,15 @@ class RunWriter:
         previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
         try:
-            mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, out),
-                                     input_example=x, serialization_format="pt2",
-                                     pip_requirements=["torch", "torchvision"], run_id=self.run_id)
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(x, out),
+                input_example=x,
+                serialization_format="pt2",
+                pip_requirements=["torch", "torchvision"],
+                run_id=self.run_id,
+            )
         finally:
             if previous is None:
                 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
@@ -271,8 +285,9 @@ def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:
     points at that result, so neither `compare` nor a results table counts it."""
     c = session.client
     c.set_tag(run_id, schema.DUPLICATE_OF, result_run_id)
-    c.set_tag(run_id, "mlflow.note.content",
-              f"Configuration already finished in run {result_run_id}; nothing was trained.")
+    c.set_tag(
+        run_id, "mlflow.note.content", f"Configuration already finished in run {result_run_id}; nothing was trained."
+    )
     c.set_terminated(run_id, "FINISHED")
 
 
@@ -320,6 +335,7 @@ def load_weights(run_id: str) -> dict:
 
 def _version() -> str:
     from . import __version__
+
     return __version__
 
 
@@ -328,16 +344,16 @@ def _git_tag() -> dict:
 
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {}
     return {schema.GIT_COMMIT: sha} if len(sha) == 40 else {}
 
 
-
-
 # --- a study's parent run --------------------------------------------------
+
 
 def open_study(session: Session, name: str, tags: dict) -> str:
     """The parent run: the one `mlflow run -e main` created, else this study's earlier
@@ -347,8 +363,9 @@ def open_study(session: Session, name: str, tags: dict) -> str:
         run_id = session.adopted_run_id
         c.set_tag(run_id, "mlflow.runName", name)
     else:
-        found = session.search(f"tags.`{schema.CONFIG_HASH}` = '{tags[schema.CONFIG_HASH]}'",
-                               statuses=("FINISHED", *UNFINISHED))
+        found = session.search(
+            f"tags.`{schema.CONFIG_HASH}` = '{tags[schema.CONFIG_HASH]}'", statuses=("FINISHED", *UNFINISHED)
+        )
         if found:
             run_id = found[0].info.run_id
             c.update_run(run_id, status="RUNNING")
@@ -372,8 +389,9 @@ def note(session: Session, run_id: str, text: str) -> None:
     session.client.set_tag(run_id, "mlflow.note.content", text)
 
 
-def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures: dict,
-              metrics: dict | None = None) -> None:
+def log_study(
+    session: Session, run_id: str, texts: dict, summary: dict, figures: dict, metrics: dict | None = None
+) -> None:
     c = session.client
     if metrics:
         ts = int(1000 * time.time())
@@ -387,11 +405,11 @@ def log_study(session: Session, run_id: str, texts: dict, summary: dict, figures
 
 
 def metric_history(session: Session, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in sorted(session.client.get_metric_history(run_id, key),
-                                               key=lambda m: m.step)]
+    return [(m.step, m.value) for m in sorted(session.client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 # --- links a person can open ------------------------------------------------
+
 
 def ui_base() -> tuple[str, str | None]:
     """(the UI's address, how to start it when it is not a server)."""
@@ -432,8 +450,8 @@ def json_list(values) -> str:
 
 # --- the model registry ---------------------------------------------------------
 
-def register(session: Session, run_id: str, name: str, alias: str | None = None,
-             tags: dict | None = None) -> str:
+
+def register(session: Session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
     """The run's logged model as a version of registered model ``name`` (a run already
     registered there keeps its version: no new one), optionally under ``alias``.
     Returns the version."""
@@ -447,8 +465,9 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags or {},
-                                            await_registration_for=60).version
+            version = mlflow.register_model(
+                f"runs:/{run_id}/model", name, tags=tags or {}, await_registration_for=60
+            ).version
     if alias:
         c.set_registered_model_alias(name, alias, version)
     for key, value in (tags or {}).items():
@@ -457,6 +476,7 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
 
 
 # --- predictions ------------------------------------------------------------------
+
 
 def log_predictions_to(session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test) -> None:
     from . import predictions

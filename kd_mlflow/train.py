@@ -13,14 +13,14 @@ from torch import nn
 
 from .config import Recipe
 
-
 # --- device and precision, decided once -----------------------------------
+
 
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    precision: str              # "bf16" or "fp32", resolved
-    compile: bool = False       # torch.compile the model (GPU runs)
+    precision: str  # "bf16" or "fp32", resolved
+    compile: bool = False  # torch.compile the model (GPU runs)
     deterministic: bool = False  # no cudnn autotuning, deterministic kernels
 
     def autocast(self):
@@ -38,8 +38,7 @@ class Runtime:
         return model
 
 
-def make_runtime(recipe: Recipe, device: str = "auto", compile: bool = False,
-                 deterministic: bool = False) -> Runtime:
+def make_runtime(recipe: Recipe, device: str = "auto", compile: bool = False, deterministic: bool = False) -> Runtime:
     dev = torch.device(_pick_device() if device == "auto" else device)
     precision = recipe.precision
     if precision == "auto":
@@ -70,11 +69,13 @@ def _pick_device() -> str:
 
 # --- optimisation ----------------------------------------------------------
 
+
 def make_optimizer(recipe: Recipe, params):
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                           weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
+    )
 
 
 def make_scheduler(recipe: Recipe, optimizer, steps_per_epoch: int):
@@ -83,24 +84,35 @@ def make_scheduler(recipe: Recipe, optimizer, steps_per_epoch: int):
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
-                                                   pct_start=recipe.warmup)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe.lr, total_steps=total, pct_start=recipe.warmup
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 # --- the loop --------------------------------------------------------------
+
 
 @dataclass
 class FitResult:
     best_epoch: int
     best_val_acc: float
     best_test_acc: float
-    best_state: dict                     # the selected checkpoint's weights, on the CPU
+    best_state: dict  # the selected checkpoint's weights, on the CPU
     history: list = field(default_factory=list)  # per-epoch metric dicts
 
 
-def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=None,
-        checkpoints=None, log=sys.stderr, on_step=None) -> FitResult:
+def fit(
+    model: nn.Module,
+    objective,
+    data,
+    recipe: Recipe,
+    rt: Runtime,
+    sink=None,
+    checkpoints=None,
+    log=sys.stderr,
+    on_step=None,
+) -> FitResult:
     """Train ``model`` with ``objective`` for ``recipe.epochs`` and keep the checkpoint
     with the best validation accuracy (never chosen on test data).
 
@@ -112,8 +124,14 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
     optimizer = make_optimizer(recipe, model.parameters())
     scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
     order = torch.Generator().manual_seed(recipe.order_seed)
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_test_acc": float("nan"), "best_epoch": 0,
-             "best_state": None, "history": []}
+    state = {
+        "epoch": 0,
+        "best_val_acc": -1.0,
+        "best_test_acc": float("nan"),
+        "best_epoch": 0,
+        "best_state": None,
+        "history": [],
+    }
     saved = checkpoints.load_latest() if checkpoints else None
     if saved is not None:
         _restore(saved, model, optimizer, scheduler, order, state, rt)
@@ -122,13 +140,16 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
 
     for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
-        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step,
-                               log, epoch)
+        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step, log, epoch)
         metrics.update(evaluate_all(step, data, recipe, rt, test=recipe.test_each_epoch))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if metrics["val_acc"] > state["best_val_acc"]:
-            state.update(best_val_acc=metrics["val_acc"], best_test_acc=metrics.get("test_acc", float("nan")),
-                         best_epoch=epoch, best_state=_cpu_copy(model.state_dict()))
+            state.update(
+                best_val_acc=metrics["val_acc"],
+                best_test_acc=metrics.get("test_acc", float("nan")),
+                best_epoch=epoch,
+                best_state=_cpu_copy(model.state_dict()),
+            )
         state["epoch"] = epoch
         state["history"].append(metrics)
         if sink:
@@ -142,17 +163,18 @@ def fit(model: nn.Module, objective, data, recipe: Recipe, rt: Runtime, sink=Non
         model.load_state_dict(state["best_state"])
         state["best_test_acc"] = evaluate(model, data, "test", recipe, rt)[1]
         model.load_state_dict(final)  # the model leaves with its last epoch's weights, as always
-    return FitResult(state["best_epoch"], state["best_val_acc"], state["best_test_acc"],
-                     state["best_state"], state["history"])
+    return FitResult(
+        state["best_epoch"], state["best_val_acc"], state["best_test_acc"], state["best_state"], state["history"]
+    )
 
 
-def _train_epoch(model, objective, data, recipe, rt, optimizer, scheduler, order, on_step=None,
-                 log=None, epoch: int = 0) -> dict:
+def _train_epoch(
+    model, objective, data, recipe, rt, optimizer, scheduler, order, on_step=None, log=None, epoch: int = 0
+) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    batches = data.train_batches(recipe.batch_size, order, recipe.augment, recipe.order_style,
-                                 recipe.crop_padding)
+    batches = data.train_batches(recipe.batch_size, order, recipe.augment, recipe.order_style, recipe.crop_padding)
     for batch in _progress_bar(batches, -(-data.n_train // recipe.batch_size), log, epoch, recipe.epochs):
         with rt.autocast():
             logits = model(batch.x)
@@ -177,8 +199,7 @@ def _progress_bar(batches, total: int, log, epoch: int, epochs: int):
         return batches
     from tqdm import tqdm
 
-    return tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", unit="step", delay=3, leave=False,
-                file=log)
+    return tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", unit="step", delay=3, leave=False, file=log)
 
 
 @torch.no_grad()
@@ -200,8 +221,7 @@ def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
         with rt.autocast():
             logits = model(batch.x).float()
         y = batch.y.expand(logits.shape[:-1])
-        loss_sum = loss_sum + torch.nn.functional.cross_entropy(
-            logits.movedim(-1, 1), y, reduction="none").sum(-1)
+        loss_sum = loss_sum + torch.nn.functional.cross_entropy(logits.movedim(-1, 1), y, reduction="none").sum(-1)
         correct = correct + (logits.argmax(-1) == y).sum(-1)
         n += len(batch.y)
     sums = torch.stack([loss_sum, correct]).double().cpu()  # one host sync per evaluation
@@ -230,11 +250,14 @@ def evaluate_all(model, data, recipe, rt, test: bool = True) -> dict:
 
 def _progress_line(epoch, epochs, m) -> str:
     test = f"  test_acc {m['test_acc']:.2f}" if "test_acc" in m else ""
-    return (f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.2f}"
-            f"  val_acc {m['val_acc']:.2f}{test}  {m['epoch_seconds']:.1f}s")
+    return (
+        f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.2f}"
+        f"  val_acc {m['val_acc']:.2f}{test}  {m['epoch_seconds']:.1f}s"
+    )
 
 
 # --- resumable state -------------------------------------------------------
+
 
 def _cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
@@ -243,9 +266,14 @@ def _cpu_copy(state_dict: dict) -> dict:
 def _snapshot(model, optimizer, scheduler, order, state, rt: Runtime) -> dict:
     """Everything needed to continue bit for bit: weights, optimiser and schedule, every
     random generator, the epoch, the best-validation state and the metrics so far."""
-    snap = {"model": _cpu_copy(model.state_dict()), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "order_rng": order.get_state(),
-            "torch_rng": torch.get_rng_state(), **state}
+    snap = {
+        "model": _cpu_copy(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "order_rng": order.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        **state,
+    }
     if rt.device.type == "cuda":
         snap["cuda_rng"] = torch.cuda.get_rng_state_all()
     return snap

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mlflow_server import MlflowServer  # noqa: E402
+from mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parent.parent
 E2E_FIXTURES = {"server", "tracked", "study", "stack", "crafted", "reference", "own_server", "report"}
@@ -61,8 +61,7 @@ def cache_dir(tmp_path_factory):
 def tracked(server, cache_dir, monkeypatch):
     """Environment for one test: the session's server, a new experiment name."""
     name = f"t-{uuid.uuid4().hex[:10]}"
-    env = {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir),
-           "MLFLOW_EXPERIMENT_NAME": name}
+    env = {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir), "MLFLOW_EXPERIMENT_NAME": name}
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
@@ -89,8 +88,15 @@ def run_cli(*args, env=None, cwd=None, timeout=600, exact_env=False, **popen):
     """The real command in a fresh process (what a user types). ``env`` adds to this
     process's environment, or replaces it with ``exact_env=True``."""
     full_env = dict(env) if exact_env else {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kd_mlflow", *map(str, args)], env=full_env,
-                          cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "kd_mlflow", *map(str, args)],
+        env=full_env,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def invoke(*args):

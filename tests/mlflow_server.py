@@ -28,17 +28,39 @@ class MlflowServer:
 
     def command(self) -> list[str]:
         self.root.mkdir(parents=True, exist_ok=True)
-        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-                "--workers", "1", *self.extra_args]
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--serve-artifacts",
+            "--workers",
+            "1",
+            *self.extra_args,
+        ]
 
-    def start(self, timeout: float = 90.0) -> "MlflowServer":
-        log = open(self.root.parent / f"mlflow-server-{self.port}.log", "ab") if self.root.parent.exists() \
+    def start(self, timeout: float = 90.0) -> MlflowServer:
+        log = (
+            open(self.root.parent / f"mlflow-server-{self.port}.log", "ab")
+            if self.root.parent.exists()
             else subprocess.DEVNULL
+        )
         self.root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(self.env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(self.env or {})},
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

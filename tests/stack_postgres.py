@@ -23,8 +23,10 @@ USER, DATABASE = "mlflow", "mlflow"  # as POSTGRES_USER / POSTGRES_DB in docker/
 
 def find_bindir() -> Path | None:
     """The server binaries: PostgreSQL 15 if installed, else the newest, else PATH."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     preferred = [p for p in found if Path(p).parts[-3] == "15"]
     initdb = (preferred or found or [shutil.which("initdb")])[-1]
     return Path(initdb).parent if initdb else None
@@ -33,8 +35,7 @@ def find_bindir() -> Path | None:
 def unavailable_reason() -> str | None:
     """Why a cluster cannot be started here, or None."""
     if find_bindir() is None:
-        return ("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb); "
-                "run .ci/install-postgres.sh")
+        return "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb); run .ci/install-postgres.sh"
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
@@ -57,20 +58,32 @@ class PostgresCluster:
         return f"postgresql://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     # --- lifecycle -----------------------------------------------------------
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         # Not under pytest's tmp_path: its parents are private to root, and the
         # postgres user must reach the data directory.
         self.root = Path(tempfile.mkdtemp(prefix="kd-stack-pg-"))
         pwfile = self.root / "pwfile"
         pwfile.write_text(self.password + "\n")
         self._own(self.root)
-        self._pg("initdb", "-D", self.data, "-U", USER, f"--pwfile={pwfile}", "--auth-local=trust",
-                 "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-sync")
+        self._pg(
+            "initdb",
+            "-D",
+            self.data,
+            "-U",
+            USER,
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
         pwfile.unlink()
         # Loopback TCP only; the socket lives in the cluster's own directory.
         # fsync=off: a test cluster that dies with its test needs no durability.
-        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root}"
-                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root}"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
         self._pg("pg_ctl", "-D", self.data, "-l", self.root / "postgres.log", "-o", opts, "-w", "start")
         self._init_database()
         return self

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
 from mlflow_server import MlflowServer
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
@@ -39,20 +38,25 @@ def referenced_vars(text: str) -> set[str]:
 
 
 def env_example() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     return {k.strip(): v.strip() for k, v in pairs}
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, enough for this file."""
+
     def one(m):
-        name, rest = m.group(1), m.group(0)[len(m.group(1)) + 2:-1]
+        name, rest = m.group(1), m.group(0)[len(m.group(1)) + 2 : -1]
         if name in env and env[name] != "":
             return env[name]
         if rest.startswith(":-"):
             return rest[2:]
         raise KeyError(f"{name} is not set ({rest[2:] if rest.startswith(':?') else 'no default'})")
+
     return _VAR.sub(one, value)
 
 
@@ -92,8 +96,7 @@ class StackServer(MlflowServer):
         return [sys.executable, "-m", *cmd]
 
     def _environment(self) -> dict[str, str]:
-        env = {k: interpolate(str(v), self.compose_env)
-               for k, v in self.services["mlflow"]["environment"].items()}
+        env = {k: interpolate(str(v), self.compose_env) for k, v in self.services["mlflow"]["environment"].items()}
         self.root.mkdir(parents=True, exist_ok=True)
         ini = configparser.ConfigParser()
         ini.read(DOCKER / "auth" / "basic_auth.ini")
@@ -104,9 +107,10 @@ class StackServer(MlflowServer):
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.auth_ini)
         return env
 
-    def start(self, timeout: float = 120.0) -> "StackServer":
-        proc = subprocess.run(self.migrate_command(), env={**os.environ, **self.env},
-                              capture_output=True, text=True, timeout=300)
+    def start(self, timeout: float = 120.0) -> StackServer:
+        proc = subprocess.run(
+            self.migrate_command(), env={**os.environ, **self.env}, capture_output=True, text=True, timeout=300
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"mlflow db upgrade failed:\n{proc.stdout}\n{proc.stderr}")
         super().start(timeout)
@@ -115,8 +119,9 @@ class StackServer(MlflowServer):
     # --- REST, as a given user -------------------------------------------------
     def request(self, method: str, path: str, body=None, auth=None, headers=None):
         """(status, parsed JSON or text) of one request to the server."""
-        req = urllib.request.Request(self.uri + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(
+            self.uri + path, method=method, data=json.dumps(body).encode() if body is not None else None
+        )
         req.add_header("Content-Type", "application/json")
         if auth:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()

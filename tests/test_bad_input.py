@@ -10,8 +10,8 @@ import uuid
 
 import mlflow
 import pytest
-
 from conftest import REPO, invoke, run_cli
+
 from kd_mlflow import config, schema
 
 SMOKE = ["--preset", "smoke"]
@@ -21,9 +21,17 @@ def _crafted_run(client, exp_id, status="FINISHED", digest="fefd3e72acefba38"):
     """A run that looks like a kd-mlflow result, without training one."""
     from mlflow.entities import Param
 
-    run = client.create_run(exp_id, tags={
-        schema.ROLE: "train", schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: "0",
-        schema.SPLIT_DIGEST: digest, schema.NUM_CLASSES: "10"})
+    run = client.create_run(
+        exp_id,
+        tags={
+            schema.ROLE: "train",
+            schema.PRESET: "smoke",
+            schema.DATASET: "digits",
+            schema.SEED: "0",
+            schema.SPLIT_DIGEST: digest,
+            schema.NUM_CLASSES: "10",
+        },
+    )
     params = [Param(k, v) for k, v in config.preset("smoke").as_params().items()]
     client.log_batch(run.info.run_id, params=params)
     if status != "RUNNING":
@@ -37,11 +45,18 @@ def crafted(server, cache_dir):
     name = f"bad-input-{uuid.uuid4().hex[:8]}"
     client = mlflow.MlflowClient(server.uri)
     exp_id = client.create_experiment(name)
-    ids = {"running": _crafted_run(client, exp_id, "RUNNING"), "killed": _crafted_run(client, exp_id, "KILLED"),
-           "finished": _crafted_run(client, exp_id), "other_split": _crafted_run(client, exp_id, digest="0000")}
+    ids = {
+        "running": _crafted_run(client, exp_id, "RUNNING"),
+        "killed": _crafted_run(client, exp_id, "KILLED"),
+        "finished": _crafted_run(client, exp_id),
+        "other_split": _crafted_run(client, exp_id, digest="0000"),
+    }
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir),
-                           "MLFLOW_EXPERIMENT_NAME": name}.items():
+        for key, value in {
+            "MLFLOW_TRACKING_URI": server.uri,
+            "KD_MLFLOW_CACHE": str(cache_dir),
+            "MLFLOW_EXPERIMENT_NAME": name,
+        }.items():
             mp.setenv(key, value)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
@@ -69,10 +84,8 @@ CASES = [
     ("subset-too-big", ["train", "--seed", "0", *SMOKE, "--train-subset", "100000"], "train_subset"),
     ("unknown-schedule", ["train", "--seed", "0", *SMOKE, "--schedule", "step"], "--schedule"),
     ("folder-without-dir", ["train", "--seed", "0", "--preset", "cpu-demo"], "data_dir"),
-    ("missing-data-dir", ["train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", "/no/such/dir"],
-     "data_dir"),
-    ("folder-without-train", ["train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", "{empty}"],
-     "data_dir"),
+    ("missing-data-dir", ["train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", "/no/such/dir"], "data_dir"),
+    ("folder-without-train", ["train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", "{empty}"], "data_dir"),
     ("unknown-option", ["train", "--seed", "0", "--sead", "1"], "--sead"),
     ("teacher-unknown", ["distill", "--teacher", "0123456789abcdef", "--seed", "1"], "teacher"),
     ("teacher-running", ["distill", "--teacher", "{running}", "--seed", "1"], "teacher"),
@@ -80,8 +93,11 @@ CASES = [
     ("teacher-no-model", ["distill", "--teacher", "{finished}", "--seed", "1"], "teacher"),
     ("teacher-other-split", ["distill", "--teacher", "{other_split}", "--seed", "1"], "teacher"),
     ("distill-alpha", ["distill", "--teacher", "{finished}", "--seed", "1", "--alpha", "2"], "alpha"),
-    ("distill-temperature", ["distill", "--teacher", "{finished}", "--seed", "1", "--temperature", "-1"],
-     "temperature"),
+    (
+        "distill-temperature",
+        ["distill", "--teacher", "{finished}", "--seed", "1", "--temperature", "-1"],
+        "temperature",
+    ),
     ("distill-seed", ["distill", "--teacher", "{finished}", "--seed", "-3"], "--seed"),
     ("one-member", ["ensemble", "--members", "{finished}"], "members"),
     ("same-member-twice", ["ensemble", "--members", "{finished},{finished}"], "members"),
@@ -97,8 +113,11 @@ CASES = [
     ("study-one-seed", ["reproduce", *SMOKE, "--seeds", "0"], "seeds"),
     ("study-jobs-zero", ["reproduce", *SMOKE, "--jobs", "0"], "--jobs"),
     ("study-offset-zero", ["reproduce", *SMOKE, "--student-seed-offset", "0"], "--student-seed-offset"),
-    ("study-offset-clash", ["reproduce", *SMOKE, "--seeds", "0-4", "--student-seed-offset", "2"],
-     "student_seed_offset"),
+    (
+        "study-offset-clash",
+        ["reproduce", *SMOKE, "--seeds", "0-4", "--student-seed-offset", "2"],
+        "student_seed_offset",
+    ),
     ("study-epochs", ["reproduce", *SMOKE, "--epochs", "-2"], "epochs"),
 ]
 
@@ -123,8 +142,23 @@ def test_bad_input_is_one_line_exit_2_and_creates_no_run(crafted, tmp_path, args
 def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
     """MLflow does not check int parameters; the CLI does. (`mlflow run` has already
     created its run by then; it ends FAILED, never RUNNING.)"""
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=abc",
-           "-P", "preset=smoke", "--env-manager", "local", "--experiment-name", tracked.experiment]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "-e",
+        "train",
+        "-P",
+        "seed=abc",
+        "-P",
+        "preset=smoke",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        tracked.experiment,
+    ]
     env = {**os.environ, **tracked.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -138,9 +172,16 @@ def _offline(env, tmp_path):
     """No network for a download: every proxy points at a closed port (the loopback
     tracking server stays reachable)."""
     closed = "http://127.0.0.1:9"
-    return {**env, "KD_MLFLOW_CACHE": str(tmp_path / "empty-cache"), "https_proxy": closed,
-            "HTTPS_PROXY": closed, "http_proxy": closed, "HTTP_PROXY": closed,
-            "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+    return {
+        **env,
+        "KD_MLFLOW_CACHE": str(tmp_path / "empty-cache"),
+        "https_proxy": closed,
+        "HTTPS_PROXY": closed,
+        "http_proxy": closed,
+        "HTTP_PROXY": closed,
+        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
 
 
 def test_default_preset_without_network_is_one_line_and_creates_no_run(tracked, tmp_path):
@@ -173,8 +214,21 @@ def test_broken_data_is_one_line_and_creates_no_run(tracked, tmp_path, case):
 
 
 def test_under_mlflow_run_a_data_failure_ends_mlflows_run_failed_with_the_reason(tracked, tmp_path):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=2",
-           "--env-manager", "local", "--experiment-name", tracked.experiment]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "-e",
+        "train",
+        "-P",
+        "seed=2",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        tracked.experiment,
+    ]
     env = _offline({**os.environ, **tracked.env}, tmp_path)
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

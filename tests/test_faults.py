@@ -13,10 +13,10 @@ import time
 import mlflow
 import pytest
 import torch
-
 from conftest import REPO
-from kd_mlflow import config, data, schema
 from mlflow_server import MlflowServer
+
+from kd_mlflow import config, data, schema
 
 TRAIN = ["train", "--seed", "4", "--preset", "smoke", "--epochs", "6"]
 
@@ -26,8 +26,14 @@ def _env(tracked, cache, **extra):
 
 
 def _start(args, env):
-    return subprocess.Popen([sys.executable, "-m", "kd_mlflow", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kd_mlflow", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_line(proc, needle, timeout=300):
@@ -44,8 +50,9 @@ def _wait_for_line(proc, needle, timeout=300):
 
 
 def _finish(args, env):
-    proc = subprocess.run([sys.executable, "-m", "kd_mlflow", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_mlflow", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     return proc
 
 
@@ -61,8 +68,12 @@ def _weights(run_id):
 @pytest.fixture(scope="module")
 def reference(server, tmp_path_factory):
     """The same configuration trained without interruption, in another experiment."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_EXPERIMENT_NAME": "faults-reference",
-           "KD_MLFLOW_CACHE": str(tmp_path_factory.mktemp("ref-cache"))}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_EXPERIMENT_NAME": "faults-reference",
+        "KD_MLFLOW_CACHE": str(tmp_path_factory.mktemp("ref-cache")),
+    }
     proc = _finish(TRAIN, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
@@ -168,7 +179,7 @@ def test_corrupted_checkpoint_is_reported_and_skipped(tracked, tmp_path, referen
 
     again = _finish(TRAIN, env)
     assert again.returncode == 0, again.stderr[-2000:]
-    warnings = [l for l in again.stderr.splitlines() if "checksum mismatch" in l]
+    warnings = [line for line in again.stderr.splitlines() if "checksum mismatch" in line]
     assert len(warnings) == 1 and ckpts[-1].name in warnings[0]
     _assert_same_result(tracked, again.stdout.strip().splitlines()[-1], reference)
 
@@ -262,9 +273,17 @@ def test_a_planted_pickle_teacher_is_refused_and_never_runs(tracked, tmp_path):
     src = data.load("digits")
     digest = data.make_split(src, config.preset("smoke")).digest
     exp_id = tracked.client.create_experiment(tracked.experiment)
-    run = tracked.client.create_run(exp_id, tags={
-        schema.ROLE: "train", schema.PRESET: "smoke", schema.DATASET: "digits", schema.SEED: "0",
-        schema.SPLIT_DIGEST: digest, schema.NUM_CLASSES: "10"})
+    run = tracked.client.create_run(
+        exp_id,
+        tags={
+            schema.ROLE: "train",
+            schema.PRESET: "smoke",
+            schema.DATASET: "digits",
+            schema.SEED: "0",
+            schema.SPLIT_DIGEST: digest,
+            schema.NUM_CLASSES: "10",
+        },
+    )
     rid = run.info.run_id
     for k, v in config.preset("smoke").as_params().items():
         tracked.client.log_param(rid, k, v)

@@ -53,15 +53,15 @@ def report_resnet18() -> nn.Module:
 
 
 def report_transform():
-    return transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
-                               transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    return transforms.Compose(
+        [transforms.Resize(224), transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]
+    )
 
 
 def _source(train_x, train_y, test_x=None, test_y=None) -> data.Source:
     test_x = train_x[:2] if test_x is None else test_x
     test_y = train_y[:2] if test_y is None else test_y
-    return data.Source("memory", "memory", tuple(str(c) for c in range(10)),
-                       train_x, train_y, test_x, test_y)
+    return data.Source("memory", "memory", tuple(str(c) for c in range(10)), train_x, train_y, test_x, test_y)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +104,11 @@ N_CIFAR_TRAIN = 50_000
 
 def _cifar_sized_source() -> data.Source:
     # Pixels do not matter here, only positions: 1x1 images keep it small.
-    return _source(torch.zeros(N_CIFAR_TRAIN, 3, 1, 1, dtype=torch.uint8),
-                   torch.zeros(N_CIFAR_TRAIN, dtype=torch.long))
+    return _source(torch.zeros(N_CIFAR_TRAIN, 3, 1, 1, dtype=torch.uint8), torch.zeros(N_CIFAR_TRAIN, dtype=torch.long))
 
 
 def _report_split():
-    return random_split(range(N_CIFAR_TRAIN), [45_000, 5_000],
-                        generator=torch.Generator().manual_seed(42))
+    return random_split(range(N_CIFAR_TRAIN), [45_000, 5_000], generator=torch.Generator().manual_seed(42))
 
 
 def test_split_is_random_splits():
@@ -132,8 +130,12 @@ def test_batch_order_is_the_dataloaders_epoch_by_epoch():
     for _ in range(3):
         states.append(order.get_state())
         # Positions in kd-mlflow's training set, mapped to CIFAR-10 indices.
-        ours.append([split.train_idx[b.idx].tolist()
-                     for b in dd.train_batches(REPORT.batch_size, order, REPORT.augment, REPORT.order_style)])
+        ours.append(
+            [
+                split.train_idx[b.idx].tolist()
+                for b in dd.train_batches(REPORT.batch_size, order, REPORT.augment, REPORT.order_style)
+            ]
+        )
 
     train_data, _ = _report_split()  # its items are CIFAR-10 indices
     loader = DataLoader(train_data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(42))
@@ -147,12 +149,14 @@ def test_batch_order_is_the_dataloaders_epoch_by_epoch():
     # Resume: an epoch's order is a function of the generator's state alone.
     resumed = torch.Generator()
     resumed.set_state(states[2])
-    again = [split.train_idx[b.idx].tolist()
-             for b in dd.train_batches(REPORT.batch_size, resumed, False, REPORT.order_style)]
+    again = [
+        split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT.batch_size, resumed, False, REPORT.order_style)
+    ]
     assert again == theirs[2]
 
 
 # --- initialisation ----------------------------------------------------------------
+
 
 def _assert_same_state(ours: dict, theirs: dict):
     assert list(ours) == list(theirs)
@@ -183,6 +187,7 @@ def test_initial_weights_are_torchvisions_resnet18_with_a_new_fc(seed):
 
 # --- pixels -----------------------------------------------------------------------
 
+
 def test_pixels_are_pils_resize_totensor_normalize(jpegs):
     images, _ = jpegs
     images = images[::16]  # 16 images, all classes
@@ -197,6 +202,7 @@ def test_pixels_are_pils_resize_totensor_normalize(jpegs):
 
 
 # --- the distillation loss --------------------------------------------------------
+
 
 def test_distillation_loss_has_the_reports_gradients():
     g = torch.Generator().manual_seed(0)
@@ -233,10 +239,21 @@ def test_distillation_loss_has_the_reports_gradients():
 
 # --- what else a run's numbers depend on --------------------------------------------
 
+
 def test_env_tags_name_the_machine_and_libraries():
     tags = machine.env_tags("cpu")
-    for name in ("cpu", "cpu_capability", "torch", "cuda", "cudnn", "gpu", "tf32_matmul",
-                 "tf32_cudnn", "threads", "machine"):
+    for name in (
+        "cpu",
+        "cpu_capability",
+        "torch",
+        "cuda",
+        "cudnn",
+        "gpu",
+        "tf32_matmul",
+        "tf32_cudnn",
+        "threads",
+        "machine",
+    ):
         assert isinstance(tags[f"kd.env.{name}"], str) and tags[f"kd.env.{name}"], name
     assert tags["kd.env.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert tags["kd.env.torch"] == torch.__version__
@@ -262,6 +279,7 @@ def test_seed_report_is_fp32_and_keeps_pytorchs_tf32_defaults():
 
 # --- side by side -------------------------------------------------------------------
 
+
 class _PILImages(Dataset):
     """The report's dataset: PIL images, transformed on access."""
 
@@ -285,10 +303,8 @@ STEPS, BATCH, VAL, SEED = 4, 16, 56, 3
 def _report_losses(images, labels) -> list[float]:
     seed_everything(SEED)
     dataset = _PILImages(images, labels, report_transform())
-    train_data, _ = random_split(dataset, [len(dataset) - VAL, VAL],
-                                 generator=torch.Generator().manual_seed(42))
-    loader = DataLoader(train_data, batch_size=BATCH, shuffle=True,
-                        generator=torch.Generator().manual_seed(42))
+    train_data, _ = random_split(dataset, [len(dataset) - VAL, VAL], generator=torch.Generator().manual_seed(42))
+    loader = DataLoader(train_data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(42))
     model = report_resnet18()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()

@@ -52,8 +52,14 @@ def _numbers(tree, path=()):
 def test_gpu_script_dry_run_writes_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--dry-run", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(out.read_text())
     for path in FIGURES:

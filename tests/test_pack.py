@@ -21,7 +21,7 @@ from kd_mlflow.pack import fit_packed, pack, unpack
 from kd_mlflow.train import fit, make_runtime
 
 SEEDS = (0, 1, 2)
-STEPS_COMPARED = 10     # first optimiser steps whose losses must agree to 1e-4
+STEPS_COMPARED = 10  # first optimiser steps whose losses must agree to 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,26 +63,27 @@ def _build(recipe, seed, dtype=torch.float32):
 
 def _lone_and_packed(recipe, rt, dd, make_objective, dtype=torch.float64):
     lone_obj = [Recorded(make_objective(i)) for i in range(len(SEEDS))]
-    lone = [fit(_build(recipe, s, dtype), o, dd, recipe, rt, log=io.StringIO())
-            for s, o in zip(SEEDS, lone_obj)]
+    lone = [
+        fit(_build(recipe, s, dtype), o, dd, recipe, rt, log=io.StringIO())
+        for s, o in zip(SEEDS, lone_obj, strict=True)
+    ]
     packed_obj = [Recorded(make_objective(i)) for i in range(len(SEEDS))]
     sunk = [[] for _ in SEEDS]
     sinks = [lambda epoch, m, out=out: out.append((epoch, m)) for out in sunk]
-    packed = fit_packed([_build(recipe, s, dtype) for s in SEEDS], packed_obj, dd, recipe, rt,
-                        sinks, log=io.StringIO())
-    steps = STEPS_COMPARED if dtype == torch.float32 else None   # float64: every step
-    for a, b in zip(lone_obj, packed_obj):
+    packed = fit_packed([_build(recipe, s, dtype) for s in SEEDS], packed_obj, dd, recipe, rt, sinks, log=io.StringIO())
+    steps = STEPS_COMPARED if dtype == torch.float32 else None  # float64: every step
+    for a, b in zip(lone_obj, packed_obj, strict=True):
         assert len(a.losses) == len(b.losses)
         assert a.losses[:steps] == pytest.approx(b.losses[:steps], abs=1e-4)
     if dtype == torch.float32:
         return lone, packed
-    for a, b, out in zip(lone, packed, sunk):
+    for a, b, out in zip(lone, packed, sunk, strict=True):
         assert b.best_epoch == a.best_epoch
         assert b.best_val_acc == pytest.approx(a.best_val_acc, abs=0.1)
         assert b.best_test_acc == pytest.approx(a.best_test_acc, abs=0.1)
         assert len(b.history) == recipe.epochs and [e for e, _ in out] == [1, 2]
         assert set(b.history[0]) == set(a.history[0])
-        for ha, hb in zip(a.history, b.history):
+        for ha, hb in zip(a.history, b.history, strict=True):
             assert hb["train_loss"] == pytest.approx(ha["train_loss"], abs=1e-3)
             assert hb["val_acc"] == pytest.approx(ha["val_acc"], abs=0.1)
         # The selected checkpoint is a lone model's state dict.
@@ -91,12 +92,16 @@ def _lone_and_packed(recipe, rt, dd, make_objective, dtype=torch.float64):
     return lone, packed
 
 
-@pytest.mark.parametrize("overrides", [
-    {},                                                   # smoke: Adam, no augmentation
-    # SGD with nesterov momentum and L2 weight decay, and crop/flip: the draws come from
-    # the order seed, so every lone network gets the same ones, as the packed ones do.
-    {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-3, "augment": True},
-], ids=["adam", "sgd-wd-augment"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # smoke: Adam, no augmentation
+        # SGD with nesterov momentum and L2 weight decay, and crop/flip: the draws come from
+        # the order seed, so every lone network gets the same ones, as the packed ones do.
+        {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-3, "augment": True},
+    ],
+    ids=["adam", "sgd-wd-augment"],
+)
 def test_packed_training_equals_lone_training(digits, overrides):
     recipe, rt, dd = _setup(digits, **overrides)
     _lone_and_packed(recipe, rt, dd, lambda i: CrossEntropy())
@@ -111,20 +116,19 @@ def test_packed_distillation_each_network_its_own_teacher(digits):
     recipe, rt, dd = _setup(digits, temperature=2.0, alpha=0.7)
     g = torch.Generator().manual_seed(7)
     tables = [3 * torch.randn(dd.n_train, 10, generator=g) for _ in SEEDS]
-    _lone_and_packed(recipe, rt, dd,
-                     lambda i: Distillation(CachedTeacher(tables[i]), recipe.temperature, recipe.alpha))
+    _lone_and_packed(recipe, rt, dd, lambda i: Distillation(CachedTeacher(tables[i]), recipe.temperature, recipe.alpha))
 
 
 def test_unpack_loads_into_lone_models_and_reproduces_the_packed_logits(digits):
-    recipe, rt, dd = _setup(digits)
+    recipe, _rt, dd = _setup(digits)
     lone = [_build(recipe, s) for s in SEEDS]
     packed = pack(lone)
     # A few training steps, so weights and batch-norm statistics differ from the init.
     opt = torch.optim.Adam(packed.parameters(), lr=1e-2)
     packed.train()
     for start in range(0, 256, 64):
-        logits = packed(dd.train_x[start:start + 64])
-        y = dd.train_y[start:start + 64]
+        logits = packed(dd.train_x[start : start + 64])
+        y = dd.train_y[start : start + 64]
         loss = sum(torch.nn.functional.cross_entropy(z, y) for z in logits)
         opt.zero_grad()
         loss.backward()
@@ -140,7 +144,7 @@ def test_unpack_loads_into_lone_models_and_reproduces_the_packed_logits(digits):
 
 
 def test_packed_gradient_is_each_networks_lone_gradient(digits):
-    recipe, rt, dd = _setup(digits)
+    recipe, _rt, dd = _setup(digits)
     lone = [_build(recipe, s) for s in SEEDS]
     packed = pack(lone)
     x, y = dd.train_x[:64], dd.train_y[:64]
@@ -164,10 +168,10 @@ def test_packed_one_test_pass_is_each_networks_per_epoch_result(digits):
         out[each] = models_, fit_packed(models_, CrossEntropy(), dd, recipe, rt, log=io.StringIO())
     (m_each, each), (m_once, once) = out[True], out[False]
     assert any(r.best_epoch < 4 for r in each), "some network must select an earlier epoch"
-    for a, b in zip(each, once):
+    for a, b in zip(each, once, strict=True):
         assert b.best_epoch == a.best_epoch and b.best_test_acc == a.history[a.best_epoch - 1]["test_acc"]
         assert all("test_acc" not in h for h in b.history)
-    for a, b in zip(m_each, m_once):  # every lone model leaves with its last epoch's weights
+    for a, b in zip(m_each, m_once, strict=True):  # every lone model leaves with its last epoch's weights
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), k
 
@@ -200,10 +204,9 @@ def test_an_interrupted_packed_wave_resumes_bit_for_bit(digits, tmp_path):
         wave(CrashAfter(tmp_path / "ckpt"))
     log = io.StringIO()
     nets = [_build(recipe, s + 100) for s in SEEDS]
-    resumed = fit_packed(nets, CrossEntropy(), dd, recipe, rt, log=log,
-                         checkpoints=CheckpointStore(tmp_path / "ckpt"))
+    resumed = fit_packed(nets, CrossEntropy(), dd, recipe, rt, log=log, checkpoints=CheckpointStore(tmp_path / "ckpt"))
     assert "resuming the packed wave after epoch 2" in log.getvalue()
-    for a, b, na, nb in zip(full, resumed, full_nets, nets):
+    for a, b, na, nb in zip(full, resumed, full_nets, nets, strict=True):
         assert (b.best_epoch, b.best_val_acc, b.best_test_acc) == (a.best_epoch, a.best_val_acc, a.best_test_acc)
         assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
         for k, v in na.state_dict().items():
@@ -221,9 +224,11 @@ def test_pack_refuses_networks_of_different_shapes():
 
 # --- the packed path through the CLI: each network its own run, reused by lone runs -----
 
+
 @pytest.mark.e2e
 def test_train_seeds_pack_logs_runs_a_lone_run_reuses(tracked):
     from conftest import run_cli
+
     from kd_mlflow import schema
 
     packed = run_cli("train", "--seeds", "0-1", "--pack", "--preset", "smoke", "--epochs", "3", env=tracked.env)
@@ -231,7 +236,7 @@ def test_train_seeds_pack_logs_runs_a_lone_run_reuses(tracked):
     ids = packed.stdout.strip().splitlines()[-2:]
     runs = {r.info.run_id: r for r in tracked.runs()}
     assert set(runs) == set(ids) and all(r.info.status == "FINISHED" for r in runs.values())
-    for seed, rid in zip((0, 1), ids):
+    for seed, rid in zip((0, 1), ids, strict=True):
         r = runs[rid]
         assert r.info.run_name == f"train-seed-{seed}" and r.data.tags[schema.PACKED] == "2"
         assert r.data.metrics[schema.FINAL_TEST_ACC] > 0 and r.data.tags.get(schema.PREDICTIONS)
@@ -245,6 +250,7 @@ def test_reproduce_pack_is_the_study_a_lone_reproduce_reuses(tracked):
     """`reproduce --pack`: the seeds and the SD students as packed waves, each student
     with its own teacher; a lone `reproduce` of the same study then trains nothing."""
     from conftest import run_cli
+
     from kd_mlflow import schema
 
     packed = run_cli("reproduce", "--preset", "smoke", "--seeds", "0-1", "--pack", "--no-register", env=tracked.env)

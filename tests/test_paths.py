@@ -14,8 +14,8 @@ import uuid
 import mlflow
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from kd_mlflow import data, schema
 
 pytestmark = pytest.mark.e2e
@@ -34,8 +34,11 @@ def _mlflow_run(entry, params, env, experiment=None):
 @pytest.fixture(scope="module")
 def paths(server, cache_dir):
     name = f"paths-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
-                                                            "MLFLOW_EXPERIMENT_NAME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    }
     env.update(MLFLOW_TRACKING_URI=server.uri, KD_MLFLOW_CACHE=str(cache_dir))
     client = mlflow.MlflowClient(server.uri)
     out = {"env": env, "client": client, "name": name}
@@ -124,8 +127,9 @@ def mixed(paths):
     cmp = run_cli("compare", "--format", "json", env=env)
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     out["json"] = json.loads(cmp.stdout)
-    out["runs"] = {r.info.run_id: r for r in paths["client"].search_runs([paths["exp"].experiment_id],
-                                                                         max_results=1000)}
+    out["runs"] = {
+        r.info.run_id: r for r in paths["client"].search_runs([paths["exp"].experiment_id], max_results=1000)
+    }
     out["name"] = name
     return out
 

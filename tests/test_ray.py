@@ -7,15 +7,13 @@ import json
 
 import mlflow
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'kd-mlflow[ray]'")
 
 
 def _study(env, experiment, *extra):
-    proc = run_cli("reproduce", "--experiment", experiment, "--preset", "smoke", "--seeds", "0-1", *extra,
-                   env=env)
+    proc = run_cli("reproduce", "--experiment", experiment, "--preset", "smoke", "--seeds", "0-1", *extra, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_cli("compare", "--experiment", experiment, "--format", "json", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -31,10 +29,13 @@ def test_ray_study_matches_the_local_one(server, cache_dir):
     exp = client.get_experiment_by_name("ray-smoke")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
-    for key, cols in (("seeds", ("seed", "val_acc", "test_acc")), ("kd", ("seed", "val_acc", "test_acc")),
-                      ("self_distillation", ("student_seed", "student_val_acc", "student_test_acc")),
-                      ("ensembles", ("members", "val_acc", "test_acc")),
-                      ("sd_ensembles", ("members", "val_acc", "test_acc"))):
+    for key, cols in (
+        ("seeds", ("seed", "val_acc", "test_acc")),
+        ("kd", ("seed", "val_acc", "test_acc")),
+        ("self_distillation", ("student_seed", "student_val_acc", "student_test_acc")),
+        ("ensembles", ("members", "val_acc", "test_acc")),
+        ("sd_ensembles", ("members", "val_acc", "test_acc")),
+    ):
         assert [[r[c] for c in cols] for r in via_ray[key]] == [[r[c] for c in cols] for r in local[key]], key
 
 

@@ -20,17 +20,17 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import yaml
-
 import stack_postgres
-from stack_server import COMPOSE, DOCKER, StackServer, compose, env_example, interpolate, \
-    referenced_vars
+import yaml
+from stack_server import COMPOSE, DOCKER, StackServer, compose, env_example, interpolate, referenced_vars
 
 REPO = DOCKER.parent
 IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2-full"
-SECRETS = {"POSTGRES_PASSWORD": "pg-test-password-1",
-           "MLFLOW_ADMIN_PASSWORD": "admin-test-password-1",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-test-secret-key-1"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-test-password-1",
+    "MLFLOW_ADMIN_PASSWORD": "admin-test-password-1",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-test-secret-key-1",
+}
 ADMIN = ("admin", SECRETS["MLFLOW_ADMIN_PASSWORD"])
 ALICE = ("alice", "alice-test-password-1")
 BOB = ("bob", "bob-test-password-1")
@@ -50,6 +50,7 @@ def _one_shot(service: dict) -> bool:
 
 
 # --- the files: no postgres, no docker ------------------------------------------
+
 
 def test_compose_references_resolve():
     """Every service, volume, file, health check and variable the compose file names exists."""
@@ -85,11 +86,18 @@ def test_compose_references_resolve():
                 problems.append(f"{name}: long-running service without a health check")
     # `docker compose up --wait` fails on a one-shot that exits unless a service it
     # starts waits for that exit (jobs behind a profile are only ever `run`).
-    adopted = {dep for svc in services.values() if not _one_shot(svc)
-               for dep, how in (svc.get("depends_on") or {}).items()
-               if isinstance(how, dict) and how.get("condition") == "service_completed_successfully"}
-    problems += [f"{name}: one-shot that no long-running service waits for" for name, svc in services.items()
-                 if _one_shot(svc) and not svc.get("profiles") and name not in adopted]
+    adopted = {
+        dep
+        for svc in services.values()
+        if not _one_shot(svc)
+        for dep, how in (svc.get("depends_on") or {}).items()
+        if isinstance(how, dict) and how.get("condition") == "service_completed_successfully"
+    }
+    problems += [
+        f"{name}: one-shot that no long-running service waits for"
+        for name, svc in services.items()
+        if _one_shot(svc) and not svc.get("profiles") and name not in adopted
+    ]
     used = referenced_vars(text)
     problems += [f"${{{v}}} is not in docker/.env.example" for v in sorted(used - set(example))]
     problems += [f"docker/.env.example sets unused {v}" for v in sorted(set(example) - used)]
@@ -123,8 +131,9 @@ def test_compose_server_is_authenticated_postgres_backed_and_migrated_first():
     env = server["environment"]
     for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
         assert re.fullmatch(r"\$\{[A-Z_]+:\?.+\}", env[name]), f"{name} must come from docker/.env"
-    assert re.match(r"postgresql(\+\w+)?://\w+@postgres:5432/\w+$", flags["--backend-store-uri"]), \
+    assert re.match(r"postgresql(\+\w+)?://\w+@postgres:5432/\w+$", flags["--backend-store-uri"]), (
         "no password in the URI: libpq reads PGPASSWORD"
+    )
     # The auth configuration mounted where MLFLOW_AUTH_CONFIG_PATH points, on postgres.
     mounts = {m.split(":")[1]: m.split(":")[0] for m in server["volumes"]}
     ini = configparser.ConfigParser()
@@ -158,6 +167,7 @@ def test_training_image_is_cuda_pytorch_with_kd_mlflow_entrypoint():
 
 # --- the live stack ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """PostgreSQL + the compose file's MLflow server, with users alice and bob."""
@@ -172,12 +182,14 @@ def stack(tmp_path_factory):
         # against one auth store on a small test machine.
         with StackServer(root / "server", pg, SECRETS, workers=2) as server:
             for user, password in (ALICE, BOB):
-                status, body = server.request("POST", "/api/2.0/mlflow/users/create",
-                                              {"username": user, "password": password}, auth=ADMIN)
+                status, body = server.request(
+                    "POST", "/api/2.0/mlflow/users/create", {"username": user, "password": password}, auth=ADMIN
+                )
                 assert status == 200, body
             # Alice's experiment: she manages it, bob may only read it.
-            status, body = server.request("POST", "/api/2.0/mlflow/experiments/create",
-                                          {"name": EXPERIMENT}, auth=ALICE)
+            status, body = server.request(
+                "POST", "/api/2.0/mlflow/experiments/create", {"name": EXPERIMENT}, auth=ALICE
+            )
             assert status == 200, body
             yield SimpleNamespace(server=server, pg=pg, root=root)
 
@@ -185,12 +197,17 @@ def stack(tmp_path_factory):
 def _cli(stack, *args, user=None, experiment=EXPERIMENT) -> subprocess.Popen:
     """Start the CLI as a user would: only the MLFLOW_* variables given here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=stack.server.uri, MLFLOW_EXPERIMENT_NAME=experiment,
-               KD_MLFLOW_CACHE=str(stack.root / "cache"), PYTHONUNBUFFERED="1")
+    env.update(
+        MLFLOW_TRACKING_URI=stack.server.uri,
+        MLFLOW_EXPERIMENT_NAME=experiment,
+        KD_MLFLOW_CACHE=str(stack.root / "cache"),
+        PYTHONUNBUFFERED="1",
+    )
     if user:
         env.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
-    return subprocess.Popen([sys.executable, "-m", "kd_mlflow", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kd_mlflow", *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
@@ -203,17 +220,21 @@ def _finish(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
 
 
 # case: (user, experiment)
-REFUSED = {"no-credentials": (None, "refused-anonymous"),
-           "wrong-password": ((ALICE[0], "not-alices-password"), "refused-wrong-password"),
-           "other-users-experiment": (BOB, EXPERIMENT)}
+REFUSED = {
+    "no-credentials": (None, "refused-anonymous"),
+    "wrong-password": ((ALICE[0], "not-alices-password"), "refused-wrong-password"),
+    "other-users-experiment": (BOB, EXPERIMENT),
+}
 
 
 @pytest.fixture(scope="module")
 def refusals(stack):
     """`kd-mlflow train` runs the server must refuse. Started together, before the
     study, which they overlap: each only imports, loads the data and is refused."""
-    procs = {case: _cli(stack, "train", "--seed", "3", "--preset", "smoke", user=user, experiment=experiment)
-             for case, (user, experiment) in REFUSED.items()}
+    procs = {
+        case: _cli(stack, "train", "--seed", "3", "--preset", "smoke", user=user, experiment=experiment)
+        for case, (user, experiment) in REFUSED.items()
+    }
     yield procs
     for p in procs.values():
         if p.poll() is None:
@@ -224,10 +245,12 @@ def refusals(stack):
 @pytest.fixture(scope="module")
 def study(stack, refusals):
     """The smoke study as alice: two seeds, their ensemble, the tables."""
-    steps = {"train 0": ("train", "--seed", "0", "--preset", "smoke"),
-             "train 1": ("train", "--seed", "1", "--preset", "smoke"),
-             "ensemble": ("ensemble", "--seeds", "0,1", "--preset", "smoke"),
-             "compare": ("compare", "--format", "json")}
+    steps = {
+        "train 0": ("train", "--seed", "0", "--preset", "smoke"),
+        "train 1": ("train", "--seed", "1", "--preset", "smoke"),
+        "ensemble": ("ensemble", "--seeds", "0,1", "--preset", "smoke"),
+        "compare": ("compare", "--format", "json"),
+    }
     out, seconds = {}, {}
     start = time.monotonic()
     for name, args in steps.items():
@@ -239,8 +262,7 @@ def study(stack, refusals):
     seconds["study"] = round(time.monotonic() - start, 1)
     print(f"\nsmoke study through the authenticated postgres server: {seconds}")
     run_ids = {k: out[k].strip().splitlines()[-1] for k in ("train 0", "train 1", "ensemble")}
-    return SimpleNamespace(uri=stack.server.uri, run_ids=run_ids, tables=json.loads(out["compare"]),
-                           seconds=seconds)
+    return SimpleNamespace(uri=stack.server.uri, run_ids=run_ids, tables=json.loads(out["compare"]), seconds=seconds)
 
 
 @pytest.fixture
@@ -253,6 +275,7 @@ def as_user(stack, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         return MlflowClient(tracking_uri=stack.server.uri)
+
     return client
 
 
@@ -288,7 +311,8 @@ def test_train_without_valid_credentials_fails_in_one_line(stack, refusals, case
     _refused_in_one_line(_finish(refusals[case], timeout=120), r"401|not authenticated")
     # Refused before anything was created, let alone trained.
     status, _ = stack.server.request(
-        "GET", f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={REFUSED[case][1]}", auth=ADMIN)
+        "GET", f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={REFUSED[case][1]}", auth=ADMIN
+    )
     assert status == 404
 
 
@@ -297,8 +321,7 @@ def test_train_into_another_users_experiment_fails_in_one_line(stack, study, ref
     from mlflow.entities import ViewType
 
     admin = as_user(ADMIN)
-    runs = admin.search_runs([admin.get_experiment_by_name(EXPERIMENT).experiment_id],
-                             run_view_type=ViewType.ALL)
+    runs = admin.search_runs([admin.get_experiment_by_name(EXPERIMENT).experiment_id], run_view_type=ViewType.ALL)
     assert {r.info.run_id for r in runs} == set(study.run_ids.values()), "bob's run was created"
 
 
@@ -321,7 +344,8 @@ def test_second_user_can_read_but_not_write_the_first_users_experiment(study, as
 
     as_user(ALICE)
     get_app_client("basic-auth", tracking_uri=study.uri).grant_user_permission(
-        BOB[0], "experiment", exp.experiment_id, "EDIT")
+        BOB[0], "experiment", exp.experiment_id, "EDIT"
+    )
     as_user(BOB).set_tag(run_id, "note", "bob was here")
 
 

@@ -17,7 +17,7 @@ import scipy.stats
 
 from kd_mlflow import predictions, stats
 
-R = 10_000   # resamples, as the study uses
+R = 10_000  # resamples, as the study uses
 
 
 def _models(n: int, k: int, seed: int, acc: float = 0.8, noise: float = 0.7) -> np.ndarray:
@@ -44,12 +44,19 @@ def _quantile_tolerance(bootstrap_sd: float, n_resamples: int = R, q: float = 0.
 
 # --- the paired bootstrap ----------------------------------------------------------
 
+
 def test_paired_bootstrap_agrees_with_scipy():
     a, b = _models(2000, 2, seed=1)
     ours = stats.paired_bootstrap(a, b, n_resamples=R, seed=0)
     ref = scipy.stats.bootstrap(
-        (a.astype(float), b.astype(float)), lambda x, y, axis: 100 * (y.mean(axis) - x.mean(axis)),
-        paired=True, vectorized=True, method="percentile", n_resamples=R, rng=np.random.default_rng(7))
+        (a.astype(float), b.astype(float)),
+        lambda x, y, axis: 100 * (y.mean(axis) - x.mean(axis)),
+        paired=True,
+        vectorized=True,
+        method="percentile",
+        n_resamples=R,
+        rng=np.random.default_rng(7),
+    )
     assert ours.estimate == pytest.approx(100 * (b.mean() - a.mean()), abs=1e-12)
     # Gain sd here ~0.95 points (a ~18% disagreement rate on 2,000 images), so the
     # tolerance is ~0.18 points: about one fifth of the interval's half-width, and
@@ -69,8 +76,15 @@ def test_a_side_that_is_a_mean_over_models_agrees_with_scipy():
     def gain(i, axis):
         return 100 * (kd[i].mean(axis) - singles[:, i].mean(axis=(0, -1)))
 
-    ref = scipy.stats.bootstrap((np.arange(2000),), gain, vectorized=True, method="percentile",
-                                n_resamples=R, batch=1000, rng=np.random.default_rng(8))
+    ref = scipy.stats.bootstrap(
+        (np.arange(2000),),
+        gain,
+        vectorized=True,
+        method="percentile",
+        n_resamples=R,
+        batch=1000,
+        rng=np.random.default_rng(8),
+    )
     ours = stats.paired_bootstrap(singles, kd, n_resamples=R)
     assert ours.estimate == pytest.approx(100 * (kd.mean() - singles.mean(axis=1).mean()), abs=1e-12)
     tol = _quantile_tolerance(ref.standard_error)
@@ -98,7 +112,7 @@ def test_same_seed_same_interval_other_seed_a_slightly_other_one():
 def test_interval_contains_the_estimate_for_realistic_inputs(seed):
     acc_a, acc_b = 0.55 + 0.07 * seed, 0.56 + 0.07 * seed
     (a,), (b,) = _models(2000, 1, seed=10 + seed, acc=acc_a), _models(2000, 1, seed=20 + seed, acc=acc_b)
-    both = np.where(np.random.default_rng(seed).random(2000) < 0.8, a, b)   # correlated, as real pairs
+    both = np.where(np.random.default_rng(seed).random(2000) < 0.8, a, b)  # correlated, as real pairs
     got = stats.paired_bootstrap(a, both, n_resamples=1000, seed=seed)
     assert got.lo <= got.estimate <= got.hi and got.hi - got.lo < 5
 
@@ -109,12 +123,15 @@ def test_identical_models_have_a_zero_width_interval():
     assert (got.estimate, got.lo, got.hi) == (0.0, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("a,b,match", [
-    (np.ones(5, bool), np.ones(6, bool), "same images"),
-    (np.array([0.5, 1.0]), np.ones(2, bool), "boolean"),
-    (np.array([0, 2]), np.ones(2, bool), "boolean"),
-    (np.ones((2, 2, 2), bool), np.ones(2, bool), "shape"),
-])
+@pytest.mark.parametrize(
+    "a,b,match",
+    [
+        (np.ones(5, bool), np.ones(6, bool), "same images"),
+        (np.array([0.5, 1.0]), np.ones(2, bool), "boolean"),
+        (np.array([0, 2]), np.ones(2, bool), "boolean"),
+        (np.ones((2, 2, 2), bool), np.ones(2, bool), "shape"),
+    ],
+)
 def test_bad_inputs_are_refused(a, b, match):
     with pytest.raises(ValueError, match=match):
         stats.paired_bootstrap(a, b, n_resamples=10)
@@ -129,6 +146,7 @@ def test_bad_level_and_resamples_are_refused():
 
 
 # --- over seeds ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 10, 29, 100])
 @pytest.mark.parametrize("level", [0.5, 0.9, 0.95, 0.99])
@@ -158,6 +176,7 @@ def test_seed_interval_of_one_or_no_seed_has_no_bounds():
 
 # --- McNemar ----------------------------------------------------------------------
 
+
 def _pair(b: int, c: int, both_right: int = 7, both_wrong: int = 3, seed: int = 0):
     """Teacher/student correctness with b (teacher only) and c (student only) discordant images."""
     t = [True] * b + [False] * c + [True] * both_right + [False] * both_wrong
@@ -166,8 +185,9 @@ def _pair(b: int, c: int, both_right: int = 7, both_wrong: int = 3, seed: int = 
     return np.array(t)[order], np.array(s)[order]
 
 
-@pytest.mark.parametrize("b,c", [(0, 0), (3, 0), (0, 5), (1, 1), (5, 7), (7, 5), (10, 10),
-                                 (1, 30), (40, 60), (212, 301), (2000, 2100)])
+@pytest.mark.parametrize(
+    "b,c", [(0, 0), (3, 0), (0, 5), (1, 1), (5, 7), (7, 5), (10, 10), (1, 30), (40, 60), (212, 301), (2000, 2100)]
+)
 def test_mcnemar_equals_scipys_binomial_test(b, c):
     got = stats.mcnemar_exact(*_pair(b, c))
     assert (got.b, got.c) == (b, c)
@@ -182,16 +202,15 @@ def test_mcnemar_golden_value():
 
 # --- mechanism figures ----------------------------------------------------------------
 
+
 def test_disagreement_by_hand():
-    preds = np.array([[0, 1, 2, 3],
-                      [0, 1, 2, 0],
-                      [0, 2, 2, 1]])
+    preds = np.array([[0, 1, 2, 3], [0, 1, 2, 0], [0, 2, 2, 1]])
     got = stats.disagreement(preds)
     # Images 1 and 3 are not unanimous: 2 of 4. Pairs (0,1): 1/4, (0,2): 2/4, (1,2): 2/4.
     assert got.not_unanimous == 0.5
     assert got.pairwise == pytest.approx((1 / 4 + 2 / 4 + 2 / 4) / 3)
     assert (got.n_members, got.n_images) == (3, 4)
-    probs = np.eye(4)[preds] * 0.7 + 0.075          # the same top-1, as probabilities
+    probs = np.eye(4)[preds] * 0.7 + 0.075  # the same top-1, as probabilities
     assert stats.disagreement(probs) == got
 
 
@@ -208,7 +227,7 @@ def test_agreement_kl_equals_scipy_entropy_on_float16_rows():
     rng = np.random.default_rng(0)
     p = scipy.special.softmax(rng.normal(size=(50, 10)), axis=1).astype(np.float16)
     q = scipy.special.softmax(rng.normal(size=(50, 10)), axis=1).astype(np.float16)
-    ref = scipy.stats.entropy(p.astype(float), q.astype(float), axis=1).mean()   # normalises rows too
+    ref = scipy.stats.entropy(p.astype(float), q.astype(float), axis=1).mean()  # normalises rows too
     assert stats.agreement(p, q).kl == pytest.approx(ref, rel=1e-6)
     assert stats.agreement(p, p).kl == pytest.approx(0, abs=1e-12)
 
@@ -217,26 +236,24 @@ def test_agreement_kl_is_finite_where_float16_rounded_to_zero():
     eps = stats.KL_EPS
     # Student certain of class 0, where float16 stored the other class as exactly 0.
     got = stats.agreement(np.array([[0.5, 0.5]], np.float16), np.array([[1.0, 0.0]], np.float16))
-    q = np.array([1, eps]) / (1 + eps)               # the clamped, renormalised student
+    q = np.array([1, eps]) / (1 + eps)  # the clamped, renormalised student
     expected = 0.5 * math.log(0.5 / q[0]) + 0.5 * math.log(0.5 / q[1])
     assert math.isfinite(got.kl) and got.kl == pytest.approx(expected, rel=1e-9)
     # A teacher zero contributes (almost) nothing, as 0 * log 0 = 0.
-    assert stats.agreement(np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])).kl == pytest.approx(
-        math.log(2), rel=1e-5)
+    assert stats.agreement(np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])).kl == pytest.approx(math.log(2), rel=1e-5)
 
 
 def _retention_case(copies: int):
     """Ten images, tiled: singles 5/10 and 7/10 (mean 0.6), ensemble 8/10, KD 7.5 of 10
     (on 20 images); retention = (0.75 - 0.6) / (0.8 - 0.6) = 0.75 by hand."""
-    single = np.array([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0] * 2,
-                       [1, 1, 1, 1, 1, 1, 1, 0, 0, 0] * 2], bool)
+    single = np.array([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0] * 2, [1, 1, 1, 1, 1, 1, 1, 0, 0, 0] * 2], bool)
     ensemble = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0] * 2, bool)
-    kd = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0] + [1, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)
+    kd = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)
     return np.tile(single, copies), np.tile(ensemble, copies), np.tile(kd, copies)
 
 
 def test_retention_by_hand_with_an_interval_when_the_ensemble_clearly_gains():
-    single, ensemble, kd = _retention_case(copies=100)   # 2,000 images
+    single, ensemble, kd = _retention_case(copies=100)  # 2,000 images
     got = stats.retention(single, ensemble, kd, n_resamples=R, seed=0)
     assert got.estimate == pytest.approx(0.75)
     assert got.ensemble_gain.estimate == pytest.approx(20) and got.kd_gain.estimate == pytest.approx(15)
@@ -250,8 +267,15 @@ def test_retention_by_hand_with_an_interval_when_the_ensemble_clearly_gains():
     def ratio(i, axis):
         return (kd[i] - base[i]).mean(axis) / (ensemble[i] - base[i]).mean(axis)
 
-    ref = scipy.stats.bootstrap((np.arange(len(kd)),), ratio, vectorized=True, method="percentile",
-                                n_resamples=R, batch=2000, rng=np.random.default_rng(9))
+    ref = scipy.stats.bootstrap(
+        (np.arange(len(kd)),),
+        ratio,
+        vectorized=True,
+        method="percentile",
+        n_resamples=R,
+        batch=2000,
+        rng=np.random.default_rng(9),
+    )
     tol = _quantile_tolerance(ref.standard_error)
     ci = ref.confidence_interval
     assert got.lo == pytest.approx(ci.low, abs=tol) and got.hi == pytest.approx(ci.high, abs=tol)
@@ -262,10 +286,9 @@ def test_retention_has_no_bounds_when_the_ensemble_gain_may_be_zero():
     # image 4, which both singles get right; KD 0.65.
     # Retention = (0.65 - 0.6) / (0.7 - 0.6) = 0.5, while the ensemble's gain of
     # 10 points on 20 images is within sampling error of 0.
-    single = np.tile(np.array([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-                               [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]], bool), 2)
+    single = np.tile(np.array([[1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]], bool), 2)
     ensemble = np.tile(np.array([1, 1, 1, 1, 0, 1, 1, 1, 0, 0], bool), 2)
-    kd = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0, 0] + [1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    kd = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
     got = stats.retention(single, ensemble, kd, n_resamples=2000)
     assert got.estimate == pytest.approx(0.5)
     assert got.ensemble_gain.lo <= 0 and math.isnan(got.lo) and math.isnan(got.hi)
@@ -274,15 +297,13 @@ def test_retention_has_no_bounds_when_the_ensemble_gain_may_be_zero():
 
 def test_retention_of_an_ensemble_no_better_than_its_members_is_undefined():
     single = np.array([[1, 0, 1, 0], [0, 1, 1, 0]], bool)
-    ensemble = np.array([1, 0, 1, 0], bool)              # 2/4 = the members' mean
+    ensemble = np.array([1, 0, 1, 0], bool)  # 2/4 = the members' mean
     got = stats.retention(single, ensemble, np.array([1, 1, 1, 0], bool), n_resamples=500)
     assert math.isnan(got.estimate) and math.isnan(got.lo) and got.n_undefined > 0
 
 
 def test_rescued_share_by_hand():
-    members = np.array([[1, 0, 1, 0, 0, 1],
-                        [0, 0, 1, 0, 1, 1],
-                        [0, 0, 0, 1, 0, 1]], bool)
+    members = np.array([[1, 0, 1, 0, 0, 1], [0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 1]], bool)
     ensemble = np.array([1, 1, 1, 0, 1, 1], bool)
     student = np.array([1, 0, 0, 0, 1, 1], bool)
     got = stats.rescued_share(members, ensemble, student)
@@ -303,13 +324,17 @@ def test_rescued_needs_a_strict_majority_wrong():
 
 # --- formatting ------------------------------------------------------------------
 
-@pytest.mark.parametrize("args,text", [
-    ((0.8712, 0.4103, 1.3249), "+0.87 [+0.41, +1.32]"),
-    ((-0.5, -1.25, 0.004), "-0.50 [-1.25, +0.00]"),
-    ((0.75, None, None), "+0.75 [n/a]"),
-    ((0.75, math.nan, 1.0), "+0.75 [n/a]"),
-    ((math.nan, 0.0, 1.0), "n/a"),
-])
+
+@pytest.mark.parametrize(
+    "args,text",
+    [
+        ((0.8712, 0.4103, 1.3249), "+0.87 [+0.41, +1.32]"),
+        ((-0.5, -1.25, 0.004), "-0.50 [-1.25, +0.00]"),
+        ((0.75, None, None), "+0.75 [n/a]"),
+        ((0.75, math.nan, 1.0), "+0.75 [n/a]"),
+        ((math.nan, 0.0, 1.0), "n/a"),
+    ],
+)
 def test_fmt_interval(args, text):
     assert stats.fmt_interval(*args) == text
 
@@ -323,20 +348,21 @@ def test_results_are_plain_dicts():
 
 # --- the predictions artifact ----------------------------------------------------------
 
+
 def _probs(n: int, c: int = 10, seed: int = 0) -> np.ndarray:
     logits = np.random.default_rng(seed).normal(scale=4, size=(n, c))
     return scipy.special.softmax(logits, axis=1).astype(np.float32)
 
 
 def _labels(n: int, c: int = 10, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, c, n)          # int64, as torch gives
+    return np.random.default_rng(seed).integers(0, c, n)  # int64, as torch gives
 
 
 def test_labels_digest_is_sha256_of_int64_bytes():
     y = np.array([3, 1, 4, 1, 5], dtype=np.int16)
     expected = hashlib.sha256(np.array([3, 1, 4, 1, 5], "<i8").tobytes()).hexdigest()[:16]
     assert predictions.labels_digest(y) == predictions.labels_digest(y.astype(np.int64)) == expected
-    assert predictions.labels_digest(y[::-1]) != expected           # the order matters
+    assert predictions.labels_digest(y[::-1]) != expected  # the order matters
 
 
 def test_predictions_round_trip(tmp_path):
@@ -360,17 +386,22 @@ class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)
 
-    def __reduce__(self):      # unpickling this would create the marker file
+    def __reduce__(self):  # unpickling this would create the marker file
         return (open, (self.marker, "w"))
 
 
 def _arrays(**over):
     yv, yt = _labels(4), _labels(6)
-    arrays = {"format": np.array(predictions.FORMAT), "num_classes": np.array(10, dtype=np.int64),
-              "probs_val": _probs(4).astype(np.float16), "probs_test": _probs(6).astype(np.float16),
-              "labels_val": yv.astype(np.int16), "labels_test": yt.astype(np.int16),
-              "digest_val": np.array(predictions.labels_digest(yv)),
-              "digest_test": np.array(predictions.labels_digest(yt))}
+    arrays = {
+        "format": np.array(predictions.FORMAT),
+        "num_classes": np.array(10, dtype=np.int64),
+        "probs_val": _probs(4).astype(np.float16),
+        "probs_test": _probs(6).astype(np.float16),
+        "labels_val": yv.astype(np.int16),
+        "labels_test": yt.astype(np.int16),
+        "digest_val": np.array(predictions.labels_digest(yv)),
+        "digest_test": np.array(predictions.labels_digest(yt)),
+    }
     arrays.update(over)
     return {k: v for k, v in arrays.items() if v is not None}
 
@@ -380,31 +411,34 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
     evil = np.array([_Payload(marker)], dtype=object)
     path = tmp_path / "evil.npz"
     np.savez(path, **_arrays(probs_test=evil))
-    with pytest.raises(ValueError, match="evil.npz"):
+    with pytest.raises(ValueError, match=r"evil\.npz"):
         predictions.load(path)
     assert not marker.exists()
-    np.save(tmp_path / "evil.npy", evil)                   # a bare pickled .npy as well
-    with pytest.raises(ValueError, match="evil.npy"):
+    np.save(tmp_path / "evil.npy", evil)  # a bare pickled .npy as well
+    with pytest.raises(ValueError, match=r"evil\.npy"):
         predictions.load(tmp_path / "evil.npy")
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("over,match", [
-    ({}, None),
-    ({"probs_val": _probs(4)}, "float16"),                               # float32
-    ({"labels_test": _labels(6)}, "int16"),                              # int64
-    ({"digest_test": None}, "missing"),
-    ({"extra": np.zeros(2)}, "extra"),
-    ({"format": np.array("other/1")}, "format"),
-    ({"num_classes": np.array(9, dtype=np.int64)}, "float16"),           # probs have 10
-    ({"digest_val": np.array("0" * 16)}, "digest"),                      # tampered labels
-    ({"format": np.array(b"kd-mlflow-predictions/1")}, "string"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({}, None),
+        ({"probs_val": _probs(4)}, "float16"),  # float32
+        ({"labels_test": _labels(6)}, "int16"),  # int64
+        ({"digest_test": None}, "missing"),
+        ({"extra": np.zeros(2)}, "extra"),
+        ({"format": np.array("other/1")}, "format"),
+        ({"num_classes": np.array(9, dtype=np.int64)}, "float16"),  # probs have 10
+        ({"digest_val": np.array("0" * 16)}, "digest"),  # tampered labels
+        ({"format": np.array(b"kd-mlflow-predictions/1")}, "string"),
+    ],
+)
 def test_files_not_in_the_format_are_refused(tmp_path, over, match):
     path = tmp_path / "p.npz"
     np.savez(path, **_arrays(**over))
     if match is None:
-        assert predictions.load(path).num_classes == 10                   # the control case loads
+        assert predictions.load(path).num_classes == 10  # the control case loads
         return
     with pytest.raises(ValueError, match=match) as e:
         predictions.load(path)
@@ -414,17 +448,20 @@ def test_files_not_in_the_format_are_refused(tmp_path, over, match):
 def test_not_an_archive_is_refused(tmp_path):
     path = tmp_path / "notes.npz"
     path.write_text("hello")
-    with pytest.raises(ValueError, match="notes.npz"):
+    with pytest.raises(ValueError, match=r"notes\.npz"):
         predictions.load(path)
 
 
-@pytest.mark.parametrize("probs,labels,match", [
-    (np.log(_probs(5)), _labels(5), "finite and >= 0|sum to 1"),   # log-probabilities
-    (np.random.default_rng(0).normal(size=(5, 10)) ** 2, _labels(5), "sum to 1"),
-    (_probs(5), np.array([0, 1, 2, 3, 10]), "labels must lie"),
-    (_probs(5), _labels(4), "labels must be"),
-    (_probs(5)[0], _labels(5), "2-D"),
-])
+@pytest.mark.parametrize(
+    "probs,labels,match",
+    [
+        (np.log(_probs(5)), _labels(5), "finite and >= 0|sum to 1"),  # log-probabilities
+        (np.random.default_rng(0).normal(size=(5, 10)) ** 2, _labels(5), "sum to 1"),
+        (_probs(5), np.array([0, 1, 2, 3, 10]), "labels must lie"),
+        (_probs(5), _labels(4), "labels must be"),
+        (_probs(5)[0], _labels(5), "2-D"),
+    ],
+)
 def test_save_refuses_what_is_not_probabilities(tmp_path, probs, labels, match):
     with pytest.raises(ValueError, match=match):
         predictions.save(tmp_path / "p.npz", probs, _probs(3), labels, _labels(3))
@@ -432,10 +469,11 @@ def test_save_refuses_what_is_not_probabilities(tmp_path, probs, labels, match):
 
 
 def test_the_modules_are_pure_numpy():
-    code = ("import sys, kd_mlflow.stats, kd_mlflow.predictions; "
-            "print(sorted(m for m in ('torch', 'mlflow', 'scipy', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys, kd_mlflow.stats, kd_mlflow.predictions; "
+        "print(sorted(m for m in ('torch', 'mlflow', 'scipy', 'pandas') if m in sys.modules))"
+    )
     repo = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": repo}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=repo, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo, env=env)
     assert out.stdout.strip() == "[]"

@@ -8,30 +8,36 @@ import json
 import mlflow
 import pytest
 import torch
-
 from conftest import invoke, run_cli
+
 from kd_mlflow import data, schema
 
 
 @pytest.fixture(scope="module")
 def study(server, cache_dir, tmp_path_factory):
     env = {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir)}
-    proc = run_cli("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1",
-                   env=env)
+    proc = run_cli("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(server.uri)
     exp = client.get_experiment_by_name("study-smoke")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     mlflow.set_tracking_uri(server.uri)
-    yield {"env": env, "proc": proc, "client": client, "exp": exp,
-           "by_name": {r.info.run_name: r for r in runs}}
+    yield {"env": env, "proc": proc, "client": client, "exp": exp, "by_name": {r.info.run_name: r for r in runs}}
     mlflow.set_tracking_uri(None)
 
 
 def test_every_step_finished_with_its_lineage(study):
     r = study["by_name"]
-    expected = {"train-seed-0", "train-seed-1", "ensemble-seeds-0-1", "kd-seed-100", "sd-t0-s10",
-                "sd-t1-s11", "sd-ensemble-seeds-10-11", "study-smoke-digits"}
+    expected = {
+        "train-seed-0",
+        "train-seed-1",
+        "ensemble-seeds-0-1",
+        "kd-seed-100",
+        "sd-t0-s10",
+        "sd-t1-s11",
+        "sd-ensemble-seeds-10-11",
+        "study-smoke-digits",
+    }
     assert set(r) == expected
     assert all(run.info.status == "FINISHED" for run in r.values())
     parent = r["study-smoke-digits"].info.run_id
@@ -41,11 +47,19 @@ def test_every_step_finished_with_its_lineage(study):
     assert ens.data.tags[schema.MEMBER_RUN_IDS] == f"{t0.info.run_id},{t1.info.run_id}"
     assert ens.data.tags[schema.MEMBER_SEEDS] == "0,1" and ens.data.tags[schema.MEMBER_ROLE] == "train"
     kd = r["kd-seed-100"].data.tags
-    assert (kd[schema.METHOD], kd[schema.TEACHER_RUN_ID], kd[schema.TEACHER_SEEDS], kd[schema.GENERATION]) == \
-        ("kd", ens.info.run_id, "0,1", "1")
+    assert (kd[schema.METHOD], kd[schema.TEACHER_RUN_ID], kd[schema.TEACHER_SEEDS], kd[schema.GENERATION]) == (
+        "kd",
+        ens.info.run_id,
+        "0,1",
+        "1",
+    )
     sd = r["sd-t0-s10"].data
-    assert (sd.tags[schema.METHOD], sd.tags[schema.TEACHER_RUN_ID], sd.params["temperature"], sd.params["alpha"]) == \
-        ("sd", t0.info.run_id, "1.0", "1.0")
+    assert (sd.tags[schema.METHOD], sd.tags[schema.TEACHER_RUN_ID], sd.params["temperature"], sd.params["alpha"]) == (
+        "sd",
+        t0.info.run_id,
+        "1.0",
+        "1.0",
+    )
     sde = r["sd-ensemble-seeds-10-11"].data.tags
     assert sde[schema.MEMBER_ROLE] == "student" and sde[schema.MEMBER_SEEDS] == "10,11"
     assert len({run.data.tags[schema.SPLIT_DIGEST] for run in r.values()}) == 1
@@ -64,10 +78,18 @@ def test_the_ensemble_model_loads_and_reproduces_its_test_accuracy(study):
 def test_parent_run_holds_tables_and_plots(study):
     parent = study["by_name"]["study-smoke-digits"].info.run_id
     names = {a.path for a in study["client"].list_artifacts(parent)}
-    assert {"tables.md", "tables.json", "tables.csv", "learning_curves.png", "accuracy_by_method.png",
-            "gains.png", "steps.json"} <= names
-    assert {"ensemble_gain_lo", "ensemble_gain_hi", "kd_gain", "sd_gain_mean"} <= \
-        set(study["by_name"]["study-smoke-digits"].data.metrics)
+    assert {
+        "tables.md",
+        "tables.json",
+        "tables.csv",
+        "learning_curves.png",
+        "accuracy_by_method.png",
+        "gains.png",
+        "steps.json",
+    } <= names
+    assert {"ensemble_gain_lo", "ensemble_gain_hi", "kd_gain", "sd_gain_mean"} <= set(
+        study["by_name"]["study-smoke-digits"].data.metrics
+    )
     assert "| seed | validation accuracy | test accuracy |" in study["proc"].stdout
 
 
@@ -84,9 +106,13 @@ def test_compare_numbers_are_the_metrics_of_the_runs_they_name(study, monkeypatc
     tables = json.loads(_compare(study, monkeypatch, "--format", "json"))
     assert set(tables) >= {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary"}
     client, checked = study["client"], 0
-    for key, val_col, test_col in (("seeds", "val_acc", "test_acc"), ("ensembles", "val_acc", "test_acc"),
-                                   ("kd", "val_acc", "test_acc"), ("sd_ensembles", "val_acc", "test_acc"),
-                                   ("self_distillation", "student_val_acc", "student_test_acc")):
+    for key, val_col, test_col in (
+        ("seeds", "val_acc", "test_acc"),
+        ("ensembles", "val_acc", "test_acc"),
+        ("kd", "val_acc", "test_acc"),
+        ("sd_ensembles", "val_acc", "test_acc"),
+        ("self_distillation", "student_val_acc", "student_test_acc"),
+    ):
         assert tables[key], key
         for row in tables[key]:
             m = client.get_run(row["run_id"]).data.metrics
@@ -100,8 +126,7 @@ def test_compare_numbers_are_the_metrics_of_the_runs_they_name(study, monkeypatc
 
 def test_a_second_reproduce_trains_nothing(study):
     before = len(study["client"].search_runs([study["exp"].experiment_id], max_results=100))
-    proc = run_cli("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1",
-                   env=study["env"])
+    proc = run_cli("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1", env=study["env"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 1/" not in proc.stderr and "0 step(s) ran, 7 reused" in proc.stderr
     after = len(study["client"].search_runs([study["exp"].experiment_id], max_results=100))
@@ -117,6 +142,7 @@ def test_compare_refuses_a_missing_experiment_without_creating_it(study, monkeyp
 
 
 # --- issue 14: predictions as artifacts, every gain with its uncertainty ----------
+
 
 def _predictions(client, run_id):
     from kd_mlflow import predictions
@@ -144,8 +170,12 @@ def test_compare_intervals_contain_their_gains_and_come_from_the_artifacts(study
 
     doc = json.loads(_compare(study, monkeypatch, "--format", "json"))
     gains = {g["gain"]: g for g in doc["gains"]}
-    assert {"ensemble - mean single", "KD - mean single", "SD - teacher (mean over pairs)",
-            "SD ensemble - ensemble"} <= set(gains)
+    assert {
+        "ensemble - mean single",
+        "KD - mean single",
+        "SD - teacher (mean over pairs)",
+        "SD ensemble - ensemble",
+    } <= set(gains)
     for g in doc["gains"]:
         assert g["lo"] <= g["estimate"] <= g["hi"], g
     client, r = study["client"], study["by_name"]

@@ -10,8 +10,8 @@ import sys
 import mlflow
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from kd_mlflow import data, schema
 
 pytestmark = pytest.mark.e2e  # real processes, a real server or store
@@ -25,11 +25,30 @@ def _test_acc_of_logged_model(run_id: str) -> float:
 
 
 def test_mlflow_run_train_gives_one_complete_run(tracked):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=3",
-           "-P", "preset=smoke", "-P", "epochs=3", "--env-manager", "local",
-           # booleans as `mlflow run` passes them (--augment true): one test pass at the end
-           "-P", "augment=true", "-P", "test_each_epoch=false",
-           "--experiment-name", tracked.experiment]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "-e",
+        "train",
+        "-P",
+        "seed=3",
+        "-P",
+        "preset=smoke",
+        "-P",
+        "epochs=3",
+        "--env-manager",
+        "local",
+        # booleans as `mlflow run` passes them (--augment true): one test pass at the end
+        "-P",
+        "augment=true",
+        "-P",
+        "test_each_epoch=false",
+        "--experiment-name",
+        tracked.experiment,
+    ]
     env = {**os.environ, **tracked.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,7 +58,13 @@ def test_mlflow_run_train_gives_one_complete_run(tracked):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "train-seed-3"
     p, t, m = run.data.params, run.data.tags, run.data.metrics
-    assert (p["seed"], p["preset"], p["epochs"], p["model"], p["dataset"]) == ("3", "smoke", "3", "resnet18-cifar", "digits")
+    assert (p["seed"], p["preset"], p["epochs"], p["model"], p["dataset"]) == (
+        "3",
+        "smoke",
+        "3",
+        "resnet18-cifar",
+        "digits",
+    )
     for key in ("split_seed", "order_seed", "split_digest", "optimizer", "lr", "batch_size", "width"):
         assert key in p, key
     assert t[schema.ROLE] == "train" and t[schema.SPLIT_DIGEST] == p["split_digest"]

@@ -29,9 +29,15 @@ def test_presets_are_valid_and_seed_report_is_the_reports_recipe():
     assert (r.optimizer, r.lr, r.batch_size, r.epochs, r.augment) == ("adam", 1e-3, 128, 100, False)
     assert (r.split_seed, r.order_seed, r.val_size, r.temperature, r.alpha) == (42, 42, 5000, 1.0, 1.0)
     # The report's mechanisms (tests/test_fidelity.py shows each against torch/torchvision).
-    assert (r.precision, r.split_style, r.order_style, r.init_style, r.resize, r.distill_loss,
-            r.student_init_skip) == ("fp32", "random_split", "dataloader", "torchvision-fc", "pil",
-                                     "soft-ce", 1)
+    assert (r.precision, r.split_style, r.order_style, r.init_style, r.resize, r.distill_loss, r.student_init_skip) == (
+        "fp32",
+        "random_split",
+        "dataloader",
+        "torchvision-fc",
+        "pil",
+        "soft-ce",
+        1,
+    )
     assert r == config.Recipe() and config.study_kd_seed("seed-report") == 42
     # Every other preset keeps kd-mlflow's own mechanisms, so its results do not change.
     for name in ("standard", "cpu-demo", "smoke"):
@@ -48,8 +54,7 @@ def test_identity_is_role_shaped():
     """A teacher's identity never holds a student's settings; every constant that changes
     a result is a field, in the digest and in the params."""
     r = config.preset("standard")
-    for field, value in (("temperature", 2.0), ("alpha", 0.5), ("distill_loss", "soft-ce"),
-                         ("student_init_skip", 1)):
+    for field, value in (("temperature", 2.0), ("alpha", 0.5), ("distill_loss", "soft-ce"), ("student_init_skip", 1)):
         other = r.replace(**{field: value})
         assert other.digest("train") == r.digest("train"), field
         assert other.digest("student") != r.digest("student"), field
@@ -61,18 +66,33 @@ def test_identity_is_role_shaped():
     assert r.replace(test_each_epoch=False).digest("student") == r.digest("student")
     assert config.group_label("smoke", config.resolve("smoke", epochs=1), "train") == "smoke · epochs=1"
     assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "train") == "smoke"
-    assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "student") == \
-        "smoke · temperature=2.0"
+    assert config.group_label("smoke", config.resolve("smoke", temperature=2.0), "student") == "smoke · temperature=2.0"
     for field in ("split_style", "order_style", "init_style", "resize", "distill_loss", "student_init_skip"):
         assert field in r.as_params()
 
 
-@pytest.mark.parametrize("field,value", [
-    ("lr", 0.0), ("lr", -1.0), ("epochs", 0), ("batch_size", 0), ("alpha", 1.5), ("alpha", -0.1),
-    ("temperature", 0.0), ("model", "vgg"), ("dataset", "mnist"), ("width", 0), ("split_seed", -1),
-    ("split_style", "tail"), ("order_style", "sampler"), ("init_style", "kaiming"), ("resize", "nearest"),
-    ("distill_loss", "mse"), ("student_init_skip", -1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", 0.0),
+        ("lr", -1.0),
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("alpha", 1.5),
+        ("alpha", -0.1),
+        ("temperature", 0.0),
+        ("model", "vgg"),
+        ("dataset", "mnist"),
+        ("width", 0),
+        ("split_seed", -1),
+        ("split_style", "tail"),
+        ("order_style", "sampler"),
+        ("init_style", "kaiming"),
+        ("resize", "nearest"),
+        ("distill_loss", "mse"),
+        ("student_init_skip", -1),
+    ],
+)
 def test_bad_recipe_values_name_the_field(field, value):
     with pytest.raises(ConfigError) as e:
         config.resolve("smoke", **{field: value})
@@ -94,14 +114,18 @@ def test_recipe_round_trips_through_params():
 
 
 def test_a_run_logged_before_the_mechanism_fields_rebuilds_with_the_old_mechanisms():
-    old = {k: v for k, v in config.preset("seed-report").replace(precision="auto").as_params().items()
-           if k not in config.OWN_MECHANISMS}
+    old = {
+        k: v
+        for k, v in config.preset("seed-report").replace(precision="auto").as_params().items()
+        if k not in config.OWN_MECHANISMS
+    }
     r = config.recipe_from_params(old)
     assert {k: getattr(r, k) for k in config.OWN_MECHANISMS} == config.OWN_MECHANISMS
     assert r.precision == "auto" and r.image_size == 224
 
 
 # --- data --------------------------------------------------------------------
+
 
 def _write_cifar10(root, n_per_batch=20):
     """A tiny dataset in CIFAR-10's on-disk format (python pickles of uint8 rows)."""
@@ -125,7 +149,7 @@ def _write_cifar10(root, n_per_batch=20):
 
 
 def test_cifar10_through_torchvision_offline(tmp_path):
-    train, test = _write_cifar10(tmp_path)
+    train, _test = _write_cifar10(tmp_path)
     src = data.load("cifar10", str(tmp_path), tmp_path / "cache")
     assert src.train_x.shape == (100, 3, 32, 32) and src.train_x.dtype == torch.uint8
     assert src.test_x.shape == (20, 3, 32, 32) and src.num_classes == 10
@@ -141,7 +165,8 @@ def _write_folder(root, classes=("cat", "dog", "emu"), n=6, size=8):
             (root / part / c).mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-                    root / part / c / f"{i}.png")
+                    root / part / c / f"{i}.png"
+                )
 
 
 def test_folder_tree_and_its_archive_decode_the_same(tmp_path):
@@ -174,7 +199,7 @@ def test_split_depends_on_the_split_seed_only():
 
 
 def test_eval_batches_refuse_an_unknown_set():
-    r, src, split, rt, dd = _smoke_setup()
+    r, src, _split, _rt, dd = _smoke_setup()
     assert sum(len(b.y) for b in dd.eval_batches("val", 64)) == r.val_size
     assert sum(len(b.y) for b in dd.eval_batches("test", 64)) == len(src.test_y)
     with pytest.raises(ValueError, match="'val' or 'test'"):
@@ -191,6 +216,7 @@ def test_crop_flip_is_a_per_image_shift_and_mirror():
 
 # --- objectives and ensembles ------------------------------------------------
 
+
 def test_kd_loss_golden_values():
     s = torch.tensor([[1.0, 2.0, 3.0]])
     t = torch.tensor([[3.0, 2.0, 1.0]])
@@ -206,8 +232,7 @@ def test_kd_loss_golden_values():
 def test_kd_loss_does_not_depend_on_batch_size():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
-    assert kd_loss(s, t, 2.0).item() == pytest.approx(kd_loss(s.repeat(8, 1), t.repeat(8, 1), 2.0).item(),
-                                                      rel=1e-6)
+    assert kd_loss(s, t, 2.0).item() == pytest.approx(kd_loss(s.repeat(8, 1), t.repeat(8, 1), 2.0).item(), rel=1e-6)
 
 
 def test_kd_loss_at_t1_has_the_gradient_of_soft_target_cross_entropy():
@@ -237,8 +262,7 @@ def test_ensemble_of_one_is_that_model_and_averages_probabilities():
     both = Ensemble([_Fixed(a), _Fixed(b)])
     assert torch.allclose(both(x).softmax(1), (a.softmax(1) + b.softmax(1)) / 2, atol=1e-6)
     # Averaging logits is a different ensemble: check the two really differ here.
-    assert not torch.allclose(Ensemble([_Fixed(a), _Fixed(b)], "logit")(x).softmax(1),
-                              both(x).softmax(1), atol=1e-3)
+    assert not torch.allclose(Ensemble([_Fixed(a), _Fixed(b)], "logit")(x).softmax(1), both(x).softmax(1), atol=1e-3)
     assert both(x).exp().sum().item() == pytest.approx(1.0, rel=1e-6) and math.isfinite(both(x).sum())
 
 
@@ -251,7 +275,7 @@ def _smoke_setup(**over):
 
 
 def test_cached_and_on_the_fly_teacher_give_the_same_loss():
-    r, src, split, rt, dd = _smoke_setup()
+    r, _src, _split, rt, dd = _smoke_setup()
     torch.manual_seed(0)
     teacher = models.build(r, 10).eval()
     torch.manual_seed(1)
@@ -266,6 +290,7 @@ def test_cached_and_on_the_fly_teacher_give_the_same_loss():
 
 # --- checkpoints and resume ----------------------------------------------------
 
+
 def test_checkpoint_detects_truncation_and_bit_flips(tmp_path):
     store = CheckpointStore(tmp_path, keep=2)
     store.save({"epoch": 1, "w": torch.ones(3)})
@@ -274,12 +299,12 @@ def test_checkpoint_detects_truncation_and_bit_flips(tmp_path):
     blob = bytearray(latest.read_bytes())
     blob[-5] ^= 0x01
     latest.write_bytes(bytes(blob))
-    assert store.load_latest()["epoch"] == 1        # falls back to the previous good one
+    assert store.load_latest()["epoch"] == 1  # falls back to the previous good one
     latest.write_bytes(bytes(blob[:20]))
     assert store.load_latest()["epoch"] == 1
     for f in tmp_path.glob("*.ckpt"):
         f.write_bytes(b"")
-    assert store.load_latest() is None               # starts clean
+    assert store.load_latest() is None  # starts clean
     with pytest.raises(CorruptCheckpoint):
         parse(dump({"epoch": 1})[:-1])
 
@@ -287,6 +312,7 @@ def test_checkpoint_detects_truncation_and_bit_flips(tmp_path):
 class _Payload:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch /tmp/kd-mlflow-pwned",))
 
 
@@ -298,6 +324,7 @@ def test_checkpoint_never_runs_pickle_code(tmp_path):
     torch.save({"epoch": 1, "evil": _Payload()}, buf)
     payload = buf.getvalue()
     import hashlib
+
     blob = b"KDCKPT01" + hashlib.sha256(payload).digest() + payload  # a valid checksum, evil inside
     if os.path.exists("/tmp/kd-mlflow-pwned"):
         os.remove("/tmp/kd-mlflow-pwned")
@@ -307,11 +334,13 @@ def test_checkpoint_never_runs_pickle_code(tmp_path):
 
 
 def _fit(epochs, store=None, init_seed=0):
-    r, src, split, rt, dd = _smoke_setup(epochs=epochs, schedule="onecycle", augment=True,
-                                         train_subset=256, batch_size=32)
+    r, _src, _split, rt, dd = _smoke_setup(
+        epochs=epochs, schedule="onecycle", augment=True, train_subset=256, batch_size=32
+    )
     torch.manual_seed(init_seed)
     model = models.build(r, 10)
     from kd_mlflow.objectives import CrossEntropy
+
     return model, fit(model, CrossEntropy(), dd, r, rt, None, store)
 
 
@@ -346,8 +375,8 @@ class _Lossy(CheckpointStore):
             snap["optimizer"]["state"] = {}
         elif self.drop == "scheduler":
             snap["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
-                torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1).state_dict() | {
-                k: v for k, v in snap["scheduler"].items() if k not in ("last_epoch", "_step_count")}
+                torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1
+            ).state_dict() | {k: v for k, v in snap["scheduler"].items() if k not in ("last_epoch", "_step_count")}
         elif self.drop == "order_rng":
             snap["order_rng"] = torch.Generator().manual_seed(42).get_state()
         return snap
@@ -403,10 +432,11 @@ def test_one_test_pass_on_the_selected_weights_is_the_per_epoch_result():
     run's result is the test accuracy a per-epoch pass gave at the selected epoch."""
     runs = {}
     for each in (True, False):
-        r, src, split, rt, dd = _smoke_setup(epochs=4, test_each_epoch=each)  # selects epoch 3
+        r, _src, _split, rt, dd = _smoke_setup(epochs=4, test_each_epoch=each)  # selects epoch 3
         torch.manual_seed(0)
         model = models.build(r, 10)
         from kd_mlflow.objectives import CrossEntropy
+
         runs[each] = model, fit(model, CrossEntropy(), dd, r, rt, None, None, log=io.StringIO())
     (m_each, each), (m_once, once) = runs[True], runs[False]
     assert each.best_epoch < 4, "this recipe must select an earlier epoch for the test to tell"
@@ -414,21 +444,25 @@ def test_one_test_pass_on_the_selected_weights_is_the_per_epoch_result():
     assert once.best_test_acc == each.history[each.best_epoch - 1]["test_acc"] == each.best_test_acc
     assert once.best_test_acc != each.history[-1]["test_acc"]
     assert all("test_acc" not in h for h in once.history)
-    assert [{k: v for k, v in h.items() if k not in ("test_acc", "epoch_seconds")} for h in each.history] == \
-        [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in once.history]
+    assert [{k: v for k, v in h.items() if k not in ("test_acc", "epoch_seconds")} for h in each.history] == [
+        {k: v for k, v in h.items() if k != "epoch_seconds"} for h in once.history
+    ]
     for k, v in m_each.state_dict().items():  # both leave with the last epoch's weights
         assert torch.equal(v, m_once.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--augment", "true"], {"augment": True}),          # `mlflow run -P augment=true`
-    (["--augment", "false"], {"augment": False}),
-    (["--augment"], {"augment": True}),
-    (["--no-augment"], {"augment": False}),
-    (["--test_each_epoch", "false"], {"test_each_epoch": False}),
-    (["--augment", ""], {}),                              # `-P augment=`: not given
-    ([], {}),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--augment", "true"], {"augment": True}),  # `mlflow run -P augment=true`
+        (["--augment", "false"], {"augment": False}),
+        (["--augment"], {"augment": True}),
+        (["--no-augment"], {"augment": False}),
+        (["--test_each_epoch", "false"], {"test_each_epoch": False}),
+        (["--augment", ""], {}),  # `-P augment=`: not given
+        ([], {}),
+    ],
+)
 def test_boolean_recipe_fields_take_every_spelling(argv, expected):
     from kd_mlflow import cli
 
