@@ -15,6 +15,7 @@ import click
 
 from . import __version__, config
 from .config import ConfigError, Recipe
+from .errors import StepFailed
 
 
 class _Optional(click.ParamType):
@@ -221,6 +222,9 @@ class _Group(click.Group):
         except TrackingRefused as e:
             click.echo(f"kd-mlflow: error: tracking server refused: {e}", err=True)
             return 1
+        except StepFailed as e:
+            click.echo(f"kd-mlflow: error: {e}", err=True)
+            return 1
         except Interrupted as e:
             click.echo(f"kd-mlflow: {e}; checkpoint kept, run marked KILLED", err=True)
             return e.exit_code
@@ -300,15 +304,16 @@ def train(
     from . import steps
 
     ex = _execution(device, compile_, deterministic, force, cache_dir)
+    where = {"data_dir": data_dir, "experiment": experiment, "ex": ex, "parent_run_id": parent_run}
     if wanted is None:
-        _emit(steps.train(seed, recipe, preset, data_dir, experiment, ex, parent_run, register=register), outcome_json)
+        _emit(steps.train(seed, recipe, preset, register=register, **where), outcome_json)
         return
     if register:
         raise ConfigError("register", register, "register one run at a time (--seed)")
     outs = (
-        steps.train_wave(wanted, recipe, preset, data_dir, experiment, ex, parent_run)
+        steps.train_wave(wanted, recipe, preset, **where)
         if pack
-        else [steps.train(s, recipe, preset, data_dir, experiment, ex, parent_run) for s in wanted]
+        else [steps.train(s, recipe, preset, **where) for s in wanted]
     )
     for out in outs:
         _emit(out, outcome_json)
@@ -355,12 +360,12 @@ def distill(
     out = steps.distill(
         teacher,
         seed,
-        preset,
-        overrides,
-        data_dir,
-        experiment,
-        _execution(device, compile_, deterministic, force, cache_dir),
-        parent_run,
+        preset=preset,
+        overrides=overrides,
+        data_dir=data_dir,
+        experiment=experiment,
+        ex=_execution(device, compile_, deterministic, force, cache_dir),
+        parent_run_id=parent_run,
         register=register,
     )
     _emit(out, outcome_json)
@@ -423,11 +428,11 @@ def ensemble(
     ids = ids or steps.members_for_seeds(wanted, preset, dataset, session=session)
     out = steps.ensemble(
         ids,
-        combine,
-        data_dir,
-        experiment,
-        _execution(device, compile_, deterministic, force, cache_dir),
-        parent_run,
+        combine=combine,
+        data_dir=data_dir,
+        experiment=experiment,
+        ex=_execution(device, compile_, deterministic, force, cache_dir),
+        parent_run_id=parent_run,
         session=session,
     )
     _emit(out, outcome_json)
@@ -455,9 +460,9 @@ def ensemble(
 )
 def compare(experiment, fmt, output, preset, dataset, group, intervals):
     """Rebuild the report's tables from the tracking server."""
-    from . import steps
+    from . import report
 
-    text = steps.compare(experiment, fmt, preset, dataset, group, intervals)
+    text = report.compare(experiment, fmt, preset=preset, dataset=dataset, group=group, intervals=intervals)
     if output:
         Path(output).write_text(text)
     else:
@@ -580,17 +585,13 @@ def reproduce(
         runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
     else:
         runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
-    try:
-        result = study.reproduce(
-            plan,
-            experiment,
-            _execution(device, compile_, deterministic, force, cache_dir),
-            runner,
-            register_as=None if no_register else (register_as or study.DEFAULT_REGISTRY),
-        )
-    except study.StepFailed as e:
-        click.echo(f"kd-mlflow: error: {e}", err=True)
-        return 1
+    result = study.reproduce(
+        plan,
+        experiment=experiment,
+        ex=_execution(device, compile_, deterministic, force, cache_dir),
+        executor=runner,
+        register_as=None if no_register else (register_as or study.DEFAULT_REGISTRY),
+    )
     click.echo(result.tables)
     click.echo(
         f"study run {result.parent_run_id}: {len(result.trained)} step(s) ran, "

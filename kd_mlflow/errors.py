@@ -15,3 +15,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}")
         self.exit_code = 128 + signum
+
+
+class StepFailed(Exception):
+    """A study's step ended without a result; the study names it (exit 1)."""
+
+    def __init__(self, step: str, reason: str):
+        super().__init__(f"step {step} failed: {reason}")

@@ -1,8 +1,12 @@
-"""Where a study's steps run: in this process, as concurrent processes, or as Ray tasks.
+"""Where a study's steps run: in this process, packed side by side, as concurrent
+processes, or as Ray tasks.
 
-An executor only chooses where; what a step is, its run name and its command line
-belong to the step (:mod:`kd_mlflow.study`). A step run as a process is the same
-`kd-mlflow` command a user would type, and hands its outcome back as JSON on stdout.
+Every executor implements :class:`Executor`: ``run_wave(steps, ctx, progress)`` runs one
+wave of independent steps and returns their outcomes in order; ``close()`` releases what
+it started. The study never asks which executor it holds. An executor only chooses
+where; what a step is, its run name and its command line belong to the step
+(:mod:`kd_mlflow.study`). A step run as a process is the same `kd-mlflow` command a user
+would type, and hands its outcome back as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -12,18 +16,24 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from . import tracking
 from .config import ConfigError
+from .errors import StepFailed
 from .runs import Outcome
+
+
+class Executor(Protocol):
+    def run_wave(self, items: list, ctx, progress) -> list[Outcome]: ...
+
+    def close(self) -> None: ...
 
 
 class InProcess:
     """One step at a time in this process (no start-up cost per step)."""
 
     def run_wave(self, items, ctx, progress) -> list[Outcome]:
-        from .study import StepFailed
-
         outcomes = []
         for step in items:
             progress.starting(step)
@@ -38,6 +48,33 @@ class InProcess:
 
     def close(self) -> None:
         pass
+
+
+class PackedWaves:
+    """A wave of several trainings of one kind as one packed network (kd_mlflow.pack), in
+    this process; a step kind packs if it has ``run_packed(steps, ctx)``. Anything else
+    goes to the executor this one wraps."""
+
+    def __init__(self, inner: Executor):
+        self.inner = inner
+
+    def run_wave(self, items, ctx, progress) -> list[Outcome]:
+        kind = type(items[0])
+        if len(items) < 2 or any(type(s) is not kind for s in items) or not hasattr(kind, "run_packed"):
+            return self.inner.run_wave(items, ctx, progress)
+        for step in items:
+            progress.starting(step)
+        t0 = time.monotonic()
+        try:
+            outs = kind.run_packed(items, ctx)
+        except ConfigError as e:
+            raise StepFailed(",".join(s.name for s in items), str(e)) from None
+        for step, out in zip(items, outs, strict=True):
+            progress.finished(step, out, (time.monotonic() - t0) / len(items))
+        return outs
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class Processes:
@@ -66,13 +103,12 @@ class Processes:
         pass
 
 
-class Ray(Processes):
+class Ray:
     """Each step is a Ray task that asks for its GPUs and runs the step's command on
     whichever node Ray picks; waves wait for the previous wave. Every task logs to the
     shared tracking server, so runs and tables are the same as with the local executor."""
 
     def __init__(self, address: str | None = None, gpus_per_run: float | None = None, local_gpus: int | None = None):
-        super().__init__(jobs=1)
         try:
             import ray
         except ImportError:
@@ -122,13 +158,11 @@ def command(step, ctx) -> tuple[list[str], dict]:
 
 def run_step_process(argv, env):
     """One step as a process: (exit code, stdout, stderr). A Ray task, too."""
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def outcome(name, returncode, stdout, stderr) -> Outcome:
-    from .study import StepFailed
-
     if returncode != 0:
         lines = stderr.strip().splitlines() or [f"exit {returncode}"]
         raise StepFailed(name, lines[-1])

@@ -30,6 +30,9 @@ PACKED = "kd.packed"  # trained in a packed wave of this many networks (not iden
 FAILURE = "kd.failure"  # why a run ended FAILED, in one line
 STUDY = "kd.study"  # a study's parent run: "true"
 COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
+MIXED = "kd.mixed"  # an ensemble of members of different groups (--allow-mixed): "true"
+STUDY_RUN_ID = "kd.study_run_id"  # registered model versions: the study that made them
+EXPERIMENT_ID = "kd.experiment_id"  # registered model versions: the experiment of that study
 VERSION = "kd.version"
 GIT_COMMIT = "kd.git_commit"
 

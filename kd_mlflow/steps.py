@@ -12,7 +12,6 @@ torch and the training modules are imported where they are used, so that `compar
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ def train(
     seed: int,
     recipe: Recipe,
     preset: str,
+    *,
     data_dir: str | None = None,
     experiment: str | None = None,
     ex: Execution = Execution(),
@@ -74,6 +74,7 @@ def train(
 def distill(
     teacher_run_id: str,
     seed: int,
+    *,
     preset: str | None = None,
     overrides: dict | None = None,
     data_dir: str | None = None,
@@ -129,7 +130,7 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
     runs.check_same_data(teacher, split.digest, source.num_classes, "teacher")
     method = "kd" if teacher.role == "ensemble" else "sd"
     t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
-    _check_loadable(session, teacher, "teacher")
+    check_loadable(session, teacher, "teacher")
     spec = _spec(
         "student",
         schema.student_name(method, seed, t_seeds),
@@ -180,6 +181,7 @@ def train_wave(
     seeds: list[int],
     recipe: Recipe,
     preset: str,
+    *,
     data_dir: str | None = None,
     experiment: str | None = None,
     ex: Execution = Execution(),
@@ -208,6 +210,7 @@ def train_wave(
 
 def distill_wave(
     pairs: list[tuple[str, int]],
+    *,
     preset: str | None = None,
     overrides: dict | None = None,
     data_dir: str | None = None,
@@ -293,6 +296,7 @@ def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
 
 def ensemble(
     member_run_ids: list[str],
+    *,
     combine: str = "prob",
     data_dir: str | None = None,
     experiment: str | None = None,
@@ -307,7 +311,7 @@ def ensemble(
     for m in members:
         if m.role not in ("train", "student"):
             raise ConfigError("members", m.run_id, "not a train or student run")
-        _check_loadable(session, m, "members")
+        check_loadable(session, m, "members")
     first = members[0]
     recipe = recipe_from_params(first.params)
     source, split = load_data(recipe, data_dir or first.data_dir, ex)
@@ -548,7 +552,7 @@ def _check_seed(seed) -> None:
         raise ConfigError("seed", seed, "must be an integer >= 0")
 
 
-def _check_loadable(session, rec: RunRecord, option: str) -> None:
+def check_loadable(session, rec: RunRecord, option: str) -> None:
     if rec.role == "ensemble":
         for m in runs.members(session, rec):
             runs.check_weights(session, m, option)
@@ -571,92 +575,3 @@ def load_network(session, rec: RunRecord, num_classes: int, option: str):
     except RuntimeError as e:  # a state dict of another shape
         raise ConfigError(option, rec.run_id, f"weights do not fit: {str(e).splitlines()[0]}") from None
     return model.eval()
-
-
-# --- compare -------------------------------------------------------------------
-
-
-def compare(
-    experiment: str | None,
-    fmt: str,
-    preset: str | None = None,
-    dataset: str | None = None,
-    group: str | None = None,
-    intervals: bool = True,
-) -> str:
-    """The report's tables from the experiment's finished runs, rendered as ``fmt``;
-    with ``intervals``, every gain's uncertainty and the mechanism figures, from the
-    runs' logged predictions."""
-    from . import compare as tables
-
-    session = runs.connect(experiment, create=False)
-    built = tables.build_tables(runs.results_frame(session, preset), preset, dataset, group)
-    if intervals and built:
-        preds = predictions_for(session, tables.run_ids(built))
-        built = [tables.with_intervals(t, preds) for t in built]
-    if not built:
-        elsewhere = runs.experiments_with_results(session)
-        if elsewhere:
-            print(
-                f"note: no kd-mlflow results in this experiment; found some in: {', '.join(elsewhere)} "
-                f"(pass --experiment NAME)",
-                file=sys.stderr,
-            )
-    text = tables.render(built, fmt)
-    if session.adopted_run_id:
-        # Under `mlflow run -e compare`: the tables and plot are that run's artifacts.
-        from . import plots
-
-        figs = {"accuracy_by_method.png": plots.accuracy_by_method(built)}
-        runs.log_tables(
-            session,
-            session.adopted_run_id,
-            {
-                f"tables.{ext}": tables.render(built, f)
-                for f, ext in (("markdown", "md"), ("json", "json"), ("csv", "csv"))
-            },
-            figs,
-        )
-        plots.close(figs)
-    return text
-
-
-def predictions_for(session, run_ids) -> dict:
-    """run id -> its logged predictions. A run made before runs logged them gets them
-    from its logged weights, once, and they are logged on it then; a run without
-    weights gets none (its gains have no interval)."""
-    out = {}
-    for rid in run_ids:
-        rec = runs.get(session, rid, "run")
-        if not rec.has_predictions:
-            try:
-                _check_loadable(session, rec, "run")
-                _backfill_predictions(session, rec)
-            except ConfigError as e:
-                print(f"note: no predictions for run {rid}: {e.reason}", file=sys.stderr)
-                continue
-            rec = dataclasses.replace(rec, has_predictions=True)
-        out[rid] = runs.predictions_of(session, rec)
-    return out
-
-
-def _backfill_predictions(session, rec: RunRecord) -> None:
-    from . import data as data_mod
-    from .train import make_runtime, predict
-
-    print(f"computing the predictions of run {rec.run_id} ({rec.name}) from its weights, once", file=sys.stderr)
-    member = runs.members(session, rec)[0] if rec.role == "ensemble" else rec
-    recipe = recipe_from_params(member.params)
-    source, split = load_data(recipe, rec.data_dir or member.data_dir, Execution())
-    runs.check_same_data(rec, split.digest, source.num_classes, "run")
-    rt = make_runtime(recipe, "cpu")
-    model = load_network(session, rec, source.num_classes, "run")
-    dd = data_mod.DeviceData(source, split, rt.device)
-    runs.add_predictions(
-        session,
-        rec,
-        predict(model, dd, "val", recipe, rt).numpy(),
-        predict(model, dd, "test", recipe, rt).numpy(),
-        dd.val_y.numpy(),
-        dd.test_y.numpy(),
-    )

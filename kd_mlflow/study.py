@@ -15,9 +15,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import schema, steps, tracking
+from . import executors, schema, steps, tracking
 from .config import ConfigError, Recipe, check_schedule
-from .errors import TrackingUnavailable
+from .errors import StepFailed, TrackingUnavailable
 from .runs import Outcome, digest
 
 
@@ -59,6 +59,10 @@ class Context:
     parent: str
     session: object = None  # in-process steps only
 
+    def where(self) -> dict:
+        """The keyword arguments every in-process step passes to :mod:`kd_mlflow.steps`."""
+        return {"data_dir": self.plan.data_dir, "ex": self.ex, "parent_run_id": self.parent, "session": self.session}
+
 
 # --- the typed steps ---------------------------------------------------------
 
@@ -94,8 +98,11 @@ class TrainStep:
         return schema.train_name(self.seed)
 
     def run_here(self, ctx: Context) -> Outcome:
-        p = ctx.plan
-        return steps.train(self.seed, p.recipe, p.preset, p.data_dir, None, ctx.ex, ctx.parent, session=ctx.session)
+        return steps.train(self.seed, ctx.plan.recipe, ctx.plan.preset, **ctx.where())
+
+    @staticmethod
+    def run_packed(items: list[TrainStep], ctx: Context) -> list[Outcome]:
+        return steps.train_wave([s.seed for s in items], ctx.plan.recipe, ctx.plan.preset, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -122,10 +129,14 @@ class DistillStep:
         return schema.student_name(self.method, self.seed, self.teacher_seeds)
 
     def run_here(self, ctx: Context) -> Outcome:
-        p = ctx.plan
         return steps.distill(
-            self.teacher, self.seed, p.preset, p.overrides, p.data_dir, None, ctx.ex, ctx.parent, session=ctx.session
+            self.teacher, self.seed, preset=ctx.plan.preset, overrides=ctx.plan.overrides, **ctx.where()
         )
+
+    @staticmethod
+    def run_packed(items: list[DistillStep], ctx: Context) -> list[Outcome]:
+        pairs = [(s.teacher, s.seed) for s in items]
+        return steps.distill_wave(pairs, preset=ctx.plan.preset, overrides=ctx.plan.overrides, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -154,10 +165,7 @@ class EnsembleStep:
         return schema.ensemble_name(self.seeds, self.member_role)
 
     def run_here(self, ctx: Context) -> Outcome:
-        p = ctx.plan
-        return steps.ensemble(
-            list(self.members), self.combine, p.data_dir, None, ctx.ex, ctx.parent, session=ctx.session
-        )
+        return steps.ensemble(list(self.members), combine=self.combine, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return ["ensemble", "--members", ",".join(self.members), "--combine", self.combine, *_common_argv(ctx)]
@@ -215,16 +223,12 @@ class StudyResult:
     summary: dict = field(default_factory=dict)  # the parent run's metrics
 
 
-class StepFailed(Exception):
-    def __init__(self, step: str, reason: str):
-        super().__init__(f"step {step} failed: {reason}")
-
-
 DEFAULT_REGISTRY = "{experiment}-kd-student"
 
 
 def reproduce(
     plan: Plan,
+    *,
     experiment: str | None = None,
     ex: steps.Execution = steps.Execution(),
     executor=None,
@@ -233,15 +237,13 @@ def reproduce(
     """Run the study with ``executor`` (default: in this process, one step at a time).
     ``register_as``: the registered model that gets the KD student (alias champion);
     "{experiment}" in it is the experiment's name."""
-    from .executors import InProcess
-
     # Fail on bad data before any run exists.
     _source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
-    executor = executor or InProcess()
+    executor = executor or executors.InProcess()
     if plan.pack:
-        executor = PackedWaves(executor)
+        executor = executors.PackedWaves(executor)
     parent = tracking.open_study(
         session, schema.study_name(plan.preset, plan.recipe.dataset), _study_tags(plan, split.digest)
     )
@@ -312,53 +314,6 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
 
 
-class PackedWaves:
-    """A wave of several trainings as one packed network (kd_mlflow.pack), in this
-    process; single steps go to the executor it wraps."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def run_wave(self, items, ctx: Context, progress) -> list:
-        if len(items) < 2 or not all(isinstance(s, (TrainStep, DistillStep)) for s in items):
-            return self.inner.run_wave(items, ctx, progress)
-        p = ctx.plan
-        for step in items:
-            progress.starting(step)
-        t0 = time.monotonic()
-        try:
-            if isinstance(items[0], TrainStep):
-                outs = steps.train_wave(
-                    [s.seed for s in items],
-                    p.recipe,
-                    p.preset,
-                    p.data_dir,
-                    None,
-                    ctx.ex,
-                    ctx.parent,
-                    session=ctx.session,
-                )
-            else:
-                outs = steps.distill_wave(
-                    [(s.teacher, s.seed) for s in items],
-                    p.preset,
-                    p.overrides,
-                    p.data_dir,
-                    None,
-                    ctx.ex,
-                    ctx.parent,
-                    session=ctx.session,
-                )
-        except ConfigError as e:
-            raise StepFailed(",".join(s.name for s in items), str(e)) from None
-        for step, out in zip(items, outs, strict=True):
-            progress.finished(step, out, (time.monotonic() - t0) / len(items))
-        return outs
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 # --- the parent run --------------------------------------------------------
 
 
@@ -402,11 +357,11 @@ GAIN_METRICS = {
 
 
 def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str, dict]:
-    from . import compare, plots, runs
+    from . import compare, plots, report, runs
 
     frame = runs.results_frame(session)
     frame = frame[frame["run_id"].isin(set(result.runs.values()))]  # exactly this study's steps
-    tables = compare.build_tables(frame, predictions=steps.predictions_for(session, result.runs.values()))
+    tables = compare.build_tables(frame, predictions=report.predictions_for(session, result.runs.values()))
     text = compare.render(tables, "markdown")
     summary = {}
     if tables:

@@ -86,3 +86,61 @@ def test_recipe_checks_use_the_same_table():
         with pytest.raises(config.ConfigError) as e:
             config.resolve("smoke", **{name: "nonsense"})
         assert ", ".join(config.CHOICES[name]) in str(e.value)
+
+
+def _package_edges(package: Path) -> dict[str, set[str]]:
+    """module -> the package's modules it imports, at any depth (function-level imports
+    too: they are still a dependency, only a later one)."""
+    mods = {f.stem for f in package.glob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m in mods:
+        for node in ast.walk(ast.parse((package / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{package.name}."):
+                names = [node.module.split(".")[1]]
+            elif isinstance(node, ast.ImportFrom) and node.module == package.name:
+                names = [a.name for a in node.names]
+            else:
+                continue
+            edges[m] |= {n for n in names if n in mods and n != m}
+    return edges
+
+
+def _a_circle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (its modules in order), or None: depth-first search."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(edges[m]):
+            if state.get(n) == 1:
+                return [*path[path.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_module_imports_itself_back():
+    circle = _a_circle(_package_edges(PACKAGE))
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_the_circle_check_catches_one_behind_a_function(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import g\n")
+    (pkg / "c.py").write_text("def g():\n    from .a import x\n")
+    assert _a_circle(_package_edges(pkg)) == ["a", "b", "c", "a"]
+    (pkg / "c.py").write_text("def g():\n    pass\n")
+    assert _a_circle(_package_edges(pkg)) is None
