@@ -395,6 +395,16 @@ def distill(
     show_default=True,
     help="Average probabilities (the report) or logits.",
 )
+@click.option(
+    "--allow-mixed",
+    "--allow_mixed",
+    "allow_mixed",
+    type=_YesNo(),
+    is_flag=False,
+    flag_value="true",
+    default="false",
+    help="Allow members of different recipes (the ensemble is then shown apart, in no group's mean).",
+)
 @_data_dir
 @_experiment
 @_execution_options
@@ -405,6 +415,7 @@ def ensemble(
     preset,
     dataset,
     combine,
+    allow_mixed,
     data_dir,
     experiment,
     device,
@@ -434,6 +445,7 @@ def ensemble(
         ex=_execution(device, compile_, deterministic, force, cache_dir),
         parent_run_id=parent_run,
         session=session,
+        allow_mixed=allow_mixed,
     )
     _emit(out, outcome_json)
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import schema, tracking
-from .config import ConfigError
+from .config import ConfigError, Recipe, recipe_from_params
 from .errors import Interrupted, TrackingUnavailable
 
 connect = tracking.connect
@@ -133,6 +133,22 @@ def find_result(session, config_hash: str) -> RunRecord | None:
         if schema.DUPLICATE_OF not in run.data.tags:
             return record_of(run)
     return None
+
+
+def result_for(session, spec: RunSpec) -> RunRecord | None:
+    """The FINISHED run that holds ``spec``'s result, once its logged recipe is shown to
+    be the one ``spec`` asks for: a run is never reused on its hash alone."""
+    found = find_result(session, spec.config_hash)
+    if found is not None and spec.recipe is not None:
+        logged = recipe_from_params(found.params)
+        for name, wanted in spec.recipe.differences(logged, spec.recipe_role).items():
+            raise ConfigError(
+                name,
+                wanted,
+                f"run {found.run_id} ({found.name}) has this configuration's hash but logged "
+                f"{name}={found.params.get(name, getattr(logged, name))!r}: not reused; --force trains anew",
+            )
+    return found
 
 
 def find_resumable(session, config_hash: str) -> RunRecord | None:
@@ -282,6 +298,8 @@ class RunSpec:
     params: dict  # logged whole, once
     tags: dict  # kd.* identity and lineage
     dataset: tuple  # (name, uri, digest) of the run's input
+    recipe: Recipe | None = None  # what the run trains with: checked against a run it would reuse
+    recipe_role: str = "train"  # whose fields of the recipe are its identity
 
 
 @dataclass
@@ -327,7 +345,7 @@ def record(
     unfinished run of the same configuration is continued from its local checkpoint, and
     one process at a time trains a configuration on this machine."""
     if not force:
-        existing = find_result(session, spec.config_hash)
+        existing = result_for(session, spec)
         if existing:
             return reuse(session, existing)
     if checkpoint_root is None:
@@ -337,7 +355,7 @@ def record(
     store = CheckpointStore(_checkpoint_dir(session, spec.config_hash, checkpoint_root))
     with _exclusive(store.directory):
         # Another process may have finished it while we waited for the lock.
-        existing = None if force else find_result(session, spec.config_hash)
+        existing = None if force else result_for(session, spec)
         if existing:
             return reuse(session, existing)
         if force:
@@ -414,7 +432,7 @@ def record_wave(
     def pending() -> list[int]:
         todo = []
         for i, spec in enumerate(specs):
-            existing = None if force or outs[i] else find_result(session, spec.config_hash)
+            existing = None if force or outs[i] else result_for(session, spec)
             if existing:
                 outs[i] = reuse(session, existing)
             elif outs[i] is None:

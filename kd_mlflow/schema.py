@@ -74,5 +74,8 @@ def ensemble_name(member_seeds, member_role: str) -> str:
     return ("sd-" if member_role == "student" else "") + f"ensemble-seeds-{seed_label(member_seeds)}"
 
 
-def study_name(preset: str, dataset: str) -> str:
-    return f"study-{preset}-{dataset}"
+def study_name(preset: str, dataset: str, label: str = "") -> str:
+    """study-smoke-digits; with the recipe's group label when it is not the preset's own
+    ("smoke · epochs=3"): study-smoke-digits-epochs=3."""
+    changed = [part.replace(" ", "") for part in label.split(" · ")[1:]]
+    return "-".join([f"study-{preset}-{dataset}", *changed])

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runs, schema
-from .config import ConfigError, Recipe, check_schedule, default_cache_dir, group_label, recipe_from_params, resolve
+from .config import (
+    PRESETS,
+    STUDENT_FIELDS,
+    ConfigError,
+    Recipe,
+    check_schedule,
+    default_cache_dir,
+    group_label,
+    recipe_from_params,
+)
 from .runs import Final, Outcome, RunRecord, RunSpec
 
 
@@ -87,7 +96,7 @@ def distill(
     """A student of a train run (SD), an ensemble run (KD) or another student."""
     session = session or runs.connect(experiment)
     plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
-    existing = None if ex.force else runs.find_result(session, plan.spec.config_hash)
+    existing = None if ex.force else runs.result_for(session, plan.spec)
     if existing:
         out = runs.reuse(session, existing)
     else:
@@ -123,7 +132,14 @@ class _StudentPlan:
 def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: dict, data_dir, ex) -> _StudentPlan:
     _check_seed(seed)
     teacher = runs.finished(session, teacher_run_id, "teacher")
-    preset = preset or teacher.preset
+    if preset and teacher.preset and preset != teacher.preset:
+        raise ConfigError(
+            "preset",
+            preset,
+            f"a student keeps its teacher's recipe ({teacher.group_label or teacher.preset}); "
+            "override single fields instead (e.g. --temperature 4)",
+        )
+    preset = preset or teacher.preset or "custom"
     recipe = _student_recipe(preset, teacher, overrides)
     source, split = load_data(recipe, data_dir or teacher.data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
@@ -282,13 +298,15 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
 
 
 def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
-    # Distillation must see the teacher's data: its dataset, split and subset.
-    same_data = {
-        k: type(getattr(Recipe, k))(teacher.params[k])
-        for k in ("dataset", "val_size", "train_subset", "split_seed")
-        if k in teacher.params
-    }
-    return resolve(preset, **{**same_data, **overrides})
+    """The teacher's training recipe (an ensemble's: its members'), with the preset's
+    distillation settings, then the fields the user overrode: a student never silently
+    drops what its teacher was trained with. What it changes shows in its group label."""
+    base = recipe_from_params(teacher.params)
+    own = {k: getattr(PRESETS[preset], k) for k in STUDENT_FIELDS} if preset in PRESETS else {}
+    try:
+        return base.replace(**{**own, **overrides})
+    except TypeError as e:  # e.g. a tuple field given a scalar
+        raise ConfigError("recipe", overrides, str(e)) from None
 
 
 # --- ensemble ----------------------------------------------------------------
@@ -303,7 +321,11 @@ def ensemble(
     ex: Execution = Execution(),
     parent_run_id: str | None = None,
     session=None,
+    allow_mixed: bool = False,
 ) -> Outcome:
+    """An ensemble of finished train or student runs of one recipe (one group); members
+    of several groups only with ``allow_mixed``, and then the run says so (kd.mixed):
+    compare shows it apart, in no group's mean."""
     if len(member_run_ids) < 2 or len(set(member_run_ids)) != len(member_run_ids):
         raise ConfigError("members", ",".join(member_run_ids), "need at least two distinct runs")
     session = session or runs.connect(experiment)
@@ -322,6 +344,17 @@ def ensemble(
     seeds = [str(m.seed) if m.seed is not None else "?" for m in members]
     preset = first.preset or ""
     base = first.group_label or group_label(preset, recipe, member_role)
+    labels = sorted({m.group_label or m.preset or m.run_id for m in members})
+    mixed = len({m.group for m in members}) > 1
+    if mixed and not allow_mixed:
+        raise ConfigError(
+            "members",
+            ",".join(member_run_ids),
+            f"members of different recipes ({'; '.join(labels)}): their mean would mix them; "
+            "pass --allow-mixed to ensemble them anyway",
+        )
+    if mixed:
+        base = "mixed: " + " + ".join(labels)
     spec = _spec(
         "ensemble",
         schema.ensemble_name(seeds, member_role),
@@ -339,6 +372,7 @@ def ensemble(
             schema.MEMBER_SEEDS: ",".join(seeds),
             schema.MEMBER_ROLE: member_role,
             schema.GENERATION: str(max(m.generation for m in members)),
+            **({schema.MIXED: "true"} if mixed else {}),
         },
     )
 
@@ -444,6 +478,8 @@ def _spec(
         {**core_params, **(params or {})},
         {**core_tags, **(tags or {})},
         (f"{recipe.dataset}-train", source.uri, split.digest),
+        recipe,
+        recipe_role,
     )
 
 

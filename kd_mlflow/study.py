@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import executors, schema, steps, tracking
-from .config import ConfigError, Recipe, check_schedule
+from .config import ConfigError, Recipe, check_schedule, group_label
 from .errors import StepFailed, TrackingUnavailable
 from .runs import Outcome, digest
 
@@ -44,6 +44,16 @@ class Plan:
                 self.student_seed_offset,
                 f"student seeds would reuse teacher seeds {sorted(clash)}",
             )
+
+    @property
+    def label(self) -> str:
+        """The preset and what this study's recipe changes of it: "smoke · epochs=3"."""
+        return group_label(self.preset, self.recipe, "student")
+
+    @property
+    def own_recipe(self) -> bool:
+        """Whether the study runs its preset's own recipe, unchanged."""
+        return self.label == self.preset
 
     @property
     def n_steps(self) -> int:
@@ -245,8 +255,14 @@ def reproduce(
     if plan.pack:
         executor = executors.PackedWaves(executor)
     parent = tracking.open_study(
-        session, schema.study_name(plan.preset, plan.recipe.dataset), _study_tags(plan, split.digest)
+        session, schema.study_name(plan.preset, plan.recipe.dataset, plan.label), _study_tags(plan, split.digest)
     )
+    if session.adopted_run_id and parent != session.adopted_run_id:
+        print(
+            f"note: this study already has a parent run, {parent}: the study continues there, and this run "
+            f"only points at it ({tracking.run_link(session, parent)})",
+            file=sys.stderr,
+        )
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
     ctx = Context(plan, ex, parent, session.without_adoption())
     result = StudyResult(parent)
@@ -277,23 +293,33 @@ def reproduce(
 
 def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, name: str) -> None:
     """The KD student is the single model that carries the ensemble's gain: registered,
-    alias champion, with tags that point back at the study."""
+    with tags that point back at the study. The alias champion belongs to the preset's
+    own recipe: a study of another recipe (``--epochs 3``) adds a version tagged with its
+    recipe and leaves the alias where it is."""
     from . import runs
 
     kd = schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))
     name = name.replace("{experiment}", tracking.experiment_name(session))
+    alias = "champion" if plan.own_recipe else None
     runs.register(
         session,
         result.runs[kd],
         name,
-        alias="champion",
+        alias=alias,
         tags={
-            "kd.study_run_id": parent,
-            "kd.preset": plan.preset,
-            "kd.dataset": plan.recipe.dataset,
-            "kd.experiment_id": session.experiment_id,
+            schema.STUDY_RUN_ID: parent,
+            schema.PRESET: plan.preset,
+            schema.DATASET: plan.recipe.dataset,
+            schema.EXPERIMENT_ID: session.experiment_id,
+            schema.GROUP_LABEL: plan.label,
         },
     )
+    if alias is None:
+        print(
+            f"note: the alias champion stays on {plan.preset}'s own recipe; this study's recipe is "
+            f"'{plan.label}' (the version's tag {schema.GROUP_LABEL})",
+            file=sys.stderr,
+        )
 
 
 def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Progress) -> None:
@@ -323,6 +349,7 @@ def _study_tags(plan: Plan, split_digest: str) -> dict:
     return {
         schema.STUDY: "true",
         schema.PRESET: plan.preset,
+        schema.GROUP_LABEL: plan.label,
         schema.DATASET: plan.recipe.dataset,
         schema.SPLIT_DIGEST: split_digest,
         schema.CONFIG_HASH: digest(

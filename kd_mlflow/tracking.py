@@ -356,21 +356,28 @@ def _git_tag() -> dict:
 
 
 def open_study(session: Session, name: str, tags: dict) -> str:
-    """The parent run: the one `mlflow run -e main` created, else this study's earlier
-    parent (reopened, so a rerun adds to it), else a new one."""
+    """The parent run: this study's earlier parent (reopened, so a rerun adds to it and
+    there is one parent per study), else the one `mlflow run -e main` created, else a
+    new one. A run `mlflow run` created for a study that already has a parent only
+    points at that parent (kd.duplicate_of), as a duplicate training run does."""
     c = session.client
-    if session.adopted_run_id:
+    found = [
+        r.info.run_id
+        for r in session.search(
+            f"tags.`{schema.CONFIG_HASH}` = '{tags[schema.CONFIG_HASH]}'", statuses=("FINISHED", *UNFINISHED)
+        )
+        if r.info.run_id != session.adopted_run_id and schema.DUPLICATE_OF not in r.data.tags
+    ]
+    if found:
+        run_id = found[0]
+        c.update_run(run_id, status="RUNNING")
+        if session.adopted_run_id:
+            mark_duplicate(session, session.adopted_run_id, run_id)
+    elif session.adopted_run_id:
         run_id = session.adopted_run_id
         c.set_tag(run_id, "mlflow.runName", name)
     else:
-        found = session.search(
-            f"tags.`{schema.CONFIG_HASH}` = '{tags[schema.CONFIG_HASH]}'", statuses=("FINISHED", *UNFINISHED)
-        )
-        if found:
-            run_id = found[0].info.run_id
-            c.update_run(run_id, status="RUNNING")
-        else:
-            run_id = c.create_run(session.experiment_id, run_name=name).info.run_id
+        run_id = c.create_run(session.experiment_id, run_name=name).info.run_id
     for key, value in {**tags, schema.VERSION: _version(), **_git_tag()}.items():
         c.set_tag(run_id, key, value)
     return run_id

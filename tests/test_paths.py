@@ -87,8 +87,13 @@ def test_running_main_again_reuses_the_steps(paths):
     second = {r.info.run_id for r in _by_role(paths["second"])}
     assert first == second, "a step was trained again"
     assert "0 step(s) ran, 13 reused" in paths["again"].stderr
+    # One parent per study: the run MLflow made for the rerun only points at it.
     parents = [r for r in paths["second"] if r.data.tags.get(schema.STUDY) == "true"]
-    assert len(parents) == 2 and all(p.data.metrics.get("single_test_acc_mean") for p in parents)
+    assert len(parents) == 1 and parents[0].data.metrics.get("single_test_acc_mean")
+    pointers = [r for r in paths["second"] if r.data.tags.get(schema.DUPLICATE_OF) == parents[0].info.run_id]
+    assert len(pointers) == 1 and pointers[0].data.tags.get("mlflow.project.entryPoint") == "main"
+    assert not [r for r in paths["second"] if r.data.tags.get("mlflow.parentRunId") == pointers[0].info.run_id]
+    assert f"already has a parent run, {parents[0].info.run_id}" in paths["again"].stderr
 
 
 def test_the_kd_student_is_registered_once_and_loads_as_champion(paths):
