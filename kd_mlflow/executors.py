@@ -104,9 +104,14 @@ class Processes:
 
 
 class Ray:
-    """Each step is a Ray task that asks for its GPUs and runs the step's command on
-    whichever node Ray picks; waves wait for the previous wave. Every task logs to the
-    shared tracking server, so runs and tables are the same as with the local executor."""
+    """Each step is a Ray task that asks for its GPUs and CPUs and runs the step's command
+    on whichever node Ray picks; waves wait for the previous wave. Every task logs to the
+    shared tracking server, so runs and tables are the same as with the local executor.
+
+    Ray lowers its workers' priority (``worker_niceness``, 15 by default) and a process a
+    worker starts inherits it: on a shared machine a study would run only when nothing
+    else wants the CPU. The local instance started here keeps the command's priority;
+    on an existing cluster a task's niceness is checked and reported."""
 
     def __init__(self, address: str | None = None, gpus_per_run: float | None = None, local_gpus: int | None = None):
         try:
@@ -116,30 +121,55 @@ class Ray:
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
-            # A local instance when no address is given; GPUs may be declared so that
-            # scheduling can be exercised on a machine without them.
-            kwargs = {"address": address} if address else {"num_gpus": local_gpus}
+            # A local instance when no address is given (its workers at this command's
+            # priority); GPUs may be declared so that scheduling can be exercised on a
+            # machine without them.
+            kwargs = (
+                {"address": address} if address else {"num_gpus": local_gpus, "_system_config": {"worker_niceness": 0}}
+            )
             ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
         has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
         self.gpus = gpus_per_run if gpus_per_run is not None else (1 if has_gpus else 0)
-        self.task = ray.remote(run_step_process)
+        self.task = ray.remote(_ray_step)
+        self.warned = False
 
     def run_wave(self, items, ctx, progress) -> list[Outcome]:
         for step in items:
             progress.starting(step)
         t0 = time.monotonic()
-        refs = [
-            self.task.options(num_gpus=self.gpus, num_cpus=1, name=step.name).remote(*command(step, ctx))
-            for step in items
-        ]
-        outcomes = [outcome(step.name, *res) for step, res in zip(items, self.ray.get(refs), strict=True)]
+        refs = []
+        for step in items:
+            argv, env = command(step, ctx)
+            # Ask for the CPUs the training will use: Ray never puts more trainings on
+            # a node than it has cores.
+            opts = {"num_gpus": self.gpus, "num_cpus": int(env["KD_MLFLOW_THREADS"]), "name": step.name}
+            refs.append(self.task.options(**opts).remote(argv, env))
+        results = self.ray.get(refs)
+        self._check_priority(max(r[3] for r in results))
+        outcomes = [outcome(step.name, *res[:3]) for step, res in zip(items, results, strict=True)]
         for step, out in zip(items, outcomes, strict=True):
             progress.finished(step, out, time.monotonic() - t0)
         return outcomes
 
+    def _check_priority(self, task_nice: int) -> None:
+        mine = os.nice(0)
+        if task_nice > mine and not self.warned:
+            self.warned = True
+            print(
+                f"note: Ray ran these trainings at nice {task_nice}, below this command's nice {mine}: they get a CPU "
+                "only when nothing else wants it; the cluster's operator can start its nodes with "
+                "RAY_worker_niceness=0 (e.g. RAY_worker_niceness=0 ray start ...) to keep the submitter's priority",
+                file=sys.stderr,
+            )
+
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _ray_step(argv, env):
+    """A Ray task: the step as a process, and the niceness it ran at."""
+    return (*run_step_process(argv, env), os.nice(0))
 
 
 def command(step, ctx) -> tuple[list[str], dict]:

@@ -8,6 +8,7 @@ tags; no MLflow here.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
         "tf32_matmul": str(torch.backends.cuda.matmul.allow_tf32),
         "tf32_cudnn": str(torch.backends.cudnn.allow_tf32),
         "threads": str(torch.get_num_threads()),
+        # Speed only, never results: a training at nice 15 (Ray's default for its
+        # workers) gets a CPU only when nothing else wants it.
+        "nice": str(os.nice(0)),
     }
     return {PREFIX + k: (v or "unknown") for k, v in env.items()}
 
