@@ -167,6 +167,69 @@ _preset = click.option(
 )
 
 
+def _executor_options(func):
+    """Where a wave's steps run: --jobs N processes, --executor ray, or --pack."""
+    func = click.option(
+        "--pack",
+        is_flag=True,
+        help="Train the seeds, and the SD students, of a wave side by side as "
+        "one packed network (in this process; pays off on a GPU).",
+    )(func)
+    func = click.option(
+        "--ray-local-gpus",
+        "ray_local_gpus",
+        type=_Optional(click.IntRange(min=0)),
+        default=None,
+        hidden=True,
+        help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
+    )(func)
+    func = click.option(
+        "--gpus-per-run",
+        "--gpus_per_run",
+        "gpus_per_run",
+        type=_Optional(click.FloatRange(min=0)),
+        default=None,
+        help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
+    )(func)
+    func = click.option(
+        "--ray-address",
+        "--ray_address",
+        "ray_address",
+        type=_Optional(click.STRING),
+        default=None,
+        help="An existing Ray cluster [a local instance].",
+    )(func)
+    func = click.option(
+        "--executor",
+        type=click.Choice(config.EXECUTORS),
+        default="local",
+        show_default=True,
+        help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').",
+    )(func)
+    func = click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Independent steps run concurrently, as separate processes (local executor).",
+    )(func)
+    return func
+
+
+def _executor(jobs: int, executor: str, ray_address, gpus_per_run, ray_local_gpus, pack: bool):
+    from . import executors
+
+    if pack and (jobs > 1 or executor != "local"):
+        raise ConfigError(
+            "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
+        )
+    if executor == "ray":
+        runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
+    else:
+        runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
+    return executors.PackedWaves(runner) if pack else runner
+
+
 def _execution(device, compile_, deterministic, force, cache_dir):
     from .steps import Execution
 
@@ -501,44 +564,7 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
     default=None,
     help="Seed of the KD student of the ensemble [the preset's: 42 for seed-report, else 100].",
 )
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Independent steps run concurrently, as separate processes (local executor).",
-)
-@click.option(
-    "--executor",
-    type=click.Choice(config.EXECUTORS),
-    default="local",
-    show_default=True,
-    help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').",
-)
-@click.option(
-    "--ray-address",
-    "--ray_address",
-    "ray_address",
-    type=_Optional(click.STRING),
-    default=None,
-    help="An existing Ray cluster [a local instance].",
-)
-@click.option(
-    "--gpus-per-run",
-    "--gpus_per_run",
-    "gpus_per_run",
-    type=_Optional(click.FloatRange(min=0)),
-    default=None,
-    help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
-)
-@click.option(
-    "--ray-local-gpus",
-    "ray_local_gpus",
-    type=_Optional(click.IntRange(min=0)),
-    default=None,
-    hidden=True,
-    help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
-)
+@_executor_options
 @click.option(
     "--register-as",
     "--register_as",
@@ -549,12 +575,6 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
     help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",
 )
 @click.option("--no-register", is_flag=True, help="Do not register the KD student.")
-@click.option(
-    "--pack",
-    is_flag=True,
-    help="Train the seeds, and the SD students, of a wave side by side as "
-    "one packed network (in this process; pays off on a GPU).",
-)
 @_data_dir
 @_experiment
 @_recipe_options
@@ -586,17 +606,10 @@ def reproduce(
     overrides = _overrides(kw)
     recipe = config.resolve(preset, **overrides)
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
-    from . import executors, study
+    from . import study
 
-    if pack and (jobs > 1 or executor != "local"):
-        raise ConfigError(
-            "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
-        )
-    plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, pack)
-    if executor == "ray":
-        runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
-    else:
-        runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
+    plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir)
+    runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     result = study.reproduce(
         plan,
         experiment=experiment,
@@ -616,3 +629,71 @@ def _check_run_id(option: str, run_id: str) -> None:
     """MLflow run ids are 32 hex digits: anything else is refused before any connection."""
     if not (len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id)):
         raise ConfigError(option, run_id, "not an MLflow run id (32 hex digits)")
+
+
+def _grid_options(func):
+    """Every recipe field as a comma list of values (tuples, such as --mean, cannot be swept)."""
+    for f in reversed(dataclasses.fields(Recipe)):
+        if isinstance(getattr(Recipe, f.name), tuple):
+            continue
+        func = click.option(
+            *_spellings(f.name),
+            f.name,
+            type=_Optional(click.STRING),
+            default=None,
+            help=f"Values of {f.name} to try, comma-separated.",
+        )(func)
+    return func
+
+
+@main.command()
+@click.option("--teacher", required=True, help="Run id of the teacher: an ensemble run (KD) or a train run (SD).")
+@click.option("--seeds", default="100", show_default=True, help="Student seeds of every setting, e.g. 100-102.")
+@click.option(
+    "--show-test",
+    "--show_test",
+    "show_test",
+    is_flag=True,
+    help="Print every setting's test accuracy too (the choice never uses it).",
+)
+@_executor_options
+@_data_dir
+@_experiment
+@_grid_options
+@_execution_options
+def sweep(
+    teacher,
+    seeds,
+    show_test,
+    jobs,
+    executor,
+    ray_address,
+    gpus_per_run,
+    ray_local_gpus,
+    pack,
+    data_dir,
+    experiment,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    **lists,
+):
+    """Students of one teacher over a grid of settings, as runs nested under one sweep
+    run; the setting of best mean validation accuracy is chosen and only its test
+    accuracy reported."""
+    from . import sweep as sweep_mod
+
+    grid = sweep_mod.parse_grid({k: v for k, v in lists.items() if v is not None})  # refused here, before imports
+    _check_run_id("teacher", teacher)
+    plan = sweep_mod.SweepPlan(teacher, config.parse_seeds(seeds), grid, data_dir=data_dir)
+    runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
+    text, _ = sweep_mod.run(
+        plan,
+        experiment=experiment,
+        ex=_execution(device, compile_, deterministic, force, cache_dir),
+        executor=runner,
+        show_test=show_test,
+    )
+    click.echo(text)

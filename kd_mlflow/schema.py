@@ -28,6 +28,7 @@ PREDICTIONS_PATH = "predictions/predictions.npz"
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
 PACKED = "kd.packed"  # trained in a packed wave of this many networks (not identity)
 FAILURE = "kd.failure"  # why a run ended FAILED, in one line
+SWEEP = "kd.sweep"  # a sweep's parent run: "true"
 STUDY = "kd.study"  # a study's parent run: "true"
 COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
 MIXED = "kd.mixed"  # an ensemble of members of different groups (--allow-mixed): "true"
@@ -66,8 +67,14 @@ def train_name(seed: int) -> str:
     return f"train-seed-{seed}"
 
 
-def student_name(method: str, seed: int, teacher_seeds: str) -> str:
-    return f"kd-seed-{seed}" if method == "kd" else f"sd-t{teacher_seeds}-s{seed}"
+def student_name(method: str, seed: int, teacher_seeds: str, suffix: str = "") -> str:
+    base = f"kd-seed-{seed}" if method == "kd" else f"sd-t{teacher_seeds}-s{seed}"
+    return base + suffix
+
+
+def settings(changed: dict) -> str:
+    """A student's changed settings for its run name: {"temperature": 2.0} -> "-temperature=2"."""
+    return "".join(f"-{k}={format(v, 'g') if isinstance(v, float) else v}" for k, v in changed.items())
 
 
 def ensemble_name(member_seeds, member_role: str) -> str:

@@ -147,9 +147,10 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
     method = "kd" if teacher.role == "ensemble" else "sd"
     t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
     check_loadable(session, teacher, "teacher")
+    changed = recipe.differences(_student_recipe(preset, teacher, {}), "student")
     spec = _spec(
         "student",
-        schema.student_name(method, seed, t_seeds),
+        schema.student_name(method, seed, t_seeds, schema.settings(changed)),
         recipe,
         preset,
         source,
@@ -225,26 +226,28 @@ def train_wave(
 
 
 def distill_wave(
-    pairs: list[tuple[str, int]],
+    students: list[tuple[str, int, dict]],
     *,
     preset: str | None = None,
-    overrides: dict | None = None,
     data_dir: str | None = None,
     experiment: str | None = None,
     ex: Execution = Execution(),
     parent_run_id: str | None = None,
     session=None,
 ) -> list[Outcome]:
-    """Students of (teacher run, seed) pairs of one recipe and split, the missing ones packed."""
+    """Students of (teacher run, seed, overrides), the missing ones packed: one training
+    recipe and one split for all; each keeps its own distillation settings (temperature,
+    alpha, loss), which only its objective sees."""
     session = session or runs.connect(experiment)
-    plans = [_student_plan(session, t, seed, preset, overrides or {}, data_dir, ex) for t, seed in pairs]
-    if len({(p.recipe, p.split.digest) for p in plans}) > 1:
-        raise ConfigError("pack", ",".join(t for t, _ in pairs), "a packed wave needs one recipe and one split")
+    plans = [_student_plan(session, t, seed, preset, over, data_dir, ex) for t, seed, over in students]
+    if len({(tuple(sorted(p.recipe.fields_for("train").items())), p.split.digest) for p in plans}) > 1:
+        teachers = ",".join(t for t, _, _ in students)
+        raise ConfigError("pack", teachers, "a packed wave needs one training recipe and one split")
     first = plans[0]
     teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
     body = _fitting_packed(
         first.recipe,
-        [seed for _, seed in pairs],
+        [seed for _, seed, _ in students],
         [p.draws_before for p in plans],
         first.source,
         first.split,
@@ -295,6 +298,12 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
         ]
 
     return body
+
+
+def student_changes(preset: str, teacher: RunRecord, overrides: dict) -> dict:
+    """The fields ``overrides`` change of what a student of ``teacher`` would otherwise
+    train with (its teacher's recipe and the preset's distillation settings)."""
+    return _student_recipe(preset, teacher, overrides).differences(_student_recipe(preset, teacher, {}), "student")
 
 
 def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:

@@ -30,7 +30,6 @@ class Plan:
     student_seed_offset: int = 10
     kd_seed: int = 100
     data_dir: str | None = None
-    pack: bool = False  # the seeds, and the SD students, as packed waves
 
     def __post_init__(self):
         if self.student_seed_offset < 1:
@@ -132,21 +131,26 @@ class DistillStep:
     seed: int
     method: str  # kd | sd
     teacher_seeds: str
+    settings: tuple = ()  # (field, value) pairs over the plan's overrides (a sweep's grid point)
+    suffix: str = ""  # what the settings change, as the run's name shows it
     trains: bool = True
 
     @property
     def name(self) -> str:
-        return schema.student_name(self.method, self.seed, self.teacher_seeds)
+        return schema.student_name(self.method, self.seed, self.teacher_seeds, self.suffix)
+
+    def overrides(self, ctx: Context) -> dict:
+        return {**ctx.plan.overrides, **dict(self.settings)}
 
     def run_here(self, ctx: Context) -> Outcome:
         return steps.distill(
-            self.teacher, self.seed, preset=ctx.plan.preset, overrides=ctx.plan.overrides, **ctx.where()
+            self.teacher, self.seed, preset=ctx.plan.preset, overrides=self.overrides(ctx), **ctx.where()
         )
 
     @staticmethod
     def run_packed(items: list[DistillStep], ctx: Context) -> list[Outcome]:
-        pairs = [(s.teacher, s.seed) for s in items]
-        return steps.distill_wave(pairs, preset=ctx.plan.preset, overrides=ctx.plan.overrides, **ctx.where())
+        students = [(s.teacher, s.seed, s.overrides(ctx)) for s in items]
+        return steps.distill_wave(students, preset=ctx.plan.preset, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -157,7 +161,7 @@ class DistillStep:
             str(self.seed),
             "--preset",
             ctx.plan.preset,
-            *_override_argv(ctx.plan.overrides),
+            *_override_argv(self.overrides(ctx)),
             *_common_argv(ctx),
         ]
 
@@ -188,9 +192,9 @@ class Progress:
     """`[step 3/13] train-seed-2` with the elapsed time and an estimate of what is left,
     from the trainings that ran so far (ensembles take seconds)."""
 
-    def __init__(self, plan: Plan, log=sys.stderr):
-        self.total, self.log = plan.n_steps, log
-        self.trainings_left = 2 * len(plan.seeds) + 1
+    def __init__(self, total: int, trainings: int, log=sys.stderr):
+        self.total, self.log = total, log
+        self.trainings_left = trainings
         self.started = time.monotonic()
         self.count = 0
         self.trained_seconds: list[float] = []
@@ -252,8 +256,6 @@ def reproduce(
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
     executor = executor or executors.InProcess()
-    if plan.pack:
-        executor = executors.PackedWaves(executor)
     parent = tracking.open_study(
         session, schema.study_name(plan.preset, plan.recipe.dataset, plan.label), _study_tags(plan, split.digest)
     )
@@ -266,7 +268,7 @@ def reproduce(
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
     ctx = Context(plan, ex, parent, session.without_adoption())
     result = StudyResult(parent)
-    progress = Progress(plan)
+    progress = Progress(plan.n_steps, 2 * len(plan.seeds) + 1)
     try:
         _waves(plan, ctx, executor, result, progress)
         result.tables, result.summary = _report(session, parent, plan, result)

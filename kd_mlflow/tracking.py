@@ -17,6 +17,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+# MLflow's usage telemetry sets and unsets an environment variable from a background
+# thread, while a request on another thread iterates os.environ (urllib's proxy
+# lookup): seen here as `KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'` failing a run search
+# on a machine that cannot reach the telemetry endpoint. Off unless the user turns it
+# on; read when mlflow is imported, so set before.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -394,6 +401,10 @@ def set_tags(session: Session, run_id: str, tags: dict) -> None:
 
 def note(session: Session, run_id: str, text: str) -> None:
     session.client.set_tag(run_id, "mlflow.note.content", text)
+
+
+def log_params(session: Session, run_id: str, params: dict) -> None:
+    session.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
 def log_study(
