@@ -138,15 +138,15 @@ def fit(
     optimizer = make_optimizer(recipe, model.parameters())
     scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
     order = torch.Generator().manual_seed(recipe.order_seed)
-    state = {"epoch": 0, "networks": [_unselected() for _ in objectives]}
+    done, networks = 0, [_unselected() for _ in objectives]  # epochs done; each network's selection
     saved = checkpoints.load_latest() if checkpoints else None
     if saved is not None:
-        state = _restore(saved, model, optimizer, scheduler, order, rt)
-        print(f"resuming after epoch {state['epoch']}", file=log)
+        done, networks = _restore(saved, model, optimizer, scheduler, order, rt)
+        print(f"resuming after epoch {done}", file=log)
     step = torch.compile(model) if rt.compile else model
     on_step = on_step or _step_losses_file()
 
-    for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
+    for epoch in range(done + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
         scores = _train_epoch(step, objectives, data, recipe, rt, optimizer, scheduler, order, on_step, log, epoch)
         scores.update(_evaluate_networks(step, data, recipe, rt, test=recipe.test_each_epoch))
@@ -155,18 +155,17 @@ def fit(
             {name: v[i].item() for name, v in scores.items()} | {"epoch_seconds": seconds}
             for i in range(len(objectives))
         ]
-        _record_epoch(model, state["networks"], metrics, epoch)
-        state["epoch"] = epoch
+        _record_epoch(model, networks, metrics, epoch)
         for sink, m in zip(sinks, metrics, strict=True):
             if sink:
                 sink(epoch, m)
         if checkpoints:
-            checkpoints.save(_snapshot(model, optimizer, scheduler, order, state, rt))
+            checkpoints.save(_snapshot(model, optimizer, scheduler, order, epoch, networks, rt))
         print(_progress_line(epoch, recipe.epochs, metrics), file=log, flush=True)
 
     if not recipe.test_each_epoch:
-        _test_selected(model, state["networks"], data, recipe, rt)
-    return [FitResult(**n) for n in state["networks"]]
+        _test_selected(model, networks, data, recipe, rt)
+    return [FitResult(**n) for n in networks]
 
 
 def _unselected() -> dict:
@@ -323,7 +322,7 @@ def _progress_line(epoch: int, epochs: int, metrics: list[dict]) -> str:
 # --- resumable state -------------------------------------------------------
 
 
-def _snapshot(model, optimizer, scheduler, order, state, rt: Runtime) -> dict:
+def _snapshot(model, optimizer, scheduler, order, epoch: int, networks: list[dict], rt: Runtime) -> dict:
     """Everything needed to continue bit for bit: weights, optimiser and schedule, every
     random generator, the epoch, and each network's selection and metrics so far."""
     snap = {
@@ -332,15 +331,16 @@ def _snapshot(model, optimizer, scheduler, order, state, rt: Runtime) -> dict:
         "scheduler": scheduler.state_dict(),
         "order_rng": order.get_state(),
         "torch_rng": torch.get_rng_state(),
-        **state,
+        "epoch": epoch,
+        "networks": networks,
     }
     if rt.device.type == "cuda":
         snap["cuda_rng"] = torch.cuda.get_rng_state_all()
     return snap
 
 
-def _restore(snap, model, optimizer, scheduler, order, rt: Runtime) -> dict:
-    """Put a snapshot's state back; returns the loop's state (epoch, networks)."""
+def _restore(snap, model, optimizer, scheduler, order, rt: Runtime) -> tuple[int, list[dict]]:
+    """Put a snapshot's state back; returns its epoch and each network's selection."""
     model.load_state_dict(snap["model"])
     optimizer.load_state_dict(snap["optimizer"])
     scheduler.load_state_dict(snap["scheduler"])
@@ -349,7 +349,7 @@ def _restore(snap, model, optimizer, scheduler, order, rt: Runtime) -> dict:
     if "cuda_rng" in snap and rt.device.type == "cuda":
         torch.cuda.set_rng_state_all(snap["cuda_rng"])
     if "best_state" in snap:  # a lone run's checkpoint from before packed runs shared this loop
-        return {"epoch": snap["epoch"], "networks": [{key: snap[key] for key in _unselected()}]}
+        return snap["epoch"], [{key: snap[key] for key in _unselected()}]
     if "networks" not in snap:
         raise ValueError("a packed wave's checkpoint from an older kd-mlflow: run the command again with --force")
-    return {"epoch": snap["epoch"], "networks": snap["networks"]}
+    return snap["epoch"], snap["networks"]
