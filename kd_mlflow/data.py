@@ -291,21 +291,20 @@ class DeviceData:
     def n_train(self) -> int:
         return len(self.train_y)
 
-    def train_batches(
-        self, batch_size: int, order: torch.Generator, augment: bool, style: str = "randperm", pad: int = 4
-    ):
-        """One epoch in the order drawn from ``order`` (a CPU generator, so it is the
-        same on every device and its state can be checkpointed). ``style`` is the
-        recipe's ``order_style``."""
-        for idx in epoch_order(self.n_train, batch_size, order, style):
+    def train_batches(self, recipe: Recipe, order: torch.Generator):
+        """One epoch of ``recipe``'s batches (its ``batch_size``, ``order_style``,
+        ``augment`` and ``crop_padding``; nothing else decides them) in the order drawn
+        from ``order``: a CPU generator, so it is the same on every device and its state
+        can be checkpointed."""
+        for idx in epoch_order(self.n_train, recipe.batch_size, order, recipe.order_style):
             shifts = flips = None
-            if augment:
-                shifts = torch.randint(0, 2 * pad + 1, (len(idx), 2), generator=order)
+            if recipe.augment:
+                shifts = torch.randint(0, 2 * recipe.crop_padding + 1, (len(idx), 2), generator=order)
                 flips = torch.rand(len(idx), generator=order) < 0.5
             idx_d = idx.to(self.device, non_blocking=True)
             x = self.train_x[idx_d]
-            if augment:
-                x = crop_flip(x, shifts.to(self.device), flips.to(self.device), pad)
+            if recipe.augment:
+                x = crop_flip(x, shifts.to(self.device), flips.to(self.device), recipe.crop_padding)
             yield Batch(x, self.train_y[idx_d], idx_d)
 
     def eval_batches(self, which: str, batch_size: int):
@@ -333,7 +332,7 @@ def epoch_order(n: int, batch_size: int, order: torch.Generator, style: str):
         yield perm[start : start + batch_size]
 
 
-def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4):
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int):
     """Random crop after zero padding by ``pad``, and horizontal flip, per image, as one
     gather on the device (no per-image Python)."""
     n, c, h, w = x.shape

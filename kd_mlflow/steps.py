@@ -272,8 +272,8 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
 
         from . import data as data_mod
         from . import models
-        from .pack import fit_packed
-        from .train import make_runtime
+        from .pack import pack
+        from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
         for rec in recordings:
@@ -283,14 +283,14 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
             torch.manual_seed(seeds[i])
             nets.append(models.build(recipe, source.num_classes, draws_before=draws[i]))
         dd = data_mod.DeviceData(source, split, rt.device)
-        results = fit_packed(
-            nets,
+        results = fit(
+            rt.prepare(pack(nets)),
             [make_objective(dd, rt, i) for i in indices],
             dd,
             recipe,
             rt,
             [rec.sink for rec in recordings],
-            checkpoints=store,
+            store,
         )
         return [
             _selected(rec, rt.prepare(net), result, dd, recipe, rt)
@@ -509,7 +509,7 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         torch.manual_seed(seed)  # the model seed sets the initialisation, nothing else
         model = rt.prepare(models.build(recipe, source.num_classes, draws_before=draws_before))
         dd = data_mod.DeviceData(source, split, rt.device)
-        result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
+        (result,) = fit(model, [make_objective(dd, rt)], dd, recipe, rt, [rec.sink], rec.store)
         return _selected(rec, model, result, dd, recipe, rt)
 
     return body

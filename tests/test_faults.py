@@ -139,7 +139,7 @@ def test_kill_9_a_packed_wave_then_rerun_resumes_its_runs(tracked, tmp_path):
 
     again = _finish(wave, env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming the packed wave after epoch" in again.stderr
+    assert "resuming after epoch" in again.stderr
     runs = tracked.runs()
     assert {r.info.run_name: r.info.run_id for r in runs} == killed  # the same two runs, finished
     assert all(r.info.status == "FINISHED" for r in runs)

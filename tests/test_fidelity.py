@@ -130,12 +130,7 @@ def test_batch_order_is_the_dataloaders_epoch_by_epoch():
     for _ in range(3):
         states.append(order.get_state())
         # Positions in kd-mlflow's training set, mapped to CIFAR-10 indices.
-        ours.append(
-            [
-                split.train_idx[b.idx].tolist()
-                for b in dd.train_batches(REPORT.batch_size, order, REPORT.augment, REPORT.order_style)
-            ]
-        )
+        ours.append([split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT, order)])
 
     train_data, _ = _report_split()  # its items are CIFAR-10 indices
     loader = DataLoader(train_data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(42))
@@ -149,9 +144,7 @@ def test_batch_order_is_the_dataloaders_epoch_by_epoch():
     # Resume: an epoch's order is a function of the generator's state alone.
     resumed = torch.Generator()
     resumed.set_state(states[2])
-    again = [
-        split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT.batch_size, resumed, False, REPORT.order_style)
-    ]
+    again = [split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT, resumed)]
     assert again == theirs[2]
 
 
@@ -337,7 +330,7 @@ def _kd_mlflow_losses(images, labels) -> list[float]:
             raise _Stop
 
     with pytest.raises(_Stop):
-        fit(model, CrossEntropy(), dd, recipe, rt, log=None, on_step=on_step)
+        fit(model, [CrossEntropy()], dd, recipe, rt, log=None, on_step=on_step)
     return losses
 
 
