@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import runs, schema
 from .config import (
@@ -29,6 +30,9 @@ from .config import (
     recipe_from_params,
 )
 from .runs import Final, Outcome, RunRecord, RunSpec
+
+if TYPE_CHECKING:  # torch: imported where a run trains
+    from .data import Source, Split
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,8 @@ def distill(
 class _StudentPlan:
     spec: RunSpec
     recipe: Recipe
-    source: object
-    split: object
+    source: Source
+    split: Split
     teacher: RunRecord
     draws_before: int
 
@@ -176,6 +180,7 @@ def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution)
     from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_table
 
     model = rt.prepare(teacher_model)
+    t: OnlineTeacher | CachedTeacher
     if plan.recipe.augment:
         t = OnlineTeacher(model, rt.autocast)
     else:
@@ -241,8 +246,8 @@ def distill_wave(
     session = session or runs.connect(experiment)
     plans = [_student_plan(session, t, seed, preset, over, data_dir, ex) for t, seed, over in students]
     if len({(tuple(sorted(p.recipe.fields_for("train").items())), p.split.digest) for p in plans}) > 1:
-        teachers = ",".join(t for t, _, _ in students)
-        raise ConfigError("pack", teachers, "a packed wave needs one training recipe and one split")
+        ids = ",".join(t for t, _, _ in students)
+        raise ConfigError("pack", ids, "a packed wave needs one training recipe and one split")
     first = plans[0]
     teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
     body = _fitting_packed(
@@ -348,7 +353,7 @@ def ensemble(
     source, split = load_data(recipe, data_dir or first.data_dir, ex)
     for m in members:
         runs.check_same_data(m, split.digest, source.num_classes, "members")
-    roles = {m.role for m in members}
+    roles = {m.role or "" for m in members}
     member_role = roles.pop() if len(roles) == 1 else "mixed"
     seeds = [str(m.seed) if m.seed is not None else "?" for m in members]
     preset = first.preset or ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import executors, schema, steps, tracking
 from .config import ConfigError, Recipe, check_schedule, group_label
@@ -59,11 +60,24 @@ class Plan:
         return 2 * len(self.seeds) + 3
 
 
+class StepPlan(Protocol):
+    """What the steps read of a plan: a study's :class:`Plan`, or a sweep's."""
+
+    @property
+    def preset(self) -> str: ...
+
+    @property
+    def overrides(self) -> dict: ...
+
+    @property
+    def data_dir(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class Context:
     """What a step needs wherever it runs."""
 
-    plan: Plan
+    plan: StepPlan
     ex: steps.Execution
     parent: str
     session: object = None  # in-process steps only
@@ -97,6 +111,12 @@ def _override_argv(overrides: dict) -> list[str]:
     return out
 
 
+def _study(ctx: Context) -> Plan:
+    """Teachers are trained by studies only (a sweep's plan has no training recipe)."""
+    assert isinstance(ctx.plan, Plan), "a train step outside a study"
+    return ctx.plan
+
+
 @dataclass(frozen=True)
 class TrainStep:
     seed: int
@@ -107,11 +127,11 @@ class TrainStep:
         return schema.train_name(self.seed)
 
     def run_here(self, ctx: Context) -> Outcome:
-        return steps.train(self.seed, ctx.plan.recipe, ctx.plan.preset, **ctx.where())
+        return steps.train(self.seed, _study(ctx).recipe, ctx.plan.preset, **ctx.where())
 
     @staticmethod
     def run_packed(items: list[TrainStep], ctx: Context) -> list[Outcome]:
-        return steps.train_wave([s.seed for s in items], ctx.plan.recipe, ctx.plan.preset, **ctx.where())
+        return steps.train_wave([s.seed for s in items], _study(ctx).recipe, ctx.plan.preset, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -396,13 +416,13 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
     if tables:
         rows = tables[0].summary.set_index("row")
         for (row, col), key in SUMMARY_METRICS.items():
-            value = rows.loc[row, col] if row in rows.index else None
-            if value is not None and value == value:  # not NaN
+            value = rows.loc[row, col] if row in rows.index else float("nan")
+            if value == value:  # not NaN
                 summary[key] = float(value)
         for g in tables[0].gains.itertuples():
-            key = GAIN_METRICS.get(g.gain)
-            if key and g.lo == g.lo:
-                summary.update({f"{key}_lo": float(g.lo), f"{key}_hi": float(g.hi)})
+            metric = GAIN_METRICS.get(g.gain)
+            if metric and g.lo == g.lo:
+                summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
     roles = {
         name: ("teacher" if name.startswith("train-") else "student")
         for name in result.runs

@@ -67,6 +67,7 @@ def parse_grid(lists: dict[str, str]) -> Grid:
 
 
 def _typed(name: str, default, text: str):
+    value: object
     try:
         if isinstance(default, bool):
             value = YES_NO[text.lower()]
@@ -164,7 +165,6 @@ class SweepPlan:
     preset: str = ""  # the teacher's, filled in when the teacher is read
     overrides: dict = field(default_factory=dict)  # fields fixed for every point
     data_dir: str | None = None
-    recipe: Recipe | None = None  # unused: a sweep trains no teacher
 
 
 def run(plan: SweepPlan, *, experiment=None, ex=None, executor=None, show_test: bool = False):
