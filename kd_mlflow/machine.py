@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-PREFIX = "kd.env."
+from .schema import ENV_PREFIX
 
 
 def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
@@ -33,7 +33,7 @@ def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
         "tf32_cudnn": str(torch.backends.cudnn.allow_tf32),
         "threads": str(torch.get_num_threads()),
     }
-    return {PREFIX + k: (v or "unknown") for k, v in env.items()}
+    return {ENV_PREFIX + k: (v or "unknown") for k, v in env.items()}
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
