@@ -81,19 +81,15 @@ def _counted(tables) -> dict:
 
 def _logged(tables) -> dict:
     """Run id -> logged test accuracy, for every run the tables name (teachers too)."""
-    out: dict[str, float] = {}
-    for frame, col in (
-        (tables.seeds, "test_acc"),
-        (tables.ensembles, "test_acc"),
-        (tables.kd, "test_acc"),
-        (tables.kd.set_index("teacher_run_id", drop=False).rename(columns={"teacher_test_acc": "t"}), "t"),
-        (tables.self_distillation, "student_test_acc"),
-        (tables.self_distillation.set_index("teacher_run_id", drop=False), "teacher_test_acc"),
-        (tables.sd_ensembles, "test_acc"),
-    ):
-        ids = frame.index if col in ("t", "teacher_test_acc") else frame["run_id"]
-        out.update(zip(ids, frame[col], strict=True))
-    return out
+    sd = tables.self_distillation
+    pairs = [
+        *(zip(t["run_id"], t["test_acc"], strict=True) for t in (tables.seeds, tables.ensembles, tables.kd)),
+        zip(tables.sd_ensembles["run_id"], tables.sd_ensembles["test_acc"], strict=True),
+        zip(sd["run_id"], sd["student_test_acc"], strict=True),
+        zip(sd["teacher_run_id"], sd["teacher_test_acc"], strict=True),
+        zip(tables.kd["teacher_run_id"], tables.kd["teacher_test_acc"], strict=True),
+    ]
+    return {rid: acc for pair in pairs for rid, acc in pair}
 
 
 def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
@@ -109,9 +105,10 @@ def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
         right, n = int(p.correct("test").sum()), len(p.labels("test"))
         acc = logged.get(rid)
         if acc is not None and not math.isnan(acc) and abs(acc * n / 100 - right) > 1e-6:
+            old = "" if p.has_classes else " (its file holds no predicted classes: float16 ties break to class 0)"
             notes.append(
                 f"run {rid}: its predictions give {100 * right / n:.2f}% test accuracy, its logged "
-                f"final_test_acc is {acc:.2f}%: left out of the intervals"
+                f"final_test_acc is {acc:.2f}%{old}: left out of the intervals"
             )
             continue
         out[rid] = p
