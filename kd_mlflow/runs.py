@@ -41,7 +41,8 @@ def _int(text, default=None):
 
 
 def _ids(text) -> tuple:
-    """ "0, 1,2" -> ("0", "1", "2"): equal lists compare equal however they were typed."""
+    """Comma-separated ids or seeds, each stripped: equal lists compare equal however
+    they were typed ("0, 1,2" and "0,1,2")."""
     return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
