@@ -105,10 +105,10 @@ def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
         right, n = int(p.correct("test").sum()), len(p.labels("test"))
         acc = logged.get(rid)
         if acc is not None and not math.isnan(acc) and abs(acc * n / 100 - right) > 1e-6:
-            old = "" if p.has_classes else " (its file holds no predicted classes: float16 ties break to class 0)"
+            why = "" if p.has_classes else " (its file holds no predicted classes: float16 ties break to class 0)"
             notes.append(
                 f"run {rid}: its predictions give {100 * right / n:.2f}% test accuracy, its logged "
-                f"final_test_acc is {acc:.2f}%{old}: left out of the intervals"
+                f"final_test_acc is {acc:.2f}%{why}: left out of the intervals"
             )
             continue
         out[rid] = p
