@@ -329,7 +329,7 @@ def _gains_are_the_summarys(t, by_id: dict) -> None:
             assert summary.loc[row, "gain"] == pytest.approx(estimates.mean(), abs=1e-12), row
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(_sd_student_in_two_tables())
 @example(_ensemble_of_students_of_two_settings_dropped())
 @example(_sd_gain_from_float16_ties())
