@@ -7,7 +7,9 @@ over test images (10,000 resamples, seed 0: the same runs give the same interval
 the ensemble minus the mean single model, the KD student minus the mean single model,
 each SD student minus its teacher (with the exact McNemar p-value) and their mean (with
 a t-interval over the pairs as well), the SD ensemble minus the ensemble. The single
-models get a t-interval over seeds.
+models get a t-interval over seeds. Each estimate is computed once, from the runs'
+logged accuracies (:func:`estimates`), for this table and for the summary alike; the
+intervals come from the predictions' stored classes, whose accuracy is the logged one.
 
 Mechanism: how much the members disagree; how closely each student follows its
 teacher (top-1 agreement, mean KL(teacher || student)); how much of the ensemble's gain
