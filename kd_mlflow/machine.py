@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-PREFIX = "kd.env."
+from .schema import ENV_PREFIX
 
 
 def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
@@ -37,7 +37,7 @@ def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
         # workers) gets a CPU only when nothing else wants it.
         "nice": str(os.nice(0)),
     }
-    return {PREFIX + k: (v or "unknown") for k, v in env.items()}
+    return {ENV_PREFIX + k: (v or "unknown") for k, v in env.items()}
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from . import runs, steps
-from .config import ConfigError, recipe_from_params
+from .config import ConfigError
 from .runs import RunRecord
 
 
@@ -87,17 +87,21 @@ def _backfill_predictions(session, rec: RunRecord) -> None:
 
     print(f"computing the predictions of run {rec.run_id} ({rec.name}) from its weights, once", file=sys.stderr)
     member = runs.members(session, rec)[0] if rec.role == "ensemble" else rec
-    recipe = recipe_from_params(member.params)
+    recipe = member.recipe
     source, split = steps.load_data(recipe, rec.data_dir or member.data_dir, steps.Execution())
     runs.check_same_data(rec, split.digest, source.num_classes, "run")
     rt = make_runtime(recipe, "cpu")
     model = steps.load_network(session, rec, source.num_classes, "run")
     dd = data_mod.DeviceData(source, split, rt.device)
+    probs_val, pred_val = predict(model, dd, "val", recipe, rt)
+    probs_test, pred_test = predict(model, dd, "test", recipe, rt)
     runs.add_predictions(
         session,
         rec,
-        predict(model, dd, "val", recipe, rt).numpy(),
-        predict(model, dd, "test", recipe, rt).numpy(),
+        probs_val.numpy(),
+        probs_test.numpy(),
         dd.val_y.numpy(),
         dd.test_y.numpy(),
+        pred_val=pred_val.numpy(),
+        pred_test=pred_test.numpy(),
     )

@@ -15,8 +15,10 @@ import json
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import pandas as pd
 
 from . import schema, tracking
 from .config import ConfigError, Recipe, recipe_from_params
@@ -39,7 +41,9 @@ def _int(text, default=None):
 
 
 def _ids(text) -> tuple:
-    return tuple(p for p in (text or "").split(",") if p)
+    """Comma-separated ids or seeds, each stripped: equal lists compare equal however
+    they were typed ("0, 1,2" and "0,1,2")."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
 @dataclass(frozen=True)
@@ -47,16 +51,16 @@ class RunRecord:
     """What kd-mlflow needs to know of a logged run, without MLflow's types."""
 
     run_id: str
-    name: str
-    status: str
-    role: str | None
-    seed: int | None
-    preset: str | None
-    dataset: str | None
-    split_digest: str | None
-    num_classes: int | None
-    config_hash: str | None
-    group: str | None
+    name: str = ""
+    status: str = "FINISHED"
+    role: str | None = None
+    seed: int | None = None
+    preset: str | None = None
+    dataset: str | None = None
+    split_digest: str | None = None
+    num_classes: int | None = None
+    config_hash: str | None = None
+    group: str | None = None
     group_label: str | None = None
     method: str | None = None  # students: kd | sd
     teacher_run_id: str | None = None
@@ -65,9 +69,12 @@ class RunRecord:
     member_run_ids: tuple = ()
     member_seeds: tuple = ()
     member_role: str | None = None
-    combine: str | None = None
+    combine: str | None = None  # ensembles: prob | logit
     duplicate_of: str | None = None
-    params: dict = field(default_factory=dict)
+    study: bool = False  # a study's parent run, not a result
+    mixed: bool = False  # an ensemble of members of different groups (--allow-mixed)
+    start_time: int = 0  # ms since the epoch: of two runs of one configuration, the later wins
+    params: dict = field(default_factory=dict)  # as the run used them (see record_of)
     final_val_acc: float | None = None
     final_test_acc: float | None = None
     has_predictions: bool = False
@@ -76,15 +83,30 @@ class RunRecord:
     def data_dir(self) -> str | None:
         return self.params.get("data_dir") or None
 
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe its params make; ConfigError if they make none."""
+        return recipe_from_params(self.params)
+
+
+def _params(logged: dict) -> dict:
+    """The params as the run used them: where `mlflow run` had logged a value in
+    another form or value, the one used is under "resolved.<name>"."""
+    n = len(schema.RESOLVED_PREFIX)
+    resolved = {k[n:]: v for k, v in logged.items() if k.startswith(schema.RESOLVED_PREFIX)}
+    return {**{k: v for k, v in logged.items() if not k.startswith(schema.RESOLVED_PREFIX)}, **resolved}
+
 
 def record_of(run) -> RunRecord:
-    t, p, m = run.data.tags, run.data.params, run.data.metrics
+    """The one reading of a logged run's params, tags and results."""
+    t, p, m = run.data.tags, _params(run.data.params), run.data.metrics
+    role = t.get(schema.ROLE)
     return RunRecord(
         run_id=run.info.run_id,
         name=t.get("mlflow.runName", ""),
         status=run.info.status,
-        role=t.get(schema.ROLE),
-        seed=_int(t.get(schema.SEED)),
+        role=role,
+        seed=_int(t.get(schema.SEED), _int(p.get("seed"))),
         preset=t.get(schema.PRESET),
         dataset=t.get(schema.DATASET),
         split_digest=t.get(schema.SPLIT_DIGEST),
@@ -94,18 +116,37 @@ def record_of(run) -> RunRecord:
         group_label=t.get(schema.GROUP_LABEL),
         method=t.get(schema.METHOD),
         teacher_run_id=t.get(schema.TEACHER_RUN_ID),
-        teacher_seeds=t.get(schema.TEACHER_SEEDS, ""),
+        teacher_seeds=",".join(_ids(t.get(schema.TEACHER_SEEDS))),
         generation=_int(t.get(schema.GENERATION), 0),
         member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
         member_seeds=_ids(t.get(schema.MEMBER_SEEDS)),
         member_role=t.get(schema.MEMBER_ROLE),
-        combine=p.get("combine"),
+        # An ensemble logged before the combine mode existed averaged probabilities.
+        combine=p.get("combine") or ("prob" if role == "ensemble" else None),
         duplicate_of=t.get(schema.DUPLICATE_OF),
-        params=dict(p),
+        study=schema.STUDY in t,
+        mixed=t.get(schema.MIXED) == "true",
+        start_time=run.info.start_time or 0,
+        params=p,
         final_val_acc=m.get(schema.FINAL_VAL_ACC),
         final_test_acc=m.get(schema.FINAL_TEST_ACC),
         has_predictions=schema.PREDICTIONS in t,
     )
+
+
+def records_frame(records) -> pd.DataFrame:
+    """compare's input: one row per record, a column per RunRecord field (plain names),
+    and ``recipe``: the record's Recipe, or None where its params make none."""
+    names = [f.name for f in fields(RunRecord)]
+    rows = [[getattr(r, n) for n in names] + [_recipe_or_none(r)] for r in records]
+    return pd.DataFrame(rows, columns=[*names, "recipe"])
+
+
+def _recipe_or_none(rec: RunRecord) -> Recipe | None:
+    try:
+        return rec.recipe
+    except ConfigError:
+        return None
 
 
 # --- lookups ---------------------------------------------------------------
@@ -225,10 +266,11 @@ def experiments_with_results(session) -> list[str]:
     return tracking.experiments_with_tag(session, schema.ROLE)
 
 
-def results_frame(session, preset: str | None = None):
-    """Every FINISHED run of the experiment (of one preset, filtered on the server) as
-    MLflow's runs frame, in one search query."""
-    return session.runs_frame(f"tags.`{schema.PRESET}` = '{preset}'" if preset else "")
+def results_frame(session, preset: str | None = None) -> pd.DataFrame:
+    """Every FINISHED run of the experiment (of one preset, filtered on the server), in one
+    search query, read as RunRecords: compare's input (:func:`records_frame`)."""
+    found = session.finished_runs(f"tags.`{schema.PRESET}` = '{preset}'" if preset else "")
+    return records_frame(record_of(run) for run in found)
 
 
 def register(session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
@@ -245,10 +287,14 @@ def predictions_of(session, rec: RunRecord):
     return tracking.load_predictions(rec.run_id)
 
 
-def add_predictions(session, rec: RunRecord, probs_val, probs_test, labels_val, labels_test) -> None:
+def add_predictions(
+    session, rec: RunRecord, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test
+) -> None:
     """Predictions computed after the fact (a run made before runs logged them): logged
     once, on the run itself."""
-    tracking.log_predictions_to(session, rec.run_id, probs_val, probs_test, labels_val, labels_test)
+    tracking.log_predictions_to(
+        session, rec.run_id, probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
+    )
 
 
 def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:
@@ -325,10 +371,12 @@ class Recording:
     def set_tags(self, tags: dict) -> None:
         self.writer.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
-        """The selected model's probabilities on the validation and test images, as an
-        artifact that loads without pickle (:mod:`kd_mlflow.predictions`)."""
-        self.writer.log_predictions(probs_val, probs_test, labels_val, labels_test)
+    def log_predictions(self, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> None:
+        """The selected model's probabilities and predicted classes on the validation and
+        test images, as an artifact that loads without pickle (:mod:`kd_mlflow.predictions`)."""
+        self.writer.log_predictions(
+            probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
+        )
 
 
 def record(

@@ -36,6 +36,16 @@ STUDY_RUN_ID = "kd.study_run_id"  # registered model versions: the study that ma
 EXPERIMENT_ID = "kd.experiment_id"  # registered model versions: the experiment of that study
 VERSION = "kd.version"
 GIT_COMMIT = "kd.git_commit"
+# What the numbers depend on beyond the recipe (not identity):
+DEVICE = "kd.device"  # the torch device the run trained or evaluated on
+PRECISION_RESOLVED = "kd.precision_resolved"  # fp32 | bf16, what precision=auto became
+THREADS = "kd.threads"  # torch's CPU thread count
+ENV_PREFIX = "kd.env."  # the machine and libraries: kd_mlflow.machine.env_tags
+
+# --- params ---------------------------------------------------------------
+# A value that `mlflow run` had logged in another form or value than the one the run
+# used: MLflow params are immutable, so the used one is logged as "resolved.<name>".
+RESOLVED_PREFIX = "resolved."
 
 ROLES = ("train", "ensemble", "student")
 

@@ -547,9 +547,9 @@ def _runtime_tags(rt) -> dict:
     from . import machine
 
     return {
-        "kd.device": rt.device,
-        "kd.precision_resolved": rt.precision,
-        "kd.threads": torch.get_num_threads(),
+        schema.DEVICE: rt.device,
+        schema.PRECISION_RESOLVED: rt.precision,
+        schema.THREADS: torch.get_num_threads(),
         **machine.env_tags(rt.device),
     }
 
@@ -575,11 +575,15 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
 def _log_predictions(rec, model, dd, recipe, rt) -> None:
     from .train import predict
 
+    probs_val, pred_val = predict(model, dd, "val", recipe, rt)
+    probs_test, pred_test = predict(model, dd, "test", recipe, rt)
     rec.log_predictions(
-        predict(model, dd, "val", recipe, rt).numpy(),
-        predict(model, dd, "test", recipe, rt).numpy(),
+        probs_val.numpy(),
+        probs_test.numpy(),
         dd.val_y.cpu().numpy(),
         dd.test_y.cpu().numpy(),
+        pred_val=pred_val.numpy(),
+        pred_test=pred_test.numpy(),
     )
 
 

@@ -90,12 +90,11 @@ class Session:
     def artifact_paths(self, run_id: str, folder: str) -> set[str]:
         return {f.path for f in self.client.list_artifacts(run_id, folder)}
 
-    def runs_frame(self, filter_string: str = ""):
-        """Every FINISHED run of the experiment (matching ``filter_string``), in one search query."""
+    def finished_runs(self, filter_string: str = "") -> list:
+        """Every FINISHED run of the experiment (matching ``filter_string``), in one search
+        query (MLflow pages through it)."""
         where = " AND ".join(p for p in ("attributes.status = 'FINISHED'", filter_string) if p)
-        return mlflow.search_runs(
-            [self.experiment_id], filter_string=where, output_format="pandas", max_results=100_000
-        )
+        return mlflow.search_runs([self.experiment_id], filter_string=where, output_format="list", max_results=100_000)
 
 
 def connect(experiment: str | None = None, create: bool = True) -> Session:
@@ -201,7 +200,7 @@ class RunWriter:
             if key not in held:
                 fresh[key] = value
             elif not _same_value(held[key], value):
-                fresh[f"resolved.{key}"] = value
+                fresh[schema.RESOLVED_PREFIX + key] = value
         self.session.client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh.items()])
         self.set_tags({**tags, schema.VERSION: _version(), **_git_tag()})
 
@@ -280,8 +279,17 @@ class RunWriter:
     def log_artifact(self, path, folder: str) -> None:
         self.session.client.log_artifact(self.run_id, str(path), folder)
 
-    def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
-        log_predictions_to(self.session, self.run_id, probs_val, probs_test, labels_val, labels_test)
+    def log_predictions(self, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> None:
+        log_predictions_to(
+            self.session,
+            self.run_id,
+            probs_val,
+            probs_test,
+            labels_val,
+            labels_test,
+            pred_val=pred_val,
+            pred_test=pred_test,
+        )
 
     def end(self, status: str = "FINISHED") -> None:
         self.session.client.set_terminated(self.run_id, status)
@@ -496,12 +504,14 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
 # --- predictions ------------------------------------------------------------------
 
 
-def log_predictions_to(session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test) -> None:
+def log_predictions_to(
+    session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test
+) -> None:
     from . import predictions
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(schema.PREDICTIONS_PATH).name
-        predictions.save(path, probs_val, probs_test, labels_val, labels_test)
+        predictions.save(path, probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test)
         session.client.log_artifact(run_id, str(path), Path(schema.PREDICTIONS_PATH).parent.as_posix())
     session.client.set_tag(run_id, schema.PREDICTIONS, schema.PREDICTIONS_PATH)
 

@@ -284,14 +284,18 @@ def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
 
 
 @torch.no_grad()
-def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> torch.Tensor:
-    """Softmax probabilities on ``which`` ("val" or "test"), in the data's order, on the CPU."""
+def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities, predicted classes) on ``which`` ("val" or "test"), in the
+    data's order, on the CPU. The classes are the argmax of the float32 logits, as
+    :func:`evaluate` counts them: the stored probabilities' float16 copy may tie."""
     model.eval()
-    out = []
+    probs, classes = [], []
     for batch in data.eval_batches(which, recipe.eval_batch_size):
         with rt.autocast():
-            out.append(model(batch.x).float().softmax(1).cpu())
-    return torch.cat(out)
+            logits = model(batch.x).float()
+            probs.append(logits.softmax(1).cpu())
+            classes.append(logits.argmax(1).cpu())
+    return torch.cat(probs), torch.cat(classes)
 
 
 def _evaluate_networks(model, data, recipe, rt, test: bool) -> dict:
