@@ -181,7 +181,7 @@ def result_for(session, spec: RunSpec) -> RunRecord | None:
     be the one ``spec`` asks for: a run is never reused on its hash alone."""
     found = find_result(session, spec.config_hash)
     if found is not None and spec.recipe is not None:
-        logged = recipe_from_params(found.params)
+        logged = found.recipe
         for name, wanted in spec.recipe.differences(logged, spec.recipe_role).items():
             raise ConfigError(
                 name,

@@ -27,7 +27,6 @@ from .config import (
     check_schedule,
     default_cache_dir,
     group_label,
-    recipe_from_params,
 )
 from .runs import Final, Outcome, RunRecord, RunSpec
 
@@ -315,7 +314,7 @@ def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
     """The teacher's training recipe (an ensemble's: its members'), with the preset's
     distillation settings, then the fields the user overrode: a student never silently
     drops what its teacher was trained with. What it changes shows in its group label."""
-    base = recipe_from_params(teacher.params)
+    base = teacher.recipe
     own = {k: getattr(PRESETS[preset], k) for k in STUDENT_FIELDS} if preset in PRESETS else {}
     try:
         return base.replace(**{**own, **overrides})
@@ -349,7 +348,7 @@ def ensemble(
             raise ConfigError("members", m.run_id, "not a train or student run")
         check_loadable(session, m, "members")
     first = members[0]
-    recipe = recipe_from_params(first.params)
+    recipe = first.recipe
     source, split = load_data(recipe, data_dir or first.data_dir, ex)
     for m in members:
         runs.check_same_data(m, split.digest, source.num_classes, "members")
@@ -623,7 +622,7 @@ def load_network(session, rec: RunRecord, num_classes: int, option: str):
     if rec.role == "ensemble":
         nets = [load_network(session, m, num_classes, option) for m in runs.members(session, rec)]
         return Ensemble(nets, rec.combine or "prob").eval()
-    model = models.build(recipe_from_params(rec.params), num_classes)
+    model = models.build(rec.recipe, num_classes)
     try:
         model.load_state_dict(runs.load_weights(rec, option))
     except RuntimeError as e:  # a state dict of another shape

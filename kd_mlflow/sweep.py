@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 
 import pandas as pd
 
-from .config import YES_NO, ConfigError, Recipe
+from .config import ConfigError, Recipe, field_value
 
 TIE_ORDER = ("temperature", "alpha")  # smaller first, on equal validation means
 
@@ -57,7 +57,7 @@ def parse_grid(lists: dict[str, str]) -> Grid:
     for name, text in lists.items():
         if name not in kinds or isinstance(kinds[name], tuple):
             raise ConfigError(name, text, "not a recipe field that can be swept")
-        values = tuple(_typed(name, kinds[name], part.strip()) for part in str(text).split(","))
+        values = tuple(_typed(name, part.strip()) for part in str(text).split(","))
         if len(set(values)) != len(values):
             raise ConfigError(name, text, "a value is given twice")
         axes.append((name, values))
@@ -66,17 +66,8 @@ def parse_grid(lists: dict[str, str]) -> Grid:
     return Grid(tuple(axes))
 
 
-def _typed(name: str, default, text: str):
-    value: object
-    try:
-        if isinstance(default, bool):
-            value = YES_NO[text.lower()]
-        elif isinstance(default, (int, float)):
-            value = type(default)(float(text) if isinstance(default, float) else int(text))
-        else:
-            value = text
-    except (KeyError, ValueError):
-        raise ConfigError(name, text, f"not a {type(default).__name__}") from None
+def _typed(name: str, text: str):
+    value = field_value(name, text)  # the one reading of a recipe field's text
     Recipe().replace(**{name: value})  # the recipe's own checks: ranges and choices
     return value
 

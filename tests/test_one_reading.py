@@ -306,16 +306,13 @@ def test_mixed_ensembles_are_listed_apart_with_the_reason_and_in_no_mean(lab):
 
 # --- every kd.* name lives in schema.py ----------------------------------------
 
-# study.py's registry tags move to schema.py with the registry's own change.
-NOT_YET = {"study.py"}
-
 
 def test_every_kd_tag_name_is_written_in_schema_only():
     package = Path(compare.__file__).parent
     found = [
         f"{path.name}:{node.lineno} {node.value}"
         for path in sorted(package.glob("*.py"))
-        if path.name not in {"schema.py", *NOT_YET}
+        if path.name != "schema.py"
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("kd.")
     ]
