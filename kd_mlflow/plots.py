@@ -87,7 +87,8 @@ def sweep(table, names: list[str]):
         ax.set_xticklabels([str(c) for c in grid.columns])
         ax.set_yticklabels([str(i) for i in grid.index])
         for (i, j), v in np.ndenumerate(grid.to_numpy()):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+            light = im.norm(v) > 0.6  # viridis turns yellow: dark text there
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="black" if light else "white", fontsize=8)
         best = table[table["chosen"]].iloc[0]
         ax.add_patch(
             plt.Rectangle(
