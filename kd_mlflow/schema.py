@@ -30,8 +30,10 @@ PACKED = "kd.packed"  # trained in a packed wave of this many networks (not iden
 FAILURE = "kd.failure"  # why a run ended FAILED, in one line
 STUDY = "kd.study"  # a study's parent run: "true"
 COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
-VERSION = "kd.version"
-GIT_COMMIT = "kd.git_commit"
+VERSION = "kd.version"  # the installed distribution's version (pyproject.toml)
+GIT_COMMIT = "kd.git_commit"  # only when the package folder sits at its repository's top level
+GIT_DIRTY = "kd.git_dirty"  # "true" | "false": uncommitted changes under the package folder
+SOURCE_DIGEST = "kd.source_digest"  # sha256 (16 hex) of kd_mlflow/*.py: the code that ran
 
 ROLES = ("train", "ensemble", "student")
 
