@@ -167,7 +167,6 @@ def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
     assert "Traceback" not in proc.stderr
     (run,) = tracked.runs()  # the run `mlflow run` created: there, and not left RUNNING
     assert run.info.status == "FAILED"
-    assert "--seed" in run.data.tags[schema.FAILURE] and "abc" in run.data.tags[schema.FAILURE]
 
 
 def _offline(env, tmp_path):
