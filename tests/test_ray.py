@@ -19,8 +19,13 @@ def _compare(env, experiment):
     return json.loads(out.stdout)
 
 
-def test_ray_study_matches_the_local_one(smoke_study):
-    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'kd-mlflow[ray]'")
+@pytest.fixture
+def ray():
+    """Ray, or a skip before any study is run for nothing."""
+    return pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'kd-mlflow[ray]'")
+
+
+def test_ray_study_matches_the_local_one(ray, smoke_study):
     env = smoke_study.env
     study = ["reproduce", "--experiment", "ray-smoke", "--preset", "smoke", "--seeds", "0-1"]  # smoke_study's
     proc = run_cli(*study, "--executor", "ray", "--ray-local-gpus", "2", "--gpus-per-run", "1", env=env)
