@@ -34,8 +34,10 @@ COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
 MIXED = "kd.mixed"  # an ensemble of members of different groups (--allow-mixed): "true"
 STUDY_RUN_ID = "kd.study_run_id"  # registered model versions: the study that made them
 EXPERIMENT_ID = "kd.experiment_id"  # registered model versions: the experiment of that study
-VERSION = "kd.version"
-GIT_COMMIT = "kd.git_commit"
+VERSION = "kd.version"  # the installed distribution's version (pyproject.toml)
+GIT_COMMIT = "kd.git_commit"  # only when the package folder sits at its repository's top level
+GIT_DIRTY = "kd.git_dirty"  # "true" | "false": uncommitted changes under the package folder
+SOURCE_DIGEST = "kd.source_digest"  # sha256 (16 hex) of kd_mlflow/*.py: the code that ran
 # What the numbers depend on beyond the recipe (not identity):
 DEVICE = "kd.device"  # the torch device the run trained or evaluated on
 PRECISION_RESOLVED = "kd.precision_resolved"  # fp32 | bf16, what precision=auto became

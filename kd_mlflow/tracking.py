@@ -10,6 +10,8 @@ MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else ``mysteries``; under
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import tempfile
 import time
@@ -202,7 +204,7 @@ class RunWriter:
             elif not _same_value(held[key], value):
                 fresh[schema.RESOLVED_PREFIX + key] = value
         self.session.client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh.items()])
-        self.set_tags({**tags, schema.VERSION: _version(), **_git_tag()})
+        self.set_tags({**tags, **_provenance()})
 
     def log_dataset(self, name: str, uri: str, digest: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -299,7 +301,7 @@ def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:
     """A run `mlflow run` created for a configuration that already has a result: it only
     points at that result, so neither `compare` nor a results table counts it."""
     c = session.client
-    c.set_tag(run_id, schema.DUPLICATE_OF, result_run_id)
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in {schema.DUPLICATE_OF: result_run_id, **_provenance()}.items()])
     c.set_tag(
         run_id, "mlflow.note.content", f"Configuration already finished in run {result_run_id}; nothing was trained."
     )
@@ -349,22 +351,61 @@ def load_weights(run_id: str) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
+    from . import __version__  # the installed metadata's, read once in kd_mlflow/__init__.py
 
     return __version__
 
 
-def _git_tag() -> dict:
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _provenance() -> dict:
+    """What binds a run's numbers to the code that made them: the version, the source
+    digest and, in a git checkout of kd-mlflow itself, the commit and whether the
+    package's files differ from it."""
+    return {schema.VERSION: _version(), schema.SOURCE_DIGEST: _source_digest(), **_git_tag()}
+
+
+@functools.cache
+def _source_digest(package: Path = PACKAGE) -> str:
+    """sha256 (16 hex) of the package's own source, kd_mlflow/*.py by name and content,
+    as airbench keeps its code beside its results: it names the code that ran wherever
+    it was installed (a wheel, a Docker image, an edited copy). Once per process."""
+    h = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        content = path.read_bytes()
+        h.update(f"{path.name}\0{len(content)}\0".encode())
+        h.update(content)
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def _git_tag(package: Path = PACKAGE) -> dict:
+    """The commit, only where the package folder's parent is a repository's top level
+    (a clone of kd-mlflow, installed editable or run in place). Installed inside
+    another repository (a venv in a project's folder), that repository's commit says
+    nothing about this code; a Docker image or a wheel has no repository at all.
+
+    kd.git_dirty covers the package folder only (tracked changes and new files), the
+    same files kd.source_digest hashes: what changes a run's numbers. A notebook, a
+    local mlflow.db or an edited test elsewhere in the clone does not."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None  # no git on this machine
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != package.resolve().parent:
         return {}
-    return {schema.GIT_COMMIT: sha} if len(sha) == 40 else {}
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=all", "--", ".")
+    if not sha or len(sha) != 40 or status is None:
+        return {}
+    return {schema.GIT_COMMIT: sha, schema.GIT_DIRTY: "true" if status else "false"}
 
 
 # --- a study's parent run --------------------------------------------------
@@ -393,7 +434,7 @@ def open_study(session: Session, name: str, tags: dict) -> str:
         c.set_tag(run_id, "mlflow.runName", name)
     else:
         run_id = c.create_run(session.experiment_id, run_name=name).info.run_id
-    for key, value in {**tags, schema.VERSION: _version(), **_git_tag()}.items():
+    for key, value in {**tags, **_provenance()}.items():
         c.set_tag(run_id, key, value)
     return run_id
 
@@ -419,6 +460,7 @@ def log_study(
     session: Session, run_id: str, texts: dict, summary: dict, figures: dict, metrics: dict | None = None
 ) -> None:
     c = session.client
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in _provenance().items()])  # compare's run has no header
     if metrics:
         ts = int(1000 * time.time())
         c.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])

@@ -261,12 +261,14 @@ def test_cpu_model_reads_proc_cpuinfo(tmp_path):
     assert machine.cpu_model(tmp_path / "missing")  # falls back to the platform's word
 
 
-def test_seed_report_is_fp32_and_keeps_pytorchs_tf32_defaults():
+def test_seed_report_is_fp32_and_keeps_pytorchs_tf32_defaults(torch_defaults):
     assert make_runtime(REPORT, "cpu").precision == "fp32"
     assert make_runtime(REPORT.replace(precision="bf16"), "cpu").precision == "bf16"
-    # What a fresh process has (nothing in this CPU test session sets them).
-    defaults = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    assert train.tf32_switches(REPORT.precision) == defaults == {"matmul": False, "cudnn": True}
+    # What a fresh process has: this session's switches before any test ran (conftest
+    # puts them back after each test, so no earlier test changes what is read here).
+    defaults = {"matmul": torch_defaults["tf32_matmul"], "cudnn": torch_defaults["tf32_cudnn"]}
+    live = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    assert train.tf32_switches(REPORT.precision) == defaults == live == {"matmul": False, "cudnn": True}
     assert train.tf32_switches("bf16")["matmul"] is True
 
 
