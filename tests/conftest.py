@@ -20,6 +20,10 @@ import types
 import uuid
 from pathlib import Path
 
+# As kd_mlflow.tracking does: MLflow's telemetry thread races os.environ (read before
+# mlflow is imported).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import mlflow
 import pytest
 from click.testing import CliRunner
