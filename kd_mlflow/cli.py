@@ -73,6 +73,17 @@ class _Number(click.ParamType):
         return number
 
 
+class _ModelName(click.ParamType):
+    """A registered model's name: refused here if MLflow would refuse it after training."""
+
+    name = "name"
+
+    def convert(self, value, param, ctx):
+        if any(c in str(value) for c in "/:") or not str(value).strip():
+            self.fail(f"{value!r}: a registered model's name cannot be empty or hold '/' or ':'", param, ctx)
+        return str(value)
+
+
 def _triple(text: str):
     try:
         values = tuple(float(x) for x in text.split(","))
@@ -200,7 +211,7 @@ def _emit(out, as_json: bool) -> None:
 
 _register = click.option(
     "--register",
-    type=_Optional(click.STRING),
+    type=_Optional(_ModelName()),
     default=None,
     metavar="NAME",
     help="Also register the run's model in the Model Registry as NAME.",
@@ -542,7 +553,10 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
 
     text = report.compare(experiment, fmt, preset=preset, dataset=dataset, group=group, intervals=intervals)
     if output:
-        Path(output).write_text(text)
+        try:
+            Path(output).write_text(text)
+        except OSError as e:  # a full disk: name the file (a failed write does not)
+            raise OSError(e.errno, e.strerror, output) from None
     else:
         click.echo(text)
 
@@ -618,7 +632,7 @@ def _check_writable(option: str, path: Path) -> None:
     "--register-as",
     "--register_as",
     "register_as",
-    type=_Optional(click.STRING),
+    type=_Optional(_ModelName()),
     default=None,
     metavar="NAME",
     help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",

@@ -87,8 +87,8 @@ def watched(action: str, fn, *, transfer: bool = False):
     uri = tracking_uri()
     t0 = time.monotonic()
     try:
-        if not _remote(uri):
-            return fn()
+        if not (_remote(uri) or transfer):
+            return fn()  # a local store: no network to wait on
         with waits.waiting(f"the tracking server {uri}: {action}", deadline=not transfer):
             return fn()
     except GaveUp as e:
@@ -178,8 +178,20 @@ def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Except
         return TrackingUnavailable(f"tracking store {uri} failed ({action}): {inner}")
     else:
         return None
-    tried = f"({action}; {_attempts()} attempts in {seconds:.0f} s)"
-    return TrackingUnavailable(f"tracking server {uri} {why} {tried}: {todo}")
+    n = _attempts()
+    tried = f"({action}; {n} attempt{'s' if n != 1 else ''} in {seconds:.0f} s)"
+    return TrackingUnavailable(f"{_who(chain, uri)} {why} {tried}: {todo}")
+
+
+def _who(chain: list, uri: str) -> str:
+    """The tracking server, or another host the request went to (an artifact store)."""
+    import urllib3.exceptions as u3
+
+    pool = next((getattr(x, "pool", None) for x in chain if isinstance(x, u3.MaxRetryError)), None)
+    host = getattr(pool, "host", None)
+    if host and host not in uri:
+        return f"artifact store {pool.scheme}://{host}:{pool.port}"  # type: ignore[union-attr]
+    return f"tracking server {uri}"
 
 
 @dataclass
@@ -478,10 +490,14 @@ def set_terminated(session: Session, run_id: str, status: str) -> None:
 
 
 def download(run_id: str, artifact_path: str) -> str:
-    """One of a run's artifacts, as a local file (a transfer: bounded per stall)."""
+    """One of a run's artifacts, as a local file (a transfer: bounded per stall). Read
+    from the run's artifact store itself: through ``runs:/``, MLflow turns every failure
+    (a network that is down too) into "Failed to download artifacts ... ensure that the
+    path is correct"."""
+    where = watched("get run", lambda: MlflowClient().get_run(run_id)).info.artifact_uri.rstrip("/")
     return watched(
         "download artifacts",
-        lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path),
+        lambda: mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{artifact_path}"),
         transfer=True,
     )
 
