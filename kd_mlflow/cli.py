@@ -277,7 +277,11 @@ class _Group(click.Group):
 
 def _end(e: BaseException) -> int:
     """Print the one line for ``e``, tell the run `mlflow run` made, return the exit code."""
-    if isinstance(e, click.UsageError):
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.exceptions.NoArgsIsHelpError) and isinstance(ctx, click.Context):
+        click.echo(ctx.get_help())  # the help on stdout; the one line says what is missing
+        code, line = errors.USER, f"error: give a command: {', '.join(main.list_commands(ctx))}"
+    elif isinstance(e, click.UsageError):
         code, line = errors.USER, f"error: {one_line(e.format_message())}"
     else:
         code, line = errors.verdict(e)
