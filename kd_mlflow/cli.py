@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -66,6 +67,8 @@ class _Number(click.ParamType):
                 number = self.kind(str(value).strip())
             except ValueError:
                 self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
         if self.min is not None and not number >= self.min:
             self.fail(f"{number} is not >= {self.min}", param, ctx)
         if self.above is not None and not number > self.above:

@@ -89,7 +89,9 @@ def watched(action: str, fn, *, transfer: bool = False):
     try:
         if not (_remote(uri) or transfer):
             return fn()  # a local store: no network to wait on
-        with waits.waiting(f"the tracking server {uri}: {action}", deadline=not transfer):
+        # A transfer beside a local store may still cross the network (an S3 or http artifact store).
+        what = f"the tracking server {uri}: {action}" if _remote(uri) else f"the artifact store: {action}"
+        with waits.waiting(what, deadline=not transfer):
             return fn()
     except GaveUp as e:
         raise TrackingUnavailable(
