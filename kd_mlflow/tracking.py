@@ -187,13 +187,19 @@ def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Except
 
 def _who(chain: list, uri: str) -> str:
     """The tracking server, or another host the request went to (an artifact store)."""
+    from urllib.parse import urlsplit
+
     import urllib3.exceptions as u3
 
     pool = next((getattr(x, "pool", None) for x in chain if isinstance(x, u3.MaxRetryError)), None)
-    host = getattr(pool, "host", None)
-    if host and host not in uri:
-        return f"artifact store {pool.scheme}://{host}:{pool.port}"  # type: ignore[union-attr]
-    return f"tracking server {uri}"
+    if pool is None or not getattr(pool, "host", None):
+        return f"tracking server {uri}"
+    where = f"{pool.scheme}://{pool.host}:{pool.port}"
+    ours = urlsplit(uri)
+    default = {"http": 80, "https": 443}.get(ours.scheme)
+    if _remote(uri) and (ours.hostname, ours.port or default) == (pool.host, pool.port):
+        return f"tracking server {uri}"
+    return f"artifact store {where}"
 
 
 @dataclass
