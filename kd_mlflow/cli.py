@@ -6,16 +6,18 @@ Exit codes: 0 success, 2 bad input (one line naming the value, nothing created),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from . import __version__, config
+from . import __version__, config, errors, waits
 from .config import ConfigError, Recipe
-from .errors import StepFailed
+from .errors import one_line
 
 
 class _Optional(click.ParamType):
@@ -47,6 +49,42 @@ class _YesNo(click.ParamType):
             return config.YES_NO[str(value).strip().lower()]
         except KeyError:
             self.fail(f"{value!r} is not true or false", param, ctx)
+
+
+class _Number(click.ParamType):
+    """An int or a float with a lower bound, in plain words ("'abc' is not an integer",
+    "-1 is not >= 0"), where click would say "not a valid integer range"."""
+
+    def __init__(self, kind=int, min=None, above=None):
+        self.kind, self.min, self.above = kind, min, above
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and not number >= self.min:
+            self.fail(f"{number} is not >= {self.min}", param, ctx)
+        if self.above is not None and not number > self.above:
+            self.fail(f"{number} is not > {self.above}", param, ctx)
+        return number
+
+
+class _ModelName(click.ParamType):
+    """A registered model's name: refused here if MLflow would refuse it after training."""
+
+    name = "name"
+
+    def convert(self, value, param, ctx):
+        if any(c in str(value) for c in "/:") or not str(value).strip():
+            self.fail(f"{value!r}: a registered model's name cannot be empty or hold '/' or ':'", param, ctx)
+        return str(value)
 
 
 def _triple(text: str):
@@ -150,13 +188,33 @@ def _step_options(func):
     )(func)
 
 
+def _network(func):
+    """--network-timeout, on every command; checks $KD_MLFLOW_NETWORK_TIMEOUT too."""
+
+    def check(ctx, param, value):
+        waits.set_timeout(value)
+        waits.timeout()  # a bad $KD_MLFLOW_NETWORK_TIMEOUT is refused here, before any wait
+
+    return click.option(
+        "--network-timeout",
+        "--network_timeout",
+        type=_Optional(_Number(float, above=0)),
+        default=None,
+        expose_value=False,
+        callback=check,
+        metavar="SECONDS",
+        help=f"How long a wait on the network (the tracking server, a download) may last before it gives up "
+        f"[${waits.ENV}, else {waits.DEFAULT_TIMEOUT:g}].",
+    )(func)
+
+
 def _emit(out, as_json: bool) -> None:
     click.echo(out.to_json() if as_json else out.run_id)
 
 
 _register = click.option(
     "--register",
-    type=_Optional(click.STRING),
+    type=_Optional(_ModelName()),
     default=None,
     metavar="NAME",
     help="Also register the run's model in the Model Registry as NAME.",
@@ -178,7 +236,7 @@ def _executor_options(func):
     func = click.option(
         "--ray-local-gpus",
         "ray_local_gpus",
-        type=_Optional(click.IntRange(min=0)),
+        type=_Optional(_Number(int, min=0)),
         default=None,
         hidden=True,
         help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
@@ -187,7 +245,7 @@ def _executor_options(func):
         "--gpus-per-run",
         "--gpus_per_run",
         "gpus_per_run",
-        type=_Optional(click.FloatRange(min=0)),
+        type=_Optional(_Number(float, min=0)),
         default=None,
         help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
     )(func)
@@ -208,7 +266,7 @@ def _executor_options(func):
     )(func)
     func = click.option(
         "--jobs",
-        type=click.IntRange(min=1),
+        type=_Number(int, min=1),
         default=1,
         show_default=True,
         help="Independent steps run concurrently, as separate processes (local executor).",
@@ -254,62 +312,84 @@ _data_dir = click.option(
 
 
 class _Group(click.Group):
+    """Every way a command ends goes through here: the exit code and the last line are
+    decided by :func:`kd_mlflow.errors.verdict`, in one place."""
+
     def main(self, *args, **kwargs):
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("kd-mlflow: interrupted", err=True)
-            sys.exit(130)
-        except click.UsageError as e:
-            click.echo(f"kd-mlflow: error: {e.format_message()}", err=True)
-            sys.exit(2)
-        except click.ClickException as e:
-            click.echo(f"kd-mlflow: error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
+        with _signals_raise():
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except click.exceptions.Exit as e:
+                rv = e.exit_code
+            except click.Abort:  # click's own word for Ctrl-C while it parses or prompts
+                rv = _end(KeyboardInterrupt())
+            except click.UsageError as e:
+                rv = _end(e)
+            except click.ClickException as e:
+                click.echo(f"kd-mlflow: error: {one_line(e.format_message())}", err=True)
+                rv = e.exit_code
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
-        from .errors import Interrupted, TrackingRefused, TrackingUnavailable
-
         try:
             return super().invoke(ctx)
-        except ConfigError as e:
-            click.echo(f"kd-mlflow: error: {e}", err=True)
-            _fail_adopted_run(str(e))
-            return 2
-        except TrackingUnavailable as e:
-            click.echo(f"kd-mlflow: error: tracking unavailable: {e}", err=True)
-            return 1
-        except TrackingRefused as e:
-            click.echo(f"kd-mlflow: error: tracking server refused: {e}", err=True)
-            return 1
-        except StepFailed as e:
-            click.echo(f"kd-mlflow: error: {e}", err=True)
-            return 1
-        except Interrupted as e:
-            click.echo(f"kd-mlflow: {e}; checkpoint kept, run marked KILLED", err=True)
-            return e.exit_code
-        except KeyboardInterrupt:
-            click.echo("kd-mlflow: interrupted; checkpoint kept, run marked KILLED", err=True)
-            return 130
-        except Exception as e:
-            if type(e).__module__.startswith(("mlflow", "requests", "urllib3")):
-                # The server answered with an error, or not at all: one line, not a trace.
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                click.echo(f"kd-mlflow: error: tracking server: {first}", err=True)
-                return 1
+        except (click.exceptions.Exit, click.Abort, click.ClickException, SystemExit):
             raise
+        except BaseException as e:  # every ending gets its verdict, in one place
+            if errors.traceback_wanted() and errors.verdict(e)[1].startswith("internal error"):
+                raise
+            return _end(e)
 
 
-def _fail_adopted_run(reason: str) -> None:
-    """Under `mlflow run`, MLflow made a run before this command could refuse its input:
-    end it FAILED with the reason as a tag, never RUNNING."""
-    if os.environ.get("MLFLOW_RUN_ID"):
-        from . import tracking
+def _end(e: BaseException) -> int:
+    """Print the one line for ``e``, tell the run `mlflow run` made, return the exit code."""
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.exceptions.NoArgsIsHelpError) and isinstance(ctx, click.Context):
+        click.echo(ctx.get_help())  # the help on stdout; the one line says what is missing
+        code, line = errors.USER, f"error: give a command: {', '.join(main.list_commands(ctx))}"
+    elif isinstance(e, click.UsageError):
+        code, line = errors.USER, f"error: {one_line(e.format_message())}"
+    else:
+        code, line = errors.verdict(e)
+    click.echo(f"kd-mlflow: {line}", err=True)
+    _tell_adopted_run(e, code, line)
+    return code
 
-        tracking.fail_run_by_id(os.environ["MLFLOW_RUN_ID"], reason)
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM ends a command as Ctrl-C does (exit 143, a run marked KILLED), wherever it
+    lands, not only while a run is open. The previous handler is back afterwards (a
+    command run inside a test process)."""
+    import signal
+
+    def on_term(signum, frame):
+        raise errors.Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _tell_adopted_run(e: BaseException, code: int, line: str) -> None:
+    """Under `mlflow run`, MLflow made a run before this command could refuse: end it
+    FAILED with the reason in kd.failure (KILLED on a signal), never RUNNING. Not when
+    the tracking server is what failed: it cannot be told."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or isinstance(e, (errors.TrackingUnavailable, errors.TrackingRefused, errors.GaveUp)):
+        return
+    from . import tracking
+
+    if code > 128:
+        tracking.fail_run_by_id(run_id, line, status="KILLED")
+    else:
+        tracking.fail_run_by_id(run_id, line.removeprefix("error: "))
 
 
 @click.group(cls=_Group)
@@ -319,9 +399,8 @@ def main():
 
 
 @main.command()
-@click.option(
-    "--seed", type=_Optional(click.IntRange(min=0)), default=None, help="Model seed: the initialisation only."
-)
+@_network
+@click.option("--seed", type=_Optional(_Number(int, min=0)), default=None, help="Model seed: the initialisation only.")
 @click.option(
     "--seeds",
     type=_Optional(click.STRING),
@@ -383,8 +462,9 @@ def train(
 
 
 @main.command()
+@_network
 @click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
-@click.option("--seed", type=click.IntRange(min=0), required=True, help="The student's model seed.")
+@click.option("--seed", type=_Number(int, min=0), required=True, help="The student's model seed.")
 @click.option(
     "--preset",
     type=_Optional(click.Choice(config.CHOICES["preset"])),
@@ -435,6 +515,7 @@ def distill(
 
 
 @main.command()
+@_network
 @click.option("--members", type=_Optional(click.STRING), default=None, help="Comma-separated run ids.")
 @click.option(
     "--seeds",
@@ -514,6 +595,7 @@ def ensemble(
 
 
 @main.command()
+@_network
 @_experiment
 @click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
 @click.option(
@@ -535,23 +617,37 @@ def ensemble(
 )
 def compare(experiment, fmt, output, preset, dataset, group, intervals):
     """Rebuild the report's tables from the tracking server."""
+    if output:
+        _check_writable("output", Path(output))  # before any wait on the server
     from . import report
 
     text = report.compare(experiment, fmt, preset=preset, dataset=dataset, group=group, intervals=intervals)
     if output:
-        Path(output).write_text(text)
+        try:
+            Path(output).write_text(text)
+        except OSError as e:  # a full disk: name the file (a failed write does not)
+            raise OSError(e.errno, e.strerror, output) from None
     else:
         click.echo(text)
 
 
+def _check_writable(option: str, path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(option, str(path), f"no folder {folder} to write it in")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(option, str(path), f"folder {folder} is not writable")
+
+
 @main.command()
+@_network
 @_preset
 @click.option("--seeds", default="0-4", show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
 @click.option(
     "--student-seed-offset",
     "--student_seed_offset",
     "offset",
-    type=click.IntRange(min=1),
+    type=_Number(int, min=1),
     default=10,
     show_default=True,
     help="SD student of seed i has seed i + offset.",
@@ -560,7 +656,7 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
     "--kd-seed",
     "--kd_seed",
     "kd_seed",
-    type=_Optional(click.IntRange(min=0)),
+    type=_Optional(_Number(int, min=0)),
     default=None,
     help="Seed of the KD student of the ensemble [the preset's: 42 for seed-report, else 100].",
 )
@@ -569,7 +665,7 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
     "--register-as",
     "--register_as",
     "register_as",
-    type=_Optional(click.STRING),
+    type=_Optional(_ModelName()),
     default=None,
     metavar="NAME",
     help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",

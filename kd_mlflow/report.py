@@ -36,13 +36,7 @@ def compare(
         preds = predictions_for(session, tables.run_ids(built))
         built = [tables.with_intervals(t, preds) for t in built]
     if not built:
-        elsewhere = runs.experiments_with_results(session)
-        if elsewhere:
-            print(
-                f"note: no kd-mlflow results in this experiment; found some in: {', '.join(elsewhere)} "
-                f"(pass --experiment NAME)",
-                file=sys.stderr,
-            )
+        _nothing_matched(session, tables, preset=preset, dataset=dataset, group=group)
     text = tables.render(built, fmt)
     if session.adopted_run_id:
         # Under `mlflow run -e compare`: the tables and plot are that run's artifacts.
@@ -60,6 +54,32 @@ def compare(
         )
         plots.close(figs)
     return text
+
+
+def _nothing_matched(session, tables, *, preset, dataset, group) -> None:
+    """No table: a filter that matched nothing is refused, naming what is there (exit 2);
+    an experiment without results says where results are, if anywhere (exit 0, empty
+    tables: nothing yet is an answer)."""
+    here = tables.build_tables(runs.results_frame(session)) if (preset or dataset or group) else []
+    name = runs.experiment_name(session)
+    if here:
+        for option, value, values in (
+            ("preset", preset, sorted({t.preset for t in here})),
+            ("dataset", dataset, sorted({t.dataset for t in here})),
+        ):
+            if value is not None and value not in values:
+                there = f"{option}s with results in {name!r}: {', '.join(values)}"
+                raise ConfigError(option, value, f"no {option} matches; {there}")
+        kept = [t for t in here if (preset is None or t.preset == preset) and (dataset is None or t.dataset == dataset)]
+        if not kept:
+            of_preset = sorted({t.dataset for t in here if t.preset == preset})
+            there = f"{preset} has results on: {', '.join(of_preset)}"
+            raise ConfigError("dataset", dataset, f"no {preset} results on it; {there}")
+        labels = "; ".join(f"{t.label} ({t.group_id[:8]})" for t in kept[:8]) + ("; ..." if len(kept) > 8 else "")
+        raise ConfigError("group", group, f"no group matches {group!r}; groups here: {labels}")
+    elsewhere = runs.experiments_with_results(session)
+    where = f"; found some in: {', '.join(elsewhere)} (pass --experiment NAME)" if elsewhere else ""
+    print(f"note: no kd-mlflow results in experiment {name!r}{where}", file=sys.stderr)
 
 
 def predictions_for(session, run_ids) -> dict:

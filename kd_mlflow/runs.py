@@ -22,12 +22,13 @@ import pandas as pd
 
 from . import schema, tracking
 from .config import ConfigError, Recipe, recipe_from_params
-from .errors import Interrupted, TrackingUnavailable
+from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 
 connect = tracking.connect
 run_link = tracking.run_link
 compare_link = tracking.compare_link
 experiment_link = tracking.experiment_link
+experiment_name = tracking.experiment_name
 
 
 # --- plain records ---------------------------------------------------------
@@ -202,19 +203,31 @@ def train_runs_for_seeds(session, seeds: list[int], preset: str | None, dataset:
     the group that has every seed; if several do, the preset's own recipe (no overrides),
     else the group of the newest run; optionally of one preset and dataset."""
     groups: dict[tuple, dict[int, RunRecord]] = {}
+    everywhere: dict[str, set] = {}  # group label -> seeds, whatever the filters: what to say if none fits
     for run in session.search(f"tags.`{schema.ROLE}` = 'train'"):  # newest first
         rec = record_of(run)
-        if rec.duplicate_of or (preset and rec.preset != preset) or (dataset and rec.dataset != dataset):
+        if rec.duplicate_of:
+            continue
+        everywhere.setdefault(f"{rec.group_label or rec.preset} ({rec.dataset})", set()).add(rec.seed)
+        if (preset and rec.preset != preset) or (dataset and rec.dataset != dataset):
             continue
         key = (rec.preset, rec.dataset, rec.group)
         groups.setdefault(key, {}).setdefault(rec.seed if rec.seed is not None else -1, rec)
     complete = {k: v for k, v in groups.items() if all(s in v for s in seeds)}
     if not complete:
+        wanted = ",".join(map(str, seeds))
+        kind = " ".join(x for x in (preset, dataset, "train run") if x)
+        where = f"in experiment {tracking.experiment_name(session)!r}"
+        there = "; ".join(
+            f"{label}: seeds {','.join(str(s) for s in sorted(x for x in found if x is not None))}"
+            for label, found in list(everywhere.items())[:6]
+        )
+        there = f"; train runs there: {there}" if there else "; it has no FINISHED train runs"
         missing = sorted({s for s in seeds if not any(s in v for v in groups.values())})
         if missing:
-            raise ConfigError("seeds", missing[0], "no FINISHED train run with this seed")
+            raise ConfigError("seeds", wanted, f"no FINISHED {kind} with seed {missing[0]} {where}{there}")
         raise ConfigError(
-            "seeds", ",".join(map(str, seeds)), "no one recipe has a FINISHED train run for every seed: pass --members"
+            "seeds", wanted, f"no one recipe has a FINISHED train run for every seed {where}{there}: pass --members"
         )
     plain = [k for k, v in complete.items() if v[seeds[0]].group_label in (None, k[0])]
     key = plain[0] if len(plain) == 1 else next(iter(complete))  # dicts keep search order
@@ -249,10 +262,13 @@ def load_weights(rec: RunRecord, option: str) -> dict:
     """A run's weights, read with weights_only=True: a planted pickle is refused."""
     import pickle
 
+    import torch
+
+    path = tracking.weights_file(rec.run_id)  # the network's failures are the network's (exit 1)
     try:
-        return tracking.load_weights(rec.run_id)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # a planted pickle or a
-        # foreign file is refused here; a tracking server that does not answer is not the file's fault
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # only the file's contents: a planted
+        # pickle or a foreign file
         raise ConfigError(option, rec.run_id, f"weights refused: {type(e).__name__}") from None
 
 
@@ -413,17 +429,57 @@ def record(
     return out
 
 
-def _continuing(session, config_hash: str, store) -> tuple[RunRecord | None, RunRecord | None]:
-    """(the unfinished run to continue, the unfinished run to supersede). A run is
-    continued only where its epochs can be: from a checkpoint on this machine, or if it
-    has logged no epoch yet. Otherwise its logged epochs came from a training this
-    process cannot continue (another machine, a cleared cache, a lone run now in a
-    packed wave, or the other way round): a new run starts, so that no run's curves mix
-    two trainings."""
-    rec = find_resumable(session, config_hash) if store else None
-    if rec is None or store.exists() or not session.logged_epochs(rec.run_id):
+def _continuing(session, config_hash: str, store, owned: dict) -> tuple[RunRecord | None, RunRecord | None]:
+    """(the unfinished run to continue, the unfinished run to supersede). Checkpoints
+    record the run they belong to (``owned``, from :func:`_owned_runs`): that run, and no
+    other, continues from them. Without a checkpoint here, an unfinished run that has
+    logged no epoch yet is taken over; one that has came from a training this process
+    cannot continue (another machine, a cleared cache, a lone run now in a packed wave, or
+    the other way round): a new run starts, so that no run's curves mix two trainings."""
+    if store is None:
+        return None, None
+    if config_hash in owned:
+        return owned[config_hash], None
+    rec = find_resumable(session, config_hash)
+    if rec is None or not session.logged_epochs(rec.run_id):
         return rec, None
     return None, rec
+
+
+def _owned_runs(session, store, hashes: list[str]) -> dict:
+    """{config hash: the unfinished run the checkpoints here belong to} when every one of
+    ``hashes`` has one; otherwise the checkpoints cannot be continued in the runs they
+    belong to (finished, deleted, of another experiment, or unrecorded): they are cleared."""
+    if store is None or not store.exists():
+        return {}
+    on_disk = store.owners_on_disk()
+    owned = {h: _unfinished_run(session, on_disk[h], h) for h in hashes if h in on_disk}
+    if set(hashes) <= set(owned) and all(owned.values()):
+        return owned
+    named = ", ".join(sorted(set(on_disk.values()))) or "no run recorded"
+    print(
+        f"note: the checkpoint in {store.directory} belongs to {named}, which cannot be continued here; training anew",
+        file=sys.stderr,
+    )
+    store.clear()
+    return {}
+
+
+def _unfinished_run(session, run_id: str, config_hash: str) -> RunRecord | None:
+    """The run, if it is an unfinished run of this configuration in this experiment."""
+    try:
+        run = session.client.get_run(run_id)
+    except tracking.MlflowException:
+        return None  # deleted for good, or never on this server
+    rec = record_of(run)
+    if (
+        run.info.experiment_id != session.experiment_id
+        or run.info.lifecycle_stage != "active"
+        or rec.status not in tracking.UNFINISHED
+        or rec.config_hash != config_hash
+    ):
+        return None
+    return rec
 
 
 def _supersede(old: RunRecord | None, new_run_id: str) -> None:
@@ -437,9 +493,12 @@ def _supersede(old: RunRecord | None, new_run_id: str) -> None:
 
 
 def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
-    resumable, stale = _continuing(session, spec.config_hash, store)
+    owned = _owned_runs(session, store, [spec.config_hash])
+    resumable, stale = _continuing(session, spec.config_hash, store, owned)
     writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
     _supersede(stale, writer.run_id)
+    if store is not None:
+        store.bind({spec.config_hash: writer.run_id})
     print(f"run {writer.run_id} ({spec.name}): {tracking.run_link(session, writer.run_id)}", file=sys.stderr)
     if session.default_experiment:
         print(
@@ -448,7 +507,7 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
             "--experiment-name mysteries)",
             file=sys.stderr,
         )
-    with finishing(writer):
+    with _telling_of(store), finishing(writer):
         writer.log_header(spec.params, {**spec.tags, schema.CONFIG_HASH: spec.config_hash})
         writer.log_dataset(*spec.dataset)
         rec = Recording(writer, store)
@@ -457,6 +516,17 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
         writer.log_final(final.metrics)
         writer.log_model(final.model, final.example)
     return Outcome(writer.run_id, spec.name, False)
+
+
+@contextlib.contextmanager
+def _telling_of(store):
+    """On the way out, say that the checkpoint is kept, where one is."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt, TrackingUnavailable) as e:
+        if store is not None and store.exists():
+            note_done(e, "the checkpoint is kept: the same command continues from it")
+        raise
 
 
 def record_wave(
@@ -510,14 +580,18 @@ def record_wave(
 
 
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
-    continuing = [_continuing(session, specs[i].config_hash, store) for i in todo]
+    owned = _owned_runs(session, store, [specs[i].config_hash for i in todo])
+    continuing = [_continuing(session, specs[i].config_hash, store, owned) for i in todo]
     writers = [
         tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
         for i, (r, _) in zip(todo, continuing, strict=True)
     ]
     for w, (_, stale) in zip(writers, continuing, strict=True):
         _supersede(stale, w.run_id)
+    if store is not None:
+        store.bind({specs[i].config_hash: w.run_id for i, w in zip(todo, writers, strict=True)})
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_telling_of(store))
         for w in writers:
             stack.enter_context(finishing(w))
         recordings = []
@@ -548,6 +622,7 @@ class EpochSink:
         self.writer = writer
         self.delivered = writer.logged_epochs()
         self.pending: dict[int, dict] = {}
+        self.last_error = ""
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         if epoch not in self.delivered:
@@ -565,7 +640,8 @@ class EpochSink:
             try:
                 self.writer.log_epoch(epoch, self.pending[epoch])
             except TrackingUnavailable as e:
-                print(f"warning: tracking server unreachable, metrics kept locally ({e})", file=sys.stderr)
+                self.last_error = str(e)
+                print(f"warning: metrics kept locally, training goes on: {e}", file=sys.stderr)
                 return False
             self.delivered.add(epoch)
             del self.pending[epoch]
@@ -574,8 +650,9 @@ class EpochSink:
     def flush(self) -> None:
         if not self._try_deliver():
             raise TrackingUnavailable(
-                f"{len(self.pending)} epoch(s) of metrics could not be delivered; "
-                "the checkpoint is kept: run the same command again to upload them"
+                f"{len(self.pending)} epoch(s) of metrics could not be delivered to {tracking.tracking_uri()} "
+                "(the checkpoint is kept: run the same command again to upload them); "
+                f"last failure: {self.last_error}"
             )
 
 
@@ -594,16 +671,19 @@ def finishing(writer):
         previous = None
     try:
         yield
-    except (Interrupted, KeyboardInterrupt):
-        writer.end("KILLED")
+    except (Interrupted, KeyboardInterrupt) as e:
+        # The same rule as the exit code: KILLED on a signal only.
+        try:
+            writer.end("KILLED")
+            note_done(e, f"run {writer.run_id} marked KILLED")
+        except (TrackingUnavailable, TrackingRefused):
+            note_done(e, f"run {writer.run_id} left RUNNING (the tracking server could not be told)")
         raise
     except TrackingUnavailable:
-        raise
+        raise  # the server cannot be told; the run stays RUNNING and the same command continues it
     except BaseException as e:
         with contextlib.suppress(Exception):
-            writer.set_tags(
-                {schema.FAILURE: str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__}
-            )
+            writer.set_tags({schema.FAILURE: cause(e)})
         with contextlib.suppress(Exception):
             writer.end("FAILED")
         raise

@@ -65,6 +65,7 @@ def train(
     register: str | None = None,
 ) -> Outcome:
     _check_seed(seed)
+    check_device(ex)
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     session = session or runs.connect(experiment)
@@ -97,6 +98,7 @@ def distill(
     register: str | None = None,
 ) -> Outcome:
     """A student of a train run (SD), an ensemble run (KD) or another student."""
+    check_device(ex)
     session = session or runs.connect(experiment)
     plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
     existing = None if ex.force else runs.result_for(session, plan.spec)
@@ -213,6 +215,7 @@ def train_wave(
     own run with the identity it would have alone, so lone and packed runs reuse each other."""
     for seed in seeds:
         _check_seed(seed)
+    check_device(ex)
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     session = session or runs.connect(experiment)
@@ -242,6 +245,7 @@ def distill_wave(
     """Students of (teacher run, seed, overrides), the missing ones packed: one training
     recipe and one split for all; each keeps its own distillation settings (temperature,
     alpha, loss), which only its objective sees."""
+    check_device(ex)
     session = session or runs.connect(experiment)
     plans = [_student_plan(session, t, seed, preset, over, data_dir, ex) for t, seed, over in students]
     if len({(tuple(sorted(p.recipe.fields_for("train").items())), p.split.digest) for p in plans}) > 1:
@@ -341,6 +345,7 @@ def ensemble(
     compare shows it apart, in no group's mean."""
     if len(member_run_ids) < 2 or len(set(member_run_ids)) != len(member_run_ids):
         raise ConfigError("members", ",".join(member_run_ids), "need at least two distinct runs")
+    check_device(ex)
     session = session or runs.connect(experiment)
     members = [runs.finished(session, rid, "members") for rid in member_run_ids]
     for m in members:
@@ -598,6 +603,12 @@ def load_data(recipe: Recipe, data_dir, ex: Execution):
 
     source = data_mod.load(recipe.dataset, data_dir, ex.cache_dir)
     return source, data_mod.make_split(source, recipe)
+
+
+def check_device(ex: Execution) -> None:
+    from .machine import check_device as check
+
+    check(ex.device)
 
 
 def _check_seed(seed) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from . import executors, schema, steps, tracking
 from .config import ConfigError, Recipe, check_schedule, group_label
-from .errors import StepFailed, TrackingUnavailable
+from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
 
 
@@ -271,7 +271,8 @@ def reproduce(
     """Run the study with ``executor`` (default: in this process, one step at a time).
     ``register_as``: the registered model that gets the KD student (alias champion);
     "{experiment}" in it is the experiment's name."""
-    # Fail on bad data before any run exists.
+    # Fail on a bad device or bad data before any run exists.
+    steps.check_device(ex)
     _source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
@@ -294,11 +295,8 @@ def reproduce(
         result.tables, result.summary = _report(session, parent, plan, result)
         if register_as:
             _register_kd_student(session, parent, plan, result, register_as)
-    except (StepFailed, TrackingUnavailable) as e:
-        tracking.fail_run(session, parent, str(e))
-        raise
-    except BaseException:
-        tracking.set_terminated(session, parent, "KILLED")
+    except BaseException as e:
+        _end_parent(session, parent, e)
         raise
     finally:
         executor.close()
@@ -311,6 +309,20 @@ def reproduce(
         file=sys.stderr,
     )
     return result
+
+
+def _end_parent(session, parent: str, e: BaseException) -> None:
+    """The parent ends as a run does: KILLED on a signal only, FAILED with kd.failure on
+    anything else. If the server is what failed, it cannot be told: the parent stays
+    RUNNING and the same command continues the study."""
+    try:
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            tracking.set_terminated(session, parent, "KILLED")
+            note_done(e, f"study run {parent} marked KILLED; finished steps are kept: the same command continues")
+        elif not isinstance(e, TrackingUnavailable):
+            tracking.fail_run(session, parent, cause(e))
+    except (TrackingUnavailable, TrackingRefused):
+        pass
 
 
 def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, name: str) -> None:

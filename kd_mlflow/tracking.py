@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -28,12 +29,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from . import schema
+from . import schema, waits
 from .config import YES_NO, ConfigError
-from .errors import TrackingRefused, TrackingUnavailable
+from .errors import GaveUp, TrackingRefused, TrackingUnavailable, one_line
 
 DEFAULT_EXPERIMENT = "mysteries"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own "Default" experiment
@@ -47,19 +48,171 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+# MLflow's own client settings, unless the user set them: each request waits at most the
+# network bound between bytes (MLflow's default is 120 s), and is retried twice (its
+# default, 7 with backoff, is minutes of silence). The values this module set are
+# updated when the bound changes; a user's own are left alone.
+_SET_HERE: dict[str, str] = {}
+
+
 def _client_defaults() -> None:
-    # Short client timeouts: an unreachable server must not stall training for minutes
-    # (MLflow's defaults retry for a long time). A user's own settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    # A progress bar per downloaded artifact (predictions, weights) is noise in a log.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(waits.timeout()))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        # A progress bar per downloaded artifact (predictions, weights) is noise in a log.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    for key, value in wanted.items():
+        if key not in os.environ or os.environ[key] == _SET_HERE.get(key):
+            os.environ[key] = _SET_HERE[key] = value
+
+
+def _attempts() -> int:
+    try:
+        return int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")) + 1
+    except ValueError:
+        return 1
+
+
+# --- every call bounded, voiced, and its failure in our words ------------------------
+
+# Calls that move a file: bounded per stall (MLFLOW_HTTP_REQUEST_TIMEOUT between bytes),
+# not as a whole: a large model on a slow link may take longer than the bound.
+_TRANSFERS = {"log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_image", "download_artifacts"}
+
+
+def _remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def watched(action: str, fn, *, transfer: bool = False):
+    """``fn()``, a call to the tracking store: on a server, it speaks after 10 s and gives
+    up at the bound (:mod:`kd_mlflow.waits`); a failure of the server or the network
+    becomes one line naming the server, what was tried, for how long, and what to do
+    (:class:`TrackingUnavailable`, :class:`TrackingRefused`). MLflow's other errors (an
+    answer: no such run, already exists) pass through unchanged."""
+    uri = tracking_uri()
+    t0 = time.monotonic()
+    try:
+        if not (_remote(uri) or transfer):
+            return fn()  # a local store: no network to wait on
+        # A transfer beside a local store may still cross the network (an S3 or http artifact store).
+        what = f"the tracking server {uri}: {action}" if _remote(uri) else f"the artifact store: {action}"
+        with waits.waiting(what, deadline=not transfer):
+            return fn()
+    except GaveUp as e:
+        raise TrackingUnavailable(
+            f"tracking server {uri} did not answer ({action}) within {e.seconds:g} s: check that it is up "
+            "(its log, its database), or raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT)"
+        ) from None
+    except Exception as e:
+        mine = _in_our_words(e, uri, action, time.monotonic() - t0)
+        if mine is None:
+            raise
+        raise mine from None
+
+
+class _Watched:
+    """An MlflowClient whose every call goes through :func:`watched`."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return watched(name.replace("_", " "), lambda: attr(*args, **kwargs), transfer=name in _TRANSFERS)
+
+        return call
+
+
+def _chain(e: BaseException):
+    """The exception and its causes, outermost first."""
+    seen = set()
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
+def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Exception | None:
+    """The failure as TrackingRefused / TrackingUnavailable, or None if it is an answer."""
+    import requests
+    import urllib3.exceptions as u3
+
+    if isinstance(e, MlflowException):
+        code = e.error_code
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
+            why = (
+                "HTTP 403, permission denied"
+                if code == "PERMISSION_DENIED" or " 403 " in str(e)
+                else "HTTP 401, not authenticated"
+            )
+            return TrackingRefused(
+                f"{uri} refused the request ({why}): check MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment"
+            )
+    chain = list(_chain(e))
+
+    def first(*types):
+        return next((x for x in chain if isinstance(x, types)), None)
+
+    up = "check that it is up (its log, its database), or raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT)"
+    if first(ConnectionRefusedError):
+        why, todo = "refused the connection", "is it running? start it, or set MLFLOW_TRACKING_URI to one that is"
+    elif first(u3.NameResolutionError, socket.gaierror):
+        why, todo = "cannot be found (no such host)", "check the host name in MLFLOW_TRACKING_URI"
+    elif first(u3.ConnectTimeoutError):
+        why, todo = "did not accept the connection", "check the network (a firewall, a VPN) and MLFLOW_TRACKING_URI"
+    elif first(u3.ReadTimeoutError, requests.Timeout, TimeoutError):
+        per = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?")
+        why, todo = f"accepted the connection but did not answer ({per} s per attempt)", up
+    elif first(u3.ResponseError, requests.exceptions.RetryError):
+        why, todo = "answered every attempt with a server error (HTTP 5xx)", "see the server's log"
+    elif tls := first(requests.exceptions.SSLError):
+        why = "failed the TLS handshake: " + one_line(str(tls), 160)
+        todo = "check the certificate (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH)"
+    elif first(requests.ConnectionError, u3.ProtocolError, ConnectionError):
+        why = "dropped the connection: " + (one_line(str(chain[-1]), 160) or type(chain[-1]).__name__)
+        todo = "check that it is up and the network between, then run the same command again"
+    elif _remote(uri) and isinstance(e, RestException) and e.get_http_status_code() >= 500:
+        why, todo = f"failed the request (HTTP {e.get_http_status_code()}: {one_line(str(e), 160)})", "see its log"
+    elif not _remote(uri) and (db := next((x for x in chain if type(x).__name__ == "OperationalError"), None)):
+        inner = one_line(str(getattr(db, "orig", db)), 200)
+        return TrackingUnavailable(f"tracking store {uri} failed ({action}): {inner}")
+    else:
+        return None
+    n = _attempts()
+    tried = f"({action}; {n} attempt{'s' if n != 1 else ''} in {seconds:.0f} s)"
+    return TrackingUnavailable(f"{_who(chain, uri)} {why} {tried}: {todo}")
+
+
+def _who(chain: list, uri: str) -> str:
+    """The tracking server, or another host the request went to (an artifact store)."""
+    from urllib.parse import urlsplit
+
+    import urllib3.exceptions as u3
+
+    pool = next((getattr(x, "pool", None) for x in chain if isinstance(x, u3.MaxRetryError)), None)
+    if pool is None or not getattr(pool, "host", None):
+        return f"tracking server {uri}"
+    where = f"{pool.scheme}://{pool.host}:{pool.port}"
+    ours = urlsplit(uri)
+    default = {"http": 80, "https": 443}.get(ours.scheme)
+    if _remote(uri) and (ours.hostname, ours.port or default) == (pool.host, pool.port):
+        return f"tracking server {uri}"
+    return f"artifact store {where}"
 
 
 @dataclass
 class Session:
-    client: MlflowClient
+    client: MlflowClient  # behind _Watched: every call bounded and voiced
     experiment_id: str
     adopted_run_id: str | None  # the run `mlflow run` created, if any
     default_experiment: bool = False  # MLflow's "Default" experiment (id 0)
@@ -86,8 +239,10 @@ class Session:
     def get_run(self, run_id: str, option: str):
         try:
             return self.client.get_run(run_id)
-        except MlflowException:
-            raise ConfigError(option, run_id, "no such run") from None
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise ConfigError(option, run_id, f"no such run on {tracking_uri()}") from None
 
     def artifact_paths(self, run_id: str, folder: str) -> set[str]:
         return {f.path for f in self.client.list_artifacts(run_id, folder)}
@@ -96,52 +251,57 @@ class Session:
         """Every FINISHED run of the experiment (matching ``filter_string``), in one search
         query (MLflow pages through it)."""
         where = " AND ".join(p for p in ("attributes.status = 'FINISHED'", filter_string) if p)
-        return mlflow.search_runs([self.experiment_id], filter_string=where, output_format="list", max_results=100_000)
+        return watched(
+            "search runs",
+            lambda: mlflow.search_runs(
+                [self.experiment_id], filter_string=where, output_format="list", max_results=100_000
+            ),
+        )
 
 
 def connect(experiment: str | None = None, create: bool = True) -> Session:
     """Resolve the experiment (see the module docstring); ``create=False`` refuses to
     create a missing one (``compare`` must not)."""
     _client_defaults()
-    client = MlflowClient()
+    uri = tracking_uri()
+    try:
+        client = _Watched(MlflowClient())
+    except MlflowException:  # a scheme MLflow has no store for
+        raise ConfigError(
+            "MLFLOW_TRACKING_URI",
+            uri,
+            "MLflow has no tracking store for this scheme: use http(s)://HOST:PORT, sqlite:///FILE or postgresql://...",
+        ) from None
+    except OSError as e:  # a local store that cannot be made (sqlite:////no/such/dir/mlflow.db)
+        raise ConfigError("MLFLOW_TRACKING_URI", uri, f"cannot open the store: {e.strerror or e}") from None
     # The run `mlflow run` created, or a run the caller has open (reproduce inside an
     # active run): that run is adopted, in its experiment.
     active = mlflow.active_run()
     run_id = os.environ.get("MLFLOW_RUN_ID") or (active.info.run_id if active else None)
-    try:
-        if run_id and not experiment:
-            exp_id = client.get_run(run_id).info.experiment_id
-            return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
-        exp_id = _resolve_experiment(client, experiment, create)
-    except MlflowException as e:
-        if e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
-            why = (
-                "HTTP 403, permission denied"
-                if e.error_code == "PERMISSION_DENIED" or " 403 " in str(e)
-                else "HTTP 401, not authenticated"
-            )
-            raise TrackingRefused(
-                f"{tracking_uri()} refused the request ({why}): check MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment"
-            ) from None
-        raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {_first_line(e)}") from None
-    except OSError as e:
-        raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {e}") from None
+    if run_id and not experiment:
+        exp_id = Session(client, "", None).get_run(run_id, "MLFLOW_RUN_ID").info.experiment_id
+        return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
+    exp_id = _resolve_experiment(client, experiment, create)
     return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
 
 
 def _resolve_experiment(client, name, create) -> str:
     env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if not name and env_id:
-        exp = client.get_experiment(env_id)
+        try:
+            exp = client.get_experiment(env_id)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            exp = None
         if exp is None:
-            raise ConfigError("MLFLOW_EXPERIMENT_ID", env_id, "no such experiment")
+            raise ConfigError("MLFLOW_EXPERIMENT_ID", env_id, _no_such_experiment(client))
         return exp.experiment_id
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is None:
         if not create:
-            raise ConfigError("experiment", name, "no such experiment")
+            raise ConfigError("experiment", name, _no_such_experiment(client))
         try:
             return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:
@@ -158,6 +318,15 @@ def _resolve_experiment(client, name, create) -> str:
     return exp.experiment_id
 
 
+def _no_such_experiment(client, limit: int = 8) -> str:
+    """ "no such experiment on URI", and which ones there are."""
+    found = client.search_experiments(max_results=limit + 1)
+    names = [f"{e.name} (id {e.experiment_id})" for e in found[:limit]]
+    more = ", ..." if len(found) > limit else ""
+    there = f"; experiments there: {', '.join(names)}{more}" if names else "; it has no experiments"
+    return f"no such experiment on {tracking_uri()}{there}"
+
+
 def _same_value(a: str, b: str) -> bool:
     if a.strip("'\"") == b:
         return True
@@ -167,10 +336,6 @@ def _same_value(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return False
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 # --- a run being written ---------------------------------------------------
@@ -227,10 +392,9 @@ class RunWriter:
         """One request per epoch, never one per step."""
         ts = int(1000 * time.time())
         batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
-        try:
-            self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-        except (MlflowException, OSError) as e:
-            raise TrackingUnavailable(_first_line(e)) from None
+        # A server that is down raises TrackingUnavailable (see watched): the sink keeps
+        # the epoch and training goes on.
+        self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_final(self, metrics: dict) -> None:
         ts = int(1000 * time.time())
@@ -251,14 +415,18 @@ class RunWriter:
         previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
         try:
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(x, out),
-                input_example=x,
-                serialization_format="pt2",
-                pip_requirements=["torch", "torchvision"],
-                run_id=self.run_id,
+            watched(
+                "log model",
+                lambda: mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=infer_signature(x, out),
+                    input_example=x,
+                    serialization_format="pt2",
+                    pip_requirements=["torch", "torchvision"],
+                    run_id=self.run_id,
+                ),
+                transfer=True,
             )
         finally:
             if previous is None:
@@ -308,15 +476,20 @@ def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:
     c.set_terminated(run_id, "FINISHED")
 
 
-def fail_run_by_id(run_id: str, reason: str) -> None:
-    """End a run FAILED with ``reason`` as a tag, if it is still RUNNING."""
+def fail_run_by_id(run_id: str, reason: str, status: str = "FAILED") -> bool:
+    """End a run ``status`` (FAILED, with ``reason`` as a tag; or KILLED), if it is still
+    RUNNING. Returns whether it did; False if the server cannot be told."""
     try:
-        client = MlflowClient()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, schema.FAILURE, reason[:500])
-            client.set_terminated(run_id, "FAILED")
-    except (MlflowException, OSError):
-        pass  # the server is gone: nothing can be told
+        _client_defaults()
+        client = _Watched(MlflowClient())
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        if status == "FAILED":
+            client.set_tag(run_id, schema.FAILURE, one_line(reason, 500))
+        client.set_terminated(run_id, status)
+        return True
+    except (MlflowException, OSError, TrackingUnavailable, TrackingRefused, ConfigError):
+        return False  # the server is gone, or the run is not there: nothing can be told
 
 
 def experiments_with_tag(session: Session, tag: str, limit: int = 20) -> list[str]:
@@ -334,7 +507,7 @@ def experiments_with_tag(session: Session, tag: str, limit: int = 20) -> list[st
 
 
 def fail_run(session: Session, run_id: str, reason: str) -> None:
-    session.client.set_tag(run_id, schema.FAILURE, reason[:500])
+    session.client.set_tag(run_id, schema.FAILURE, one_line(reason, 500))
     session.client.set_terminated(run_id, "FAILED")
 
 
@@ -342,12 +515,22 @@ def set_terminated(session: Session, run_id: str, status: str) -> None:
     session.client.set_terminated(run_id, status)
 
 
-def load_weights(run_id: str) -> dict:
-    """A run's weights, read with weights_only=True: a planted pickle is refused."""
-    import torch
+def download(run_id: str, artifact_path: str) -> str:
+    """One of a run's artifacts, as a local file (a transfer: bounded per stall). Read
+    from the run's artifact store itself: through ``runs:/``, MLflow turns every failure
+    (a network that is down too) into "Failed to download artifacts ... ensure that the
+    path is correct"."""
+    where = watched("get run", lambda: MlflowClient().get_run(run_id)).info.artifact_uri.rstrip("/")
+    return watched(
+        "download artifacts",
+        lambda: mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{artifact_path}"),
+        transfer=True,
+    )
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_PATH)
-    return torch.load(path, weights_only=True, map_location="cpu")
+
+def weights_file(run_id: str) -> str:
+    """The run's logged state dict, downloaded (read it with weights_only=True)."""
+    return download(run_id, WEIGHTS_PATH)
 
 
 def _version() -> str:
@@ -524,17 +707,19 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
     registered there keeps its version: no new one), optionally under ``alias``.
     Returns the version."""
     c = session.client
-    try:
-        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:
-        found = []
+    # A registered model that does not exist yet has no versions ([]); any failure of the
+    # search is raised, never read as "not registered yet" (a duplicate version would follow).
+    found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if found:
         version = str(max(int(v.version) for v in found))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            version = mlflow.register_model(
-                f"runs:/{run_id}/model", name, tags=tags or {}, await_registration_for=60
+            version = watched(
+                "register model",
+                lambda: mlflow.register_model(
+                    f"runs:/{run_id}/model", name, tags=tags or {}, await_registration_for=60
+                ),
             ).version
     if alias:
         c.set_registered_model_alias(name, alias, version)

@@ -248,7 +248,8 @@ def test_server_down_at_the_end_then_rerun_uploads_without_training(tracked, tmp
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith("kd-mlflow: error: tracking unavailable") and "run the same command again" in last
+    assert last.startswith("kd-mlflow: error: ") and "could not be delivered" in last
+    assert "run the same command again" in last and own_server.uri in last
 
     own_server.start()
     again = _finish(args, env)
