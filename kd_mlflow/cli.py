@@ -281,6 +281,7 @@ def _executor(jobs: int, executor: str, ray_address, gpus_per_run, ray_local_gpu
         raise ConfigError(
             "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
         )
+    runner: executors.Executor
     if executor == "ray":
         runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
     else:
@@ -318,7 +319,7 @@ class _Group(click.Group):
     def main(self, *args, **kwargs):
         with _signals_raise():
             try:
-                rv = super().main(*args, standalone_mode=False, **kwargs)
+                rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
             except click.exceptions.Exit as e:
                 rv = e.exit_code
             except click.Abort:  # click's own word for Ctrl-C while it parses or prompts
@@ -580,7 +581,7 @@ def ensemble(
     from . import runs, steps
 
     session = runs.connect(experiment)
-    ids = ids or steps.members_for_seeds(wanted, preset, dataset, session=session)
+    ids = ids or steps.members_for_seeds(wanted or [], preset, dataset, session=session)
     out = steps.ensemble(
         ids,
         combine=combine,

@@ -660,7 +660,7 @@ def _native(value):
 
 def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
     """Every table as row dicts tagged with preset and dataset; keys TABLES + notes."""
-    out = {name: [] for name in (*TABLES, "notes")}
+    out: dict[str, list[dict]] = {name: [] for name in (*TABLES, "notes")}
     for t in tables:
         group = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset, "recipe": t.recipe}
         for name in TABLES:

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 MODELS = ("resnet18", "resnet18-cifar")
 DATASETS = ("cifar10", "cifar100", "folder", "digits")
@@ -191,7 +192,7 @@ class Recipe:
 
 # kd-mlflow's own mechanisms, kept by every preset but seed-report (so their results do
 # not change) and assumed for runs logged before these fields existed.
-OWN_MECHANISMS = dict(
+OWN_MECHANISMS: dict[str, Any] = dict(
     split_style="head",
     order_style="randperm",
     init_style="direct",

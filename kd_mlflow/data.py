@@ -93,7 +93,7 @@ def load(dataset: str, data_dir: str | None = None, cache_dir: Path | None = Non
 def _load_cifar(name: str, root: Path) -> Source:
     import torchvision.datasets as tvd
 
-    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    cls: type[tvd.CIFAR10] = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     if not (root / cls.base_folder).is_dir():
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def make_split(source: Source, recipe: Recipe) -> Split:
 class Batch:
     x: torch.Tensor  # uint8 (B, 3, H, W), on the device
     y: torch.Tensor  # int64 (B,)
-    idx: torch.Tensor  # positions in the training set (for cached teacher outputs)
+    idx: torch.Tensor | None  # positions in the training set (for cached teacher outputs); None when evaluating
 
 
 class DeviceData:
@@ -371,7 +371,7 @@ class DeviceData:
         from ``order``: a CPU generator, so it is the same on every device and its state
         can be checkpointed."""
         for idx in epoch_order(self.n_train, recipe.batch_size, order, recipe.order_style):
-            shifts = flips = None
+            shifts = flips = torch.empty(0)
             if recipe.augment:
                 shifts = torch.randint(0, 2 * recipe.crop_padding + 1, (len(idx), 2), generator=order)
                 flips = torch.rand(len(idx), generator=order) < 0.5
@@ -399,7 +399,7 @@ def epoch_order(n: int, batch_size: int, order: torch.Generator, style: str):
     permutation. "randperm": one ``randperm`` per epoch (kd-mlflow's own).
     """
     if style == "dataloader":
-        yield from DataLoader(range(n), batch_size=batch_size, shuffle=True, generator=order)
+        yield from DataLoader(range(n), batch_size=batch_size, shuffle=True, generator=order)  # type: ignore[arg-type]
         return
     perm = torch.randperm(n, generator=order)
     for start in range(0, n, batch_size):

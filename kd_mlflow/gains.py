@@ -128,7 +128,7 @@ def _correct(preds: dict, run_ids) -> np.ndarray | None:
     rows = [preds.get(r) for r in run_ids]
     if not rows or any(p is None for p in rows):
         return None
-    return np.stack([p.correct("test") for p in rows])
+    return np.stack([p.correct("test") for p in rows if p is not None])
 
 
 def _same_images(preds: dict, run_ids) -> bool:

@@ -20,7 +20,7 @@ from .schema import ENV_PREFIX
 def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
     """Flat ``{"kd.env.<name>": str}`` for the current process (read the TF32 switches
     after :func:`kd_mlflow.train.make_runtime` has set them)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     env = {
         "machine": platform.machine(),
         "processor": platform.processor(),
@@ -29,7 +29,7 @@ def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none",
         "tf32_matmul": str(torch.backends.cuda.matmul.allow_tf32),
         "tf32_cudnn": str(torch.backends.cudnn.allow_tf32),
         "threads": str(torch.get_num_threads()),

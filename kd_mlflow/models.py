@@ -15,6 +15,9 @@ class Classifier(nn.Module):
     """uint8 images (B, 3, H, W) -> logits. Resize and normalisation live here so that
     training, evaluation and the logged MLflow model preprocess identically."""
 
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1)
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, image_size: int, mean, std, resize: str = "float"):
         super().__init__()
         self.net = net

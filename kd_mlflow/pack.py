@@ -80,15 +80,16 @@ def _widen(net: nn.Module, k: int) -> nn.Module:
     """``net`` (a torchvision ResNet) with every layer replaced by K side by side. The
     block structure and forward code stay torchvision's: they never look at widths."""
     for name, m in list(net.named_modules()):
+        new: nn.Module
         if isinstance(m, nn.Conv2d):
             stem = m.in_channels == 3 and m.groups == 1 and name == "conv1"
             new = nn.Conv2d(
                 m.in_channels if stem else k * m.in_channels,
                 k * m.out_channels,
-                m.kernel_size,
-                m.stride,
-                m.padding,
-                m.dilation,
+                m.kernel_size,  # type: ignore[arg-type]  # torch stores the 2-tuples it was given
+                m.stride,  # type: ignore[arg-type]
+                m.padding,  # type: ignore[arg-type]
+                m.dilation,  # type: ignore[arg-type]
                 groups=1 if stem else k * m.groups,
                 bias=m.bias is not None,
             )

@@ -86,8 +86,10 @@ def sweep(table, names: list[str]):
         ax.set(xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), xlabel=names[1], ylabel=names[0])
         ax.set_xticklabels([str(c) for c in grid.columns])
         ax.set_yticklabels([str(i) for i in grid.index])
-        for (i, j), v in np.ndenumerate(grid.to_numpy()):
-            light = im.norm(v) > 0.6  # viridis turns yellow: dark text there
+        values = grid.to_numpy(dtype=float)
+        lo, hi = np.nanmin(values), np.nanmax(values)
+        for (i, j), v in np.ndenumerate(values):
+            light = v - lo > 0.6 * (hi - lo)  # viridis turns yellow: dark text there
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="black" if light else "white", fontsize=8)
         best = table[table["chosen"]].iloc[0]
         ax.add_patch(

@@ -163,7 +163,7 @@ def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
-        np.savez_compressed(f, **arrays)
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
     os.replace(tmp, path)
     return path
 
@@ -211,7 +211,7 @@ def _validate(a: dict) -> Predictions:
     nc = a["num_classes"]
     if nc.dtype != np.int64 or nc.shape != () or int(nc) < 1:
         raise ValueError(f"num_classes must be an int64 scalar >= 1, got {nc.dtype} {nc.shape}")
-    out = {"num_classes": int(nc)}
+    out: dict[str, object] = {"num_classes": int(nc)}
     for s in SPLITS:
         p, y = a[f"probs_{s}"], a[f"labels_{s}"]
         if p.dtype != np.float16 or p.ndim != 2 or p.shape[1] != int(nc):
@@ -232,4 +232,4 @@ def _validate(a: dict) -> Predictions:
     for arr in out.values():
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
-    return Predictions(**out)
+    return Predictions(**out)  # type: ignore[arg-type]  # each key checked above

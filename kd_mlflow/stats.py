@@ -47,7 +47,7 @@ KL_EPS = 1e-7  # probability floor for KL; float16 flushes below ~6e-8 to 0
 
 class _Record:
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
 
 
 @dataclass(frozen=True)

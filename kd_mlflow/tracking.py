@@ -19,6 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 # MLflow's usage telemetry sets and unsets an environment variable from a background
 # thread, while a request on another thread iterates os.environ (urllib's proxy
@@ -212,7 +213,7 @@ def _who(chain: list, uri: str) -> str:
 
 @dataclass
 class Session:
-    client: MlflowClient  # behind _Watched: every call bounded and voiced
+    client: MlflowClient  # behind _Watched (same methods): every call bounded and voiced
     experiment_id: str
     adopted_run_id: str | None  # the run `mlflow run` created, if any
     default_experiment: bool = False  # MLflow's "Default" experiment (id 0)
@@ -265,7 +266,7 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
     _client_defaults()
     uri = tracking_uri()
     try:
-        client = _Watched(MlflowClient())
+        client = cast(MlflowClient, _Watched(MlflowClient()))  # the client's methods, each watched
     except MlflowException:  # a scheme MLflow has no store for
         raise ConfigError(
             "MLFLOW_TRACKING_URI",
@@ -380,7 +381,7 @@ class RunWriter:
             # A file URI matches two registered local sources that behave the same.
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(uri)
-        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()  # type: ignore[abstract]
         self.session.client.log_inputs(
             self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
         )

@@ -38,7 +38,7 @@ class Runtime:
             model = model.to(memory_format=torch.channels_last)
             for m in model.modules():
                 if hasattr(m, "channels_last"):  # models.Classifier: inputs channels-last too
-                    m.channels_last = True
+                    m.channels_last = True  # type: ignore[assignment]  # a bool attribute, not a submodule
         return model
 
 
