@@ -494,9 +494,13 @@ def fail_run_by_id(run_id: str, reason: str, status: str = "FAILED") -> bool:
 
 
 def experiments_with_tag(session: Session, tag: str, limit: int = 20) -> list[str]:
-    """Active experiments other than the session's with a FINISHED run carrying ``tag``."""
+    """Active experiments other than the session's with a FINISHED run carrying ``tag``,
+    MLflow's Default experiment first (where a run lands that was started without an
+    experiment: the usual reason for results being elsewhere), then the most recent."""
     names = []
-    for exp in session.client.search_experiments(max_results=200):
+    experiments = session.client.search_experiments(max_results=200)
+    experiments.sort(key=lambda e: e.experiment_id != DEFAULT_EXPERIMENT_ID)  # stable: the rest keep their order
+    for exp in experiments:
         if exp.experiment_id == session.experiment_id:
             continue
         found = session.client.search_runs([exp.experiment_id], f"tags.`{tag}` != ''", max_results=1)
