@@ -15,6 +15,7 @@ import pandas as pd
 
 from kd_mlflow import gains as gains_mod
 from kd_mlflow import schema as S
+from kd_mlflow.config import architecture
 
 FORMATS = ("markdown", "csv", "json")
 TABLES = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary", "gains", "mechanism")
@@ -29,6 +30,7 @@ COLUMNS = {
         "teacher_test_acc",
         "val_acc",
         "test_acc",
+        "architectures",
         "teacher_run_id",
         "run_id",
     ],
@@ -40,6 +42,7 @@ COLUMNS = {
         "student_val_acc",
         "student_test_acc",
         "gain",
+        "architectures",
         "teacher_run_id",
         "run_id",
     ],
@@ -62,6 +65,7 @@ _TAGS = {
     "config_hash": S.CONFIG_HASH,
     "teacher_run_id": S.TEACHER_RUN_ID,
     "teacher_seeds": S.TEACHER_SEEDS,
+    "teacher_model": S.TEACHER_MODEL,
     "member_seeds": S.MEMBER_SEEDS,
     "member_run_ids": S.MEMBER_RUN_IDS,
     "member_role": S.MEMBER_ROLE,
@@ -137,6 +141,8 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     for name, key in (("val_acc", S.FINAL_VAL_ACC), ("test_acc", S.FINAL_TEST_ACC)):
         out[name] = pd.to_numeric(_column(runs, f"metrics.{key}"), errors="coerce").astype(float)
     out["combine"] = _text(runs, "params.combine").fillna("prob")
+    model, width = _text(runs, "params.model"), _int(_text(runs, "params.width")).fillna(64)
+    out["model"] = [None if m is None else architecture(m, int(w)) for m, w in zip(model, width, strict=True)]
     out["group"] = out["group"].fillna(NO_GROUP)
     params = [c for c in runs.columns if c.startswith("params.")]
     out["recipe"] = (
@@ -215,6 +221,16 @@ def _teachers(students: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame,
     return teachers, notes
 
 
+def _arrows(students: pd.DataFrame, teacher: pd.DataFrame) -> pd.Series:
+    """The "teacher -> student" architectures: the teacher's from the student's tag
+    (kd.teacher_model), else (runs logged before it) from the teacher's own run."""
+    t_arch = students["teacher_model"].where(students["teacher_model"].notna(), teacher["model"])
+    pairs = zip(t_arch, students["model"], strict=True)
+    return pd.Series(
+        [None if pd.isna(a) or pd.isna(b) else f"{a} -> {b}" for a, b in pairs], index=students.index, dtype=object
+    )
+
+
 def _kd(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     t = rows[(rows["role"] == "student") & (rows["method"] == "kd")]
     teacher, notes = _teachers(t, pool)
@@ -223,6 +239,7 @@ def _kd(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]
         teacher_seeds=_members(seeds),
         teacher_val_acc=teacher["val_acc"],
         teacher_test_acc=teacher["test_acc"],
+        architectures=_arrows(t, teacher),
     )
     return out[COLUMNS["kd"]].sort_values(["seed", "run_id"]).reset_index(drop=True), notes
 
@@ -240,6 +257,7 @@ def _self_distillation(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataF
             "student_val_acc": t["val_acc"],
             "student_test_acc": t["test_acc"],
             "gain": t["test_acc"] - teacher["test_acc"],
+            "architectures": _arrows(t, teacher),
             "teacher_run_id": t["teacher_run_id"],
             "run_id": t["run_id"],
         },
@@ -340,14 +358,20 @@ def _study(key: tuple, pool: pd.DataFrame) -> StudyTables:
     return StudyTables(preset, dataset, label, group_id, recipe, **tables, summary=_summary(**tables), notes=notes)
 
 
-def _variant_label(base: str, combine: str, student_label: str | None) -> str:
+def _variant_label(base: str, combine: str, student_label: str | None, arrow: str | None = None) -> str:
+    """The train group's label, and what the variant changes: the ensemble's combine
+    mode, the students' settings, and (``arrow``) "resnet56 -> resnet20" where the
+    students' architecture is not their teachers' (it then stands for model= and width=)."""
     parts = [base]
     if combine != "prob":
         parts.append(f"ensemble: {combine}")
     if student_label:
-        extra = [p for p in student_label.split(" · ")[1:] if p not in base.split(" · ")]
+        shape = ("model=", "width=") if arrow else ()
+        extra = [p for p in student_label.split(" · ")[1:] if p not in base.split(" · ") and not p.startswith(shape)]
         if extra:
             parts.append("students: " + ", ".join(extra))
+    if arrow:
+        parts.append(arrow)
     return " · ".join(parts)
 
 
@@ -375,7 +399,8 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
 
         g_ens = members_in(ens[ens["member_role"] == "train"], ids)
         sd = students[(students["method"] == "sd") & students["teacher_run_id"].isin(ids)]
-        kd = students[(students["method"] == "kd") & students["teacher_run_id"].isin(set(g_ens["run_id"]))]
+        # KD: of an ensemble, or of one network of another architecture.
+        kd = students[(students["method"] == "kd") & students["teacher_run_id"].isin(set(g_ens["run_id"]) | ids)]
         if single:  # unattached runs of this preset and dataset: listed here, with a note
             attached = set(g_ens["run_id"]) | set(sd["run_id"]) | set(kd["run_id"])
             loose = part[(part["role"] != "train") & ~part["run_id"].isin(attached)]
@@ -403,7 +428,12 @@ def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]
                 full = dict(recipe)
                 if lbl and len(v_sd) + len(v_kd):
                     full.update(pd.concat([v_sd, v_kd])["recipe"].iloc[-1])
-                label = _variant_label(base, c, lbl)
+                archs = set(pd.concat([v_sd, v_kd])["model"].dropna())
+                own = set(g_train["model"].dropna())
+                arrow = (
+                    f"{'+'.join(sorted(own))} -> {'+'.join(sorted(archs))}" if own and archs and archs != own else None
+                )
+                label = _variant_label(base, c, lbl, arrow)
                 gid = g if (c, lbl) == (combines[0], s_labels[0]) else f"{g}/{c}/{lbl}"
                 out.append(((preset, dataset, label, gid, full), pool))
     return out
@@ -519,8 +549,8 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
     return [
         ("Single models", _md_table(["seed", *_ACC], seeds)),
         ("Ensemble of single models", _md_table(["members", *_ACC], _ens(t.ensembles))),
-        ("Knowledge distillation (teacher: ensemble, left; student, right)", _md_table(pair, kd)),
-        ("Self-distillation (teacher left, student right)", _md_table(pair, sd)),
+        ("Knowledge distillation (teacher left, student right)" + _arch_note(t.kd), _md_table(pair, kd)),
+        ("Self-distillation (teacher left, student right)" + _arch_note(t.self_distillation), _md_table(pair, sd)),
         ("Ensemble of SD students", _md_table(["members", *_ACC], _ens(t.sd_ensembles))),
         (
             "Summary (gain: test accuracy)",
@@ -529,6 +559,12 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
             ),
         ),
     ]
+
+
+def _arch_note(students: pd.DataFrame) -> str:
+    """The teacher -> student architectures for a table's title: ": resnet56 -> resnet20"."""
+    arrows = list(dict.fromkeys(students["architectures"].dropna()))
+    return f": {', '.join(arrows)}" if arrows else ""
 
 
 def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
