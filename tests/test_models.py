@@ -179,10 +179,13 @@ def test_torchvision_fc_builds_a_1000_class_net_then_a_new_head(name, width):
     net = models.entry(name).build(width, 7, "torchvision-fc")
     torch.manual_seed(3)
     reference = models.entry(name).build(width, 1000, "direct")
+    old_head = [v for v in reference.state_dict().values() if v.shape[:1] == (1000,)]
+    head = nn.Linear(old_head[0].shape[1], 7)  # drawn after the whole 1000-class network
     body = {k: v for k, v in reference.state_dict().items() if v.shape[:1] != (1000,)}
     mine = net.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in body.items())
-    assert sum(v.shape[:1] == (7,) for v in mine.values()) == 2  # the new head: weight, bias
+    new_head = [v for v in mine.values() if v.shape[:1] == (7,)]
+    assert len(new_head) == 2 and torch.equal(new_head[0], head.weight) and torch.equal(new_head[1], head.bias)
 
 
 def _resnet18_before_the_registry(model: str, width: int, init_style: str, num_classes: int) -> ResNet:
