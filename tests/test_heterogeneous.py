@@ -36,6 +36,8 @@ def lab(server, cache_dir):
     ids["kd"] = steps.distill(ids["ens"], 100, overrides={"model": "resnet18-cifar"}, ex=ex).run_id
     ids["sd"] = steps.distill(ids["t0"], 10, ex=ex).run_id
     ids["kd1"] = steps.distill(ids["t1"], 11, overrides={"model": "resnet18-cifar"}, ex=ex).run_id
+    # A second train group in the experiment: compare must attach students by lineage.
+    ids["r18"] = steps.train(0, R20.replace(model="resnet18-cifar"), "smoke", ex=ex).run_id
     yield {"name": name, "ex": ex, "ids": ids, "client": mlflow.MlflowClient(server.uri)}
     mlflow.set_tracking_uri(None)
     for key, value in saved.items():
@@ -88,6 +90,8 @@ def test_compare_never_puts_another_architecture_in_an_sd_mean(lab):
     assert set(kd.kd["architectures"]) == {f"{A20} -> {A18}"}
     assert kd.label == f"smoke · model=resnet20 · width=16 · {A20} -> {A18}"
     assert kd.self_distillation.empty and list(kd.seeds["run_id"]) == [ids["t0"], ids["t1"]]
+    r18 = next(t for t in tables if ids["r18"] in set(t.seeds["run_id"]))
+    assert r18.kd.empty and r18.self_distillation.empty and r18.label == "smoke · width=16"
     md = compare.render(tables, "markdown")
     assert f"### Knowledge distillation (teacher left, student right): {A20} -> {A18}" in md
     assert f"### Self-distillation (teacher left, student right): {A20} -> {A20}" in md
@@ -102,8 +106,7 @@ def test_an_ensemble_of_two_architectures(lab):
     """Members of different architectures are different recipes: refused unless
     --allow-mixed (the rule for any two recipes); allowed, the ensemble evaluates and
     teaches, and its student's tag names both architectures."""
-    r18 = steps.train(0, R20.replace(model="resnet18-cifar"), "smoke", ex=lab["ex"]).run_id
-    members = [lab["ids"]["t0"], r18]
+    members = [lab["ids"]["t0"], lab["ids"]["r18"]]
     with pytest.raises(ConfigError, match="different recipes"):
         steps.ensemble(members, ex=lab["ex"])
     mixed = steps.ensemble(members, ex=lab["ex"], allow_mixed=True).run_id
