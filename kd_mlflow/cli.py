@@ -71,14 +71,11 @@ class _Model(click.ParamType):
 
     name = "model"
 
-    def get_metavar(self, param, ctx=None):
-        return "[" + "|".join(config.MODELS) + "|wrn-D-K]"
-
     def convert(self, value, param, ctx):
         try:
             return config.check_model(value)
         except ConfigError as e:
-            self.fail(e.reason, param, ctx)
+            self.fail(f"{value!r} is not a model: {e.reason}", param, ctx)
 
 
 def _recipe_options(func):
@@ -118,8 +115,9 @@ def _recipe_options(func):
                 if isinstance(default, float)
                 else click.STRING
             )
+            more = " (`kd-mlflow models` lists them; any wrn-D-K too)" if f.name == "model" else ""
             opt = click.option(
-                *flags, f.name, type=_Optional(inner), default=None, help=f"Override the preset's {f.name}."
+                *flags, f.name, type=_Optional(inner), default=None, help=f"Override the preset's {f.name}{more}."
             )
         func = opt(func)
     return func

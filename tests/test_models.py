@@ -408,3 +408,27 @@ def test_a_single_teacher_makes_sd_only_of_its_own_architecture():
     assert steps.student_method("ensemble", ["resnet20", "resnet20"], "resnet20") == "kd"
     assert config.architecture("resnet20", 64) == "resnet20"
     assert config.architecture("resnet20", 16) == "resnet20@w16"
+
+
+def test_the_cli_takes_any_registry_name_and_refuses_others():
+    """--model (and MLflow's -P model=..., passed as --model) takes every registry name
+    and any wrn-D-K; reproduce's --student-model / --student_model too. A name that is
+    not one is refused with exit 2, naming it, before anything runs."""
+
+    def run(*args):
+        return CliRunner().invoke(main, list(args))
+
+    # Accepted names get as far as the recipe's own check (no milestones for multistep).
+    for cmd in (
+        ["train", "--seed", "0", "--preset", "smoke", "--model", "wrn-22-4"],
+        ["train", "--seed", "0", "--preset", "smoke", "--model", "mobilenetv2"],
+        ["reproduce", "--preset", "smoke", "--student_model", "resnet8"],
+    ):
+        out = run(*cmd, "--schedule", "multistep")
+        assert out.exit_code == 2 and "milestones" in out.output, (cmd, out.output)
+    for cmd in (
+        ["train", "--seed", "0", "--preset", "smoke", "--model", "wrn-27-10"],
+        ["reproduce", "--preset", "smoke", "--student-model", "wrn-27-10"],
+    ):
+        out = run(*cmd)
+        assert out.exit_code == 2 and "wrn-27-10" in out.output and "wrn-D-K" in out.output, (cmd, out.output)
