@@ -636,7 +636,7 @@ def reproduce(
         kd_seed,
         data_dir,
         pack,
-        student_model or config.study_student_model(preset),
+        student_model,
     )
     if executor == "ray":
         runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)

@@ -31,9 +31,11 @@ class Plan:
     kd_seed: int = 100
     data_dir: str | None = None
     pack: bool = False  # the seeds, and the SD students, as packed waves
-    student_model: str | None = None  # the KD student's architecture [its teachers']
+    student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
 
     def __post_init__(self):
+        if self.student_model is None:
+            object.__setattr__(self, "student_model", study_student_model(self.preset))
         if self.student_model is not None:
             check_model(self.student_model)
         if self.student_seed_offset < 1:

@@ -432,3 +432,18 @@ def test_the_cli_takes_any_registry_name_and_refuses_others():
     ):
         out = run(*cmd)
         assert out.exit_code == 2 and "wrn-27-10" in out.output and "wrn-D-K" in out.output, (cmd, out.output)
+
+
+def test_a_study_takes_its_presets_kd_student_architecture():
+    from kd_mlflow import study
+
+    plan = study.Plan("cpu-pairs", config.preset("cpu-pairs"), {}, [0, 1])
+    assert (plan.student_model, plan.label) == ("resnet8", "cpu-pairs")  # the preset's own study
+    other = study.Plan("cpu-pairs", config.preset("cpu-pairs"), {}, [0, 1], student_model="resnet14")
+    assert other.label == "cpu-pairs · student_model=resnet14" and not other.own_recipe
+    assert study.Plan("smoke", config.preset("smoke"), {}, [0, 1]).student_model is None
+    # As a process (--jobs, Ray), the KD step asks for its architecture on the command line.
+    ctx = study.Context(plan, steps.Execution(), "0" * 32)
+    argv = study.DistillStep("a" * 32, 100, "kd", "0,1", model=plan.student_model).argv(ctx)
+    assert argv[argv.index("--model") + 1] == "resnet8"
+    assert "--model" not in study.DistillStep("a" * 32, 10, "sd", "0").argv(ctx)
