@@ -78,12 +78,14 @@ def test_the_registry_and_config_name_the_same_models():
     for name in ("wrn-10-1", "wrn-22-4", "wrn-28-10", "wrn-100-12"):
         assert config.check_model(name) == name
         assert models.entry(name).family.startswith("Wide ResNet")
-    for bad in ("wrn-28-0", "wrn-27-10", "wrn-4-2", "resnet21", "vgg13", "wrn-28", 20):
+    for bad in ("wrn-28-0", "wrn-27-10", "wrn-4-2", "resnet21", "vgg13", "wrn-28"):
         with pytest.raises(ConfigError) as e:
             config.check_model(bad)
         assert e.value.name == "model"
         with pytest.raises(ConfigError):
             models.entry(bad)
+    with pytest.raises(ConfigError):
+        config.Recipe(model=20)  # type: ignore[arg-type]
 
 
 def test_every_entry_has_a_stem_and_an_input_size():
