@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from kd_mlflow import compare, tracking
+from kd_mlflow import compare, runs, tracking
 from kd_mlflow import schema as S
 from kd_mlflow.config import PRESETS
 
@@ -38,8 +38,8 @@ def _tags(preset: str, seed: int | None, role: str, **extra) -> dict:
         S.NUM_CLASSES: "10",
         S.VERSION: "0.1.0",
         S.GIT_COMMIT: "f" * 40,
-        "kd.device": "cuda",
-        "kd.precision_resolved": "bf16",
+        S.DEVICE: "cuda",
+        S.PRECISION_RESOLVED: "bf16",
         **extra,
     }
     if seed is not None:
@@ -130,8 +130,8 @@ def _study(preset: str, study: int) -> list[dict]:
 
 
 def _log_study(client, exp_id: str, specs: list[dict], preset: str, epochs: int, t0: int) -> None:
-    runs = [client.create_run(exp_id, start_time=t0 + i) for i in range(len(specs))]
-    ids = [r.info.run_id for r in runs]
+    created = [client.create_run(exp_id, start_time=t0 + i) for i in range(len(specs))]
+    ids = [r.info.run_id for r in created]
     params = [Param(k, v) for k, v in PRESETS[preset].as_params().items()]
     for i, (run_id, spec) in enumerate(zip(ids, specs, strict=True)):
         tags = {k: _resolve(v, ids) for k, v in spec["tags"].items()}
@@ -174,18 +174,19 @@ def log_runs(store_uri: str, experiment: str, n_runs: int, history_epochs: int) 
 
 
 def library_seconds(experiment: str, parts: dict) -> float:
-    """connect + runs_frame + build_tables + render, each part timed into ``parts``."""
+    """connect + results_frame (the search, read as RunRecords) + build_tables + render,
+    each part timed into ``parts``."""
     marks = [time.perf_counter()]
     session = tracking.connect(experiment, create=False)
     marks.append(time.perf_counter())
-    frame = session.runs_frame()
+    frame = runs.results_frame(session)
     marks.append(time.perf_counter())
     tables = compare.build_tables(frame)
     marks.append(time.perf_counter())
     text = compare.render(tables, "markdown")
     marks.append(time.perf_counter())
     assert text.startswith("## "), text[:200]
-    for name, a, b in zip(("connect", "runs_frame", "build_tables", "render"), marks, marks[1:], strict=False):
+    for name, a, b in zip(("connect", "results_frame", "build_tables", "render"), marks, marks[1:], strict=False):
         parts.setdefault(name, []).append(b - a)
     return marks[-1] - marks[0]
 

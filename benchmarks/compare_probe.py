@@ -6,9 +6,9 @@ it back is timed ``--reps`` times (median):
     rest_page200   the same, 200 runs per page
     rest_preset    the same, filtered server-side to one preset's runs (a tag filter)
     client_pages   MlflowClient.search_runs, paged: Run entities
-    search_runs    mlflow.search_runs(..., output_format="pandas"): what compare does now
+    search_runs    mlflow.search_runs(..., output_format="pandas"): what compare did before RunRecords
     client_frame   MlflowClient pages -> a frame of only the tags and metrics compare reads
-    runs_frame     tracking.Session.runs_frame() (the library's call, for reference)
+    results_frame  runs.results_frame(): the library's call (the search, read as RunRecords)
 
     python benchmarks/compare_probe.py [--runs 1000] [--page 1000] [--reps 3]
 """
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from kd_mlflow import runs, tracking
     from kd_mlflow import schema as S
-    from kd_mlflow import tracking
     from tests.mlflow_server import MlflowServer
 
     with tempfile.TemporaryDirectory(prefix="kd-probe-") as tmp:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                 "client_pages": lambda: client_pages(exp_id, args.page),
                 "search_runs": lambda: search_runs(exp_id),
                 "client_frame": lambda: client_frame(exp_id, args.page),
-                "runs_frame": lambda: tracking.connect("probe", create=False).runs_frame(),
+                "results_frame": lambda: runs.results_frame(tracking.connect("probe", create=False)),
             }
             seconds: dict = {k: [] for k in arms}
             for rep in range(args.reps + 1):

@@ -114,7 +114,7 @@ def train_images_per_second(c: Check, recipe, steps: int, compile: bool = False)
     step = torch.compile(model, backend=c.sizes.compile_backend) if compile else model
 
     def epoch():
-        _train_epoch(step, CrossEntropy(), b.dd, b.recipe, b.rt, optimizer, scheduler, order)
+        _train_epoch(step, [CrossEntropy()], b.dd, b.recipe, b.rt, optimizer, scheduler, order)
 
     with harness.Timer(b.rt.device) as warm:
         epoch_of(b, epoch, c.sizes.warmup)
@@ -186,7 +186,7 @@ def ours_seconds(b: train_bench.Bench) -> float:
     model = train_bench.fresh_model(b)
     optimizer, scheduler, order = pack_bench._loop_state(b, model.parameters())
     with harness.Timer(b.rt.device) as t:
-        _train_epoch(model, CrossEntropy(), b.dd, b.recipe, b.rt, optimizer, scheduler, order)
+        _train_epoch(model, [CrossEntropy()], b.dd, b.recipe, b.rt, optimizer, scheduler, order)
     return t.seconds
 
 

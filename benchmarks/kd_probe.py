@@ -34,7 +34,7 @@ def objective_seconds(b: train_bench.Bench, objective) -> float:
     logits = torch.randn(b.recipe.batch_size, b.num_classes, requires_grad=True)
     order = torch.Generator().manual_seed(0)
     with harness.Timer(b.rt.device) as t:
-        for batch in b.dd.train_batches(b.recipe.batch_size, order, False):
+        for batch in b.dd.train_batches(b.recipe.replace(augment=False), order):
             z = logits[: len(batch.y)]
             objective(z, batch).backward()
     return t.seconds

@@ -2,7 +2,7 @@
 network (kd_mlflow.pack): whole training epochs, no evaluation, the same batches.
 
 Each arm builds its models, optimisers and schedules outside the timer; both run the
-library's own epoch functions (``train._train_epoch``, ``pack.train_epoch_packed``),
+library's own epoch function (``train._train_epoch``, for one network or K packed),
 so the figure is the training loop's, as a study would run it.
 """
 
@@ -13,7 +13,7 @@ from harness import Timer
 from train_bench import Bench, fresh_model
 
 from kd_mlflow.objectives import CrossEntropy
-from kd_mlflow.pack import pack, train_epoch_packed
+from kd_mlflow.pack import pack
 from kd_mlflow.train import _train_epoch, make_optimizer, make_scheduler
 
 NETWORKS = 5  # a wave: five seeds, or five SD students
@@ -34,7 +34,7 @@ def lone_seconds(b: Bench, k: int = NETWORKS, compile: bool = False) -> float:
         step = torch.compile(model) if compile else model
         with Timer(b.rt.device) as t:
             for _ in range(b.recipe.epochs):
-                _train_epoch(step, CrossEntropy(), b.dd, b.recipe, b.rt, optimizer, scheduler, order)
+                _train_epoch(step, [CrossEntropy()], b.dd, b.recipe, b.rt, optimizer, scheduler, order)
         total += t.seconds
     return total
 
@@ -47,7 +47,7 @@ def packed_seconds(b: Bench, k: int = NETWORKS, compile: bool = False) -> float:
     objectives = [CrossEntropy()] * k
     with Timer(b.rt.device) as t:
         for _ in range(b.recipe.epochs):
-            train_epoch_packed(step, objectives, b.dd, b.recipe, b.rt, optimizer, scheduler, order)
+            _train_epoch(step, objectives, b.dd, b.recipe, b.rt, optimizer, scheduler, order)
     return t.seconds
 
 

@@ -49,7 +49,7 @@ def fresh_model(b: Bench, seed: int = 0) -> torch.nn.Module:
 def timed_fit(b: Bench, objective, sink=None) -> float:
     model = fresh_model(b)
     with Timer(b.rt.device) as t:
-        fit(model, objective, b.dd, b.recipe, b.rt, sink or (lambda epoch, m: None), log=io.StringIO())
+        fit(model, [objective], b.dd, b.recipe, b.rt, [sink or (lambda epoch, m: None)], log=io.StringIO())
     return t.seconds
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import sys
@@ -28,10 +29,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: the message names the file (a write's error does not)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)
 
 
@@ -56,17 +61,35 @@ def parse(data: bytes, name: str = "checkpoint"):
 
 
 class CheckpointStore:
-    """Per-epoch checkpoints of one training, newest ``keep`` kept on disk."""
+    """Per-epoch checkpoints of one training, newest ``keep`` kept on disk. They record the
+    runs they belong to (:meth:`bind`), beside them and in each checkpoint: a rerun
+    continues those runs only."""
+
+    OWNERS = "runs.json"
 
     def __init__(self, directory: Path, keep: int = 2, log=sys.stderr):
         self.directory, self.keep, self.log = Path(directory), keep, log
+        self.owners: dict[str, str] = {}
 
     def _files(self) -> list[Path]:
         return sorted(self.directory.glob("epoch-*.ckpt"))
 
+    def bind(self, owners: dict[str, str]) -> None:
+        """The runs the checkpoints saved from now on belong to: {config hash: run id}."""
+        self.owners = dict(owners)
+        write_atomic(self.directory / self.OWNERS, json.dumps(self.owners, sort_keys=True).encode())
+
+    def owners_on_disk(self) -> dict[str, str]:
+        """{config hash: run id} of the checkpoints on disk; {} if they record none."""
+        try:
+            owners = json.loads((self.directory / self.OWNERS).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in owners.items()} if isinstance(owners, dict) else {}
+
     def save(self, state: dict) -> Path:
         path = self.directory / f"epoch-{state['epoch']:05d}.ckpt"
-        write_atomic(path, dump(state))
+        write_atomic(path, dump({**state, "run_ids": self.owners} if self.owners else state))
         for old in self._files()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -79,13 +102,20 @@ class CheckpointStore:
         each and skipped, falling back to an older one or to a clean start."""
         for path in reversed(self._files()):
             try:
-                return parse(path.read_bytes(), str(path))
+                state = parse(path.read_bytes(), str(path))
             except CorruptCheckpoint as e:
                 print(f"warning: skipping checkpoint {e}", file=self.log)
+                continue
+            if self.owners and state.get("run_ids") != self.owners:
+                owners = state.get("run_ids")
+                print(f"warning: skipping checkpoint {path}: it belongs to run(s) {owners}", file=self.log)
+                continue
+            return state
         return None
 
     def clear(self) -> None:
         for path in self._files():
             path.unlink(missing_ok=True)
+        (self.directory / self.OWNERS).unlink(missing_ok=True)
         if self.directory.is_dir() and not any(self.directory.iterdir()):
             self.directory.rmdir()

@@ -6,16 +6,18 @@ Exit codes: 0 success, 2 bad input (one line naming the value, nothing created),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from . import __version__, config
+from . import __version__, config, errors, waits
 from .config import ConfigError, Recipe
-from .errors import StepFailed
+from .errors import one_line
 
 
 class _Optional(click.ParamType):
@@ -47,6 +49,42 @@ class _YesNo(click.ParamType):
             return config.YES_NO[str(value).strip().lower()]
         except KeyError:
             self.fail(f"{value!r} is not true or false", param, ctx)
+
+
+class _Number(click.ParamType):
+    """An int or a float with a lower bound, in plain words ("'abc' is not an integer",
+    "-1 is not >= 0"), where click would say "not a valid integer range"."""
+
+    def __init__(self, kind=int, min=None, above=None):
+        self.kind, self.min, self.above = kind, min, above
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and not number >= self.min:
+            self.fail(f"{number} is not >= {self.min}", param, ctx)
+        if self.above is not None and not number > self.above:
+            self.fail(f"{number} is not > {self.above}", param, ctx)
+        return number
+
+
+class _ModelName(click.ParamType):
+    """A registered model's name: refused here if MLflow would refuse it after training."""
+
+    name = "name"
+
+    def convert(self, value, param, ctx):
+        if any(c in str(value) for c in "/:") or not str(value).strip():
+            self.fail(f"{value!r}: a registered model's name cannot be empty or hold '/' or ':'", param, ctx)
+        return str(value)
 
 
 def _triple(text: str):
@@ -174,13 +212,33 @@ def _step_options(func):
     )(func)
 
 
+def _network(func):
+    """--network-timeout, on every command; checks $KD_MLFLOW_NETWORK_TIMEOUT too."""
+
+    def check(ctx, param, value):
+        waits.set_timeout(value)
+        waits.timeout()  # a bad $KD_MLFLOW_NETWORK_TIMEOUT is refused here, before any wait
+
+    return click.option(
+        "--network-timeout",
+        "--network_timeout",
+        type=_Optional(_Number(float, above=0)),
+        default=None,
+        expose_value=False,
+        callback=check,
+        metavar="SECONDS",
+        help=f"How long a wait on the network (the tracking server, a download) may last before it gives up "
+        f"[${waits.ENV}, else {waits.DEFAULT_TIMEOUT:g}].",
+    )(func)
+
+
 def _emit(out, as_json: bool) -> None:
     click.echo(out.to_json() if as_json else out.run_id)
 
 
 _register = click.option(
     "--register",
-    type=_Optional(click.STRING),
+    type=_Optional(_ModelName()),
     default=None,
     metavar="NAME",
     help="Also register the run's model in the Model Registry as NAME.",
@@ -189,6 +247,69 @@ _register = click.option(
 _preset = click.option(
     "--preset", type=click.Choice(config.CHOICES["preset"]), default="seed-report", show_default=True
 )
+
+
+def _executor_options(func):
+    """Where a wave's steps run: --jobs N processes, --executor ray, or --pack."""
+    func = click.option(
+        "--pack",
+        is_flag=True,
+        help="Train the seeds, and the SD students, of a wave side by side as "
+        "one packed network (in this process; pays off on a GPU).",
+    )(func)
+    func = click.option(
+        "--ray-local-gpus",
+        "ray_local_gpus",
+        type=_Optional(_Number(int, min=0)),
+        default=None,
+        hidden=True,
+        help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
+    )(func)
+    func = click.option(
+        "--gpus-per-run",
+        "--gpus_per_run",
+        "gpus_per_run",
+        type=_Optional(_Number(float, min=0)),
+        default=None,
+        help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
+    )(func)
+    func = click.option(
+        "--ray-address",
+        "--ray_address",
+        "ray_address",
+        type=_Optional(click.STRING),
+        default=None,
+        help="An existing Ray cluster [a local instance].",
+    )(func)
+    func = click.option(
+        "--executor",
+        type=click.Choice(config.EXECUTORS),
+        default="local",
+        show_default=True,
+        help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').",
+    )(func)
+    func = click.option(
+        "--jobs",
+        type=_Number(int, min=1),
+        default=1,
+        show_default=True,
+        help="Independent steps run concurrently, as separate processes (local executor).",
+    )(func)
+    return func
+
+
+def _executor(jobs: int, executor: str, ray_address, gpus_per_run, ray_local_gpus, pack: bool):
+    from . import executors
+
+    if pack and (jobs > 1 or executor != "local"):
+        raise ConfigError(
+            "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
+        )
+    if executor == "ray":
+        runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
+    else:
+        runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
+    return executors.PackedWaves(runner) if pack else runner
 
 
 def _execution(device, compile_, deterministic, force, cache_dir):
@@ -215,62 +336,84 @@ _data_dir = click.option(
 
 
 class _Group(click.Group):
+    """Every way a command ends goes through here: the exit code and the last line are
+    decided by :func:`kd_mlflow.errors.verdict`, in one place."""
+
     def main(self, *args, **kwargs):
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("kd-mlflow: interrupted", err=True)
-            sys.exit(130)
-        except click.UsageError as e:
-            click.echo(f"kd-mlflow: error: {e.format_message()}", err=True)
-            sys.exit(2)
-        except click.ClickException as e:
-            click.echo(f"kd-mlflow: error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
+        with _signals_raise():
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except click.exceptions.Exit as e:
+                rv = e.exit_code
+            except click.Abort:  # click's own word for Ctrl-C while it parses or prompts
+                rv = _end(KeyboardInterrupt())
+            except click.UsageError as e:
+                rv = _end(e)
+            except click.ClickException as e:
+                click.echo(f"kd-mlflow: error: {one_line(e.format_message())}", err=True)
+                rv = e.exit_code
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
-        from .errors import Interrupted, TrackingRefused, TrackingUnavailable
-
         try:
             return super().invoke(ctx)
-        except ConfigError as e:
-            click.echo(f"kd-mlflow: error: {e}", err=True)
-            _fail_adopted_run(str(e))
-            return 2
-        except TrackingUnavailable as e:
-            click.echo(f"kd-mlflow: error: tracking unavailable: {e}", err=True)
-            return 1
-        except TrackingRefused as e:
-            click.echo(f"kd-mlflow: error: tracking server refused: {e}", err=True)
-            return 1
-        except StepFailed as e:
-            click.echo(f"kd-mlflow: error: {e}", err=True)
-            return 1
-        except Interrupted as e:
-            click.echo(f"kd-mlflow: {e}; checkpoint kept, run marked KILLED", err=True)
-            return e.exit_code
-        except KeyboardInterrupt:
-            click.echo("kd-mlflow: interrupted; checkpoint kept, run marked KILLED", err=True)
-            return 130
-        except Exception as e:
-            if type(e).__module__.startswith(("mlflow", "requests", "urllib3")):
-                # The server answered with an error, or not at all: one line, not a trace.
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                click.echo(f"kd-mlflow: error: tracking server: {first}", err=True)
-                return 1
+        except (click.exceptions.Exit, click.Abort, click.ClickException, SystemExit):
             raise
+        except BaseException as e:  # every ending gets its verdict, in one place
+            if errors.traceback_wanted() and errors.verdict(e)[1].startswith("internal error"):
+                raise
+            return _end(e)
 
 
-def _fail_adopted_run(reason: str) -> None:
-    """Under `mlflow run`, MLflow made a run before this command could refuse its input:
-    end it FAILED with the reason as a tag, never RUNNING."""
-    if os.environ.get("MLFLOW_RUN_ID"):
-        from . import tracking
+def _end(e: BaseException) -> int:
+    """Print the one line for ``e``, tell the run `mlflow run` made, return the exit code."""
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.exceptions.NoArgsIsHelpError) and isinstance(ctx, click.Context):
+        click.echo(ctx.get_help())  # the help on stdout; the one line says what is missing
+        code, line = errors.USER, f"error: give a command: {', '.join(main.list_commands(ctx))}"
+    elif isinstance(e, click.UsageError):
+        code, line = errors.USER, f"error: {one_line(e.format_message())}"
+    else:
+        code, line = errors.verdict(e)
+    click.echo(f"kd-mlflow: {line}", err=True)
+    _tell_adopted_run(e, code, line)
+    return code
 
-        tracking.fail_run_by_id(os.environ["MLFLOW_RUN_ID"], reason)
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM ends a command as Ctrl-C does (exit 143, a run marked KILLED), wherever it
+    lands, not only while a run is open. The previous handler is back afterwards (a
+    command run inside a test process)."""
+    import signal
+
+    def on_term(signum, frame):
+        raise errors.Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _tell_adopted_run(e: BaseException, code: int, line: str) -> None:
+    """Under `mlflow run`, MLflow made a run before this command could refuse: end it
+    FAILED with the reason in kd.failure (KILLED on a signal), never RUNNING. Not when
+    the tracking server is what failed: it cannot be told."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or isinstance(e, (errors.TrackingUnavailable, errors.TrackingRefused, errors.GaveUp)):
+        return
+    from . import tracking
+
+    if code > 128:
+        tracking.fail_run_by_id(run_id, line, status="KILLED")
+    else:
+        tracking.fail_run_by_id(run_id, line.removeprefix("error: "))
 
 
 @click.group(cls=_Group)
@@ -280,9 +423,8 @@ def main():
 
 
 @main.command()
-@click.option(
-    "--seed", type=_Optional(click.IntRange(min=0)), default=None, help="Model seed: the initialisation only."
-)
+@_network
+@click.option("--seed", type=_Optional(_Number(int, min=0)), default=None, help="Model seed: the initialisation only.")
 @click.option(
     "--seeds",
     type=_Optional(click.STRING),
@@ -344,8 +486,9 @@ def train(
 
 
 @main.command()
+@_network
 @click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
-@click.option("--seed", type=click.IntRange(min=0), required=True, help="The student's model seed.")
+@click.option("--seed", type=_Number(int, min=0), required=True, help="The student's model seed.")
 @click.option(
     "--preset",
     type=_Optional(click.Choice(config.CHOICES["preset"])),
@@ -397,6 +540,7 @@ def distill(
 
 
 @main.command()
+@_network
 @click.option("--members", type=_Optional(click.STRING), default=None, help="Comma-separated run ids.")
 @click.option(
     "--seeds",
@@ -476,6 +620,7 @@ def ensemble(
 
 
 @main.command()
+@_network
 @_experiment
 @click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
 @click.option(
@@ -497,23 +642,37 @@ def ensemble(
 )
 def compare(experiment, fmt, output, preset, dataset, group, intervals):
     """Rebuild the report's tables from the tracking server."""
+    if output:
+        _check_writable("output", Path(output))  # before any wait on the server
     from . import report
 
     text = report.compare(experiment, fmt, preset=preset, dataset=dataset, group=group, intervals=intervals)
     if output:
-        Path(output).write_text(text)
+        try:
+            Path(output).write_text(text)
+        except OSError as e:  # a full disk: name the file (a failed write does not)
+            raise OSError(e.errno, e.strerror, output) from None
     else:
         click.echo(text)
 
 
+def _check_writable(option: str, path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(option, str(path), f"no folder {folder} to write it in")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(option, str(path), f"folder {folder} is not writable")
+
+
 @main.command()
+@_network
 @_preset
 @click.option("--seeds", default="0-4", show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
 @click.option(
     "--student-seed-offset",
     "--student_seed_offset",
     "offset",
-    type=click.IntRange(min=1),
+    type=_Number(int, min=1),
     default=10,
     show_default=True,
     help="SD student of seed i has seed i + offset.",
@@ -522,53 +681,16 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
     "--kd-seed",
     "--kd_seed",
     "kd_seed",
-    type=_Optional(click.IntRange(min=0)),
+    type=_Optional(_Number(int, min=0)),
     default=None,
     help="Seed of the KD student of the ensemble [the preset's: 42 for seed-report, else 100].",
 )
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Independent steps run concurrently, as separate processes (local executor).",
-)
-@click.option(
-    "--executor",
-    type=click.Choice(config.EXECUTORS),
-    default="local",
-    show_default=True,
-    help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').",
-)
-@click.option(
-    "--ray-address",
-    "--ray_address",
-    "ray_address",
-    type=_Optional(click.STRING),
-    default=None,
-    help="An existing Ray cluster [a local instance].",
-)
-@click.option(
-    "--gpus-per-run",
-    "--gpus_per_run",
-    "gpus_per_run",
-    type=_Optional(click.FloatRange(min=0)),
-    default=None,
-    help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
-)
-@click.option(
-    "--ray-local-gpus",
-    "ray_local_gpus",
-    type=_Optional(click.IntRange(min=0)),
-    default=None,
-    hidden=True,
-    help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
-)
+@_executor_options
 @click.option(
     "--register-as",
     "--register_as",
     "register_as",
-    type=_Optional(click.STRING),
+    type=_Optional(_ModelName()),
     default=None,
     metavar="NAME",
     help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",
@@ -582,12 +704,6 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
     default=None,
     help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
     "resnet8 for cpu-pairs; else the teachers'].",
-)
-@click.option(
-    "--pack",
-    is_flag=True,
-    help="Train the seeds, and the SD students, of a wave side by side as "
-    "one packed network (in this process; pays off on a GPU).",
 )
 @_data_dir
 @_experiment
@@ -621,27 +737,12 @@ def reproduce(
     overrides = _overrides(kw)
     recipe = config.resolve(preset, **overrides)
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
-    from . import executors, study
+    from . import study
 
-    if pack and (jobs > 1 or executor != "local"):
-        raise ConfigError(
-            "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
-        )
     plan = study.Plan(
-        preset,
-        recipe,
-        overrides,
-        config.parse_seeds(seeds),
-        offset,
-        kd_seed,
-        data_dir,
-        pack,
-        student_model,
+        preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, student_model=student_model
     )
-    if executor == "ray":
-        runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
-    else:
-        runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
+    runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     result = study.reproduce(
         plan,
         experiment=experiment,
@@ -686,3 +787,71 @@ def _check_run_id(option: str, run_id: str) -> None:
     """MLflow run ids are 32 hex digits: anything else is refused before any connection."""
     if not (len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id)):
         raise ConfigError(option, run_id, "not an MLflow run id (32 hex digits)")
+
+
+def _grid_options(func):
+    """Every recipe field as a comma list of values (tuples, such as --mean, cannot be swept)."""
+    for f in reversed(dataclasses.fields(Recipe)):
+        if isinstance(getattr(Recipe, f.name), tuple):
+            continue
+        func = click.option(
+            *_spellings(f.name),
+            f.name,
+            type=_Optional(click.STRING),
+            default=None,
+            help=f"Values of {f.name} to try, comma-separated.",
+        )(func)
+    return func
+
+
+@main.command()
+@click.option("--teacher", required=True, help="Run id of the teacher: an ensemble run (KD) or a train run (SD).")
+@click.option("--seeds", default="100", show_default=True, help="Student seeds of every setting, e.g. 100-102.")
+@click.option(
+    "--show-test",
+    "--show_test",
+    "show_test",
+    is_flag=True,
+    help="Print every setting's test accuracy too (the choice never uses it).",
+)
+@_executor_options
+@_data_dir
+@_experiment
+@_grid_options
+@_execution_options
+def sweep(
+    teacher,
+    seeds,
+    show_test,
+    jobs,
+    executor,
+    ray_address,
+    gpus_per_run,
+    ray_local_gpus,
+    pack,
+    data_dir,
+    experiment,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    **lists,
+):
+    """Students of one teacher over a grid of settings, as runs nested under one sweep
+    run; the setting of best mean validation accuracy is chosen and only its test
+    accuracy reported."""
+    from . import sweep as sweep_mod
+
+    grid = sweep_mod.parse_grid({k: v for k, v in lists.items() if v is not None})  # refused here, before imports
+    _check_run_id("teacher", teacher)
+    plan = sweep_mod.SweepPlan(teacher, config.parse_seeds(seeds), grid, data_dir=data_dir)
+    runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
+    text, _ = sweep_mod.run(
+        plan,
+        experiment=experiment,
+        ex=_execution(device, compile_, deterministic, force, cache_dir),
+        executor=runner,
+        show_test=show_test,
+    )
+    click.echo(text)

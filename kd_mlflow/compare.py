@@ -1,9 +1,15 @@
-"""From a runs DataFrame, as ``mlflow.search_runs(output_format="pandas")``
-returns it, to the study's tables: single models, ensembles, KD and SD students
-and a summary, per (preset, dataset) group.
+"""From kd-mlflow's runs to the study's tables: single models, ensembles, KD and SD
+students and a summary, per group of comparable runs.
 
-Pure pandas, no MLflow and no torch: the CLI fetches the runs and this module
-only reads them, so it is tested on hand-made frames as well as on real runs.
+The input is :func:`kd_mlflow.runs.records_frame`: one row per RunRecord (the one
+reading of a run's params and tags), plain column names. Pure pandas, no MLflow and no
+torch, so it is tested on hand-made records as well as on real runs.
+
+Where a run is listed follows its lineage, computed once per (preset, dataset) by
+:func:`places`: a train run in every table of its train group; an ensemble where its
+members are, with its own combine mode; a student where its teacher is, in the table of
+its own settings. Train runs and their ensembles are every table's baselines, so each
+table of their line lists them; every other run is listed in one table at most.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import json
 
 import pandas as pd
 
+from kd_mlflow import config
 from kd_mlflow import gains as gains_mod
 from kd_mlflow import schema as S
-from kd_mlflow.config import architecture
 
 FORMATS = ("markdown", "csv", "json")
 TABLES = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary", "gains", "mechanism")
@@ -56,25 +62,8 @@ _MISSING = {
     "self_distillation": "no SD student (kd.method=sd) yet",
     "sd_ensembles": "no ensemble of SD students yet",
 }
-# Tidy column name -> MLflow tag key.
-_TAGS = {
-    "role": S.ROLE,
-    "method": S.METHOD,
-    "preset": S.PRESET,
-    "dataset": S.DATASET,
-    "config_hash": S.CONFIG_HASH,
-    "teacher_run_id": S.TEACHER_RUN_ID,
-    "teacher_seeds": S.TEACHER_SEEDS,
-    "teacher_model": S.TEACHER_MODEL,
-    "member_seeds": S.MEMBER_SEEDS,
-    "member_run_ids": S.MEMBER_RUN_IDS,
-    "member_role": S.MEMBER_ROLE,
-    "duplicate_of": S.DUPLICATE_OF,
-    "study": S.STUDY,
-    "group": S.GROUP,
-    "group_label": S.GROUP_LABEL,
-}
 NO_GROUP = "-"  # runs logged before groups existed: grouped by preset and dataset alone
+PLAIN = config.COMBINES[0]  # the report's way of combining an ensemble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,57 +92,28 @@ class StudyTables:
     )
 
 
-# --- reading the runs frame -------------------------------------------------
+# --- the records ------------------------------------------------------------
 
 
-def _column(runs: pd.DataFrame, name: str) -> pd.Series:
-    """``runs[name]``, or all missing: search_runs omits keys no run has."""
-    if name in runs.columns:
-        return runs[name]
-    return pd.Series(None, index=runs.index, dtype=object)
-
-
-def _text(runs: pd.DataFrame, name: str) -> pd.Series:
-    """A tag or param as strings; an empty string counts as missing."""
-    col = _column(runs, name).astype(object)
-    return col.where(col.notna() & (col.astype(str).str.strip() != ""), None)
-
-
-def _int(values: pd.Series) -> pd.Series:
-    """Seeds as nullable ints (tags and params are strings)."""
-    return pd.to_numeric(values, errors="coerce").astype("Int64")
-
-
-def _members(seeds: pd.Series) -> pd.Series:
-    """Normalise "0, 1,2" to "0,1,2" so equal member lists compare equal."""
-    return seeds.map(lambda s: None if s is None else ",".join(p.strip() for p in s.split(",")))
-
-
-def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run with plain column names."""
-    out = pd.DataFrame({k: _text(runs, f"tags.{v}") for k, v in _TAGS.items()}, index=runs.index)
-    out["member_seeds"] = _members(out["member_seeds"])
-    out["run_id"] = _column(runs, "run_id")
-    out["status"] = _column(runs, "status")
-    out["start_time"] = _column(runs, "start_time")
-    seed = _text(runs, f"tags.{S.SEED}")
-    out["seed"] = _int(seed.where(seed.notna(), _text(runs, "params.seed")))
-    for name, key in (("val_acc", S.FINAL_VAL_ACC), ("test_acc", S.FINAL_TEST_ACC)):
-        out[name] = pd.to_numeric(_column(runs, f"metrics.{key}"), errors="coerce").astype(float)
-    out["combine"] = _text(runs, "params.combine").fillna("prob")
-    model, width = _text(runs, "params.model"), _int(_text(runs, "params.width")).fillna(64)
-    out["model"] = [None if m is None else architecture(m, int(w)) for m, w in zip(model, width, strict=True)]
-    out["group"] = out["group"].fillna(NO_GROUP)
-    params = [c for c in runs.columns if c.startswith("params.")]
-    out["recipe"] = (
-        [
-            dict(sorted((k[len("params.") :], v) for k, v in row.items() if isinstance(v, str) and v != ""))
-            for row in runs[params].to_dict("records")
-        ]
-        if params
-        else [{} for _ in range(len(out))]
+def _tidy(records: pd.DataFrame) -> pd.DataFrame:
+    """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2"), a
+    group for runs logged before groups existed."""
+    out = records.rename(columns={"final_val_acc": "val_acc", "final_test_acc": "test_acc"})
+    return out.assign(
+        seed=pd.to_numeric(out["seed"]).astype("Int64"),
+        val_acc=out["val_acc"].astype(float),
+        test_acc=out["test_acc"].astype(float),
+        member_seeds=out["member_seeds"].map(lambda seeds: ",".join(seeds) or None),
+        teacher_seeds=out["teacher_seeds"].map(lambda seeds: seeds or None),
+        group=out["group"].fillna(NO_GROUP),
+        combine=out["combine"].fillna(PLAIN),
+        model=[_architecture(r, p) for r, p in zip(out["recipe"], out["params"], strict=True)],
     )
-    return out
+
+
+def _architecture(recipe, params: dict) -> str | None:
+    """A run's network ("resnet20", "resnet20@w16") where its params name a model."""
+    return config.architecture(recipe.model, recipe.width) if recipe is not None and "model" in params else None
 
 
 def _results(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -161,31 +121,133 @@ def _results(tidy: pd.DataFrame) -> pd.DataFrame:
     keep = (
         (tidy["status"] == "FINISHED")
         & tidy["duplicate_of"].isna()
-        & tidy["study"].isna()
-        & tidy["role"].notna()
+        & ~tidy["study"].astype(bool)
+        & tidy["role"].isin(S.ROLES)
         & tidy["preset"].notna()
         & tidy["dataset"].notna()
     )
     return tidy[keep]
 
 
-def _dedupe(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep the latest run per identity: a rerun supersedes, it adds no seed."""
+def _dedupe(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Keep the latest run per identity: a rerun supersedes, it adds no seed. Returns the
+    kept rows and, per kept run, the notes on the runs it superseded."""
     # Without a config hash, what makes a result the same is who it is.
-    who = rows[["role", "method", "member_role", "seed", "teacher_run_id", "member_seeds"]]
+    who = rows[["role", "group", "method", "member_role", "seed", "teacher_run_id", "member_seeds"]]
     identity = pd.Series(["|".join(map(str, r)) for r in who.itertuples(index=False)], index=rows.index)
     rows = rows.assign(key=rows["config_hash"].where(rows["config_hash"].notna(), identity))
-    ordered = rows.sort_values(["start_time", "run_id"], ascending=False)  # missing times last
+    ordered = rows.sort_values(["start_time", "run_id"], ascending=False)
     winner = ordered.drop_duplicates("key").set_index("key")["run_id"]
-    notes = [
-        f"run {r.run_id} superseded by {winner[r.key]} (same "
-        f"{'config_hash' if pd.notna(r.config_hash) else 'role, seed and teacher/members'}, later start)"
-        for r in ordered[ordered.duplicated("key")].itertuples()
-    ]
-    return rows[rows["run_id"].isin(winner)], notes
+    notes: dict[str, list[str]] = {}
+    for r in ordered[ordered.duplicated("key")].itertuples():
+        same = "config_hash" if pd.notna(r.config_hash) else "role, seed and teacher/members"
+        notes.setdefault(winner[r.key], []).append(
+            f"run {r.run_id} superseded by {winner[r.key]} (same {same}, later start)"
+        )
+    return rows[rows["run_id"].isin(winner)].drop(columns="key"), notes
 
 
-# --- the tables -----------------------------------------------------------
+# --- lineage: where each run is listed, computed once --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Place:
+    """Where a run is listed: the train group its line starts from, the combine mode of
+    the ensembles in its line, and what its students' settings add ("temperature=2.0",
+    "lr=0.005"): one table per place."""
+
+    group: str
+    combine: str = PLAIN
+    settings: tuple = ()
+
+
+APART = Place("mixed")  # an ensemble of different groups, and its line: listed apart, in no mean
+UNATTACHED = Place("unattached")  # a teacher or member that is not a finished run here
+
+
+def places(part: pd.DataFrame) -> tuple[dict, dict]:
+    """Run id -> its Place, for the finished results of one (preset, dataset), and run id
+    -> why, for a run listed apart or unattached (its line inherits that).
+
+    A train run's place is its train group. An ensemble is where its members are, with
+    its own combine mode (apart if they are in different places, or it is tagged
+    kd.mixed); a student is where its teacher is, with its own settings
+    (:func:`_settings`). Superseded runs count: a student learned from the run it names."""
+    by_id = {r.run_id: r for r in part.itertuples(index=False)}
+    found: dict = {}
+    why: dict = {}
+
+    def place(run_id, line=()) -> Place:
+        if run_id not in found:
+            if run_id not in by_id or run_id in line:  # not here, or a loop
+                return UNATTACHED
+            found[run_id], reason = _place_of(by_id[run_id], by_id, lambda r: place(r, (*line, run_id)))
+            if reason:
+                why[run_id] = reason
+        return found[run_id]
+
+    for run_id in by_id:
+        place(run_id)
+    return found, why
+
+
+def _place_of(r, by_id: dict, place) -> tuple[Place, str | None]:
+    if r.role == "train":
+        return Place(r.group), None
+    if r.role == "ensemble":
+        return _ensemble_place(r, by_id, place)
+    return _student_place(r, by_id, place)
+
+
+def _ensemble_place(r, by_id: dict, place) -> tuple[Place, str | None]:
+    if r.mixed:
+        return APART, "tagged kd.mixed: its members are of different groups (ensemble --allow-mixed)"
+    if r.member_role not in ("train", "student"):
+        return APART, f"its members are {r.member_role}: train and student runs together"
+    at = {m: place(m) for m in r.member_run_ids}
+    if not at:
+        return UNATTACHED, f"ensemble {r.run_id} names no members"
+    for m, p in at.items():
+        if p in (UNATTACHED, APART):
+            return p, f"member {m} of ensemble {r.run_id} {_not_placed(p, m, by_id)}"
+    if len(set(at.values())) > 1:
+        labels = sorted({str(by_id[m].group_label) for m in at})
+        return APART, f"its members are of different groups or settings ({'; '.join(labels)})"
+    (p,) = set(at.values())
+    if p.combine not in (PLAIN, r.combine):
+        return APART, f"its members learned from {p.combine} ensembles; it combines by {r.combine}"
+    return Place(p.group, r.combine, p.settings), None
+
+
+def _student_place(r, by_id: dict, place) -> tuple[Place, str | None]:
+    t = place(r.teacher_run_id)
+    if t in (UNATTACHED, APART):
+        return t, f"teacher {r.teacher_run_id} of student {r.run_id} {_not_placed(t, r.teacher_run_id, by_id)}"
+    inherited = {s for s in t.settings if not s.startswith("generation=")}
+    generation = {f"generation={r.generation}"} if r.generation > 1 else set()
+    settings = inherited | _settings(r, by_id[r.teacher_run_id]) | generation
+    return Place(t.group, t.combine, tuple(sorted(settings))), None
+
+
+def _not_placed(p: Place, run_id, by_id: dict) -> str:
+    if p == APART:
+        return "is listed apart (mixed)"
+    return "is itself unattached" if run_id in by_id else "is not a finished run of this group"
+
+
+def _settings(student, teacher) -> set[str]:
+    """What a student's result depends on beyond its teacher's training: its distillation
+    settings where they differ from its preset's, and every training field where its
+    recipe differs from its teacher's (an override such as --lr, or a preset's value
+    where the teacher had another)."""
+    if student.recipe is None or teacher.recipe is None:
+        return {"recipe unreadable"}
+    preset = config.PRESETS.get(student.preset, config.Recipe())
+    reference = dataclasses.replace(teacher.recipe, **{k: getattr(preset, k) for k in config.STUDENT_FIELDS})
+    return set(config.shown(student.recipe.differences(reference, "student")))
+
+
+# --- the tables of one place ---------------------------------------------------
 
 
 def _seeds(rows: pd.DataFrame) -> pd.DataFrame:
@@ -193,32 +255,27 @@ def _seeds(rows: pd.DataFrame) -> pd.DataFrame:
     return t[COLUMNS["seeds"]].sort_values(["seed", "run_id"]).reset_index(drop=True)
 
 
-def _ensembles(rows: pd.DataFrame, member_role: str) -> pd.DataFrame:
-    t = rows[(rows["role"] == "ensemble") & (rows["member_role"] == member_role)]
-    members = t["member_seeds"].where(t["member_seeds"].notna(), t["member_run_ids"])
+def _ensembles(rows: pd.DataFrame, of_students: bool) -> pd.DataFrame:
+    t = rows[(rows["role"] == "ensemble") & ((rows["member_role"] == "student") == of_students)]
+    members = t["member_seeds"].where(t["member_seeds"].notna(), t["member_run_ids"].map(",".join))
     out = t.assign(
         members=t["member_seeds"],
-        n_members=_int(members.map(lambda m: None if m is None else len(m.split(",")))),
+        n_members=_int(members.map(lambda m: None if not m else len(m.split(",")))),
     )
     out = out[_ENSEMBLE_COLUMNS].sort_values(["n_members", "members", "run_id"])
     return out.reset_index(drop=True)
 
 
-def _teachers(students: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Each student's teacher row, aligned with ``students``; NaN when not found.
+def _int(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values, errors="coerce").astype("Int64")
 
-    The pool is every finished result of the group before de-duplication: a
-    student learned from the run it names, even if a rerun superseded it.
-    """
-    by_id = pool.drop_duplicates("run_id").set_index("run_id")
-    teachers = by_id.reindex(students["teacher_run_id"].to_numpy())
+
+def _teachers(students: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame:
+    """Each student's teacher row, aligned with ``students``; NaN where it is not a
+    finished run of this preset and dataset (``lookup``: all of them, superseded too)."""
+    teachers = lookup.reindex(students["teacher_run_id"].to_numpy())
     teachers.index = students.index
-    lost = students[~students["teacher_run_id"].isin(pool["run_id"])]
-    notes = [
-        f"teacher {r.teacher_run_id} of student {r.run_id} is not a finished run of this group"
-        for r in lost.itertuples()
-    ]
-    return teachers, notes
+    return teachers
 
 
 def _arrows(students: pd.DataFrame, teacher: pd.DataFrame) -> pd.Series:
@@ -231,22 +288,21 @@ def _arrows(students: pd.DataFrame, teacher: pd.DataFrame) -> pd.Series:
     )
 
 
-def _kd(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def _kd(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame:
     t = rows[(rows["role"] == "student") & (rows["method"] == "kd")]
-    teacher, notes = _teachers(t, pool)
-    seeds = t["teacher_seeds"].where(t["teacher_seeds"].notna(), teacher["member_seeds"])
+    teacher = _teachers(t, lookup)
     out = t.assign(
-        teacher_seeds=_members(seeds),
+        teacher_seeds=t["teacher_seeds"].where(t["teacher_seeds"].notna(), teacher["member_seeds"]),
         teacher_val_acc=teacher["val_acc"],
         teacher_test_acc=teacher["test_acc"],
         architectures=_arrows(t, teacher),
     )
-    return out[COLUMNS["kd"]].sort_values(["seed", "run_id"]).reset_index(drop=True), notes
+    return out[COLUMNS["kd"]].sort_values(["seed", "run_id"]).reset_index(drop=True)
 
 
-def _self_distillation(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    t = rows[(rows["role"] == "student") & (rows["method"] == "sd")]
-    teacher, notes = _teachers(t, pool)
+def _self_distillation(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame:
+    t = rows[(rows["role"] == "student") & (rows["method"] != "kd")]
+    teacher = _teachers(t, lookup)
     out = pd.DataFrame(
         {
             # The student's own kd.teacher_seeds tag still names a lost teacher's seed.
@@ -264,17 +320,10 @@ def _self_distillation(rows: pd.DataFrame, pool: pd.DataFrame) -> tuple[pd.DataF
         index=t.index,
     )
     out = out.sort_values(["teacher_seed", "student_seed", "run_id"])
-    return out.reset_index(drop=True), notes
+    return out.reset_index(drop=True)
 
 
-def _stat(
-    row: str,
-    val: pd.Series,
-    test: pd.Series,
-    run_ids: pd.Series,
-    gain: float = float("nan"),
-    gain_over: str | None = None,
-) -> dict:
+def _stat(row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series, gain=float("nan"), gain_over=None) -> dict:
     """One summary row: mean and sample std (NaN below two runs)."""
     return {
         "row": row,
@@ -289,45 +338,45 @@ def _stat(
     }
 
 
-def _summary(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFrame:
-    """Means per kind of model; each gain (test) sits on the row it describes. The SD
-    row's mean and gain are over the same set: the students whose teacher was found."""
-    sd = self_distillation[self_distillation["teacher_test_acc"].notna()]
-    single = seeds["test_acc"].mean()
-    ensemble = ensembles["test_acc"].mean()
+def counted(tables: dict, run_ids: set) -> dict:
+    """The rows a summary counts: ``run_ids`` (the runs of the table's own line), and of
+    the SD students those whose teacher's result is known."""
+    out = {k: tables[k][tables[k]["run_id"].isin(run_ids)] for k in gains_mod.ESTIMATED}
+    sd = out["self_distillation"]
+    out["self_distillation"] = sd[sd["teacher_test_acc"].notna()]
+    return out
+
+
+def _summary(rows: dict) -> pd.DataFrame:
+    """Means per kind of model over the counted ``rows``; each gain (test) sits on the row
+    it describes and is the mean of the gains table's estimates for it
+    (:func:`kd_mlflow.gains.estimates`: one source for both)."""
+    est = gains_mod.estimates(**rows)
+
+    def gain(kind: str) -> float:
+        return est.loc[est["kind"] == kind, "estimate"].mean()
+
+    ens, kd, sd, sde = rows["ensembles"], rows["kd"], rows["self_distillation"], rows["sd_ensembles"]
+    seeds = rows["seeds"]
     return pd.DataFrame(
         [
             _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"]),
-            _stat(
-                "ensemble",
-                ensembles["val_acc"],
-                ensembles["test_acc"],
-                ensembles["run_id"],
-                ensemble - single,
-                "single models (mean)",
-            ),
-            _stat(
-                "KD students",
-                kd["val_acc"],
-                kd["test_acc"],
-                kd["run_id"],
-                kd["test_acc"].mean() - single,
-                "single models (mean)",
-            ),
+            _stat("ensemble", ens["val_acc"], ens["test_acc"], ens["run_id"], gain("ensemble"), "single models (mean)"),
+            _stat("KD students", kd["val_acc"], kd["test_acc"], kd["run_id"], gain("kd"), "single models (mean)"),
             _stat(
                 "SD students",
                 sd["student_val_acc"],
                 sd["student_test_acc"],
                 sd["run_id"],
-                sd["gain"].mean(),
+                gain("sd_mean"),
                 "own teacher (mean of differences)",
             ),
             _stat(
                 "SD ensemble",
-                sd_ensembles["val_acc"],
-                sd_ensembles["test_acc"],
-                sd_ensembles["run_id"],
-                sd_ensembles["test_acc"].mean() - ensemble,
+                sde["val_acc"],
+                sde["test_acc"],
+                sde["run_id"],
+                gain("sd_ensemble"),
                 "ensemble (mean)",
             ),
         ],
@@ -335,108 +384,133 @@ def _summary(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFr
     )
 
 
-def _study(key: tuple, pool: pd.DataFrame) -> StudyTables:
-    preset, dataset, label, group_id, recipe = key
-    rows, notes = _dedupe(pool)
-    kd, kd_notes = _kd(rows, pool)
-    sd, sd_notes = _self_distillation(rows, pool)
+def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | None, notes: list) -> StudyTables:
+    """One table set. ``in_line``: the listed runs that belong to this table's line (the
+    others are listed with a note, counted in no mean or gain); None for a table of runs
+    listed apart, which has no summary."""
     tables = {
         "seeds": _seeds(rows),
-        "ensembles": _ensembles(rows, "train"),
-        "kd": kd,
-        "self_distillation": sd,
-        "sd_ensembles": _ensembles(rows, "student"),
+        "ensembles": _ensembles(rows, of_students=False),
+        "kd": _kd(rows, lookup),
+        "self_distillation": _self_distillation(rows, lookup),
+        "sd_ensembles": _ensembles(rows, of_students=True),
     }
-    lost = [
-        n.replace(
-            "is not a finished run of this group",
-            "is not a finished run of this group; the student is listed but counted in no mean or gain",
-        )
-        for n in sd_notes
-    ]
-    notes += kd_notes + lost + [m for k, m in _MISSING.items() if tables[k].empty]
-    return StudyTables(preset, dataset, label, group_id, recipe, **tables, summary=_summary(**tables), notes=notes)
+    if in_line is None:
+        summary = pd.DataFrame(columns=COLUMNS["summary"])
+    else:
+        summary = _summary(counted(tables, in_line))
+        notes = notes + [m for k, m in _MISSING.items() if tables[k].empty]
+    return StudyTables(**head, **tables, summary=summary, notes=notes)
 
 
-def _variant_label(base: str, combine: str, student_label: str | None, arrow: str | None = None) -> str:
-    """The train group's label, and what the variant changes: the ensemble's combine
-    mode, the students' settings, and (``arrow``) "resnet56 -> resnet20" where the
-    students' architecture is not their teachers' (it then stands for model= and width=)."""
+# --- the tables of one (preset, dataset) ------------------------------------------
+
+
+def _label(base: str, p: Place, arrow: str | None = None) -> str:
+    """The train group's label, and what the place changes: the ensemble's combine mode,
+    the students' settings, and (``arrow``) "resnet56 -> resnet20" where the students'
+    architecture is not their teachers' (it then stands for model= and width=)."""
     parts = [base]
-    if combine != "prob":
-        parts.append(f"ensemble: {combine}")
-    if student_label:
-        shape = ("model=", "width=") if arrow else ()
-        extra = [p for p in student_label.split(" · ")[1:] if p not in base.split(" · ") and not p.startswith(shape)]
-        if extra:
-            parts.append("students: " + ", ".join(extra))
+    if p.combine != PLAIN:
+        parts.append(f"ensemble: {p.combine}")
+    shape = ("model=", "width=") if arrow else ()
+    settings = [s for s in p.settings if not s.startswith(shape)]
+    if settings:
+        parts.append("students: " + ", ".join(settings))
     if arrow:
         parts.append(arrow)
     return " · ".join(parts)
 
 
-def _groups_of(part: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, list[str]]]:
-    """Within one (preset, dataset): one entry per train group and variant (ensemble
-    combine mode, students' settings), each with the runs that belong to it by lineage."""
-    preset, dataset = part["preset"].iloc[0], part["dataset"].iloc[0]
-    trains = part[part["role"] == "train"]
-    ens = part[part["role"] == "ensemble"]
-    students = part[part["role"] == "student"]
-    labels = trains.groupby("group")["group_label"].first()
-    # The preset's own recipe first, then the variants by label.
-    train_groups = sorted(
-        trains["group"].unique(), key=lambda g: (labels.get(g) not in (None, preset), str(labels.get(g)), g)
-    ) or [NO_GROUP]
-    single = len(train_groups) == 1
+def _table_places(rows: pd.DataFrame, at: dict, shared: pd.Series, groups: list) -> list[Place]:
+    """Every table's place, each train group's in order (the preset's own settings first):
+    the places of its runs, and one per combine mode of its ensembles (or one, for the
+    train runs alone) where no run of its own is listed with them."""
+    own = {at[r] for r in rows.loc[~shared, "run_id"]}
     out = []
-    for g in train_groups:
-        g_train = trains[trains["group"] == g]
-        ids = set(g_train["run_id"])
-
-        def members_in(frame, pool_ids):
-            inside = frame["member_run_ids"].map(lambda m: m is not None and set(m.split(",")) <= pool_ids)
-            return frame.loc[inside.astype(bool)]
-
-        g_ens = members_in(ens[ens["member_role"] == "train"], ids)
-        sd = students[(students["method"] == "sd") & students["teacher_run_id"].isin(ids)]
-        # KD: of an ensemble, or of one network of another architecture.
-        kd = students[(students["method"] == "kd") & students["teacher_run_id"].isin(set(g_ens["run_id"]) | ids)]
-        if single:  # unattached runs of this preset and dataset: listed here, with a note
-            attached = set(g_ens["run_id"]) | set(sd["run_id"]) | set(kd["run_id"])
-            loose = part[(part["role"] != "train") & ~part["run_id"].isin(attached)]
-            sd = pd.concat([sd, loose[(loose["role"] == "student") & (loose["method"] == "sd")]])
-            kd = pd.concat([kd, loose[(loose["role"] == "student") & (loose["method"] == "kd")]])
-            g_ens = pd.concat([g_ens, loose[(loose["role"] == "ensemble") & (loose["member_role"] == "train")]])
-        base = g_train["group_label"].dropna().iloc[0] if g_train["group_label"].notna().any() else preset
-        # The preset's own settings first: that variant keeps the train group's id.
-        s_labels = sorted(
-            {lbl for lbl in pd.concat([sd, kd])["group_label"].fillna("")}, key=lambda lbl: (lbl not in ("", base), lbl)
-        ) or [""]
-        combines = sorted(set(g_ens["combine"]), key=lambda c: (c != "prob", c)) or ["prob"]
-        recipe = g_train["recipe"].iloc[-1] if len(g_train) else {}
-        for c in combines:
-            for lbl in s_labels:
-                v_ens = g_ens[g_ens["combine"] == c]
-                v_kd = kd[
-                    (kd["group_label"].fillna("") == lbl) & kd["teacher_run_id"].isin(set(v_ens["run_id"]))
-                    | (kd["group_label"].fillna("") == lbl) & ~kd["teacher_run_id"].isin(set(ens["run_id"]))
-                ]
-                v_sd = sd[sd["group_label"].fillna("") == lbl]
-                sd_ids = set(students[students["group_label"].fillna("") == lbl]["run_id"])
-                v_sd_ens = members_in(ens[(ens["member_role"] == "student") & (ens["combine"] == c)], sd_ids)
-                pool = pd.concat([g_train, v_ens, v_kd, v_sd, v_sd_ens]).drop_duplicates("run_id")
-                full = dict(recipe)
-                if lbl and len(v_sd) + len(v_kd):
-                    full.update(pd.concat([v_sd, v_kd])["recipe"].iloc[-1])
-                archs = set(pd.concat([v_sd, v_kd])["model"].dropna())
-                own = set(g_train["model"].dropna())
-                arrow = (
-                    f"{'+'.join(sorted(own))} -> {'+'.join(sorted(archs))}" if own and archs and archs != own else None
-                )
-                label = _variant_label(base, c, lbl, arrow)
-                gid = g if (c, lbl) == (combines[0], s_labels[0]) else f"{g}/{c}/{lbl}"
-                out.append(((preset, dataset, label, gid, full), pool))
+    for g in groups:
+        mine = {p for p in own if p.group == g}
+        ens = rows[shared & (rows["role"] == "ensemble") & (rows["group_of_line"] == g)]
+        mine |= {Place(g, c) for c in set(ens["combine"]) if not any(p.combine == c for p in mine)}
+        out += sorted(mine or {Place(g)}, key=lambda p: (p.combine != PLAIN, p.combine, p.settings))
     return out
+
+
+def _partition(part: pd.DataFrame) -> list[StudyTables]:
+    """The tables of one (preset, dataset): one per place, then the runs listed apart and,
+    where several train groups leave no one table for them, the unattached ones."""
+    preset, dataset = part["preset"].iloc[0], part["dataset"].iloc[0]
+    part = part.drop_duplicates("run_id")
+    at, why = places(part)
+    rows, superseded = _dedupe(part)
+    rows = rows.assign(group_of_line=rows["run_id"].map(lambda r: at[r].group))
+    # Train runs and their ensembles are the baselines of every table of their line.
+    shared = (rows["role"] == "train") | (
+        (rows["role"] == "ensemble")
+        & (rows["member_role"] == "train")
+        & ~rows["group_of_line"].isin([APART.group, UNATTACHED.group])
+    )
+    trains = rows[rows["role"] == "train"]
+    labels = trains.groupby("group")["group_label"].first()
+    lines = set(rows["group_of_line"]) - {APART.group, UNATTACHED.group}
+    groups = sorted(lines, key=lambda g: (labels.get(g) not in (None, preset), str(labels.get(g)), g)) or [NO_GROUP]
+    table_places = _table_places(rows, at, shared, groups)
+    # With one train group, a run whose teacher or member is not here is listed in its
+    # first table, with a note, as before groups existed.
+    home = {UNATTACHED: table_places[0]} if len(groups) == 1 else {}
+    listed_at = rows["run_id"].map(lambda r: home.get(at[r], at[r]))
+    lookup = part.set_index("run_id")
+    out = []
+    for p in [*table_places, APART, UNATTACHED]:
+        mine = rows[listed_at.map(p.__eq__) & ~shared]
+        if p in (APART, UNATTACHED):
+            if len(mine):
+                out.append(_apart(preset, dataset, p, mine, lookup, why, superseded))
+            continue
+        line = rows[shared & (rows["group_of_line"] == p.group)]
+        line = line[(line["role"] == "train") | (line["combine"] == p.combine)]
+        listed = pd.concat([line, mine])
+        lost = {r for r in mine["run_id"] if at[r] == UNATTACHED}
+        base = labels.get(p.group) if isinstance(labels.get(p.group), str) else preset
+        head = {
+            "preset": preset,
+            "dataset": dataset,
+            "label": _label(base, p, _arrow(line, mine)),
+            "group_id": p.group if p == Place(p.group) else f"{p.group}/{p.combine}/{','.join(p.settings)}",
+            "recipe": _recipe(line, mine),
+        }
+        notes = _notes(listed, superseded) + [f"{why[r]}; listed but counted in no mean or gain" for r in sorted(lost)]
+        out.append(_study(head, listed, lookup, set(listed["run_id"]) - lost, notes))
+    return out
+
+
+def _arrow(line: pd.DataFrame, mine: pd.DataFrame) -> str | None:
+    """The arrow "resnet56 -> resnet20" where a table's students are not of its train runs'
+    architecture; None where they are (or either is unknown)."""
+    own = set(line.loc[line["role"] == "train", "model"].dropna())
+    archs = set(mine.loc[mine["role"] == "student", "model"].dropna())
+    return f"{'+'.join(sorted(own))} -> {'+'.join(sorted(archs))}" if own and archs and archs != own else None
+
+
+def _recipe(line: pd.DataFrame, mine: pd.DataFrame) -> dict:
+    """The table's full recipe as its runs logged it: the train runs', with a student's
+    settings where the table has its own."""
+    recipe = dict(line.loc[line["role"] == "train", "params"].iloc[-1]) if (line["role"] == "train").any() else {}
+    students = mine[mine["role"] == "student"]
+    return {**recipe, **(students["params"].iloc[-1] if len(students) else {})}
+
+
+def _notes(listed: pd.DataFrame, superseded: dict) -> list[str]:
+    return [n for r in listed["run_id"] for n in superseded.get(r, [])]
+
+
+def _apart(preset, dataset, p: Place, rows, lookup, why: dict, superseded: dict) -> StudyTables:
+    """The runs listed apart (mixed) or unattached: each with the reason, in no mean."""
+    head = {"preset": preset, "dataset": dataset, "label": f"{preset} · {p.group}", "group_id": p.group, "recipe": {}}
+    reasons = [
+        f"{r.role} {r.run_id}: {why[r.run_id]}; listed here, in no group's mean or gain" for r in rows.itertuples()
+    ]
+    return _study(head, rows, lookup, None, _notes(rows, superseded) + reasons)
 
 
 def build_tables(
@@ -446,22 +520,22 @@ def build_tables(
     group: str | None = None,
     predictions: dict | None = None,
 ) -> list[StudyTables]:
-    """One StudyTables per group of comparable runs, optionally filtered.
+    """One StudyTables per group of comparable runs, optionally filtered; ``runs`` as
+    :func:`kd_mlflow.runs.records_frame` makes it.
 
     Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study are
     results; [] when none is left. ``group`` keeps the groups whose label or id starts
     with it. With ``predictions`` (run id -> predictions.Predictions), every gain gets
     its intervals and the mechanism figures are filled in (:mod:`kd_mlflow.gains`).
     """
+    if runs.empty:
+        return []
     rows = _results(_tidy(runs))
     if preset is not None:
         rows = rows[rows["preset"] == preset]
     if dataset is not None:
         rows = rows[rows["dataset"] == dataset]
-    tables = []
-    for _, part in rows.groupby(["preset", "dataset"], sort=True):
-        for key, pool in _groups_of(part):
-            tables.append(_study(key, pool))
+    tables = [t for _, part in rows.groupby(["preset", "dataset"], sort=True) for t in _partition(part)]
     if group is not None:
         tables = [t for t in tables if t.label.startswith(group) or t.group_id.startswith(group)]
     if predictions is not None:

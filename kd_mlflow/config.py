@@ -468,8 +468,12 @@ def group_label(preset_name: str, recipe: Recipe, role: str) -> str:
     "smoke · epochs=1": how a group of comparable runs is headed in tables."""
     base = PRESETS.get(preset_name)
     diffs = recipe.differences(base, role) if base else {}
-    shown = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(diffs.items())]
-    return " · ".join([preset_name or "custom", *shown])
+    return " · ".join([preset_name or "custom", *shown(diffs)])
+
+
+def shown(fields: dict) -> list[str]:
+    """Fields as a label shows them, sorted: ["epochs=1", "mean=0.5,0.5,0.5"]."""
+    return [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(fields.items())]
 
 
 def check_schedule(recipe: Recipe, n_train: int) -> None:
@@ -508,21 +512,37 @@ def parse_seeds(text: str, name: str = "seeds") -> list[int]:
     return seeds
 
 
+def yes_no(name: str, text) -> bool:
+    """A yes/no value in any spelling of YES_NO, in any case: what the CLI takes, and so
+    what `mlflow run -P augment=true` may have logged."""
+    try:
+        return YES_NO[str(text).strip().lower()]
+    except KeyError:
+        raise ConfigError(name, text, "not true or false") from None
+
+
+def field_value(name: str, text: str):
+    """One recipe field from its logged text, as kd-mlflow wrote it ("True", "0.001") or as
+    `mlflow run -P` typed it ("true", "1e-3"); the CLI has already refused any other."""
+    default = getattr(Recipe, name)
+    if isinstance(default, bool):  # before int: a bool is an int
+        return yes_no(name, text)
+    try:
+        if isinstance(default, tuple):  # empty text: no values (milestones of another schedule)
+            kind = int if name in INT_TUPLES else float
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        return type(default)(text)
+    except ValueError:
+        raise ConfigError(name, text, f"not a {type(default).__name__}") from None
+
+
 def recipe_from_params(params: dict) -> Recipe:
     """Rebuild the Recipe a run logged (MLflow params are strings). A run logged before
     the mechanism fields existed ran kd-mlflow's own mechanisms: those are its values."""
     kwargs = {}
     for f in fields(Recipe):
-        if f.name not in params:
-            if f.name in OWN_MECHANISMS:
-                kwargs[f.name] = OWN_MECHANISMS[f.name]
-            continue
-        text, default = params[f.name], getattr(Recipe, f.name)
-        if isinstance(default, bool):
-            kwargs[f.name] = text == "True"
-        elif isinstance(default, tuple):
-            kind = int if f.name in INT_TUPLES else float
-            kwargs[f.name] = tuple(kind(x) for x in text.split(",") if x.strip())
-        else:
-            kwargs[f.name] = type(default)(text)
+        if f.name in params:
+            kwargs[f.name] = field_value(f.name, params[f.name])
+        elif f.name in OWN_MECHANISMS:
+            kwargs[f.name] = OWN_MECHANISMS[f.name]
     return Recipe(**kwargs)

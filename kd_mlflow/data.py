@@ -9,8 +9,11 @@ model all see the same preprocessing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import tarfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import waits
 from .config import ConfigError, Recipe, default_cache_dir
+from .errors import DataUnavailable, one_line
 
 DIGITS_TEST_FRACTION = 0.2  # digits has no official test set: a fixed one, seed 0
 DIGITS_URI = "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
+DIGITS_LOCATION = "sklearn.datasets.load_digits"  # bundled: no --data-dir
 CIFAR_URIS = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -73,6 +79,13 @@ def load(dataset: str, data_dir: str | None = None, cache_dir: Path | None = Non
             raise ConfigError("data_dir", data_dir, "required for dataset 'folder'")
         return _load_folder(Path(data_dir), cache_dir)
     if dataset == "digits":
+        if data_dir and data_dir != DIGITS_LOCATION:
+            raise ConfigError(
+                "data_dir",
+                data_dir,
+                "dataset 'digits' is scikit-learn's bundled copy and reads no --data-dir: drop it, "
+                "or choose --dataset folder or cifar10",
+            )
         return _load_digits()
     raise ConfigError("dataset", dataset, "unknown dataset")
 
@@ -82,21 +95,13 @@ def _load_cifar(name: str, root: Path) -> Source:
 
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     if not (root / cls.base_folder).is_dir():
-        # The canonical path: torchvision downloads the archive and checks its md5.
         try:
             root.mkdir(parents=True, exist_ok=True)
-            cls(str(root), train=True, download=True)
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad md5 a RuntimeError
-            why = (
-                str(getattr(e, "reason", "") or e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            )
-            raise ConfigError(
-                "data_dir",
-                str(root),
-                f"{name} is not there and could not be downloaded ({why}); point --data-dir at a "
-                f"folder holding {cls.base_folder}/, or use --dataset folder --data-dir with an "
-                "ImageFolder tree or .tar.gz of it",
-            ) from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ConfigError("data_dir", str(root), f"cannot make this folder: {e.strerror or e}") from None
+        _fetch_cifar(name, cls, root)
 
     class _Present(cls):
         # Files already on disk are read as they are (a test writes a tiny set in this
@@ -142,11 +147,15 @@ def _load_folder(path: Path, cache_dir: Path) -> Source:
     train_x, train_y, classes = _decode_tree(root / "train", path)
     test_x, test_y, test_classes = _decode_tree(root / "test", path)
     if classes != test_classes:
+        only = [
+            f"only in {where}/: {', '.join(sorted(set(a) - set(b))[:5]) or '(none)'}"
+            for where, a, b in (("train", classes, test_classes), ("test", test_classes, classes))
+        ]
         raise ConfigError(
             "data_dir",
             str(path),
-            "dataset 'folder': train/ and test/ have different classes "
-            f"({len(classes)} vs {len(test_classes)}); both need the same class folders",
+            f"dataset 'folder': train/ and test/ have different classes ({'; '.join(only)}); "
+            "both need the same class folders",
         )
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
@@ -200,11 +209,25 @@ def _decode_tree(root: Path, shown: Path):
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     if not classes:
         raise ConfigError("data_dir", str(shown), f"{root.name}/ has no class folders")
+    files = {c: sorted(f for f in (root / c).iterdir() if not f.name.startswith(".")) for c in classes}
+    empty = [c for c in classes if not files[c]]
+    if empty:
+        raise ConfigError(
+            "data_dir",
+            str(shown),
+            f"{root.name}/ has class folders without images ({', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''}): every class needs images, or remove its folder",
+        )
     images, labels, size = [], [], None
     for label, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"))
+        for f in files[cls]:
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO):
+                    raise
+                raise ConfigError("data_dir", str(f), f"not an image PIL can read ({type(e).__name__})") from None
             if size is None:
                 size = a.shape
             elif a.shape != size:
@@ -212,6 +235,59 @@ def _decode_tree(root: Path, shown: Path):
             images.append(a)
             labels.append(label)
     return _nhwc_to_nchw(np.stack(images)), torch.tensor(labels), classes
+
+
+def _fetch_cifar(name: str, cls, root: Path) -> None:
+    """The canonical archive, downloaded into ``root`` and unpacked, its md5 checked. A
+    wait with a voice (progress every 10 s) and a bound per stall (--network-timeout); a
+    failure is one line naming the dataset, what failed and what to do (exit 1)."""
+    from torchvision.datasets.utils import calculate_md5, extract_archive
+
+    archive = root / cls.filename
+    part = archive.with_name(archive.name + ".part")
+    advice = (
+        f"check the network (and any proxy), raise --network-timeout, or point --data-dir at a folder "
+        f"holding {cls.base_folder}/ (or use --dataset folder --data-dir with an ImageFolder tree or .tar.gz)"
+    )
+    proxy = urllib.request.getproxies().get(cls.url.split(":", 1)[0])
+    via = f" via proxy {proxy}" if proxy else ""
+    moved, total = 0, None
+
+    def progress() -> str:
+        return f"{moved / 1e6:.1f}" + (f" of {total / 1e6:.1f}" if total else "") + " MB"
+
+    try:
+        with waits.waiting(f"the download of {name} from {cls.url}{via}", deadline=False, progress=progress) as bound:
+            request = urllib.request.Request(cls.url, headers={"User-Agent": "kd-mlflow"})
+            with urllib.request.urlopen(request, timeout=bound) as response, open(part, "wb") as f:
+                total = response.length
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    moved += len(chunk)
+    except OSError as e:  # URLError, HTTPError and socket timeouts are OSErrors
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        part.unlink(missing_ok=True)
+        raise DataUnavailable(f"{name}: the download from {cls.url}{via} failed ({_why(e, bound)}); {advice}") from None
+    if calculate_md5(part) != cls.tgz_md5:
+        part.unlink(missing_ok=True)
+        raise DataUnavailable(f"{name}: the download from {cls.url} arrived damaged (md5 mismatch); {advice}")
+    part.replace(archive)
+    try:
+        extract_archive(str(archive), str(root))
+    except (tarfile.TarError, EOFError) as e:
+        raise DataUnavailable(f"{name}: the downloaded archive {archive} does not unpack ({e}); {advice}") from None
+
+
+def _why(e: OSError, bound: float) -> str:
+    reason = getattr(e, "reason", e)
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+        return f"no answer within {bound:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    return one_line(str(reason), 160) or type(reason).__name__
 
 
 def _load_digits() -> Source:
@@ -224,9 +300,7 @@ def _load_digits() -> Source:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_test = int(len(y) * DIGITS_TEST_FRACTION)
     test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
-    return Source(
-        "digits", "sklearn.datasets.load_digits", tuple(str(c) for c in range(10)), x[train], y[train], x[test], y[test]
-    )
+    return Source("digits", DIGITS_LOCATION, tuple(str(c) for c in range(10)), x[train], y[train], x[test], y[test])
 
 
 def _nhwc_to_nchw(a) -> torch.Tensor:
@@ -291,21 +365,20 @@ class DeviceData:
     def n_train(self) -> int:
         return len(self.train_y)
 
-    def train_batches(
-        self, batch_size: int, order: torch.Generator, augment: bool, style: str = "randperm", pad: int = 4
-    ):
-        """One epoch in the order drawn from ``order`` (a CPU generator, so it is the
-        same on every device and its state can be checkpointed). ``style`` is the
-        recipe's ``order_style``."""
-        for idx in epoch_order(self.n_train, batch_size, order, style):
+    def train_batches(self, recipe: Recipe, order: torch.Generator):
+        """One epoch of ``recipe``'s batches (its ``batch_size``, ``order_style``,
+        ``augment`` and ``crop_padding``; nothing else decides them) in the order drawn
+        from ``order``: a CPU generator, so it is the same on every device and its state
+        can be checkpointed."""
+        for idx in epoch_order(self.n_train, recipe.batch_size, order, recipe.order_style):
             shifts = flips = None
-            if augment:
-                shifts = torch.randint(0, 2 * pad + 1, (len(idx), 2), generator=order)
+            if recipe.augment:
+                shifts = torch.randint(0, 2 * recipe.crop_padding + 1, (len(idx), 2), generator=order)
                 flips = torch.rand(len(idx), generator=order) < 0.5
             idx_d = idx.to(self.device, non_blocking=True)
             x = self.train_x[idx_d]
-            if augment:
-                x = crop_flip(x, shifts.to(self.device), flips.to(self.device), pad)
+            if recipe.augment:
+                x = crop_flip(x, shifts.to(self.device), flips.to(self.device), recipe.crop_padding)
             yield Batch(x, self.train_y[idx_d], idx_d)
 
     def eval_batches(self, which: str, batch_size: int):
@@ -333,7 +406,7 @@ def epoch_order(n: int, batch_size: int, order: torch.Generator, style: str):
         yield perm[start : start + batch_size]
 
 
-def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4):
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int):
     """Random crop after zero padding by ``pad``, and horizontal flip, per image, as one
     gather on the device (no per-image Python)."""
     n, c, h, w = x.shape

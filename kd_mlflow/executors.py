@@ -20,7 +20,7 @@ from typing import Protocol
 
 from . import tracking
 from .config import ConfigError
-from .errors import StepFailed
+from .errors import USER, StepFailed
 from .runs import Outcome
 
 
@@ -41,7 +41,7 @@ class InProcess:
             try:
                 out = step.run_here(ctx)
             except ConfigError as e:
-                raise StepFailed(step.name, str(e)) from None
+                raise StepFailed(step.name, str(e), USER) from None
             progress.finished(step, out, time.monotonic() - t0)
             outcomes.append(out)
         return outcomes
@@ -68,7 +68,7 @@ class PackedWaves:
         try:
             outs = kind.run_packed(items, ctx)
         except ConfigError as e:
-            raise StepFailed(",".join(s.name for s in items), str(e)) from None
+            raise StepFailed(",".join(s.name for s in items), str(e), USER) from None
         for step, out in zip(items, outs, strict=True):
             progress.finished(step, out, (time.monotonic() - t0) / len(items))
         return outs
@@ -195,7 +195,8 @@ def run_step_process(argv, env):
 def outcome(name, returncode, stdout, stderr) -> Outcome:
     if returncode != 0:
         lines = stderr.strip().splitlines() or [f"exit {returncode}"]
-        raise StepFailed(name, lines[-1])
+        last = lines[-1].removeprefix("kd-mlflow: ").removeprefix("error: ")
+        raise StepFailed(name, last, returncode)
     lines = stdout.strip().splitlines()
     try:
         return Outcome.from_json(lines[-1])

@@ -7,7 +7,9 @@ over test images (10,000 resamples, seed 0: the same runs give the same interval
 the ensemble minus the mean single model, the KD student minus the mean single model,
 each SD student minus its teacher (with the exact McNemar p-value) and their mean (with
 a t-interval over the pairs as well), the SD ensemble minus the ensemble. The single
-models get a t-interval over seeds.
+models get a t-interval over seeds. Each estimate is computed once, from the runs'
+logged accuracies (:func:`estimates`), for this table and for the summary alike; the
+intervals come from the predictions' stored classes, whose accuracy is the logged one.
 
 Mechanism: how much the members disagree; how closely each student follows its
 teacher (top-1 agreement, mean KL(teacher || student)); how much of the ensemble's gain
@@ -41,6 +43,86 @@ GAIN_COLUMNS = [
 MECHANISM_COLUMNS = ["figure", "value", "lo", "hi", "n", "detail", "run_id"]
 
 
+# The tables whose rows have gains, in their StudyTables names.
+ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles")
+ESTIMATE_COLUMNS = ["kind", "gain", "estimate", "n", "run_id", "run_ids", "over_run_ids"]
+
+
+def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFrame:
+    """Every gain of one group from its runs' logged test accuracies (points): the
+    estimates of the gains table, and (their means per ``kind``) the summary's gains,
+    so that the two are one number. One row per gain: ``run_ids`` minus ``over_run_ids``
+    (each side the mean of its runs), ``run_id`` the run it describes. The inputs are the
+    rows a summary counts (:func:`kd_mlflow.compare.counted`)."""
+    singles = list(seeds["run_id"])
+    single = seeds["test_acc"].mean()
+    rows = []
+    for kind, name, frame in (("ensemble", "ensemble - mean single", ensembles), ("kd", "KD - mean single", kd)):
+        for r in frame.itertuples():
+            rows.append((kind, name, r.test_acc - single, len(singles), r.run_id, [r.run_id], singles))
+    sd = self_distillation
+    for r in sd.itertuples():
+        name = f"SD student {r.student_seed} - teacher {r.teacher_seed}"
+        rows.append(("sd", name, r.gain, 1, r.run_id, [r.run_id], [r.teacher_run_id]))
+    if len(sd):
+        name = "SD - teacher (mean over pairs)"
+        rows.append(("sd_mean", name, sd["gain"].mean(), len(sd), None, list(sd["run_id"]), list(sd["teacher_run_id"])))
+    for r in sd_ensembles.itertuples():
+        for e in ensembles.itertuples():
+            rows.append(
+                ("sd_ensemble", "SD ensemble - ensemble", r.test_acc - e.test_acc, 1, r.run_id, [r.run_id], [e.run_id])
+            )
+    return pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)
+
+
+def _counted(tables) -> dict:
+    """The rows the group's summary counts (its run ids), per table."""
+    ids = {rid for run_ids in tables.summary["run_ids"] for rid in run_ids}
+    return {k: getattr(tables, k)[getattr(tables, k)["run_id"].isin(ids)] for k in ESTIMATED}
+
+
+def _logged(tables) -> dict:
+    """Run id -> logged test accuracy, for every run the tables name (teachers too)."""
+    sd = tables.self_distillation
+    pairs = [
+        *(zip(t["run_id"], t["test_acc"], strict=True) for t in (tables.seeds, tables.ensembles, tables.kd)),
+        zip(tables.sd_ensembles["run_id"], tables.sd_ensembles["test_acc"], strict=True),
+        zip(sd["run_id"], sd["student_test_acc"], strict=True),
+        zip(sd["teacher_run_id"], sd["teacher_test_acc"], strict=True),
+        zip(tables.kd["teacher_run_id"], tables.kd["teacher_test_acc"], strict=True),
+    ]
+    return {rid: acc for pair in pairs for rid, acc in pair}
+
+
+def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
+    """The predictions whose test accuracy is their run's logged one; the others are
+    left out with a note (an interval around another number is not this gain's), as is
+    a run whose predictions are missing. A file without predicted classes is noted: its
+    classes are the argmax of float16 probabilities."""
+    out, notes = {}, []
+    for rid in dict.fromkeys(run_ids):
+        p = preds.get(rid)
+        if p is None:
+            continue
+        right, n = int(p.correct("test").sum()), len(p.labels("test"))
+        acc = logged.get(rid)
+        if acc is not None and not math.isnan(acc) and abs(acc * n / 100 - right) > 1e-6:
+            why = "" if p.has_classes else " (its file holds no predicted classes: float16 ties break to class 0)"
+            notes.append(
+                f"run {rid}: its predictions give {100 * right / n:.2f}% test accuracy, its logged "
+                f"final_test_acc is {acc:.2f}%{why}: left out of the intervals"
+            )
+            continue
+        out[rid] = p
+    old = sorted(rid for rid, p in out.items() if not p.has_classes)
+    if old:
+        notes.append(
+            f"predictions of {len(old)} run(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) hold no "
+            "predicted classes (logged before they were): their top-1 is the argmax of float16 probabilities"
+        )
+    return out, notes
+
+
 def _correct(preds: dict, run_ids) -> np.ndarray | None:
     """(k, N) booleans for these runs, or None if any run's predictions are missing."""
     rows = [preds.get(r) for r in run_ids]
@@ -54,27 +136,28 @@ def _same_images(preds: dict, run_ids) -> bool:
     return len(digests) <= 1
 
 
-def _row(gain: str, interval, run_id=None, over=(), seed=None, mcnemar=None, n=None) -> dict:
+def _row(r: dict, interval, seed=None, mcnemar=None) -> dict:
     return {
-        "gain": gain,
-        "estimate": interval.estimate,
+        "gain": r["gain"],
+        "estimate": r["estimate"],
         "lo": interval.lo,
         "hi": interval.hi,
         "seed_lo": seed.lo if seed else math.nan,
         "seed_hi": seed.hi if seed else math.nan,
-        "n": n if n is not None else 1,
+        "n": r["n"],
         "p_value": mcnemar.p_value if mcnemar else math.nan,
         "b": mcnemar.b if mcnemar else None,
         "c": mcnemar.c if mcnemar else None,
-        "run_id": run_id,
-        "over_run_ids": list(over),
+        "run_id": r["run_id"],
+        "over_run_ids": list(r["over_run_ids"]),
     }
 
 
 def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """(gains, mechanism, notes) for one group's tables (``compare.StudyTables``);
-    ``preds``: run id -> ``predictions.Predictions``."""
-    gains, mech, notes = [], [], []
+    ``preds``: run id -> ``predictions.Predictions``. Each gain's estimate is the one
+    :func:`estimates` gives (the summary's); its interval is from the predictions."""
+    est = estimates(**_counted(tables))
     singles = list(tables.seeds["run_id"])
     ids = (
         singles
@@ -85,11 +168,14 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
         + list(tables.sd_ensembles["run_id"])
     )
     missing = sorted({r for r in ids if preds.get(r) is None})
+    notes = []
     if missing:
         notes.append(
             f"no predictions for {len(missing)} run(s) ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): their gains have no interval"
         )
+    preds, usable_notes = _usable(preds, ids, _logged(tables))
+    notes += usable_notes
     if not _same_images(preds, ids):
         notes.append("the runs' predictions are not on the same test images (labels digests differ): no intervals")
         return pd.DataFrame(columns=GAIN_COLUMNS), pd.DataFrame(columns=MECHANISM_COLUMNS), notes
@@ -97,94 +183,36 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
     def boot(a, b):
         return stats.paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed)
 
-    c_single = _correct(preds, singles)
-    if singles and tables.seeds["test_acc"].notna().sum() >= 2:
-        si = stats.seed_interval(tables.seeds["test_acc"].dropna().to_numpy())
-        mech.append(
-            {
-                "figure": "single models: test accuracy over seeds (t)",
-                "value": si.mean,
-                "lo": si.lo,
-                "hi": si.hi,
-                "n": si.n,
-                "detail": "",
-                "run_id": None,
-            }
-        )
-    for r in tables.ensembles.itertuples():
-        c_ens = _correct(preds, [r.run_id])
-        if c_single is not None and c_ens is not None:
-            gains.append(_row("ensemble - mean single", boot(c_single, c_ens), r.run_id, singles, n=len(singles)))
-    for r in tables.kd.itertuples():
-        c_kd = _correct(preds, [r.run_id])
-        if c_single is not None and c_kd is not None:
-            gains.append(_row("KD - mean single", boot(c_single, c_kd), r.run_id, singles, n=len(singles)))
-    pairs = tables.self_distillation[tables.self_distillation["teacher_test_acc"].notna()]
-    pair_gains = []
-    for r in pairs.itertuples():
-        c_t, c_s = _correct(preds, [r.teacher_run_id]), _correct(preds, [r.run_id])
-        if c_t is None or c_s is None:
+    pairs = est.loc[est["kind"] == "sd", "estimate"]
+    gains = []
+    for r in est.to_dict("records"):
+        a, b = _correct(preds, r["over_run_ids"]), _correct(preds, r["run_ids"])
+        if a is None or b is None:
             continue
-        interval = boot(c_t, c_s)
-        pair_gains.append(interval.estimate)
-        gains.append(
-            _row(
-                f"SD student {r.student_seed} - teacher {r.teacher_seed}",
-                interval,
-                r.run_id,
-                [r.teacher_run_id],
-                mcnemar=stats.mcnemar_exact(c_t[0], c_s[0]),
-            )
-        )
-    if len(pair_gains) == len(pairs) and len(pairs) >= 1:
-        c_t = _correct(preds, list(pairs["teacher_run_id"]))
-        c_s = _correct(preds, list(pairs["run_id"]))
-        seed_iv = stats.seed_interval(pair_gains) if len(pair_gains) >= 2 else None
-        gains.append(
-            _row(
-                "SD - teacher (mean over pairs)",
-                boot(c_t, c_s),
-                None,
-                list(pairs["teacher_run_id"]),
-                seed=seed_iv,
-                n=len(pairs),
-            )
-        )
-    for r in tables.sd_ensembles.itertuples():
-        for e in tables.ensembles.itertuples():
-            c_sde, c_e = _correct(preds, [r.run_id]), _correct(preds, [e.run_id])
-            if c_sde is not None and c_e is not None:
-                gains.append(_row("SD ensemble - ensemble", boot(c_e, c_sde), r.run_id, [e.run_id]))
-    mech += _mechanism(tables, preds, c_single, singles, n_resamples, seed)
+        mcnemar = stats.mcnemar_exact(a[0], b[0]) if r["kind"] == "sd" else None
+        over_seeds = stats.seed_interval(pairs.to_numpy()) if r["kind"] == "sd_mean" and len(pairs) >= 2 else None
+        gains.append(_row(r, boot(a, b), over_seeds, mcnemar))
+    mech = _mechanism(tables, preds, est, _correct(preds, singles), singles, n_resamples, seed)
     return pd.DataFrame(gains, columns=GAIN_COLUMNS), pd.DataFrame(mech, columns=MECHANISM_COLUMNS), notes
 
 
-def _mechanism(tables, preds, c_single, singles, n_resamples, seed) -> list[dict]:
+def _figure(figure: str, value, n, detail="", run_id=None, lo=math.nan, hi=math.nan) -> dict:
+    return {"figure": figure, "value": value, "lo": lo, "hi": hi, "n": n, "detail": detail, "run_id": run_id}
+
+
+def _mechanism(tables, preds, est, c_single, singles, n_resamples, seed) -> list[dict]:
     out = []
+    if singles and tables.seeds["test_acc"].notna().sum() >= 2:
+        si = stats.seed_interval(tables.seeds["test_acc"].dropna().to_numpy())
+        out.append(_figure("single models: test accuracy over seeds (t)", si.mean, si.n, lo=si.lo, hi=si.hi))
     if len(singles) >= 2 and all(preds.get(r) is not None for r in singles):
         d = stats.disagreement(np.stack([preds[r].top1("test") for r in singles]))
         out.append(
-            {
-                "figure": "members: images where they do not all agree",
-                "value": 100 * d.not_unanimous,
-                "lo": math.nan,
-                "hi": math.nan,
-                "n": d.n_members,
-                "detail": "% of test images",
-                "run_id": None,
-            }
+            _figure(
+                "members: images where they do not all agree", 100 * d.not_unanimous, d.n_members, "% of test images"
+            )
         )
-        out.append(
-            {
-                "figure": "members: mean pairwise disagreement",
-                "value": 100 * d.pairwise,
-                "lo": math.nan,
-                "hi": math.nan,
-                "n": d.n_members,
-                "detail": "% of test images",
-                "run_id": None,
-            }
-        )
+        out.append(_figure("members: mean pairwise disagreement", 100 * d.pairwise, d.n_members, "% of test images"))
     follows = [(r.run_id, r.teacher_run_id, f"KD student {r.seed}") for r in tables.kd.itertuples()]
     follows += [
         (r.run_id, r.teacher_run_id, f"SD student {r.student_seed}") for r in tables.self_distillation.itertuples()
@@ -192,60 +220,51 @@ def _mechanism(tables, preds, c_single, singles, n_resamples, seed) -> list[dict
     for student, teacher, label in follows:
         if preds.get(student) is None or preds.get(teacher) is None:
             continue
-        a = stats.agreement(preds[teacher].probs("test"), preds[student].probs("test"))
-        out.append(
-            {
-                "figure": f"{label}: top-1 agreement with its teacher",
-                "value": 100 * a.top1,
-                "lo": math.nan,
-                "hi": math.nan,
-                "n": a.n_images,
-                "detail": "% of test images",
-                "run_id": student,
-            }
-        )
-        out.append(
-            {
-                "figure": f"{label}: mean KL(teacher || student)",
-                "value": a.kl,
-                "lo": math.nan,
-                "hi": math.nan,
-                "n": a.n_images,
-                "detail": "nats",
-                "run_id": student,
-            }
-        )
+        t, s = preds[teacher], preds[student]
+        top1 = float((t.top1("test") == s.top1("test")).mean())  # the classes, not the float16 argmax
+        kl = stats.agreement(t.probs("test"), s.probs("test")).kl
+        n = len(t.labels("test"))
+        out.append(_figure(f"{label}: top-1 agreement with its teacher", 100 * top1, n, "% of test images", student))
+        out.append(_figure(f"{label}: mean KL(teacher || student)", kl, n, "nats", student))
     if c_single is not None:
-        for e in tables.ensembles.itertuples():
-            c_e = _correct(preds, [e.run_id])
-            for k in tables.kd.itertuples():
-                c_kd = _correct(preds, [k.run_id])
-                if c_e is None or c_kd is None:
-                    continue
-                ret = stats.retention(c_single, c_e[0], c_kd[0], n_resamples=n_resamples, seed=seed)
-                out.append(
-                    {
-                        "figure": f"KD student {k.seed}: share of the ensemble's gain it keeps",
-                        "value": ret.estimate,
-                        "lo": ret.lo,
-                        "hi": ret.hi,
-                        "n": len(singles),
-                        "detail": "(KD - mean single) / (ensemble - mean single)",
-                        "run_id": k.run_id,
-                    }
+        out += _kept_by_kd(tables, preds, est, c_single, n_resamples, seed)
+    return out
+
+
+def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
+    """How much of each ensemble's gain each KD student keeps: the ratio of their gains
+    (the estimates), its interval over resampled images; and the rescued images."""
+    gain = {(r.kind, r.run_id): r.estimate for r in est.itertuples()}
+    out = []
+    for e in tables.ensembles.itertuples():
+        c_e = _correct(preds, [e.run_id])
+        for k in tables.kd.itertuples():
+            c_kd = _correct(preds, [k.run_id])
+            if c_e is None or c_kd is None or ("ensemble", e.run_id) not in gain or ("kd", k.run_id) not in gain:
+                continue
+            ret = stats.retention(c_single, c_e[0], c_kd[0], n_resamples=n_resamples, seed=seed)
+            ratio = gain[("kd", k.run_id)] / gain[("ensemble", e.run_id)] if gain[("ensemble", e.run_id)] else math.nan
+            out.append(
+                _figure(
+                    f"KD student {k.seed}: share of the ensemble's gain it keeps",
+                    ratio,
+                    len(c_single),
+                    "(KD - mean single) / (ensemble - mean single)",
+                    k.run_id,
+                    ret.lo,
+                    ret.hi,
                 )
-                res = stats.rescued_share(c_single, c_e[0], c_kd[0])
-                out.append(
-                    {
-                        "figure": f"KD student {k.seed}: right on images the ensemble rescues",
-                        "value": 100 * res.share if res.n_images else math.nan,
-                        "lo": math.nan,
-                        "hi": math.nan,
-                        "n": res.n_images,
-                        "detail": f"% of {res.n_images} images (members there: {100 * res.member_share:.1f}%)"
-                        if res.n_images
-                        else "no such image",
-                        "run_id": k.run_id,
-                    }
+            )
+            res = stats.rescued_share(c_single, c_e[0], c_kd[0])
+            detail = (
+                f"% of {res.n_images} images (members there: {100 * res.member_share:.1f}%)"
+                if res.n_images
+                else "no such image"
+            )
+            value = 100 * res.share if res.n_images else math.nan
+            out.append(
+                _figure(
+                    f"KD student {k.seed}: right on images the ensemble rescues", value, res.n_images, detail, k.run_id
                 )
+            )
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-PREFIX = "kd.env."
+from .schema import ENV_PREFIX
 
 
 def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
@@ -37,7 +37,7 @@ def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
         # workers) gets a CPU only when nothing else wants it.
         "nice": str(os.nice(0)),
     }
-    return {PREFIX + k: (v or "unknown") for k, v in env.items()}
+    return {ENV_PREFIX + k: (v or "unknown") for k, v in env.items()}
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -50,3 +50,29 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have, before any run exists (one line
+    naming it, exit 2), instead of failing inside a run that was already created."""
+    from .config import ConfigError
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError("device", name, "not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "" if torch.version.cuda else ", a build without CUDA"
+            why = f"CUDA is not available on this machine (torch {torch.__version__}{built}); use cpu or auto"
+            raise ConfigError("device", name, why)
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError("device", name, f"this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("device", name, "MPS is not available on this machine; use cpu or auto")
+    elif dev.type != "cpu":
+        raise ConfigError("device", name, "not a training device here: use auto, cpu, cuda, cuda:N or mps")

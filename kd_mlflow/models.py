@@ -47,6 +47,22 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
+    def preprocessing(self) -> dict:
+        """The constructor's preprocessing arguments: another Classifier built with them
+        (kd_mlflow.pack's, of K networks) sees exactly the pixels this one sees."""
+        mean, std = (t.flatten().tolist() for t in (self.mean, self.std))
+        return {"image_size": self.image_size, "mean": mean, "std": std, "resize": self.resize}
+
+    def network_states(self) -> list[dict]:
+        """The state dict of each network this module holds, on the CPU, in a lone
+        Classifier's format: one here, K in a :class:`kd_mlflow.pack.PackedResNet`."""
+        return [cpu_copy(self.state_dict())]
+
+    def load_network_states(self, states: list[dict]) -> None:
+        """Load what :meth:`network_states` gave."""
+        (state,) = states
+        self.load_state_dict(state)
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the network's normalised float input."""
         size = (self.image_size, self.image_size)
@@ -64,6 +80,11 @@ class Classifier(nn.Module):
         if self.channels_last:  # decided once, by the runtime (train.Runtime.prepare)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+
+def cpu_copy(state_dict: dict) -> dict:
+    """A state dict's tensors copied to the CPU: a snapshot that training cannot change."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
 def _resize_float(x: torch.Tensor, size) -> torch.Tensor:

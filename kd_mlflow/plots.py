@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+import numpy as np
 
 
 def figures(histories: dict, roles: dict, tables: list) -> dict:
@@ -71,6 +72,39 @@ def gains(table):
     ax.invert_yaxis()
     ax.set_xlabel("gain in test accuracy (points), 95% paired bootstrap interval over test images")
     ax.set_title("Gains and their uncertainty")
+    fig.tight_layout()
+    return fig
+
+
+def sweep(table, names: list[str]):
+    """Mean validation accuracy per setting: a heat map over the first two swept fields
+    (the rest averaged), or a line over one. The chosen setting is outlined."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if len(names) >= 2:
+        grid = table.pivot_table(index=names[0], columns=names[1], values="val_mean", aggfunc="mean")
+        im = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
+        ax.set(xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), xlabel=names[1], ylabel=names[0])
+        ax.set_xticklabels([str(c) for c in grid.columns])
+        ax.set_yticklabels([str(i) for i in grid.index])
+        for (i, j), v in np.ndenumerate(grid.to_numpy()):
+            light = im.norm(v) > 0.6  # viridis turns yellow: dark text there
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="black" if light else "white", fontsize=8)
+        best = table[table["chosen"]].iloc[0]
+        ax.add_patch(
+            plt.Rectangle(
+                (list(grid.columns).index(best[names[1]]) - 0.5, list(grid.index).index(best[names[0]]) - 0.5),
+                1,
+                1,
+                fill=False,
+                lw=2,
+                edgecolor="red",
+            )
+        )
+        fig.colorbar(im, ax=ax, label="validation accuracy (%), mean over seeds")
+    else:
+        ax.errorbar(table[names[0]], table["val_mean"], yerr=table["val_std"].fillna(0), marker="o")
+        ax.set(xlabel=names[0], ylabel="validation accuracy (%), mean over seeds")
+    ax.set_title("Sweep: chosen on validation")
     fig.tight_layout()
     return fig
 

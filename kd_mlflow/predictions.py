@@ -1,20 +1,27 @@
-"""Predicted probabilities as a run artifact that loads without pickle.
+"""Predictions as a run artifact that loads without pickle.
 
-One ``.npz`` per run holds the model's softmax probabilities on the validation and
-test images, in the data's order, with the labels and their digests::
+One ``.npz`` per run holds the model's softmax probabilities and predicted classes on
+the validation and test images, in the data's order, with the labels and their
+digests::
 
-    format         str     "kd-mlflow-predictions/1"
+    format         str     "kd-mlflow-predictions/2"
     num_classes    int64   C
     probs_val      float16 (N_val, C)    softmax probabilities
     probs_test     float16 (N_test, C)
+    pred_val       int16   (N_val,)      predicted class, from the full-precision outputs
+    pred_test      int16   (N_test,)
     labels_val     int16   (N_val,)      so statistics need the artifacts alone
     labels_test    int16   (N_test,)
     digest_val     str     labels_digest(labels_val)
     digest_test    str     labels_digest(labels_test)
 
 float16 because 10,000 x 10 probabilities are 200 kB instead of 400 kB and the
-statistics need no more: a probability is kept to ~3 significant digits, which never
-changes a top-1 prediction except between classes already tied to within 0.1%.
+statistics need no more: a probability is kept to ~3 significant digits. That can tie
+two classes the full-precision outputs told apart, so the predicted class is stored
+beside them, computed with the logged accuracy: accuracy from the artifact is the
+run's logged accuracy. Files of format "kd-mlflow-predictions/1" (written before) have
+no ``pred_*``; their classes are the argmax of the float16 probabilities
+(:attr:`Predictions.has_classes` is False).
 
 The digest is what a reader compares to be sure that two runs' predictions are on the
 same images in the same order (a paired test on misaligned images is meaningless).
@@ -31,9 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "kd-mlflow-predictions/1"
+FORMAT = "kd-mlflow-predictions/2"
+FORMAT_WITHOUT_CLASSES = "kd-mlflow-predictions/1"
 SPLITS = ("val", "test")
-_KEYS = frozenset({"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest") for s in SPLITS})
+_KEYS_WITHOUT_CLASSES = frozenset(
+    {"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest") for s in SPLITS}
+)
+_KEYS = {
+    FORMAT: _KEYS_WITHOUT_CLASSES | {f"pred_{s}" for s in SPLITS},
+    FORMAT_WITHOUT_CLASSES: _KEYS_WITHOUT_CLASSES,
+}
 _ROW_SUM_TOL = 1e-2  # rows of a softmax sum to 1; logits or log-probabilities do not
 
 
@@ -60,6 +74,14 @@ class Predictions:
     digest_val: str
     digest_test: str
     num_classes: int
+    pred_val: np.ndarray | None = None  # int16 (N_val,); None in a file without classes
+    pred_test: np.ndarray | None = None
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the file holds the predicted classes (else they are the argmax of the
+        float16 probabilities, which may break a tie another way than the model did)."""
+        return self.pred_test is not None
 
     def probs(self, split: str = "test") -> np.ndarray:
         return getattr(self, f"probs_{_split(split)}")
@@ -71,8 +93,9 @@ class Predictions:
         return getattr(self, f"digest_{_split(split)}")
 
     def top1(self, split: str = "test") -> np.ndarray:
-        """Predicted class per image (ties go to the lowest class index, as argmax)."""
-        return self.probs(split).argmax(axis=1)
+        """Predicted class per image: the stored one, else the probabilities' argmax."""
+        pred = getattr(self, f"pred_{_split(split)}")
+        return pred if pred is not None else self.probs(split).argmax(axis=1)
 
     def correct(self, split: str = "test") -> np.ndarray:
         """Boolean per image: the top-1 prediction equals the label."""
@@ -102,15 +125,26 @@ def _check_probs(name: str, probs, labels) -> tuple[np.ndarray, np.ndarray]:
     return p, y
 
 
-def save(path, probs_val, probs_test, labels_val, labels_test) -> Path:
+def _check_pred(name: str, pred, probs: np.ndarray) -> np.ndarray:
+    c = np.asarray(pred)
+    if c.shape != (len(probs),) or not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"{name}: predicted classes must be {len(probs)} integers, got {c.dtype} {c.shape}")
+    if len(c) and (c.min() < 0 or c.max() >= probs.shape[1]):
+        raise ValueError(f"{name}: predicted classes must lie in [0, {probs.shape[1]})")
+    return c
+
+
+def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> Path:
     """Write the predictions to ``path`` (an ``.npz``, written whole or not at all).
 
-    Probabilities (N, C), any float dtype, are stored as float16; labels as int16 with
-    their :func:`labels_digest`. Returns the path.
+    Probabilities (N, C), any float dtype, are stored as float16; predicted classes (the
+    argmax of the full-precision outputs) and labels as int16, the labels with their
+    :func:`labels_digest`. Returns the path.
     """
     path = Path(path)
     pv, yv = _check_probs("probs_val", probs_val, labels_val)
     pt, yt = _check_probs("probs_test", probs_test, labels_test)
+    cv, ct = _check_pred("pred_val", pred_val, pv), _check_pred("pred_test", pred_test, pt)
     if pv.shape[1] != pt.shape[1]:
         raise ValueError(f"val has {pv.shape[1]} classes but test has {pt.shape[1]}")
     if pv.shape[1] > np.iinfo(np.int16).max:
@@ -120,6 +154,8 @@ def save(path, probs_val, probs_test, labels_val, labels_test) -> Path:
         "num_classes": np.array(pv.shape[1], dtype=np.int64),
         "probs_val": pv.astype(np.float16),
         "probs_test": pt.astype(np.float16),
+        "pred_val": cv.astype(np.int16),
+        "pred_test": ct.astype(np.int16),
         "labels_val": yv.astype(np.int16),
         "labels_test": yt.astype(np.int16),
         "digest_val": np.array(labels_digest(yv)),
@@ -135,9 +171,9 @@ def save(path, probs_val, probs_test, labels_val, labels_test) -> Path:
 def load(path) -> Predictions:
     """Read a file written by :func:`save`, never unpickling anything.
 
-    Raises ValueError naming the file if it is not in this format: not an npz, other
-    keys, another format string, wrong dtypes or shapes, an object (pickled) array,
-    or labels that do not match their stored digest.
+    Raises ValueError naming the file if it is not in this format (or the one without
+    classes): not an npz, other keys, another format string, wrong dtypes or shapes, an
+    object (pickled) array, or labels that do not match their stored digest.
     """
     path = Path(path)
     try:
@@ -149,10 +185,11 @@ def load(path) -> Predictions:
     try:
         with z:
             keys = set(z.files)
-            if keys != _KEYS:
-                missing, extra = sorted(_KEYS - keys), sorted(keys - _KEYS)
+            expected = _KEYS[FORMAT] if {"pred_val", "pred_test"} & keys else _KEYS_WITHOUT_CLASSES
+            if keys != expected:
+                missing, extra = sorted(expected - keys), sorted(keys - expected)
                 raise ValueError(f"unexpected keys (missing {missing}, extra {extra})")
-            arrays = {k: z[k] for k in _KEYS}  # an object array raises here, unread
+            arrays = {k: z[k] for k in expected}  # an object array raises here, unread
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a predictions file ({e})") from None
     try:
@@ -168,8 +205,9 @@ def _text(a: np.ndarray, name: str) -> str:
 
 
 def _validate(a: dict) -> Predictions:
-    if _text(a["format"], "format") != FORMAT:
-        raise ValueError(f"format {str(a['format'])!r}, expected {FORMAT!r}")
+    fmt = _text(a["format"], "format")
+    if _KEYS.get(fmt) != set(a):
+        raise ValueError(f"format {fmt!r} with keys {sorted(a)}, expected {FORMAT!r}")
     nc = a["num_classes"]
     if nc.dtype != np.int64 or nc.shape != () or int(nc) < 1:
         raise ValueError(f"num_classes must be an int64 scalar >= 1, got {nc.dtype} {nc.shape}")
@@ -183,7 +221,15 @@ def _validate(a: dict) -> Predictions:
         digest = _text(a[f"digest_{s}"], f"digest_{s}")
         if digest != labels_digest(y):
             raise ValueError(f"labels_{s} do not match their digest")
-        for arr in (p, y):
-            arr.setflags(write=False)
         out.update({f"probs_{s}": p, f"labels_{s}": y, f"digest_{s}": digest})
+        if f"pred_{s}" in a:
+            c = a[f"pred_{s}"]
+            if c.dtype != np.int16 or c.shape != y.shape or (len(c) and (c.min() < 0 or c.max() >= int(nc))):
+                raise ValueError(
+                    f"pred_{s} must be int16 ({p.shape[0]},) classes in [0, {int(nc)}), got {c.dtype} {c.shape}"
+                )
+            out[f"pred_{s}"] = c
+    for arr in out.values():
+        if isinstance(arr, np.ndarray):
+            arr.setflags(write=False)
     return Predictions(**out)

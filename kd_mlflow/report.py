@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from . import runs, steps
-from .config import ConfigError, recipe_from_params
+from .config import ConfigError
 from .runs import RunRecord
 
 
@@ -36,13 +36,7 @@ def compare(
         preds = predictions_for(session, tables.run_ids(built))
         built = [tables.with_intervals(t, preds) for t in built]
     if not built:
-        elsewhere = runs.experiments_with_results(session)
-        if elsewhere:
-            print(
-                f"note: no kd-mlflow results in this experiment; found some in: {', '.join(elsewhere)} "
-                f"(pass --experiment NAME)",
-                file=sys.stderr,
-            )
+        _nothing_matched(session, tables, preset=preset, dataset=dataset, group=group)
     text = tables.render(built, fmt)
     if session.adopted_run_id:
         # Under `mlflow run -e compare`: the tables and plot are that run's artifacts.
@@ -60,6 +54,32 @@ def compare(
         )
         plots.close(figs)
     return text
+
+
+def _nothing_matched(session, tables, *, preset, dataset, group) -> None:
+    """No table: a filter that matched nothing is refused, naming what is there (exit 2);
+    an experiment without results says where results are, if anywhere (exit 0, empty
+    tables: nothing yet is an answer)."""
+    here = tables.build_tables(runs.results_frame(session)) if (preset or dataset or group) else []
+    name = runs.experiment_name(session)
+    if here:
+        for option, value, values in (
+            ("preset", preset, sorted({t.preset for t in here})),
+            ("dataset", dataset, sorted({t.dataset for t in here})),
+        ):
+            if value is not None and value not in values:
+                there = f"{option}s with results in {name!r}: {', '.join(values)}"
+                raise ConfigError(option, value, f"no {option} matches; {there}")
+        kept = [t for t in here if (preset is None or t.preset == preset) and (dataset is None or t.dataset == dataset)]
+        if not kept:
+            of_preset = sorted({t.dataset for t in here if t.preset == preset})
+            there = f"{preset} has results on: {', '.join(of_preset)}"
+            raise ConfigError("dataset", dataset, f"no {preset} results on it; {there}")
+        labels = "; ".join(f"{t.label} ({t.group_id[:8]})" for t in kept[:8]) + ("; ..." if len(kept) > 8 else "")
+        raise ConfigError("group", group, f"no group matches {group!r}; groups here: {labels}")
+    elsewhere = runs.experiments_with_results(session)
+    where = f"; found some in: {', '.join(elsewhere)} (pass --experiment NAME)" if elsewhere else ""
+    print(f"note: no kd-mlflow results in experiment {name!r}{where}", file=sys.stderr)
 
 
 def predictions_for(session, run_ids) -> dict:
@@ -87,17 +107,21 @@ def _backfill_predictions(session, rec: RunRecord) -> None:
 
     print(f"computing the predictions of run {rec.run_id} ({rec.name}) from its weights, once", file=sys.stderr)
     member = runs.members(session, rec)[0] if rec.role == "ensemble" else rec
-    recipe = recipe_from_params(member.params)
+    recipe = member.recipe
     source, split = steps.load_data(recipe, rec.data_dir or member.data_dir, steps.Execution())
     runs.check_same_data(rec, split.digest, source.num_classes, "run")
     rt = make_runtime(recipe, "cpu")
     model = steps.load_network(session, rec, source.num_classes, "run")
     dd = data_mod.DeviceData(source, split, rt.device)
+    probs_val, pred_val = predict(model, dd, "val", recipe, rt)
+    probs_test, pred_test = predict(model, dd, "test", recipe, rt)
     runs.add_predictions(
         session,
         rec,
-        predict(model, dd, "val", recipe, rt).numpy(),
-        predict(model, dd, "test", recipe, rt).numpy(),
+        probs_val.numpy(),
+        probs_test.numpy(),
         dd.val_y.numpy(),
         dd.test_y.numpy(),
+        pred_val=pred_val.numpy(),
+        pred_test=pred_test.numpy(),
     )

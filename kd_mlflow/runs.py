@@ -15,17 +15,20 @@ import json
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import pandas as pd
 
 from . import schema, tracking
 from .config import ConfigError, Recipe, recipe_from_params
-from .errors import Interrupted, TrackingUnavailable
+from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 
 connect = tracking.connect
 run_link = tracking.run_link
 compare_link = tracking.compare_link
 experiment_link = tracking.experiment_link
+experiment_name = tracking.experiment_name
 
 
 # --- plain records ---------------------------------------------------------
@@ -39,7 +42,9 @@ def _int(text, default=None):
 
 
 def _ids(text) -> tuple:
-    return tuple(p for p in (text or "").split(",") if p)
+    """Comma-separated ids or seeds, each stripped: equal lists compare equal however
+    they were typed ("0, 1,2" and "0,1,2")."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
 @dataclass(frozen=True)
@@ -47,27 +52,31 @@ class RunRecord:
     """What kd-mlflow needs to know of a logged run, without MLflow's types."""
 
     run_id: str
-    name: str
-    status: str
-    role: str | None
-    seed: int | None
-    preset: str | None
-    dataset: str | None
-    split_digest: str | None
-    num_classes: int | None
-    config_hash: str | None
-    group: str | None
+    name: str = ""
+    status: str = "FINISHED"
+    role: str | None = None
+    seed: int | None = None
+    preset: str | None = None
+    dataset: str | None = None
+    split_digest: str | None = None
+    num_classes: int | None = None
+    config_hash: str | None = None
+    group: str | None = None
     group_label: str | None = None
     method: str | None = None  # students: kd | sd
     teacher_run_id: str | None = None
     teacher_seeds: str = ""
+    teacher_model: str | None = None  # students: the teacher's architecture(s), kd.teacher_model
     generation: int = 0
     member_run_ids: tuple = ()
     member_seeds: tuple = ()
     member_role: str | None = None
-    combine: str | None = None
+    combine: str | None = None  # ensembles: prob | logit
     duplicate_of: str | None = None
-    params: dict = field(default_factory=dict)
+    study: bool = False  # a study's parent run, not a result
+    mixed: bool = False  # an ensemble of members of different groups (--allow-mixed)
+    start_time: int = 0  # ms since the epoch: of two runs of one configuration, the later wins
+    params: dict = field(default_factory=dict)  # as the run used them (see record_of)
     final_val_acc: float | None = None
     final_test_acc: float | None = None
     has_predictions: bool = False
@@ -76,15 +85,30 @@ class RunRecord:
     def data_dir(self) -> str | None:
         return self.params.get("data_dir") or None
 
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe its params make; ConfigError if they make none."""
+        return recipe_from_params(self.params)
+
+
+def _params(logged: dict) -> dict:
+    """The params as the run used them: where `mlflow run` had logged a value in
+    another form or value, the one used is under "resolved.<name>"."""
+    n = len(schema.RESOLVED_PREFIX)
+    resolved = {k[n:]: v for k, v in logged.items() if k.startswith(schema.RESOLVED_PREFIX)}
+    return {**{k: v for k, v in logged.items() if not k.startswith(schema.RESOLVED_PREFIX)}, **resolved}
+
 
 def record_of(run) -> RunRecord:
-    t, p, m = run.data.tags, run.data.params, run.data.metrics
+    """The one reading of a logged run's params, tags and results."""
+    t, p, m = run.data.tags, _params(run.data.params), run.data.metrics
+    role = t.get(schema.ROLE)
     return RunRecord(
         run_id=run.info.run_id,
         name=t.get("mlflow.runName", ""),
         status=run.info.status,
-        role=t.get(schema.ROLE),
-        seed=_int(t.get(schema.SEED)),
+        role=role,
+        seed=_int(t.get(schema.SEED), _int(p.get("seed"))),
         preset=t.get(schema.PRESET),
         dataset=t.get(schema.DATASET),
         split_digest=t.get(schema.SPLIT_DIGEST),
@@ -94,18 +118,38 @@ def record_of(run) -> RunRecord:
         group_label=t.get(schema.GROUP_LABEL),
         method=t.get(schema.METHOD),
         teacher_run_id=t.get(schema.TEACHER_RUN_ID),
-        teacher_seeds=t.get(schema.TEACHER_SEEDS, ""),
+        teacher_seeds=",".join(_ids(t.get(schema.TEACHER_SEEDS))),
+        teacher_model=t.get(schema.TEACHER_MODEL) or None,
         generation=_int(t.get(schema.GENERATION), 0),
         member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
         member_seeds=_ids(t.get(schema.MEMBER_SEEDS)),
         member_role=t.get(schema.MEMBER_ROLE),
-        combine=p.get("combine"),
+        # An ensemble logged before the combine mode existed averaged probabilities.
+        combine=p.get("combine") or ("prob" if role == "ensemble" else None),
         duplicate_of=t.get(schema.DUPLICATE_OF),
-        params=dict(p),
+        study=schema.STUDY in t,
+        mixed=t.get(schema.MIXED) == "true",
+        start_time=run.info.start_time or 0,
+        params=p,
         final_val_acc=m.get(schema.FINAL_VAL_ACC),
         final_test_acc=m.get(schema.FINAL_TEST_ACC),
         has_predictions=schema.PREDICTIONS in t,
     )
+
+
+def records_frame(records) -> pd.DataFrame:
+    """compare's input: one row per record, a column per RunRecord field (plain names),
+    and ``recipe``: the record's Recipe, or None where its params make none."""
+    names = [f.name for f in fields(RunRecord)]
+    rows = [[getattr(r, n) for n in names] + [_recipe_or_none(r)] for r in records]
+    return pd.DataFrame(rows, columns=[*names, "recipe"])
+
+
+def _recipe_or_none(rec: RunRecord) -> Recipe | None:
+    try:
+        return rec.recipe
+    except ConfigError:
+        return None
 
 
 # --- lookups ---------------------------------------------------------------
@@ -140,7 +184,7 @@ def result_for(session, spec: RunSpec) -> RunRecord | None:
     be the one ``spec`` asks for: a run is never reused on its hash alone."""
     found = find_result(session, spec.config_hash)
     if found is not None and spec.recipe is not None:
-        logged = recipe_from_params(found.params)
+        logged = found.recipe
         for name, wanted in spec.recipe.differences(logged, spec.recipe_role).items():
             raise ConfigError(
                 name,
@@ -161,19 +205,31 @@ def train_runs_for_seeds(session, seeds: list[int], preset: str | None, dataset:
     the group that has every seed; if several do, the preset's own recipe (no overrides),
     else the group of the newest run; optionally of one preset and dataset."""
     groups: dict[tuple, dict[int, RunRecord]] = {}
+    everywhere: dict[str, set] = {}  # group label -> seeds, whatever the filters: what to say if none fits
     for run in session.search(f"tags.`{schema.ROLE}` = 'train'"):  # newest first
         rec = record_of(run)
-        if rec.duplicate_of or (preset and rec.preset != preset) or (dataset and rec.dataset != dataset):
+        if rec.duplicate_of:
+            continue
+        everywhere.setdefault(f"{rec.group_label or rec.preset} ({rec.dataset})", set()).add(rec.seed)
+        if (preset and rec.preset != preset) or (dataset and rec.dataset != dataset):
             continue
         key = (rec.preset, rec.dataset, rec.group)
         groups.setdefault(key, {}).setdefault(rec.seed if rec.seed is not None else -1, rec)
     complete = {k: v for k, v in groups.items() if all(s in v for s in seeds)}
     if not complete:
+        wanted = ",".join(map(str, seeds))
+        kind = " ".join(x for x in (preset, dataset, "train run") if x)
+        where = f"in experiment {tracking.experiment_name(session)!r}"
+        there = "; ".join(
+            f"{label}: seeds {','.join(str(s) for s in sorted(x for x in found if x is not None))}"
+            for label, found in list(everywhere.items())[:6]
+        )
+        there = f"; train runs there: {there}" if there else "; it has no FINISHED train runs"
         missing = sorted({s for s in seeds if not any(s in v for v in groups.values())})
         if missing:
-            raise ConfigError("seeds", missing[0], "no FINISHED train run with this seed")
+            raise ConfigError("seeds", wanted, f"no FINISHED {kind} with seed {missing[0]} {where}{there}")
         raise ConfigError(
-            "seeds", ",".join(map(str, seeds)), "no one recipe has a FINISHED train run for every seed: pass --members"
+            "seeds", wanted, f"no one recipe has a FINISHED train run for every seed {where}{there}: pass --members"
         )
     plain = [k for k, v in complete.items() if v[seeds[0]].group_label in (None, k[0])]
     key = plain[0] if len(plain) == 1 else next(iter(complete))  # dicts keep search order
@@ -208,10 +264,13 @@ def load_weights(rec: RunRecord, option: str) -> dict:
     """A run's weights, read with weights_only=True: a planted pickle is refused."""
     import pickle
 
+    import torch
+
+    path = tracking.weights_file(rec.run_id)  # the network's failures are the network's (exit 1)
     try:
-        return tracking.load_weights(rec.run_id)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # a planted pickle or a
-        # foreign file is refused here; a tracking server that does not answer is not the file's fault
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # only the file's contents: a planted
+        # pickle or a foreign file
         raise ConfigError(option, rec.run_id, f"weights refused: {type(e).__name__}") from None
 
 
@@ -225,10 +284,11 @@ def experiments_with_results(session) -> list[str]:
     return tracking.experiments_with_tag(session, schema.ROLE)
 
 
-def results_frame(session, preset: str | None = None):
-    """Every FINISHED run of the experiment (of one preset, filtered on the server) as
-    MLflow's runs frame, in one search query."""
-    return session.runs_frame(f"tags.`{schema.PRESET}` = '{preset}'" if preset else "")
+def results_frame(session, preset: str | None = None) -> pd.DataFrame:
+    """Every FINISHED run of the experiment (of one preset, filtered on the server), in one
+    search query, read as RunRecords: compare's input (:func:`records_frame`)."""
+    found = session.finished_runs(f"tags.`{schema.PRESET}` = '{preset}'" if preset else "")
+    return records_frame(record_of(run) for run in found)
 
 
 def register(session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
@@ -245,10 +305,14 @@ def predictions_of(session, rec: RunRecord):
     return tracking.load_predictions(rec.run_id)
 
 
-def add_predictions(session, rec: RunRecord, probs_val, probs_test, labels_val, labels_test) -> None:
+def add_predictions(
+    session, rec: RunRecord, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test
+) -> None:
     """Predictions computed after the fact (a run made before runs logged them): logged
     once, on the run itself."""
-    tracking.log_predictions_to(session, rec.run_id, probs_val, probs_test, labels_val, labels_test)
+    tracking.log_predictions_to(
+        session, rec.run_id, probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
+    )
 
 
 def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:
@@ -325,10 +389,12 @@ class Recording:
     def set_tags(self, tags: dict) -> None:
         self.writer.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
-        """The selected model's probabilities on the validation and test images, as an
-        artifact that loads without pickle (:mod:`kd_mlflow.predictions`)."""
-        self.writer.log_predictions(probs_val, probs_test, labels_val, labels_test)
+    def log_predictions(self, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> None:
+        """The selected model's probabilities and predicted classes on the validation and
+        test images, as an artifact that loads without pickle (:mod:`kd_mlflow.predictions`)."""
+        self.writer.log_predictions(
+            probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
+        )
 
 
 def record(
@@ -365,17 +431,57 @@ def record(
     return out
 
 
-def _continuing(session, config_hash: str, store) -> tuple[RunRecord | None, RunRecord | None]:
-    """(the unfinished run to continue, the unfinished run to supersede). A run is
-    continued only where its epochs can be: from a checkpoint on this machine, or if it
-    has logged no epoch yet. Otherwise its logged epochs came from a training this
-    process cannot continue (another machine, a cleared cache, a lone run now in a
-    packed wave, or the other way round): a new run starts, so that no run's curves mix
-    two trainings."""
-    rec = find_resumable(session, config_hash) if store else None
-    if rec is None or store.exists() or not session.logged_epochs(rec.run_id):
+def _continuing(session, config_hash: str, store, owned: dict) -> tuple[RunRecord | None, RunRecord | None]:
+    """(the unfinished run to continue, the unfinished run to supersede). Checkpoints
+    record the run they belong to (``owned``, from :func:`_owned_runs`): that run, and no
+    other, continues from them. Without a checkpoint here, an unfinished run that has
+    logged no epoch yet is taken over; one that has came from a training this process
+    cannot continue (another machine, a cleared cache, a lone run now in a packed wave, or
+    the other way round): a new run starts, so that no run's curves mix two trainings."""
+    if store is None:
+        return None, None
+    if config_hash in owned:
+        return owned[config_hash], None
+    rec = find_resumable(session, config_hash)
+    if rec is None or not session.logged_epochs(rec.run_id):
         return rec, None
     return None, rec
+
+
+def _owned_runs(session, store, hashes: list[str]) -> dict:
+    """{config hash: the unfinished run the checkpoints here belong to} when every one of
+    ``hashes`` has one; otherwise the checkpoints cannot be continued in the runs they
+    belong to (finished, deleted, of another experiment, or unrecorded): they are cleared."""
+    if store is None or not store.exists():
+        return {}
+    on_disk = store.owners_on_disk()
+    owned = {h: _unfinished_run(session, on_disk[h], h) for h in hashes if h in on_disk}
+    if set(hashes) <= set(owned) and all(owned.values()):
+        return owned
+    named = ", ".join(sorted(set(on_disk.values()))) or "no run recorded"
+    print(
+        f"note: the checkpoint in {store.directory} belongs to {named}, which cannot be continued here; training anew",
+        file=sys.stderr,
+    )
+    store.clear()
+    return {}
+
+
+def _unfinished_run(session, run_id: str, config_hash: str) -> RunRecord | None:
+    """The run, if it is an unfinished run of this configuration in this experiment."""
+    try:
+        run = session.client.get_run(run_id)
+    except tracking.MlflowException:
+        return None  # deleted for good, or never on this server
+    rec = record_of(run)
+    if (
+        run.info.experiment_id != session.experiment_id
+        or run.info.lifecycle_stage != "active"
+        or rec.status not in tracking.UNFINISHED
+        or rec.config_hash != config_hash
+    ):
+        return None
+    return rec
 
 
 def _supersede(old: RunRecord | None, new_run_id: str) -> None:
@@ -389,9 +495,12 @@ def _supersede(old: RunRecord | None, new_run_id: str) -> None:
 
 
 def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
-    resumable, stale = _continuing(session, spec.config_hash, store)
+    owned = _owned_runs(session, store, [spec.config_hash])
+    resumable, stale = _continuing(session, spec.config_hash, store, owned)
     writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
     _supersede(stale, writer.run_id)
+    if store is not None:
+        store.bind({spec.config_hash: writer.run_id})
     print(f"run {writer.run_id} ({spec.name}): {tracking.run_link(session, writer.run_id)}", file=sys.stderr)
     if session.default_experiment:
         print(
@@ -400,7 +509,7 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
             "--experiment-name mysteries)",
             file=sys.stderr,
         )
-    with finishing(writer):
+    with _telling_of(store), finishing(writer):
         writer.log_header(spec.params, {**spec.tags, schema.CONFIG_HASH: spec.config_hash})
         writer.log_dataset(*spec.dataset)
         rec = Recording(writer, store)
@@ -409,6 +518,17 @@ def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
         writer.log_final(final.metrics)
         writer.log_model(final.model, final.example)
     return Outcome(writer.run_id, spec.name, False)
+
+
+@contextlib.contextmanager
+def _telling_of(store):
+    """On the way out, say that the checkpoint is kept, where one is."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt, TrackingUnavailable) as e:
+        if store is not None and store.exists():
+            note_done(e, "the checkpoint is kept: the same command continues from it")
+        raise
 
 
 def record_wave(
@@ -462,14 +582,18 @@ def record_wave(
 
 
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
-    continuing = [_continuing(session, specs[i].config_hash, store) for i in todo]
+    owned = _owned_runs(session, store, [specs[i].config_hash for i in todo])
+    continuing = [_continuing(session, specs[i].config_hash, store, owned) for i in todo]
     writers = [
         tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
         for i, (r, _) in zip(todo, continuing, strict=True)
     ]
     for w, (_, stale) in zip(writers, continuing, strict=True):
         _supersede(stale, w.run_id)
+    if store is not None:
+        store.bind({specs[i].config_hash: w.run_id for i, w in zip(todo, writers, strict=True)})
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_telling_of(store))
         for w in writers:
             stack.enter_context(finishing(w))
         recordings = []
@@ -500,6 +624,7 @@ class EpochSink:
         self.writer = writer
         self.delivered = writer.logged_epochs()
         self.pending: dict[int, dict] = {}
+        self.last_error = ""
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         if epoch not in self.delivered:
@@ -517,7 +642,8 @@ class EpochSink:
             try:
                 self.writer.log_epoch(epoch, self.pending[epoch])
             except TrackingUnavailable as e:
-                print(f"warning: tracking server unreachable, metrics kept locally ({e})", file=sys.stderr)
+                self.last_error = str(e)
+                print(f"warning: metrics kept locally, training goes on: {e}", file=sys.stderr)
                 return False
             self.delivered.add(epoch)
             del self.pending[epoch]
@@ -526,8 +652,9 @@ class EpochSink:
     def flush(self) -> None:
         if not self._try_deliver():
             raise TrackingUnavailable(
-                f"{len(self.pending)} epoch(s) of metrics could not be delivered; "
-                "the checkpoint is kept: run the same command again to upload them"
+                f"{len(self.pending)} epoch(s) of metrics could not be delivered to {tracking.tracking_uri()} "
+                "(the checkpoint is kept: run the same command again to upload them); "
+                f"last failure: {self.last_error}"
             )
 
 
@@ -546,16 +673,19 @@ def finishing(writer):
         previous = None
     try:
         yield
-    except (Interrupted, KeyboardInterrupt):
-        writer.end("KILLED")
+    except (Interrupted, KeyboardInterrupt) as e:
+        # The same rule as the exit code: KILLED on a signal only.
+        try:
+            writer.end("KILLED")
+            note_done(e, f"run {writer.run_id} marked KILLED")
+        except (TrackingUnavailable, TrackingRefused):
+            note_done(e, f"run {writer.run_id} left RUNNING (the tracking server could not be told)")
         raise
     except TrackingUnavailable:
-        raise
+        raise  # the server cannot be told; the run stays RUNNING and the same command continues it
     except BaseException as e:
         with contextlib.suppress(Exception):
-            writer.set_tags(
-                {schema.FAILURE: str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__}
-            )
+            writer.set_tags({schema.FAILURE: cause(e)})
         with contextlib.suppress(Exception):
             writer.end("FAILED")
         raise

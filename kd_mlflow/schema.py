@@ -30,13 +30,26 @@ PREDICTIONS_PATH = "predictions/predictions.npz"
 DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISHED result
 PACKED = "kd.packed"  # trained in a packed wave of this many networks (not identity)
 FAILURE = "kd.failure"  # why a run ended FAILED, in one line
+SWEEP = "kd.sweep"  # a sweep's parent run: "true"
 STUDY = "kd.study"  # a study's parent run: "true"
 COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
 MIXED = "kd.mixed"  # an ensemble of members of different groups (--allow-mixed): "true"
 STUDY_RUN_ID = "kd.study_run_id"  # registered model versions: the study that made them
 EXPERIMENT_ID = "kd.experiment_id"  # registered model versions: the experiment of that study
-VERSION = "kd.version"
-GIT_COMMIT = "kd.git_commit"
+VERSION = "kd.version"  # the installed distribution's version (pyproject.toml)
+GIT_COMMIT = "kd.git_commit"  # only when the package folder sits at its repository's top level
+GIT_DIRTY = "kd.git_dirty"  # "true" | "false": uncommitted changes under the package folder
+SOURCE_DIGEST = "kd.source_digest"  # sha256 (16 hex) of kd_mlflow/*.py: the code that ran
+# What the numbers depend on beyond the recipe (not identity):
+DEVICE = "kd.device"  # the torch device the run trained or evaluated on
+PRECISION_RESOLVED = "kd.precision_resolved"  # fp32 | bf16, what precision=auto became
+THREADS = "kd.threads"  # torch's CPU thread count
+ENV_PREFIX = "kd.env."  # the machine and libraries: kd_mlflow.machine.env_tags
+
+# --- params ---------------------------------------------------------------
+# A value that `mlflow run` had logged in another form or value than the one the run
+# used: MLflow params are immutable, so the used one is logged as "resolved.<name>".
+RESOLVED_PREFIX = "resolved."
 
 ROLES = ("train", "ensemble", "student")
 
@@ -68,8 +81,14 @@ def train_name(seed: int) -> str:
     return f"train-seed-{seed}"
 
 
-def student_name(method: str, seed: int, teacher_seeds: str) -> str:
-    return f"kd-seed-{seed}" if method == "kd" else f"sd-t{teacher_seeds}-s{seed}"
+def student_name(method: str, seed: int, teacher_seeds: str, suffix: str = "") -> str:
+    base = f"kd-seed-{seed}" if method == "kd" else f"sd-t{teacher_seeds}-s{seed}"
+    return base + suffix
+
+
+def settings(changed: dict) -> str:
+    """A student's changed settings for its run name: {"temperature": 2.0} -> "-temperature=2"."""
+    return "".join(f"-{k}={format(v, 'g') if isinstance(v, float) else v}" for k, v in changed.items())
 
 
 def ensemble_name(member_seeds, member_role: str) -> str:

@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import runs, schema
 from .config import (
@@ -27,9 +28,11 @@ from .config import (
     check_schedule,
     default_cache_dir,
     group_label,
-    recipe_from_params,
 )
 from .runs import Final, Outcome, RunRecord, RunSpec
+
+if TYPE_CHECKING:  # torch: imported where a run trains
+    from .data import Source, Split
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ def train(
     register: str | None = None,
 ) -> Outcome:
     _check_seed(seed)
+    check_device(ex)
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     session = session or runs.connect(experiment)
@@ -96,6 +100,7 @@ def distill(
 ) -> Outcome:
     """A student of a train run or another student (SD when that network's architecture
     is the student's, KD otherwise) or of an ensemble run (KD)."""
+    check_device(ex)
     session = session or runs.connect(experiment)
     plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
     existing = None if ex.force else runs.result_for(session, plan.spec)
@@ -125,8 +130,8 @@ def distill(
 class _StudentPlan:
     spec: RunSpec
     recipe: Recipe
-    source: object
-    split: object
+    source: Source
+    split: Split
     teacher: RunRecord
     draws_before: int
 
@@ -150,9 +155,10 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
     teacher_archs = [_architecture_of(r) for r in _networks(session, teacher)]
     method = student_method(teacher.role, teacher_archs, architecture(recipe.model, recipe.width))
     t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
+    changed = recipe.differences(_student_recipe(preset, teacher, {}), "student")
     spec = _spec(
         "student",
-        schema.student_name(method, seed, t_seeds),
+        schema.student_name(method, seed, t_seeds, schema.settings(changed)),
         recipe,
         preset,
         source,
@@ -187,7 +193,7 @@ def _networks(session, rec: RunRecord) -> list[RunRecord]:
 
 
 def _architecture_of(rec: RunRecord) -> str:
-    r = recipe_from_params(rec.params)
+    r = rec.recipe
     return architecture(r.model, r.width)
 
 
@@ -195,6 +201,7 @@ def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution)
     from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_table
 
     model = rt.prepare(teacher_model)
+    t: OnlineTeacher | CachedTeacher
     if plan.recipe.augment:
         t = OnlineTeacher(model, rt.autocast)
     else:
@@ -228,6 +235,7 @@ def train_wave(
     own run with the identity it would have alone, so lone and packed runs reuse each other."""
     for seed in seeds:
         _check_seed(seed)
+    check_device(ex)
     from .models import check_packable
 
     check_packable(recipe.model)
@@ -248,21 +256,24 @@ def train_wave(
 
 
 def distill_wave(
-    pairs: list[tuple[str, int]],
+    students: list[tuple[str, int, dict]],
     *,
     preset: str | None = None,
-    overrides: dict | None = None,
     data_dir: str | None = None,
     experiment: str | None = None,
     ex: Execution = Execution(),
     parent_run_id: str | None = None,
     session=None,
 ) -> list[Outcome]:
-    """Students of (teacher run, seed) pairs of one recipe and split, the missing ones packed."""
+    """Students of (teacher run, seed, overrides), the missing ones packed: one training
+    recipe and one split for all; each keeps its own distillation settings (temperature,
+    alpha, loss), which only its objective sees."""
+    check_device(ex)
     session = session or runs.connect(experiment)
-    plans = [_student_plan(session, t, seed, preset, overrides or {}, data_dir, ex) for t, seed in pairs]
-    if len({(p.recipe, p.split.digest) for p in plans}) > 1:
-        raise ConfigError("pack", ",".join(t for t, _ in pairs), "a packed wave needs one recipe and one split")
+    plans = [_student_plan(session, t, seed, preset, over, data_dir, ex) for t, seed, over in students]
+    if len({(tuple(sorted(p.recipe.fields_for("train").items())), p.split.digest) for p in plans}) > 1:
+        ids = ",".join(t for t, _, _ in students)
+        raise ConfigError("pack", ids, "a packed wave needs one training recipe and one split")
     first = plans[0]
     from .models import check_packable
 
@@ -270,7 +281,7 @@ def distill_wave(
     teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
     body = _fitting_packed(
         first.recipe,
-        [seed for _, seed in pairs],
+        [seed for _, seed, _ in students],
         [p.draws_before for p in plans],
         first.source,
         first.split,
@@ -295,8 +306,8 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
 
         from . import data as data_mod
         from . import models
-        from .pack import fit_packed
-        from .train import make_runtime
+        from .pack import pack
+        from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
         for rec in recordings:
@@ -306,14 +317,14 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
             torch.manual_seed(seeds[i])
             nets.append(models.build(recipe, source.num_classes, draws_before=draws[i]))
         dd = data_mod.DeviceData(source, split, rt.device)
-        results = fit_packed(
-            nets,
+        results = fit(
+            rt.prepare(pack(nets)),
             [make_objective(dd, rt, i) for i in indices],
             dd,
             recipe,
             rt,
             [rec.sink for rec in recordings],
-            checkpoints=store,
+            store,
         )
         return [
             _selected(rec, rt.prepare(net), result, dd, recipe, rt)
@@ -323,11 +334,17 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
     return body
 
 
+def student_changes(preset: str, teacher: RunRecord, overrides: dict) -> dict:
+    """The fields ``overrides`` change of what a student of ``teacher`` would otherwise
+    train with (its teacher's recipe and the preset's distillation settings)."""
+    return _student_recipe(preset, teacher, overrides).differences(_student_recipe(preset, teacher, {}), "student")
+
+
 def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
     """The teacher's training recipe (an ensemble's: its members'), with the preset's
     distillation settings, then the fields the user overrode: a student never silently
     drops what its teacher was trained with. What it changes shows in its group label."""
-    base = recipe_from_params(teacher.params)
+    base = teacher.recipe
     own = {k: getattr(PRESETS[preset], k) for k in STUDENT_FIELDS} if preset in PRESETS else {}
     try:
         return base.replace(**{**own, **overrides})
@@ -354,6 +371,7 @@ def ensemble(
     compare shows it apart, in no group's mean."""
     if len(member_run_ids) < 2 or len(set(member_run_ids)) != len(member_run_ids):
         raise ConfigError("members", ",".join(member_run_ids), "need at least two distinct runs")
+    check_device(ex)
     session = session or runs.connect(experiment)
     members = [runs.finished(session, rid, "members") for rid in member_run_ids]
     for m in members:
@@ -361,11 +379,11 @@ def ensemble(
             raise ConfigError("members", m.run_id, "not a train or student run")
         check_loadable(session, m, "members")
     first = members[0]
-    recipe = recipe_from_params(first.params)
+    recipe = first.recipe
     source, split = load_data(recipe, data_dir or first.data_dir, ex)
     for m in members:
         runs.check_same_data(m, split.digest, source.num_classes, "members")
-    roles = {m.role for m in members}
+    roles = {m.role or "" for m in members}
     member_role = roles.pop() if len(roles) == 1 else "mixed"
     seeds = [str(m.seed) if m.seed is not None else "?" for m in members]
     preset = first.preset or ""
@@ -526,7 +544,7 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         torch.manual_seed(seed)  # the model seed sets the initialisation, nothing else
         model = rt.prepare(models.build(recipe, source.num_classes, draws_before=draws_before))
         dd = data_mod.DeviceData(source, split, rt.device)
-        result = fit(model, make_objective(dd, rt), dd, recipe, rt, rec.sink, rec.store)
+        (result,) = fit(model, [make_objective(dd, rt)], dd, recipe, rt, [rec.sink], rec.store)
         return _selected(rec, model, result, dd, recipe, rt)
 
     return body
@@ -559,9 +577,9 @@ def _runtime_tags(rt) -> dict:
     from . import machine
 
     return {
-        "kd.device": rt.device,
-        "kd.precision_resolved": rt.precision,
-        "kd.threads": torch.get_num_threads(),
+        schema.DEVICE: rt.device,
+        schema.PRECISION_RESOLVED: rt.precision,
+        schema.THREADS: torch.get_num_threads(),
         **machine.env_tags(rt.device),
     }
 
@@ -587,11 +605,15 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
 def _log_predictions(rec, model, dd, recipe, rt) -> None:
     from .train import predict
 
+    probs_val, pred_val = predict(model, dd, "val", recipe, rt)
+    probs_test, pred_test = predict(model, dd, "test", recipe, rt)
     rec.log_predictions(
-        predict(model, dd, "val", recipe, rt).numpy(),
-        predict(model, dd, "test", recipe, rt).numpy(),
+        probs_val.numpy(),
+        probs_test.numpy(),
         dd.val_y.cpu().numpy(),
         dd.test_y.cpu().numpy(),
+        pred_val=pred_val.numpy(),
+        pred_test=pred_test.numpy(),
     )
 
 
@@ -607,6 +629,12 @@ def load_data(recipe: Recipe, data_dir, ex: Execution):
 
     source = data_mod.load(recipe.dataset, data_dir, ex.cache_dir)
     return source, data_mod.make_split(source, recipe)
+
+
+def check_device(ex: Execution) -> None:
+    from .machine import check_device as check
+
+    check(ex.device)
 
 
 def _check_seed(seed) -> None:
@@ -631,7 +659,7 @@ def load_network(session, rec: RunRecord, num_classes: int, option: str):
     if rec.role == "ensemble":
         nets = [load_network(session, m, num_classes, option) for m in runs.members(session, rec)]
         return Ensemble(nets, rec.combine or "prob").eval()
-    model = models.build(recipe_from_params(rec.params), num_classes)
+    model = models.build(rec.recipe, num_classes)
     try:
         model.load_state_dict(runs.load_weights(rec, option))
     except RuntimeError as e:  # a state dict of another shape

@@ -14,10 +14,11 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import executors, schema, steps, tracking
 from .config import ConfigError, Recipe, check_model, check_schedule, group_label, study_student_model
-from .errors import StepFailed, TrackingUnavailable
+from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
 
 
@@ -30,7 +31,6 @@ class Plan:
     student_seed_offset: int = 10
     kd_seed: int = 100
     data_dir: str | None = None
-    pack: bool = False  # the seeds, and the SD students, as packed waves
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
 
     def __post_init__(self):
@@ -69,11 +69,24 @@ class Plan:
         return 2 * len(self.seeds) + 3
 
 
+class StepPlan(Protocol):
+    """What the steps read of a plan: a study's :class:`Plan`, or a sweep's."""
+
+    @property
+    def preset(self) -> str: ...
+
+    @property
+    def overrides(self) -> dict: ...
+
+    @property
+    def data_dir(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class Context:
     """What a step needs wherever it runs."""
 
-    plan: Plan
+    plan: StepPlan
     ex: steps.Execution
     parent: str
     session: object = None  # in-process steps only
@@ -107,6 +120,12 @@ def _override_argv(overrides: dict) -> list[str]:
     return out
 
 
+def _study(ctx: Context) -> Plan:
+    """Teachers are trained by studies only (a sweep's plan has no training recipe)."""
+    assert isinstance(ctx.plan, Plan), "a train step outside a study"
+    return ctx.plan
+
+
 @dataclass(frozen=True)
 class TrainStep:
     seed: int
@@ -117,11 +136,11 @@ class TrainStep:
         return schema.train_name(self.seed)
 
     def run_here(self, ctx: Context) -> Outcome:
-        return steps.train(self.seed, ctx.plan.recipe, ctx.plan.preset, **ctx.where())
+        return steps.train(self.seed, _study(ctx).recipe, ctx.plan.preset, **ctx.where())
 
     @staticmethod
     def run_packed(items: list[TrainStep], ctx: Context) -> list[Outcome]:
-        return steps.train_wave([s.seed for s in items], ctx.plan.recipe, ctx.plan.preset, **ctx.where())
+        return steps.train_wave([s.seed for s in items], _study(ctx).recipe, ctx.plan.preset, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -141,15 +160,18 @@ class DistillStep:
     seed: int
     method: str  # kd | sd
     teacher_seeds: str
+    settings: tuple = ()  # (field, value) pairs over the plan's overrides (a sweep's grid point)
+    suffix: str = ""  # what the settings change, as the run's name shows it
     trains: bool = True
     model: str | None = None  # the student's architecture, if not its teacher's
 
     @property
     def name(self) -> str:
-        return schema.student_name(self.method, self.seed, self.teacher_seeds)
+        return schema.student_name(self.method, self.seed, self.teacher_seeds, self.suffix)
 
     def overrides(self, ctx: Context) -> dict:
-        return {**ctx.plan.overrides, **({"model": self.model} if self.model else {})}
+        model = {"model": self.model} if self.model else {}
+        return {**ctx.plan.overrides, **model, **dict(self.settings)}
 
     def run_here(self, ctx: Context) -> Outcome:
         return steps.distill(
@@ -158,8 +180,8 @@ class DistillStep:
 
     @staticmethod
     def run_packed(items: list[DistillStep], ctx: Context) -> list[Outcome]:
-        pairs = [(s.teacher, s.seed) for s in items]
-        return steps.distill_wave(pairs, preset=ctx.plan.preset, overrides=ctx.plan.overrides, **ctx.where())
+        students = [(s.teacher, s.seed, s.overrides(ctx)) for s in items]
+        return steps.distill_wave(students, preset=ctx.plan.preset, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -201,9 +223,9 @@ class Progress:
     """`[step 3/13] train-seed-2` with the elapsed time and an estimate of what is left,
     from the trainings that ran so far (ensembles take seconds)."""
 
-    def __init__(self, plan: Plan, log=sys.stderr):
-        self.total, self.log = plan.n_steps, log
-        self.trainings_left = 2 * len(plan.seeds) + 1
+    def __init__(self, total: int, trainings: int, log=sys.stderr):
+        self.total, self.log = total, log
+        self.trainings_left = trainings
         self.started = time.monotonic()
         self.count = 0
         self.trained_seconds: list[float] = []
@@ -260,8 +282,9 @@ def reproduce(
     """Run the study with ``executor`` (default: in this process, one step at a time).
     ``register_as``: the registered model that gets the KD student (alias champion);
     "{experiment}" in it is the experiment's name."""
-    # Fail on bad data, or a network that cannot be packed, before any run exists.
-    if plan.pack:
+    # Fail on a bad device, bad data or a network that cannot be packed before any run exists.
+    steps.check_device(ex)
+    if isinstance(executor, executors.PackedWaves):
         from .models import check_packable
 
         check_packable(plan.recipe.model)
@@ -269,8 +292,6 @@ def reproduce(
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
     executor = executor or executors.InProcess()
-    if plan.pack:
-        executor = executors.PackedWaves(executor)
     parent = tracking.open_study(
         session, schema.study_name(plan.preset, plan.recipe.dataset, plan.label), _study_tags(plan, split.digest)
     )
@@ -283,17 +304,14 @@ def reproduce(
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
     ctx = Context(plan, ex, parent, session.without_adoption())
     result = StudyResult(parent)
-    progress = Progress(plan)
+    progress = Progress(plan.n_steps, 2 * len(plan.seeds) + 1)
     try:
         _waves(plan, ctx, executor, result, progress)
         result.tables, result.summary = _report(session, parent, plan, result)
         if register_as:
             _register_kd_student(session, parent, plan, result, register_as)
-    except (StepFailed, TrackingUnavailable) as e:
-        tracking.fail_run(session, parent, str(e))
-        raise
-    except BaseException:
-        tracking.set_terminated(session, parent, "KILLED")
+    except BaseException as e:
+        _end_parent(session, parent, e)
         raise
     finally:
         executor.close()
@@ -306,6 +324,20 @@ def reproduce(
         file=sys.stderr,
     )
     return result
+
+
+def _end_parent(session, parent: str, e: BaseException) -> None:
+    """The parent ends as a run does: KILLED on a signal only, FAILED with kd.failure on
+    anything else. If the server is what failed, it cannot be told: the parent stays
+    RUNNING and the same command continues the study."""
+    try:
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            tracking.set_terminated(session, parent, "KILLED")
+            note_done(e, f"study run {parent} marked KILLED; finished steps are kept: the same command continues")
+        elif not isinstance(e, TrackingUnavailable):
+            tracking.fail_run(session, parent, cause(e))
+    except (TrackingUnavailable, TrackingRefused):
+        pass
 
 
 def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, name: str) -> None:
@@ -419,13 +451,13 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
     for t in reversed(tables):
         rows = t.summary.set_index("row")
         for (row, col), key in SUMMARY_METRICS.items():
-            value = rows.loc[row, col] if row in rows.index and rows.loc[row, "n"] else None
-            if value is not None and value == value:  # not NaN
+            value = rows.loc[row, col] if row in rows.index and rows.loc[row, "n"] else float("nan")
+            if value == value:  # not NaN
                 summary[key] = float(value)
         for g in t.gains.itertuples():
-            key = GAIN_METRICS.get(g.gain)
-            if key and g.lo == g.lo:
-                summary.update({f"{key}_lo": float(g.lo), f"{key}_hi": float(g.hi)})
+            metric = GAIN_METRICS.get(g.gain)
+            if metric and g.lo == g.lo:
+                summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
     roles = {
         name: ("teacher" if name.startswith("train-") else "student")
         for name in result.runs

@@ -10,21 +10,31 @@ MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else ``mysteries``; under
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
+import socket
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+# MLflow's usage telemetry sets and unsets an environment variable from a background
+# thread, while a request on another thread iterates os.environ (urllib's proxy
+# lookup): seen here as `KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'` failing a run search
+# on a machine that cannot reach the telemetry endpoint. Off unless the user turns it
+# on; read when mlflow is imported, so set before.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from . import schema
+from . import schema, waits
 from .config import YES_NO, ConfigError
-from .errors import TrackingRefused, TrackingUnavailable
+from .errors import GaveUp, TrackingRefused, TrackingUnavailable, one_line
 
 DEFAULT_EXPERIMENT = "mysteries"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own "Default" experiment
@@ -38,19 +48,171 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+# MLflow's own client settings, unless the user set them: each request waits at most the
+# network bound between bytes (MLflow's default is 120 s), and is retried twice (its
+# default, 7 with backoff, is minutes of silence). The values this module set are
+# updated when the bound changes; a user's own are left alone.
+_SET_HERE: dict[str, str] = {}
+
+
 def _client_defaults() -> None:
-    # Short client timeouts: an unreachable server must not stall training for minutes
-    # (MLflow's defaults retry for a long time). A user's own settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    # A progress bar per downloaded artifact (predictions, weights) is noise in a log.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(waits.timeout()))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        # A progress bar per downloaded artifact (predictions, weights) is noise in a log.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    for key, value in wanted.items():
+        if key not in os.environ or os.environ[key] == _SET_HERE.get(key):
+            os.environ[key] = _SET_HERE[key] = value
+
+
+def _attempts() -> int:
+    try:
+        return int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")) + 1
+    except ValueError:
+        return 1
+
+
+# --- every call bounded, voiced, and its failure in our words ------------------------
+
+# Calls that move a file: bounded per stall (MLFLOW_HTTP_REQUEST_TIMEOUT between bytes),
+# not as a whole: a large model on a slow link may take longer than the bound.
+_TRANSFERS = {"log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_image", "download_artifacts"}
+
+
+def _remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def watched(action: str, fn, *, transfer: bool = False):
+    """``fn()``, a call to the tracking store: on a server, it speaks after 10 s and gives
+    up at the bound (:mod:`kd_mlflow.waits`); a failure of the server or the network
+    becomes one line naming the server, what was tried, for how long, and what to do
+    (:class:`TrackingUnavailable`, :class:`TrackingRefused`). MLflow's other errors (an
+    answer: no such run, already exists) pass through unchanged."""
+    uri = tracking_uri()
+    t0 = time.monotonic()
+    try:
+        if not (_remote(uri) or transfer):
+            return fn()  # a local store: no network to wait on
+        # A transfer beside a local store may still cross the network (an S3 or http artifact store).
+        what = f"the tracking server {uri}: {action}" if _remote(uri) else f"the artifact store: {action}"
+        with waits.waiting(what, deadline=not transfer):
+            return fn()
+    except GaveUp as e:
+        raise TrackingUnavailable(
+            f"tracking server {uri} did not answer ({action}) within {e.seconds:g} s: check that it is up "
+            "(its log, its database), or raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT)"
+        ) from None
+    except Exception as e:
+        mine = _in_our_words(e, uri, action, time.monotonic() - t0)
+        if mine is None:
+            raise
+        raise mine from None
+
+
+class _Watched:
+    """An MlflowClient whose every call goes through :func:`watched`."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return watched(name.replace("_", " "), lambda: attr(*args, **kwargs), transfer=name in _TRANSFERS)
+
+        return call
+
+
+def _chain(e: BaseException):
+    """The exception and its causes, outermost first."""
+    seen = set()
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
+def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Exception | None:
+    """The failure as TrackingRefused / TrackingUnavailable, or None if it is an answer."""
+    import requests
+    import urllib3.exceptions as u3
+
+    if isinstance(e, MlflowException):
+        code = e.error_code
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
+            why = (
+                "HTTP 403, permission denied"
+                if code == "PERMISSION_DENIED" or " 403 " in str(e)
+                else "HTTP 401, not authenticated"
+            )
+            return TrackingRefused(
+                f"{uri} refused the request ({why}): check MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment"
+            )
+    chain = list(_chain(e))
+
+    def first(*types):
+        return next((x for x in chain if isinstance(x, types)), None)
+
+    up = "check that it is up (its log, its database), or raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT)"
+    if first(ConnectionRefusedError):
+        why, todo = "refused the connection", "is it running? start it, or set MLFLOW_TRACKING_URI to one that is"
+    elif first(u3.NameResolutionError, socket.gaierror):
+        why, todo = "cannot be found (no such host)", "check the host name in MLFLOW_TRACKING_URI"
+    elif first(u3.ConnectTimeoutError):
+        why, todo = "did not accept the connection", "check the network (a firewall, a VPN) and MLFLOW_TRACKING_URI"
+    elif first(u3.ReadTimeoutError, requests.Timeout, TimeoutError):
+        per = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?")
+        why, todo = f"accepted the connection but did not answer ({per} s per attempt)", up
+    elif first(u3.ResponseError, requests.exceptions.RetryError):
+        why, todo = "answered every attempt with a server error (HTTP 5xx)", "see the server's log"
+    elif tls := first(requests.exceptions.SSLError):
+        why = "failed the TLS handshake: " + one_line(str(tls), 160)
+        todo = "check the certificate (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH)"
+    elif first(requests.ConnectionError, u3.ProtocolError, ConnectionError):
+        why = "dropped the connection: " + (one_line(str(chain[-1]), 160) or type(chain[-1]).__name__)
+        todo = "check that it is up and the network between, then run the same command again"
+    elif _remote(uri) and isinstance(e, RestException) and e.get_http_status_code() >= 500:
+        why, todo = f"failed the request (HTTP {e.get_http_status_code()}: {one_line(str(e), 160)})", "see its log"
+    elif not _remote(uri) and (db := next((x for x in chain if type(x).__name__ == "OperationalError"), None)):
+        inner = one_line(str(getattr(db, "orig", db)), 200)
+        return TrackingUnavailable(f"tracking store {uri} failed ({action}): {inner}")
+    else:
+        return None
+    n = _attempts()
+    tried = f"({action}; {n} attempt{'s' if n != 1 else ''} in {seconds:.0f} s)"
+    return TrackingUnavailable(f"{_who(chain, uri)} {why} {tried}: {todo}")
+
+
+def _who(chain: list, uri: str) -> str:
+    """The tracking server, or another host the request went to (an artifact store)."""
+    from urllib.parse import urlsplit
+
+    import urllib3.exceptions as u3
+
+    pool = next((getattr(x, "pool", None) for x in chain if isinstance(x, u3.MaxRetryError)), None)
+    if pool is None or not getattr(pool, "host", None):
+        return f"tracking server {uri}"
+    where = f"{pool.scheme}://{pool.host}:{pool.port}"
+    ours = urlsplit(uri)
+    default = {"http": 80, "https": 443}.get(ours.scheme)
+    if _remote(uri) and (ours.hostname, ours.port or default) == (pool.host, pool.port):
+        return f"tracking server {uri}"
+    return f"artifact store {where}"
 
 
 @dataclass
 class Session:
-    client: MlflowClient
+    client: MlflowClient  # behind _Watched: every call bounded and voiced
     experiment_id: str
     adopted_run_id: str | None  # the run `mlflow run` created, if any
     default_experiment: bool = False  # MLflow's "Default" experiment (id 0)
@@ -77,17 +239,23 @@ class Session:
     def get_run(self, run_id: str, option: str):
         try:
             return self.client.get_run(run_id)
-        except MlflowException:
-            raise ConfigError(option, run_id, "no such run") from None
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise ConfigError(option, run_id, f"no such run on {tracking_uri()}") from None
 
     def artifact_paths(self, run_id: str, folder: str) -> set[str]:
         return {f.path for f in self.client.list_artifacts(run_id, folder)}
 
-    def runs_frame(self, filter_string: str = ""):
-        """Every FINISHED run of the experiment (matching ``filter_string``), in one search query."""
+    def finished_runs(self, filter_string: str = "") -> list:
+        """Every FINISHED run of the experiment (matching ``filter_string``), in one search
+        query (MLflow pages through it)."""
         where = " AND ".join(p for p in ("attributes.status = 'FINISHED'", filter_string) if p)
-        return mlflow.search_runs(
-            [self.experiment_id], filter_string=where, output_format="pandas", max_results=100_000
+        return watched(
+            "search runs",
+            lambda: mlflow.search_runs(
+                [self.experiment_id], filter_string=where, output_format="list", max_results=100_000
+            ),
         )
 
 
@@ -95,45 +263,45 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
     """Resolve the experiment (see the module docstring); ``create=False`` refuses to
     create a missing one (``compare`` must not)."""
     _client_defaults()
-    client = MlflowClient()
+    uri = tracking_uri()
+    try:
+        client = _Watched(MlflowClient())
+    except MlflowException:  # a scheme MLflow has no store for
+        raise ConfigError(
+            "MLFLOW_TRACKING_URI",
+            uri,
+            "MLflow has no tracking store for this scheme: use http(s)://HOST:PORT, sqlite:///FILE or postgresql://...",
+        ) from None
+    except OSError as e:  # a local store that cannot be made (sqlite:////no/such/dir/mlflow.db)
+        raise ConfigError("MLFLOW_TRACKING_URI", uri, f"cannot open the store: {e.strerror or e}") from None
     # The run `mlflow run` created, or a run the caller has open (reproduce inside an
     # active run): that run is adopted, in its experiment.
     active = mlflow.active_run()
     run_id = os.environ.get("MLFLOW_RUN_ID") or (active.info.run_id if active else None)
-    try:
-        if run_id and not experiment:
-            exp_id = client.get_run(run_id).info.experiment_id
-            return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
-        exp_id = _resolve_experiment(client, experiment, create)
-    except MlflowException as e:
-        if e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 " in str(e) or " 403 " in str(e):
-            why = (
-                "HTTP 403, permission denied"
-                if e.error_code == "PERMISSION_DENIED" or " 403 " in str(e)
-                else "HTTP 401, not authenticated"
-            )
-            raise TrackingRefused(
-                f"{tracking_uri()} refused the request ({why}): check MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment"
-            ) from None
-        raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {_first_line(e)}") from None
-    except OSError as e:
-        raise TrackingUnavailable(f"tracking server at {tracking_uri()}: {e}") from None
+    if run_id and not experiment:
+        exp_id = Session(client, "", None).get_run(run_id, "MLFLOW_RUN_ID").info.experiment_id
+        return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
+    exp_id = _resolve_experiment(client, experiment, create)
     return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
 
 
 def _resolve_experiment(client, name, create) -> str:
     env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if not name and env_id:
-        exp = client.get_experiment(env_id)
+        try:
+            exp = client.get_experiment(env_id)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            exp = None
         if exp is None:
-            raise ConfigError("MLFLOW_EXPERIMENT_ID", env_id, "no such experiment")
+            raise ConfigError("MLFLOW_EXPERIMENT_ID", env_id, _no_such_experiment(client))
         return exp.experiment_id
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is None:
         if not create:
-            raise ConfigError("experiment", name, "no such experiment")
+            raise ConfigError("experiment", name, _no_such_experiment(client))
         try:
             return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:
@@ -150,6 +318,15 @@ def _resolve_experiment(client, name, create) -> str:
     return exp.experiment_id
 
 
+def _no_such_experiment(client, limit: int = 8) -> str:
+    """ "no such experiment on URI", and which ones there are."""
+    found = client.search_experiments(max_results=limit + 1)
+    names = [f"{e.name} (id {e.experiment_id})" for e in found[:limit]]
+    more = ", ..." if len(found) > limit else ""
+    there = f"; experiments there: {', '.join(names)}{more}" if names else "; it has no experiments"
+    return f"no such experiment on {tracking_uri()}{there}"
+
+
 def _same_value(a: str, b: str) -> bool:
     if a.strip("'\"") == b:
         return True
@@ -159,10 +336,6 @@ def _same_value(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return False
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 # --- a run being written ---------------------------------------------------
@@ -194,9 +367,9 @@ class RunWriter:
             if key not in held:
                 fresh[key] = value
             elif not _same_value(held[key], value):
-                fresh[f"resolved.{key}"] = value
+                fresh[schema.RESOLVED_PREFIX + key] = value
         self.session.client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh.items()])
-        self.set_tags({**tags, schema.VERSION: _version(), **_git_tag()})
+        self.set_tags({**tags, **_provenance()})
 
     def log_dataset(self, name: str, uri: str, digest: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -219,10 +392,9 @@ class RunWriter:
         """One request per epoch, never one per step."""
         ts = int(1000 * time.time())
         batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
-        try:
-            self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-        except (MlflowException, OSError) as e:
-            raise TrackingUnavailable(_first_line(e)) from None
+        # A server that is down raises TrackingUnavailable (see watched): the sink keeps
+        # the epoch and training goes on.
+        self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_final(self, metrics: dict) -> None:
         ts = int(1000 * time.time())
@@ -243,14 +415,18 @@ class RunWriter:
         previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
         try:
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(x, out),
-                input_example=x,
-                serialization_format="pt2",
-                pip_requirements=["torch", "torchvision"],
-                run_id=self.run_id,
+            watched(
+                "log model",
+                lambda: mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=infer_signature(x, out),
+                    input_example=x,
+                    serialization_format="pt2",
+                    pip_requirements=["torch", "torchvision"],
+                    run_id=self.run_id,
+                ),
+                transfer=True,
             )
         finally:
             if previous is None:
@@ -273,8 +449,17 @@ class RunWriter:
     def log_artifact(self, path, folder: str) -> None:
         self.session.client.log_artifact(self.run_id, str(path), folder)
 
-    def log_predictions(self, probs_val, probs_test, labels_val, labels_test) -> None:
-        log_predictions_to(self.session, self.run_id, probs_val, probs_test, labels_val, labels_test)
+    def log_predictions(self, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> None:
+        log_predictions_to(
+            self.session,
+            self.run_id,
+            probs_val,
+            probs_test,
+            labels_val,
+            labels_test,
+            pred_val=pred_val,
+            pred_test=pred_test,
+        )
 
     def end(self, status: str = "FINISHED") -> None:
         self.session.client.set_terminated(self.run_id, status)
@@ -284,22 +469,27 @@ def mark_duplicate(session: Session, run_id: str, result_run_id: str) -> None:
     """A run `mlflow run` created for a configuration that already has a result: it only
     points at that result, so neither `compare` nor a results table counts it."""
     c = session.client
-    c.set_tag(run_id, schema.DUPLICATE_OF, result_run_id)
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in {schema.DUPLICATE_OF: result_run_id, **_provenance()}.items()])
     c.set_tag(
         run_id, "mlflow.note.content", f"Configuration already finished in run {result_run_id}; nothing was trained."
     )
     c.set_terminated(run_id, "FINISHED")
 
 
-def fail_run_by_id(run_id: str, reason: str) -> None:
-    """End a run FAILED with ``reason`` as a tag, if it is still RUNNING."""
+def fail_run_by_id(run_id: str, reason: str, status: str = "FAILED") -> bool:
+    """End a run ``status`` (FAILED, with ``reason`` as a tag; or KILLED), if it is still
+    RUNNING. Returns whether it did; False if the server cannot be told."""
     try:
-        client = MlflowClient()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, schema.FAILURE, reason[:500])
-            client.set_terminated(run_id, "FAILED")
-    except (MlflowException, OSError):
-        pass  # the server is gone: nothing can be told
+        _client_defaults()
+        client = _Watched(MlflowClient())
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        if status == "FAILED":
+            client.set_tag(run_id, schema.FAILURE, one_line(reason, 500))
+        client.set_terminated(run_id, status)
+        return True
+    except (MlflowException, OSError, TrackingUnavailable, TrackingRefused, ConfigError):
+        return False  # the server is gone, or the run is not there: nothing can be told
 
 
 def experiments_with_tag(session: Session, tag: str, limit: int = 20) -> list[str]:
@@ -317,7 +507,7 @@ def experiments_with_tag(session: Session, tag: str, limit: int = 20) -> list[st
 
 
 def fail_run(session: Session, run_id: str, reason: str) -> None:
-    session.client.set_tag(run_id, schema.FAILURE, reason[:500])
+    session.client.set_tag(run_id, schema.FAILURE, one_line(reason, 500))
     session.client.set_terminated(run_id, "FAILED")
 
 
@@ -325,31 +515,80 @@ def set_terminated(session: Session, run_id: str, status: str) -> None:
     session.client.set_terminated(run_id, status)
 
 
-def load_weights(run_id: str) -> dict:
-    """A run's weights, read with weights_only=True: a planted pickle is refused."""
-    import torch
+def download(run_id: str, artifact_path: str) -> str:
+    """One of a run's artifacts, as a local file (a transfer: bounded per stall). Read
+    from the run's artifact store itself: through ``runs:/``, MLflow turns every failure
+    (a network that is down too) into "Failed to download artifacts ... ensure that the
+    path is correct"."""
+    where = watched("get run", lambda: MlflowClient().get_run(run_id)).info.artifact_uri.rstrip("/")
+    return watched(
+        "download artifacts",
+        lambda: mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/{artifact_path}"),
+        transfer=True,
+    )
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_PATH)
-    return torch.load(path, weights_only=True, map_location="cpu")
+
+def weights_file(run_id: str) -> str:
+    """The run's logged state dict, downloaded (read it with weights_only=True)."""
+    return download(run_id, WEIGHTS_PATH)
 
 
 def _version() -> str:
-    from . import __version__
+    from . import __version__  # the installed metadata's, read once in kd_mlflow/__init__.py
 
     return __version__
 
 
-def _git_tag() -> dict:
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _provenance() -> dict:
+    """What binds a run's numbers to the code that made them: the version, the source
+    digest and, in a git checkout of kd-mlflow itself, the commit and whether the
+    package's files differ from it."""
+    return {schema.VERSION: _version(), schema.SOURCE_DIGEST: _source_digest(), **_git_tag()}
+
+
+@functools.cache
+def _source_digest(package: Path = PACKAGE) -> str:
+    """sha256 (16 hex) of the package's own source, kd_mlflow/*.py by name and content,
+    as airbench keeps its code beside its results: it names the code that ran wherever
+    it was installed (a wheel, a Docker image, an edited copy). Once per process."""
+    h = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        content = path.read_bytes()
+        h.update(f"{path.name}\0{len(content)}\0".encode())
+        h.update(content)
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def _git_tag(package: Path = PACKAGE) -> dict:
+    """The commit, only where the package folder's parent is a repository's top level
+    (a clone of kd-mlflow, installed editable or run in place). Installed inside
+    another repository (a venv in a project's folder), that repository's commit says
+    nothing about this code; a Docker image or a wheel has no repository at all.
+
+    kd.git_dirty covers the package folder only (tracked changes and new files), the
+    same files kd.source_digest hashes: what changes a run's numbers. A notebook, a
+    local mlflow.db or an edited test elsewhere in the clone does not."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None  # no git on this machine
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != package.resolve().parent:
         return {}
-    return {schema.GIT_COMMIT: sha} if len(sha) == 40 else {}
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=all", "--", ".")
+    if not sha or len(sha) != 40 or status is None:
+        return {}
+    return {schema.GIT_COMMIT: sha, schema.GIT_DIRTY: "true" if status else "false"}
 
 
 # --- a study's parent run --------------------------------------------------
@@ -378,7 +617,7 @@ def open_study(session: Session, name: str, tags: dict) -> str:
         c.set_tag(run_id, "mlflow.runName", name)
     else:
         run_id = c.create_run(session.experiment_id, run_name=name).info.run_id
-    for key, value in {**tags, schema.VERSION: _version(), **_git_tag()}.items():
+    for key, value in {**tags, **_provenance()}.items():
         c.set_tag(run_id, key, value)
     return run_id
 
@@ -396,10 +635,15 @@ def note(session: Session, run_id: str, text: str) -> None:
     session.client.set_tag(run_id, "mlflow.note.content", text)
 
 
+def log_params(session: Session, run_id: str, params: dict) -> None:
+    session.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+
 def log_study(
     session: Session, run_id: str, texts: dict, summary: dict, figures: dict, metrics: dict | None = None
 ) -> None:
     c = session.client
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in _provenance().items()])  # compare's run has no header
     if metrics:
         ts = int(1000 * time.time())
         c.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
@@ -463,17 +707,19 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
     registered there keeps its version: no new one), optionally under ``alias``.
     Returns the version."""
     c = session.client
-    try:
-        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:
-        found = []
+    # A registered model that does not exist yet has no versions ([]); any failure of the
+    # search is raised, never read as "not registered yet" (a duplicate version would follow).
+    found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if found:
         version = str(max(int(v.version) for v in found))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            version = mlflow.register_model(
-                f"runs:/{run_id}/model", name, tags=tags or {}, await_registration_for=60
+            version = watched(
+                "register model",
+                lambda: mlflow.register_model(
+                    f"runs:/{run_id}/model", name, tags=tags or {}, await_registration_for=60
+                ),
             ).version
     if alias:
         c.set_registered_model_alias(name, alias, version)
@@ -485,12 +731,14 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
 # --- predictions ------------------------------------------------------------------
 
 
-def log_predictions_to(session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test) -> None:
+def log_predictions_to(
+    session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test
+) -> None:
     from . import predictions
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(schema.PREDICTIONS_PATH).name
-        predictions.save(path, probs_val, probs_test, labels_val, labels_test)
+        predictions.save(path, probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test)
         session.client.log_artifact(run_id, str(path), Path(schema.PREDICTIONS_PATH).parent.as_posix())
     session.client.set_tag(run_id, schema.PREDICTIONS, schema.PREDICTIONS_PATH)
 

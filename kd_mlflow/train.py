@@ -1,9 +1,12 @@
-"""The one training loop. It takes a model, an objective, data, a recipe, a runtime and a
-metrics sink; train, KD and SD all run through :func:`fit`."""
+"""The one training loop. It takes a model of one network or of K packed side by side,
+an objective and a metrics sink per network, data, a recipe and a runtime; train, KD
+and SD, lone and packed, all run through :func:`fit`."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import Recipe
+from .models import cpu_copy
 
 # --- device and precision, decided once -----------------------------------
 
@@ -110,92 +114,144 @@ class FitResult:
 
 def fit(
     model: nn.Module,
-    objective,
+    objectives: list,
     data,
     recipe: Recipe,
     rt: Runtime,
-    sink=None,
+    sinks: list | None = None,
     checkpoints=None,
     log=sys.stderr,
     on_step=None,
-) -> FitResult:
-    """Train ``model`` with ``objective`` for ``recipe.epochs`` and keep the checkpoint
-    with the best validation accuracy (never chosen on test data).
+) -> list[FitResult]:
+    """Train the networks of ``model`` for ``recipe.epochs``; keep, for each, the
+    checkpoint with the best validation accuracy (never chosen on test data).
 
-    ``sink(epoch, metrics)`` receives one dict per epoch; ``checkpoints`` (a
-    :class:`kd_mlflow.checkpoint.CheckpointStore`) makes the run resumable;
-    ``on_step(loss)``, if given, receives every step's loss tensor (detached).
+    ``model`` holds K >= 1 networks: a :class:`kd_mlflow.models.Classifier` (one: logits
+    (B, classes)) or a :class:`kd_mlflow.pack.PackedResNet` (K: logits (K, B, classes)).
+    Network i is trained with ``objectives[i](logits, batch)`` and ``sinks[i](epoch,
+    metrics)`` receives its metrics, one dict per epoch (``epoch_seconds`` is the whole
+    model's). ``checkpoints`` (a :class:`kd_mlflow.checkpoint.CheckpointStore`) makes
+    the training resumable, bit for bit. ``on_step(losses)``, if given, receives every
+    step's (K,) losses, detached (else see :func:`_step_losses_file`).
+
+    Returns one :class:`FitResult` per network; ``model`` leaves with its last epoch's
+    weights.
     """
+    sinks = sinks or [None] * len(objectives)
+    if len(sinks) != len(objectives):
+        raise ValueError(f"{len(objectives)} objectives need {len(objectives)} sinks, not {len(sinks)}")
     steps_per_epoch = -(-data.n_train // recipe.batch_size)
     optimizer = make_optimizer(recipe, model.parameters())
     scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
     order = torch.Generator().manual_seed(recipe.order_seed)
-    state = {
-        "epoch": 0,
-        "best_val_acc": -1.0,
-        "best_test_acc": float("nan"),
-        "best_epoch": 0,
-        "best_state": None,
-        "history": [],
-    }
+    done, networks = 0, [_unselected() for _ in objectives]  # epochs done; each network's selection
     saved = checkpoints.load_latest() if checkpoints else None
     if saved is not None:
-        _restore(saved, model, optimizer, scheduler, order, state, rt)
-        print(f"resuming after epoch {state['epoch']}", file=log)
+        done, networks = _restore(saved, model, optimizer, scheduler, order, rt)
+        print(f"resuming after epoch {done}", file=log)
     step = torch.compile(model) if rt.compile else model
+    on_step = on_step or _step_losses_file()
 
-    for epoch in range(state["epoch"] + 1, recipe.epochs + 1):
+    for epoch in range(done + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
-        metrics = _train_epoch(step, objective, data, recipe, rt, optimizer, scheduler, order, on_step, log, epoch)
-        metrics.update(evaluate_all(step, data, recipe, rt, test=recipe.test_each_epoch))
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        if metrics["val_acc"] > state["best_val_acc"]:
-            state.update(
-                best_val_acc=metrics["val_acc"],
-                best_test_acc=metrics.get("test_acc", float("nan")),
-                best_epoch=epoch,
-                best_state=_cpu_copy(model.state_dict()),
-            )
-        state["epoch"] = epoch
-        state["history"].append(metrics)
-        if sink:
-            sink(epoch, metrics)
+        scores = _train_epoch(step, objectives, data, recipe, rt, optimizer, scheduler, order, on_step, log, epoch)
+        scores.update(_evaluate_networks(step, data, recipe, rt, test=recipe.test_each_epoch))
+        seconds = time.perf_counter() - t0
+        metrics = [
+            {name: v[i].item() for name, v in scores.items()} | {"epoch_seconds": seconds}
+            for i in range(len(objectives))
+        ]
+        _record_epoch(model, networks, metrics, epoch)
+        for sink, m in zip(sinks, metrics, strict=True):
+            if sink:
+                sink(epoch, m)
         if checkpoints:
-            checkpoints.save(_snapshot(model, optimizer, scheduler, order, state, rt))
+            checkpoints.save(_snapshot(model, optimizer, scheduler, order, epoch, networks, rt))
         print(_progress_line(epoch, recipe.epochs, metrics), file=log, flush=True)
 
-    if not recipe.test_each_epoch and state["best_state"] is not None:
-        final = _cpu_copy(model.state_dict())
-        model.load_state_dict(state["best_state"])
-        state["best_test_acc"] = evaluate(model, data, "test", recipe, rt)[1]
-        model.load_state_dict(final)  # the model leaves with its last epoch's weights, as always
-    return FitResult(
-        state["best_epoch"], state["best_val_acc"], state["best_test_acc"], state["best_state"], state["history"]
-    )
+    if not recipe.test_each_epoch:
+        _test_selected(model, networks, data, recipe, rt)
+    return [FitResult(**n) for n in networks]
+
+
+def _unselected() -> dict:
+    """A network's selection before its first epoch (the fields of :class:`FitResult`)."""
+    return {"best_epoch": 0, "best_val_acc": -1.0, "best_test_acc": math.nan, "best_state": None, "history": []}
 
 
 def _train_epoch(
-    model, objective, data, recipe, rt, optimizer, scheduler, order, on_step=None, log=None, epoch: int = 0
+    model, objectives, data, recipe, rt, optimizer, scheduler, order, on_step=None, log=None, epoch: int = 0
 ) -> dict:
+    """One epoch: each network's mean training loss and accuracy in percent, (K,) on the CPU."""
     model.train()
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    batches = data.train_batches(recipe.batch_size, order, recipe.augment, recipe.order_style, recipe.crop_padding)
+    loss_sum = torch.zeros(len(objectives), device=rt.device)
+    correct = torch.zeros(len(objectives), device=rt.device, dtype=torch.long)
+    batches = data.train_batches(recipe, order)
     for batch in _progress_bar(batches, -(-data.n_train // recipe.batch_size), log, epoch, recipe.epochs):
         with rt.autocast():
-            logits = model(batch.x)
-        loss = objective(logits, batch)
+            logits = _per_network(model(batch.x), len(batch.y))
+        losses = torch.stack([objective(z, batch) for objective, z in zip(objectives, logits, strict=True)])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The sum of the networks' mean losses: each network's gradient is its lone
+        # gradient (kd_mlflow.pack says why); for one network, its loss.
+        losses.sum().backward()
         optimizer.step()
         scheduler.step()
         if on_step is not None:
-            on_step(loss.detach())
+            on_step(losses.detach())
         # Accumulate on the device: no host sync inside the step.
-        loss_sum += loss.detach() * len(batch.y)
-        correct += (logits.detach().argmax(1) == batch.y).sum()
-    loss_total, n_correct = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
-    return {"train_loss": loss_total / data.n_train, "train_acc": 100.0 * n_correct / data.n_train}
+        loss_sum += losses.detach() * len(batch.y)
+        correct += (logits.detach().argmax(-1) == batch.y).sum(-1)
+    sums = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).double().cpu()  # one host sync per epoch
+    return {"train_loss": sums[0] / data.n_train, "train_acc": 100.0 * sums[1] / data.n_train}
+
+
+def _per_network(logits: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(K, B, classes): one network's (B, classes) logits are (1, B, classes)."""
+    return logits.reshape(-1, batch_size, logits.shape[-1])
+
+
+def _record_epoch(model, networks: list[dict], metrics: list[dict], epoch: int) -> None:
+    """Each network keeps its epoch's metrics, and the weights of its first epoch of
+    strictly highest validation accuracy (its selection)."""
+    improved = [i for i, m in enumerate(metrics) if m["val_acc"] > networks[i]["best_val_acc"]]
+    states = model.network_states() if improved else []
+    for i in improved:
+        networks[i].update(
+            best_val_acc=metrics[i]["val_acc"],
+            best_test_acc=metrics[i].get("test_acc", math.nan),
+            best_epoch=epoch,
+            best_state=states[i],
+        )
+    for network, m in zip(networks, metrics, strict=True):
+        network["history"].append(m)
+
+
+def _test_selected(model, networks: list[dict], data, recipe: Recipe, rt: Runtime) -> None:
+    """``test_each_epoch`` false: one test pass, on each network's selected weights; the
+    model then gets its last epoch's weights back."""
+    final = cpu_copy(model.state_dict())
+    model.load_network_states([n["best_state"] for n in networks])
+    tests = evaluate_stacked(model, data, "test", recipe, rt)[1]
+    model.load_state_dict(final)
+    for network, acc in zip(networks, tests.tolist(), strict=True):
+        network["best_test_acc"] = acc
+
+
+def _step_losses_file():
+    """A diagnostic, off by default: with ``KD_MLFLOW_STEP_LOSSES=path`` every optimiser
+    step appends one line to ``path``, its K networks' losses (``repr`` floats). It is
+    how tests/test_parity.py reads the trajectory of a run made in another process; it
+    costs a host sync per step, so only when asked."""
+    path = os.environ.get("KD_MLFLOW_STEP_LOSSES")
+    if not path:
+        return None
+
+    def append(losses: torch.Tensor) -> None:
+        with open(path, "a") as f:
+            f.write(" ".join(map(repr, losses.tolist())) + "\n")
+
+    return append
 
 
 def _progress_bar(batches, total: int, log, epoch: int, epochs: int):
@@ -210,22 +266,21 @@ def _progress_bar(batches, total: int, log, epoch: int, epochs: int):
 
 @torch.no_grad()
 def evaluate(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in percent) on ``which`` ("val" or "test")."""
+    """(mean cross-entropy, accuracy in percent) of one network on ``which`` ("val" or "test")."""
     loss, acc = evaluate_stacked(model, data, which, recipe, rt)
     return loss.item(), acc.item()
 
 
 @torch.no_grad()
 def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
-    """:func:`evaluate` as CPU tensors: scalars for a model's (B, classes) logits, or (K,)
-    per network for the (K, B, classes) logits of K packed networks (kd_mlflow.pack)."""
+    """:func:`evaluate` of each of the model's K networks: (K,) CPU tensors."""
     model.eval()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
     n = 0
     for batch in data.eval_batches(which, recipe.eval_batch_size):
         with rt.autocast():
-            logits = model(batch.x).float()
+            logits = _per_network(model(batch.x), len(batch.y)).float()
         y = batch.y.expand(logits.shape[:-1])
         loss_sum = loss_sum + torch.nn.functional.cross_entropy(logits.movedim(-1, 1), y, reduction="none").sum(-1)
         correct = correct + (logits.argmax(-1) == y).sum(-1)
@@ -235,57 +290,67 @@ def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
 
 
 @torch.no_grad()
-def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> torch.Tensor:
-    """Softmax probabilities on ``which`` ("val" or "test"), in the data's order, on the CPU."""
+def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities, predicted classes) on ``which`` ("val" or "test"), in the
+    data's order, on the CPU. The classes are the argmax of the float32 logits, as
+    :func:`evaluate` counts them: the stored probabilities' float16 copy may tie."""
     model.eval()
-    out = []
+    probs, classes = [], []
     for batch in data.eval_batches(which, recipe.eval_batch_size):
         with rt.autocast():
-            out.append(model(batch.x).float().softmax(1).cpu())
-    return torch.cat(out)
+            logits = model(batch.x).float()
+            probs.append(logits.softmax(1).cpu())
+            classes.append(logits.argmax(1).cpu())
+    return torch.cat(probs), torch.cat(classes)
 
 
-def evaluate_all(model, data, recipe, rt, test: bool = True) -> dict:
-    """Validation loss and accuracy, and (``test``) test accuracy."""
-    val_loss, val_acc = evaluate(model, data, "val", recipe, rt)
+def _evaluate_networks(model, data, recipe, rt, test: bool) -> dict:
+    """Each network's validation loss and accuracy, and (``test``) test accuracy: (K,) each."""
+    val_loss, val_acc = evaluate_stacked(model, data, "val", recipe, rt)
     out = {"val_loss": val_loss, "val_acc": val_acc}
     if test:
-        out["test_acc"] = evaluate(model, data, "test", recipe, rt)[1]
+        out["test_acc"] = evaluate_stacked(model, data, "test", recipe, rt)[1]
     return out
 
 
-def _progress_line(epoch, epochs, m) -> str:
-    test = f"  test_acc {m['test_acc']:.2f}" if "test_acc" in m else ""
-    return (
-        f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.2f}"
-        f"  val_acc {m['val_acc']:.2f}{test}  {m['epoch_seconds']:.1f}s"
-    )
+def evaluate_all(model, data, recipe, rt, test: bool = True) -> dict:
+    """One network's validation loss and accuracy, and (``test``) test accuracy."""
+    return {name: v.item() for name, v in _evaluate_networks(model, data, recipe, rt, test).items()}
+
+
+def _progress_line(epoch: int, epochs: int, metrics: list[dict]) -> str:
+    """One line per epoch; a figure per network where there are K."""
+
+    def column(name: str, fmt: str) -> str:
+        return f"  {name} " + " ".join(format(m[name], fmt) for m in metrics)
+
+    shown = [("train_loss", ".4f"), ("train_acc", ".2f"), ("val_acc", ".2f"), ("test_acc", ".2f")]
+    columns = "".join(column(name, fmt) for name, fmt in shown if name in metrics[0])
+    return f"epoch {epoch}/{epochs}{columns}  {metrics[0]['epoch_seconds']:.1f}s"
 
 
 # --- resumable state -------------------------------------------------------
 
 
-def _cpu_copy(state_dict: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-
-
-def _snapshot(model, optimizer, scheduler, order, state, rt: Runtime) -> dict:
+def _snapshot(model, optimizer, scheduler, order, epoch: int, networks: list[dict], rt: Runtime) -> dict:
     """Everything needed to continue bit for bit: weights, optimiser and schedule, every
-    random generator, the epoch, the best-validation state and the metrics so far."""
+    random generator, the epoch, and each network's selection and metrics so far."""
     snap = {
-        "model": _cpu_copy(model.state_dict()),
+        "model": cpu_copy(model.state_dict()),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "order_rng": order.get_state(),
         "torch_rng": torch.get_rng_state(),
-        **state,
+        "epoch": epoch,
+        "networks": networks,
     }
     if rt.device.type == "cuda":
         snap["cuda_rng"] = torch.cuda.get_rng_state_all()
     return snap
 
 
-def _restore(snap, model, optimizer, scheduler, order, state, rt: Runtime):
+def _restore(snap, model, optimizer, scheduler, order, rt: Runtime) -> tuple[int, list[dict]]:
+    """Put a snapshot's state back; returns its epoch and each network's selection."""
     model.load_state_dict(snap["model"])
     optimizer.load_state_dict(snap["optimizer"])
     scheduler.load_state_dict(snap["scheduler"])
@@ -293,5 +358,8 @@ def _restore(snap, model, optimizer, scheduler, order, state, rt: Runtime):
     torch.set_rng_state(snap["torch_rng"])
     if "cuda_rng" in snap and rt.device.type == "cuda":
         torch.cuda.set_rng_state_all(snap["cuda_rng"])
-    for key in state:
-        state[key] = snap[key]
+    if "best_state" in snap:  # a lone run's checkpoint from before packed runs shared this loop
+        return snap["epoch"], [{key: snap[key] for key in _unselected()}]
+    if "networks" not in snap:
+        raise ValueError("a packed wave's checkpoint from an older kd-mlflow: run the command again with --force")
+    return snap["epoch"], snap["networks"]

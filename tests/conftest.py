@@ -1,19 +1,28 @@
-"""Shared fixtures: one real `mlflow server` per test session, a data/checkpoint cache
-shared by all tests, and a fresh experiment per test.
+"""Shared fixtures: one real `mlflow server` per test session, one smoke study that
+the files needing one share, a data/checkpoint cache shared by all tests, and a fresh
+experiment per test.
 
-Two tiers: a test that needs a tracking server, a subprocess or a study is marked
-``e2e`` (automatically, from the fixtures it uses, or by its module); the rest are unit
-tests, `pytest -m "not e2e"`, under a minute. Training in tests uses one thread, in this
+Two tiers: a test that needs a tracking server, a subprocess or a study is ``e2e``; the
+rest are unit tests, `pytest -m "not e2e"`, under a minute. A test is e2e when the
+fixtures it really uses reach a root of E2E_ROOTS (a fixture that starts a server or
+a process), when its code calls one of PROCESS_CALLS (itself or through a helper of
+its module), or when its module says so. Training in tests uses one thread, in this
 process and in the commands it starts (KD_MLFLOW_THREADS), so results do not depend on
 how busy the machine is."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
+import types
 import uuid
 from pathlib import Path
+
+# As kd_mlflow.tracking does: MLflow's telemetry thread races os.environ (read before
+# mlflow is imported).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow
 import pytest
@@ -23,7 +32,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parent.parent
-E2E_FIXTURES = {"server", "tracked", "study", "stack", "crafted", "reference", "own_server", "report"}
+SMOKE_EXPERIMENT = "study-smoke"
+
+# The fixtures that start a server, a process or a study, by name and the file that
+# defines them: a fixture elsewhere that only shares a name (a cheap sqlite `study`)
+# is no root. Fixtures built on these (tracked, smoke_study, crafted, ...) reach them.
+E2E_ROOTS = {
+    ("server", "conftest.py"),  # the session's `mlflow server`
+    ("own_server", "test_faults.py"),  # a server a test stops and starts
+    ("stack", "test_stack.py"),  # PostgreSQL and the authenticated server
+}
+# Names that start a process when a test's code (or a function of its module that it
+# calls) uses them.
+PROCESS_CALLS = {"run_cli", "subprocess", "Popen", "MlflowServer"}
 
 os.environ["KD_MLFLOW_THREADS"] = "1"
 
@@ -32,10 +53,60 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: needs a tracking server, a subprocess or a whole study")
 
 
+E2E_REASONS: dict[str, str | None] = {}  # every collected test's, before -m or -k deselect any
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        E2E_REASONS[item.nodeid] = reason = e2e_reason(item)
+        if reason:
             item.add_marker(pytest.mark.e2e)
+
+
+def e2e_reason(item) -> str | None:
+    """Why ``item`` is e2e (a root fixture, a process started by one of its fixtures or
+    by its own code), or None."""
+    # item.fixturenames is the whole closure: the fixtures' own fixtures, transitively.
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        fixturedefs = info.name2fixturedefs.get(name) if info else None
+        if not fixturedefs:
+            continue
+        func = fixturedefs[-1].func  # the definition closest to the test: the one it gets
+        if (name, Path(inspect.getfile(func)).name) in E2E_ROOTS:
+            return f"fixture {name}"
+        called = process_calls(func.__code__, vars(sys.modules[func.__module__]))
+        if called:
+            return f"fixture {name} calls {called}"
+    function = getattr(item, "function", None)
+    if function is not None:
+        called = process_calls(function.__code__, vars(sys.modules[function.__module__]))
+        if called:
+            return f"calls {called}"
+    return None
+
+
+def process_calls(code: types.CodeType, module: dict, seen=None) -> str | None:
+    """The first name of PROCESS_CALLS that ``code`` uses, itself, in its nested
+    functions or in the functions of its module that it names."""
+    seen = set() if seen is None else seen
+    if code in seen:
+        return None
+    seen.add(code)
+    hit = PROCESS_CALLS.intersection(code.co_names)
+    if hit:
+        return sorted(hit)[0]
+    inner = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    helpers = [
+        f.__code__
+        for name in code.co_names
+        if inspect.isfunction(f := module.get(name)) and f.__module__ == module.get("__name__")
+    ]
+    for sub in inner + helpers:
+        hit_name = process_calls(sub, module, seen)
+        if hit_name:
+            return hit_name
+    return None
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,6 +114,41 @@ def _one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+def torch_switches() -> dict:
+    """The process-wide switches that change a number (make_runtime sets them on CUDA)."""
+    import torch
+
+    return {
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+    }
+
+
+@pytest.fixture(scope="session")
+def torch_defaults() -> dict:
+    """The switches as this process started with them, before any test: torch's
+    defaults, as a fresh process has them."""
+    return torch_switches()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_switches(torch_defaults):
+    """Each test starts from torch's defaults, whatever the tests before it set."""
+    yield
+    if torch_switches() != torch_defaults:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch_defaults["tf32_matmul"]
+        torch.backends.cudnn.allow_tf32 = torch_defaults["tf32_cudnn"]
+        torch.backends.cudnn.benchmark = torch_defaults["cudnn_benchmark"]
+        torch.use_deterministic_algorithms(
+            torch_defaults["deterministic"], warn_only=torch_defaults["deterministic_warn_only"]
+        )
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +175,36 @@ def tracked(server, cache_dir, monkeypatch):
     mlflow.set_tracking_uri(server.uri)
     yield Tracked(server.uri, name, env)
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(server, cache_dir):
+    """The smoke study with two seeds, run once per session as a user runs it (`kd-mlflow
+    reproduce` in its own process) into the experiment study-smoke, for the files that
+    only read a study (test_study, test_ray). A test that adds runs to an experiment
+    uses its own."""
+    env = {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir)}
+    # Whichever test asks first, none of its run or experiment settings leak in.
+    clean = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID" and not k.startswith("MLFLOW_EXPERIMENT_")}
+    args = ("reproduce", "--experiment", SMOKE_EXPERIMENT, "--preset", "smoke", "--seeds", "0-1")
+    proc = run_cli(*args, env={**clean, **env}, exact_env=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from kd_mlflow import schema
+
+    client = mlflow.MlflowClient(server.uri)
+    exp = client.get_experiment_by_name(SMOKE_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    (parent,) = [r.info.run_id for r in runs if r.data.tags.get(schema.STUDY) == "true"]
+    return types.SimpleNamespace(
+        server=server,
+        env=env,
+        args=args,
+        proc=proc,
+        experiment=SMOKE_EXPERIMENT,
+        experiment_id=exp.experiment_id,
+        steps={r.info.run_name: r.info.run_id for r in runs if r.data.tags.get(schema.ROLE)},
+        parent_run_id=parent,
+    )
 
 
 class Tracked:

@@ -17,12 +17,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# MLflow 3's server starts a job runner and a pool of Huey consumers (GenAI jobs) beside
+# itself: about ten Python processes that kd-mlflow never uses, which on a 2-core machine
+# compete with the training under test. A test server runs without them.
+NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
-    """sqlite backend store, proxied artifacts, one worker; ``uri`` once started."""
+    """sqlite backend store, proxied artifacts, one worker, no job runner; ``uri`` once started."""
 
     def __init__(self, root: Path, port: int | None = None, extra_args=(), env=None):
         self.root, self.port = Path(root), port or free_port()
-        self.extra_args, self.env = list(extra_args), env
+        self.extra_args, self.env = list(extra_args), {**NO_JOBS, **(env or {})}
         self.proc = None
         self.uri = f"http://127.0.0.1:{self.port}"
 

@@ -130,12 +130,7 @@ def test_batch_order_is_the_dataloaders_epoch_by_epoch():
     for _ in range(3):
         states.append(order.get_state())
         # Positions in kd-mlflow's training set, mapped to CIFAR-10 indices.
-        ours.append(
-            [
-                split.train_idx[b.idx].tolist()
-                for b in dd.train_batches(REPORT.batch_size, order, REPORT.augment, REPORT.order_style)
-            ]
-        )
+        ours.append([split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT, order)])
 
     train_data, _ = _report_split()  # its items are CIFAR-10 indices
     loader = DataLoader(train_data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(42))
@@ -149,9 +144,7 @@ def test_batch_order_is_the_dataloaders_epoch_by_epoch():
     # Resume: an epoch's order is a function of the generator's state alone.
     resumed = torch.Generator()
     resumed.set_state(states[2])
-    again = [
-        split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT.batch_size, resumed, False, REPORT.order_style)
-    ]
+    again = [split.train_idx[b.idx].tolist() for b in dd.train_batches(REPORT, resumed)]
     assert again == theirs[2]
 
 
@@ -268,12 +261,14 @@ def test_cpu_model_reads_proc_cpuinfo(tmp_path):
     assert machine.cpu_model(tmp_path / "missing")  # falls back to the platform's word
 
 
-def test_seed_report_is_fp32_and_keeps_pytorchs_tf32_defaults():
+def test_seed_report_is_fp32_and_keeps_pytorchs_tf32_defaults(torch_defaults):
     assert make_runtime(REPORT, "cpu").precision == "fp32"
     assert make_runtime(REPORT.replace(precision="bf16"), "cpu").precision == "bf16"
-    # What a fresh process has (nothing in this CPU test session sets them).
-    defaults = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    assert train.tf32_switches(REPORT.precision) == defaults == {"matmul": False, "cudnn": True}
+    # What a fresh process has: this session's switches before any test ran (conftest
+    # puts them back after each test, so no earlier test changes what is read here).
+    defaults = {"matmul": torch_defaults["tf32_matmul"], "cudnn": torch_defaults["tf32_cudnn"]}
+    live = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    assert train.tf32_switches(REPORT.precision) == defaults == live == {"matmul": False, "cudnn": True}
     assert train.tf32_switches("bf16")["matmul"] is True
 
 
@@ -337,7 +332,7 @@ def _kd_mlflow_losses(images, labels) -> list[float]:
             raise _Stop
 
     with pytest.raises(_Stop):
-        fit(model, CrossEntropy(), dd, recipe, rt, log=None, on_step=on_step)
+        fit(model, [CrossEntropy()], dd, recipe, rt, log=None, on_step=on_step)
     return losses
 
 

@@ -59,7 +59,8 @@ def test_methods_and_tags_say_which_is_which(lab):
         got = (run.data.tags[schema.METHOD], run.data.tags[schema.TEACHER_MODEL], run.data.params["model"])
         assert got == (method, teacher_model, model), key
         assert run.data.params["width"] == "16"  # inherited from the teachers' recipe
-    assert _run(lab, "kd1").info.run_name == "kd-seed-11"
+    # An override of the inherited recipe shows in the run's name (main's rule for any field).
+    assert _run(lab, "kd1").info.run_name == "kd-seed-11-model=resnet18-cifar"
     assert _run(lab, "sd").info.run_name == "sd-t0-s10"
     # The override shows in the student's label (relative to the preset: smoke's model
     # is resnet18-cifar, so the resnet20 students name theirs).

@@ -17,7 +17,7 @@ import torch
 
 from kd_mlflow import config, data, models
 from kd_mlflow.objectives import CachedTeacher, CrossEntropy, Distillation
-from kd_mlflow.pack import fit_packed, pack, unpack
+from kd_mlflow.pack import pack, unpack
 from kd_mlflow.train import fit, make_runtime
 
 SEEDS = (0, 1, 2)
@@ -64,13 +64,13 @@ def _build(recipe, seed, dtype=torch.float32):
 def _lone_and_packed(recipe, rt, dd, make_objective, dtype=torch.float64):
     lone_obj = [Recorded(make_objective(i)) for i in range(len(SEEDS))]
     lone = [
-        fit(_build(recipe, s, dtype), o, dd, recipe, rt, log=io.StringIO())
+        fit(_build(recipe, s, dtype), [o], dd, recipe, rt, log=io.StringIO())[0]
         for s, o in zip(SEEDS, lone_obj, strict=True)
     ]
     packed_obj = [Recorded(make_objective(i)) for i in range(len(SEEDS))]
     sunk = [[] for _ in SEEDS]
     sinks = [lambda epoch, m, out=out: out.append((epoch, m)) for out in sunk]
-    packed = fit_packed([_build(recipe, s, dtype) for s in SEEDS], packed_obj, dd, recipe, rt, sinks, log=io.StringIO())
+    packed = fit(pack([_build(recipe, s, dtype) for s in SEEDS]), packed_obj, dd, recipe, rt, sinks, log=io.StringIO())
     steps = STEPS_COMPARED if dtype == torch.float32 else None  # float64: every step
     for a, b in zip(lone_obj, packed_obj, strict=True):
         assert len(a.losses) == len(b.losses)
@@ -143,6 +143,23 @@ def test_unpack_loads_into_lone_models_and_reproduces_the_packed_logits(digits):
             torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-5)
 
 
+def test_a_pack_of_seed_report_networks_gives_each_lone_networks_logits(digits):
+    """seed-report's mechanisms (torchvision's stem, PIL's two rounded resize passes):
+    the packed module preprocesses as each lone network does, bit for bit, and gives
+    each network's logits (float64: the grouped convolutions' rounding stays below 1e-12)."""
+    recipe = config.preset("seed-report").replace(dataset="digits", width=4, image_size=16)
+    lone = [_build(recipe, s, torch.float64) for s in SEEDS]
+    packed = pack(lone)
+    x = digits.train_x[:32]
+    assert packed.resize == "pil"
+    for model in lone:
+        assert torch.equal(packed.preprocess(x), model.preprocess(x))
+    with torch.no_grad():
+        want = packed.eval()(x)
+        for i, model in enumerate(lone):
+            torch.testing.assert_close(model.eval()(x), want[i], rtol=0, atol=1e-12)
+
+
 def test_packed_gradient_is_each_networks_lone_gradient(digits):
     recipe, _rt, dd = _setup(digits)
     lone = [_build(recipe, s) for s in SEEDS]
@@ -164,16 +181,15 @@ def test_packed_one_test_pass_is_each_networks_per_epoch_result(digits):
     out = {}
     for each in (True, False):
         recipe, rt, dd = _setup(digits, epochs=4, test_each_epoch=each)
-        models_ = [_build(recipe, s) for s in SEEDS]
-        out[each] = models_, fit_packed(models_, CrossEntropy(), dd, recipe, rt, log=io.StringIO())
-    (m_each, each), (m_once, once) = out[True], out[False]
+        packed = pack([_build(recipe, s) for s in SEEDS])
+        out[each] = packed, fit(packed, [CrossEntropy()] * len(SEEDS), dd, recipe, rt, log=io.StringIO())
+    (p_each, each), (p_once, once) = out[True], out[False]
     assert any(r.best_epoch < 4 for r in each), "some network must select an earlier epoch"
     for a, b in zip(each, once, strict=True):
         assert b.best_epoch == a.best_epoch and b.best_test_acc == a.history[a.best_epoch - 1]["test_acc"]
         assert all("test_acc" not in h for h in b.history)
-    for a, b in zip(m_each, m_once, strict=True):  # every lone model leaves with its last epoch's weights
-        for k, v in a.state_dict().items():
-            assert torch.equal(v, b.state_dict()[k]), k
+    for k, v in p_each.state_dict().items():  # both leave with their last epoch's weights
+        assert torch.equal(v, p_once.state_dict()[k]), k
 
 
 class _Crash(Exception):
@@ -195,31 +211,32 @@ def test_an_interrupted_packed_wave_resumes_bit_for_bit(digits, tmp_path):
 
     recipe, rt, dd = _setup(digits, epochs=4, augment=True, schedule="onecycle")
 
-    def wave(store, seed_shift=0):
-        nets = [_build(recipe, s + seed_shift) for s in SEEDS]
-        return nets, fit_packed(nets, CrossEntropy(), dd, recipe, rt, log=io.StringIO(), checkpoints=store)
+    def wave(store, seed_shift=0, log=None):
+        packed = pack([_build(recipe, s + seed_shift) for s in SEEDS])
+        objectives = [CrossEntropy()] * len(SEEDS)
+        return packed, fit(packed, objectives, dd, recipe, rt, log=log or io.StringIO(), checkpoints=store)
 
-    full_nets, full = wave(None)
+    full_packed, full = wave(None)
     with pytest.raises(_Crash):
         wave(CrashAfter(tmp_path / "ckpt"))
     log = io.StringIO()
-    nets = [_build(recipe, s + 100) for s in SEEDS]
-    resumed = fit_packed(nets, CrossEntropy(), dd, recipe, rt, log=log, checkpoints=CheckpointStore(tmp_path / "ckpt"))
-    assert "resuming the packed wave after epoch 2" in log.getvalue()
-    for a, b, na, nb in zip(full, resumed, full_nets, nets, strict=True):
+    packed, resumed = wave(CheckpointStore(tmp_path / "ckpt"), seed_shift=100, log=log)
+    assert "resuming after epoch 2" in log.getvalue()
+    for k, v in full_packed.state_dict().items():
+        assert torch.equal(v, packed.state_dict()[k]), k
+    for a, b in zip(full, resumed, strict=True):
         assert (b.best_epoch, b.best_val_acc, b.best_test_acc) == (a.best_epoch, a.best_val_acc, a.best_test_acc)
         assert [h["val_acc"] for h in b.history] == [h["val_acc"] for h in a.history]
-        for k, v in na.state_dict().items():
-            assert torch.equal(v, nb.state_dict()[k]), k
         for k, v in a.best_state.items():
             assert torch.equal(v, b.best_state[k]), k
 
 
-def test_pack_refuses_networks_of_different_shapes():
+def test_pack_refuses_networks_of_different_shapes_or_preprocessing():
     a = models.build(config.preset("smoke"), 10)
-    b = models.build(config.preset("smoke").replace(width=8), 10)
-    with pytest.raises(ValueError):
-        pack([a, b])
+    for other in ({"width": 8}, {"resize": "pil"}, {"mean": (0.4, 0.5, 0.5)}):
+        b = models.build(config.preset("smoke").replace(**other), 10)
+        with pytest.raises(ValueError):
+            pack([a, b])
 
 
 # --- the packed path through the CLI: each network its own run, reused by lone runs -----

@@ -14,7 +14,7 @@ import uuid
 import mlflow
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, invoke, run_cli
 
 from kd_mlflow import data, schema
 
@@ -129,8 +129,13 @@ def mixed(paths):
     logit = run_cli("ensemble", "--seeds", "0-4", "--preset", "smoke", "--combine", "logit", env=env)
     assert logit.returncode == 0, logit.stderr[-3000:]
     out["logit"] = logit.stdout.strip().splitlines()[-1]
-    cmp = run_cli("compare", "--format", "json", env=env)
-    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:  # compare only reads: in this process (as a command: below)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "KD_MLFLOW_CACHE"):
+            mp.setenv(key, env[key])
+        cmp = invoke("compare", "--format", "json")
+    assert cmp.exit_code == 0, cmp.output[-3000:]
     out["json"] = json.loads(cmp.stdout)
     out["runs"] = {
         r.info.run_id: r for r in paths["client"].search_runs([paths["exp"].experiment_id], max_results=1000)

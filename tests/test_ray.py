@@ -1,34 +1,65 @@
 """The study fanned out on a local Ray instance (CPU only, GPUs declared so that
-scheduling with num_gpus is exercised): the same runs and numbers as the local executor."""
+scheduling with num_gpus is exercised), beside a CPU hog: the same runs and numbers as
+the local executor, every training at the launching command's priority (Ray's default
+would run them at nice 15, where beside the hog they barely progress).
+Without Ray, `--executor ray` says how to install it (that test needs no Ray: it runs
+exactly where Ray is missing)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import sys
+import time
 
 import mlflow
 import pytest
-from conftest import run_cli
+from conftest import invoke, run_cli
 
-pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'kd-mlflow[ray]'")
+from kd_mlflow import schema
 
 
-def _study(env, experiment, *extra):
-    proc = run_cli("reproduce", "--experiment", experiment, "--preset", "smoke", "--seeds", "0-1", *extra, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _compare(env, experiment):
     out = run_cli("compare", "--experiment", experiment, "--format", "json", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
 
-def test_ray_study_matches_the_local_one(server, cache_dir):
-    env = {"MLFLOW_TRACKING_URI": server.uri, "KD_MLFLOW_CACHE": str(cache_dir)}
-    via_ray = _study(env, "ray-smoke", "--executor", "ray", "--ray-local-gpus", "2", "--gpus-per-run", "1")
-    local = _study(env, "study-smoke")  # reused if test_study already ran it
+@pytest.fixture
+def ray():
+    """Ray, or a skip before any study is run for nothing."""
+    return pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'kd-mlflow[ray]'")
 
-    client = mlflow.MlflowClient(server.uri)
+
+def _spin(deadline: float) -> None:
+    while time.time() < deadline:
+        pass
+
+
+def test_ray_study_matches_the_local_one(ray, smoke_study):
+    env = smoke_study.env
+    study = ["reproduce", "--experiment", "ray-smoke", "--preset", "smoke", "--seeds", "0-1"]  # smoke_study's
+    # Two busy loops at this process's priority, bounded: a study at nice 15 would still
+    # finish once they stop, and the niceness its trainings recorded would fail below.
+    hogs = [multiprocessing.Process(target=_spin, args=(time.time() + 60,)) for _ in range(2)]
+    for h in hogs:
+        h.start()
+    try:
+        proc = run_cli(*study, "--executor", "ray", "--ray-local-gpus", "2", "--gpus-per-run", "1", env=env)
+    finally:
+        for h in hogs:
+            h.terminate()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    via_ray = _compare(env, "ray-smoke")
+    local = _compare(env, smoke_study.experiment)  # the same study, run with the local executor
+
+    client = mlflow.MlflowClient(smoke_study.server.uri)
     exp = client.get_experiment_by_name("ray-smoke")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    trained = [r for r in runs if r.data.tags.get(schema.ROLE) in ("train", "student")]
+    assert len(trained) == 5 and {r.data.tags[schema.ENV_PREFIX + "nice"] for r in trained} == {str(os.nice(0))}
     for key, cols in (
         ("seeds", ("seed", "val_acc", "test_acc")),
         ("kd", ("seed", "val_acc", "test_acc")),
@@ -36,14 +67,11 @@ def test_ray_study_matches_the_local_one(server, cache_dir):
         ("ensembles", ("members", "val_acc", "test_acc")),
         ("sd_ensembles", ("members", "val_acc", "test_acc")),
     ):
+        assert local[key], key
         assert [[r[c] for c in cols] for r in via_ray[key]] == [[r[c] for c in cols] for r in local[key]], key
 
 
 def test_ray_executor_without_ray_says_how_to_install(monkeypatch, tracked):
-    import sys
-
-    from conftest import invoke
-
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     res = invoke("reproduce", "--preset", "smoke", "--seeds", "0-1", "--executor", "ray")
     assert res.exit_code == 2 and "pip install 'kd-mlflow[ray]'" in res.stderr

@@ -244,21 +244,26 @@ def refusals(stack):
 
 @pytest.fixture(scope="module")
 def study(stack, refusals):
-    """The smoke study as alice: two seeds, their ensemble, the tables."""
-    steps = {
-        "train 0": ("train", "--seed", "0", "--preset", "smoke"),
-        "train 1": ("train", "--seed", "1", "--preset", "smoke"),
-        "ensemble": ("ensemble", "--seeds", "0,1", "--preset", "smoke"),
-        "compare": ("compare", "--format", "json"),
-    }
+    """The smoke study as alice: two seeds (trained at once, as two users' or two shells'
+    launches would be: several clients writing through the server's workers), their
+    ensemble, the tables."""
+    waves = (
+        {
+            "train 0": ("train", "--seed", "0", "--preset", "smoke"),
+            "train 1": ("train", "--seed", "1", "--preset", "smoke"),
+        },
+        {"ensemble": ("ensemble", "--seeds", "0,1", "--preset", "smoke")},
+        {"compare": ("compare", "--format", "json")},
+    )
     out, seconds = {}, {}
     start = time.monotonic()
-    for name, args in steps.items():
+    for wave in waves:
         t = time.monotonic()
-        proc = _finish(_cli(stack, *args, user=ALICE))
-        seconds[name] = round(time.monotonic() - t, 1)
-        assert proc.returncode == 0, f"{name}:\n{proc.stdout}\n{proc.stderr}"
-        out[name] = proc.stdout
+        procs = {name: _cli(stack, *args, user=ALICE) for name, args in wave.items()}
+        for name, done in [(name, _finish(proc)) for name, proc in procs.items()]:
+            assert done.returncode == 0, f"{name}:\n{done.stdout}\n{done.stderr}"
+            out[name] = done.stdout
+        seconds[" + ".join(wave)] = round(time.monotonic() - t, 1)
     seconds["study"] = round(time.monotonic() - start, 1)
     print(f"\nsmoke study through the authenticated postgres server: {seconds}")
     run_ids = {k: out[k].strip().splitlines()[-1] for k in ("train 0", "train 1", "ensemble")}

@@ -367,7 +367,7 @@ def test_labels_digest_is_sha256_of_int64_bytes():
 
 def test_predictions_round_trip(tmp_path):
     pv, pt, yv, yt = _probs(30, seed=0), _probs(50, seed=1), _labels(30, seed=2), _labels(50, seed=3)
-    path = predictions.save(tmp_path / "predictions.npz", pv, pt, yv, yt)
+    path = predictions.save(tmp_path / "predictions.npz", pv, pt, yv, yt, pred_val=pv.argmax(1), pred_test=pt.argmax(1))
     assert path == tmp_path / "predictions.npz" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     got = predictions.load(path)
     assert got.num_classes == 10 and got.probs_test.dtype == np.float16 and got.probs_val.shape == (30, 10)
@@ -378,8 +378,29 @@ def test_predictions_round_trip(tmp_path):
     for loaded, original in ((got.probs_val, pv), (got.probs_test, pt)):
         err = np.abs(loaded.astype(np.float64) - original)
         assert (err <= np.maximum(2.0**-11 * np.abs(original), 2.0**-25)).all()
-    assert np.array_equal(got.correct("test"), got.probs_test.argmax(1) == yt)
-    assert not got.probs_test.flags.writeable
+    assert got.has_classes and np.array_equal(got.top1("val"), pv.argmax(1))
+    assert np.array_equal(got.correct("test"), pt.argmax(1) == yt)
+    assert not got.probs_test.flags.writeable and not got.pred_test.flags.writeable
+
+
+def test_the_stored_class_decides_where_float16_probabilities_tie(tmp_path):
+    """Two classes 2e-5 apart at full precision are equal in float16: the stored class
+    (the full-precision argmax, as the logged accuracy counts it) decides, not argmax's
+    lowest index; a file written before classes were stored falls back to that argmax."""
+    probs = np.array([[0.49999, 0.50001], [0.9, 0.1]])
+    labels = np.array([1, 0])
+    assert probs.astype(np.float16)[0, 0] == probs.astype(np.float16)[0, 1]
+    path = predictions.save(
+        tmp_path / "p.npz", probs, probs, labels, labels, pred_val=probs.argmax(1), pred_test=probs.argmax(1)
+    )
+    got = predictions.load(path)
+    assert got.correct("test").tolist() == [True, True]
+    with np.load(path) as z:
+        written_before = {k: z[k] for k in z.files if not k.startswith("pred_")}
+    written_before["format"] = np.array(predictions.FORMAT_WITHOUT_CLASSES)
+    np.savez(tmp_path / "old.npz", **written_before)
+    old = predictions.load(tmp_path / "old.npz")
+    assert not old.has_classes and old.correct("test").tolist() == [False, True]
 
 
 class _Payload:
@@ -397,6 +418,8 @@ def _arrays(**over):
         "num_classes": np.array(10, dtype=np.int64),
         "probs_val": _probs(4).astype(np.float16),
         "probs_test": _probs(6).astype(np.float16),
+        "pred_val": _labels(4, seed=5).astype(np.int16),
+        "pred_test": _labels(6, seed=6).astype(np.int16),
         "labels_val": yv.astype(np.int16),
         "labels_test": yt.astype(np.int16),
         "digest_val": np.array(predictions.labels_digest(yv)),
@@ -431,7 +454,12 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
         ({"format": np.array("other/1")}, "format"),
         ({"num_classes": np.array(9, dtype=np.int64)}, "float16"),  # probs have 10
         ({"digest_val": np.array("0" * 16)}, "digest"),  # tampered labels
-        ({"format": np.array(b"kd-mlflow-predictions/1")}, "string"),
+        ({"format": np.array(b"kd-mlflow-predictions/2")}, "string"),
+        ({"pred_test": None}, "missing"),
+        ({"pred_test": _labels(6).astype(np.int32)}, "pred_test"),
+        ({"pred_val": np.full(4, 10, dtype=np.int16)}, "pred_val"),  # a class out of range
+        ({"format": np.array(predictions.FORMAT_WITHOUT_CLASSES)}, "format"),  # the old format has no classes
+        ({"format": np.array(predictions.FORMAT_WITHOUT_CLASSES), "pred_val": None, "pred_test": None}, None),
     ],
 )
 def test_files_not_in_the_format_are_refused(tmp_path, over, match):
@@ -464,7 +492,9 @@ def test_not_an_archive_is_refused(tmp_path):
 )
 def test_save_refuses_what_is_not_probabilities(tmp_path, probs, labels, match):
     with pytest.raises(ValueError, match=match):
-        predictions.save(tmp_path / "p.npz", probs, _probs(3), labels, _labels(3))
+        predictions.save(
+            tmp_path / "p.npz", probs, _probs(3), labels, _labels(3), pred_val=labels, pred_test=_labels(3)
+        )
     assert not list(tmp_path.iterdir())
 
 

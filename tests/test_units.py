@@ -208,9 +208,9 @@ def test_eval_batches_refuse_an_unknown_set():
 
 def test_crop_flip_is_a_per_image_shift_and_mirror():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
-    same = data.crop_flip(x, torch.tensor([[4, 4], [4, 4]]), torch.tensor([False, True]))
+    same = data.crop_flip(x, torch.tensor([[4, 4], [4, 4]]), torch.tensor([False, True]), 4)
     assert torch.equal(same[0], x[0]) and torch.equal(same[1], x[1].flip(-1))
-    shifted = data.crop_flip(x, torch.tensor([[5, 4], [4, 4]]), torch.tensor([False, False]))
+    shifted = data.crop_flip(x, torch.tensor([[5, 4], [4, 4]]), torch.tensor([False, False]), 4)
     assert torch.equal(shifted[0, :, :4], x[0, :, 1:]) and shifted[0, :, 4].eq(0).all()
 
 
@@ -282,7 +282,7 @@ def test_cached_and_on_the_fly_teacher_give_the_same_loss():
     student = models.build(r, 10)
     cached = Distillation(CachedTeacher(teacher_table(teacher, dd, rt.autocast, 128)), 2.0, 0.7)
     online = Distillation(OnlineTeacher(teacher, rt.autocast), 2.0, 0.7)
-    batch = next(dd.train_batches(64, torch.Generator().manual_seed(3), augment=False))
+    batch = next(dd.train_batches(r, torch.Generator().manual_seed(3)))  # smoke: 64, no augmentation
     student.eval()
     logits = student(batch.x)
     assert torch.allclose(cached(logits, batch), online(logits, batch), atol=1e-6)
@@ -341,7 +341,7 @@ def _fit(epochs, store=None, init_seed=0):
     model = models.build(r, 10)
     from kd_mlflow.objectives import CrossEntropy
 
-    return model, fit(model, CrossEntropy(), dd, r, rt, None, store)
+    return model, fit(model, [CrossEntropy()], dd, r, rt, None, store)[0]
 
 
 class _Crash(Exception):
@@ -398,6 +398,32 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert [h["val_acc"] for h in res.history] == [h["val_acc"] for h in full.history]
 
 
+class _OldLayout(_CrashAfter):
+    """Writes a lone run's checkpoint as kd-mlflow did before packed runs shared train.fit:
+    the network's selection and history at the top level."""
+
+    def save(self, state):
+        (network,) = state["networks"]
+        return super().save({k: v for k, v in state.items() if k != "networks"} | network)
+
+
+def test_a_lone_checkpoint_of_the_old_layout_resumes_bitwise(tmp_path):
+    full_model, full = _fit(6)
+    with pytest.raises(_Crash):
+        _fit(6, _OldLayout(tmp_path / "ckpt", 4))
+    model, res = _fit(6, CheckpointStore(tmp_path / "ckpt"), init_seed=123)
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert res.history == [
+        h | {"epoch_seconds": r["epoch_seconds"]} for h, r in zip(full.history, res.history, strict=True)
+    ]
+    assert (res.best_epoch, res.best_val_acc, res.best_test_acc) == (
+        full.best_epoch,
+        full.best_val_acc,
+        full.best_test_acc,
+    )
+
+
 @pytest.mark.parametrize("piece", ["optimizer", "scheduler", "order_rng"])
 def test_resume_test_can_fail_without_each_piece_of_state(tmp_path, piece):
     full_model, _ = _fit(6)
@@ -437,7 +463,7 @@ def test_one_test_pass_on_the_selected_weights_is_the_per_epoch_result():
         model = models.build(r, 10)
         from kd_mlflow.objectives import CrossEntropy
 
-        runs[each] = model, fit(model, CrossEntropy(), dd, r, rt, None, None, log=io.StringIO())
+        runs[each] = model, fit(model, [CrossEntropy()], dd, r, rt, None, None, log=io.StringIO())[0]
     (m_each, each), (m_once, once) = runs[True], runs[False]
     assert each.best_epoch < 4, "this recipe must select an earlier epoch for the test to tell"
     assert once.best_epoch == each.best_epoch and once.best_val_acc == each.best_val_acc

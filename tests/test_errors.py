@@ -1,0 +1,642 @@
+"""Failures a person can act on (issue 20): one complete line that says only what is
+true, the exit code by one rule (2: what the user typed or pointed at; 1: the tracking
+server, the network, the disk; 128 + signal), a voice and a bound on every wait on the
+network, and runs that end FAILED (with kd.failure) or KILLED by the same rule. Each
+finding of the issue is a test here; the servers are real (a real `mlflow server`, a
+loopback socket that accepts and never answers, a loopback proxy in front of the real
+server that fails chosen requests)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import REPO, invoke
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kd_mlflow import config, errors, schema
+
+SMOKE = ["--preset", "smoke"]
+CLOSED = "http://127.0.0.1:9"  # nothing listens on the discard port
+
+
+# --- real things that misbehave ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def silent_socket():
+    """A loopback port that accepts every connection and never answers (as a tracking
+    server, or as the proxy a download goes through)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(sock.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for c in held:
+            c.close()
+        sock.close()
+
+
+@contextlib.contextmanager
+def faulty_proxy(upstream: str, fail: dict[str, int]):
+    """A loopback HTTP proxy in front of a real server: requests whose path is in
+    ``fail`` get that status; every other request goes through unchanged."""
+    host, port = upstream.removeprefix("http://").split(":")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.split("?")[0] in fail:
+                self.send_response(fail[self.path.split("?")[0]])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            hop = ("host", "connection", "transfer-encoding", "content-length")
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request(
+                self.command,
+                self.path,
+                body=body,
+                headers={k: v for k, v in self.headers.items() if k.lower() not in hop},
+            )
+            reply = conn.getresponse()
+            data = reply.read()
+            self.send_response(reply.status)
+            for k, v in reply.getheaders():
+                if k.lower() not in hop:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Watched:
+    """A `kd-mlflow` process whose stderr lines are read as they come, each with the
+    seconds since start."""
+
+    def __init__(self, args, env, **popen):
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kd_mlflow", *map(str, args)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+
+    def wait_for(self, needle: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, line in list(self.lines):
+                if needle in line:
+                    return t
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"never saw {needle!r}: {self.text()}")
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout} s: {self.text()}") from None
+        self.reader.join(5)
+        return code
+
+    def text(self) -> str:
+        return "\n".join(f"{t:5.1f}s {line}" for t, line in self.lines)[-3000:]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    return {**env, **{k: str(v) for k, v in extra.items()}}
+
+
+def _one_line(res) -> str:
+    """The whole of stderr, which must be one line with no traceback."""
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def unreachable(monkeypatch, tmp_path):
+    """A tracking server nobody runs, no network for downloads, MLflow told not to retry."""
+    for key, value in {
+        "MLFLOW_TRACKING_URI": CLOSED,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "KD_MLFLOW_NETWORK_TIMEOUT": "5",
+        "KD_MLFLOW_CACHE": str(tmp_path / "cache"),
+        "https_proxy": CLOSED,
+        "http_proxy": CLOSED,
+        "no_proxy": "",
+    }.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    mlflow.set_tracking_uri(None)
+    return tmp_path
+
+
+# --- one line, one rule ------------------------------------------------------------
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=600), st.integers(20, 300))
+def test_one_line_is_the_first_line_cut_only_between_words(text, limit):
+    line = errors.one_line(text, limit)
+    assert "\n" not in line and "\r" not in line
+    first = " ".join(next((x for x in text.splitlines() if x.strip()), "").split())
+    if len(first) <= limit:
+        assert line == first
+    else:
+        kept = line.removesuffix(" ...")
+        assert line.endswith(" ...") and first.startswith(kept)
+        assert len(kept) <= limit
+        # never mid-word: what was kept ends where a word of the first line ends
+        assert kept == "" or first[len(kept) : len(kept) + 1] in (" ", "") or kept[-1] in ",;:("
+
+
+def test_the_verdict_follows_one_rule():
+    import errno
+
+    cases = [
+        (config.ConfigError("seed", "x", "must be an integer"), 2),
+        (errors.TrackingUnavailable("tracking server http://h refused the connection"), 1),
+        (errors.TrackingRefused("http://h refused the request (HTTP 401)"), 1),
+        (errors.DataUnavailable("cifar10: the download failed"), 1),
+        (OSError(errno.ENOSPC, "No space left on device", "/data/x.ckpt"), 1),
+        (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 2),
+        (errors.StepFailed("train-seed-0", "invalid value for device", errors.USER), 2),
+        (errors.StepFailed("train-seed-0", "killed", -9), 1),
+        (KeyboardInterrupt(), 130),
+        (errors.Interrupted(signal.SIGTERM), 143),
+        (ZeroDivisionError("division by zero"), 1),
+    ]
+    for exc, code in cases:
+        got, line = errors.verdict(exc)
+        assert got == code, (exc, got, line)
+        assert "\n" not in line and line.strip(), line
+    # Only what is true: nothing was marked, so nothing is said to be.
+    assert errors.verdict(KeyboardInterrupt())[1] == "interrupted (SIGINT); no run was changed"
+    marked = errors.Interrupted(signal.SIGTERM)
+    errors.note_done(marked, "run abc marked KILLED")
+    assert "run abc marked KILLED" in errors.verdict(marked)[1]
+
+
+def test_a_seed_that_is_not_a_number_says_so():
+    line = _one_line(invoke("train", "--seed", "abc", *SMOKE))
+    assert "'abc' is not an integer" in line and "range" not in line
+
+
+def test_data_dir_is_refused_for_digits_not_ignored(unreachable):
+    res = invoke("train", "--seed", "0", *SMOKE, "--data-dir", unreachable)
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "data_dir" in line and "digits" in line
+
+
+def test_output_in_a_missing_folder_is_refused_before_any_wait(unreachable):
+    t0 = time.monotonic()
+    res = invoke("compare", "--output", "/no/such/dir/x.md")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "output" in line and "/no/such/dir" in line
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("command", [["train", "--seed", "0", *SMOKE], ["compare", "--no-intervals"]])
+def test_an_unreachable_server_is_one_complete_line_with_what_to_do(unreachable, command):
+    res = invoke(*command)
+    assert res.exit_code == 1
+    line = _one_line(res)
+    assert line.startswith(f"kd-mlflow: error: tracking server {CLOSED} refused the connection")
+    assert "Caused by" not in line and "HTTPConnectionPool" not in line
+    assert line.endswith("start it, or set MLFLOW_TRACKING_URI to one that is")
+
+
+# --- what the user pointed at, with a server ----------------------------------------
+
+
+def test_a_device_the_machine_lacks_is_refused_before_any_run(tracked):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = invoke("train", "--seed", "0", *SMOKE, "--device", "cuda")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "device" in line and "CUDA is not available" in line
+    assert tracked.runs() == []
+
+
+def _tree(root: Path, classes: dict[str, dict[str, int]]) -> Path:
+    from PIL import Image
+
+    for split, counts in classes.items():
+        for cls, n in counts.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case,classes,words",
+    [
+        ("empty-class", {"train": {"a": 2, "b": 0}, "test": {"a": 1, "b": 1}}, ["class folders without images", "b"]),
+        ("no-images", {"train": {"a": 0, "b": 0}, "test": {"a": 0, "b": 0}}, ["class folders without images", "a, b"]),
+        (
+            "other-classes",
+            {"train": {"a": 2, "b": 2}, "test": {"a": 1, "c": 1}},
+            ["only in train/: b", "only in test/: c"],
+        ),
+        ("not-an-image", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}}, ["notes.txt", "not an image"]),
+    ],
+)
+def test_a_broken_folder_tree_is_one_line_naming_what_is_wrong(tracked, tmp_path, case, classes, words):
+    root = _tree(tmp_path / "tree", classes)
+    if case == "not-an-image":
+        (root / "train" / "a" / "notes.txt").write_text("not a picture")
+    res = invoke("train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", root, "--cache-dir", tmp_path / "c")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "data_dir" in line and all(w in line for w in words), line
+    assert tracked.runs() == []
+
+
+def _result(client, exp_id, seed, preset="smoke", dataset="digits", label=None):
+    """A FINISHED run that compare counts as a result, without training one."""
+    from mlflow.entities import Metric
+
+    group = f"g-{preset}-{dataset}"
+    run = client.create_run(
+        exp_id,
+        tags={
+            schema.ROLE: "train",
+            schema.PRESET: preset,
+            schema.DATASET: dataset,
+            schema.SEED: str(seed),
+            schema.GROUP: group,
+            schema.GROUP_LABEL: label or preset,
+            schema.CONFIG_HASH: f"{group}-{seed}",
+        },
+    )
+    rid = run.info.run_id
+    client.log_batch(rid, metrics=[Metric(schema.FINAL_VAL_ACC, 50.0, 0, 0), Metric(schema.FINAL_TEST_ACC, 49.0, 0, 0)])
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def test_filters_that_match_nothing_say_what_is_there(tracked):
+    exp_id = tracked.client.create_experiment(tracked.experiment)
+    for seed in (0, 1):
+        _result(tracked.client, exp_id, seed, label="smoke · epochs=1")
+
+    res = invoke("compare", "--group", "nosuch", "--no-intervals")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "no group matches 'nosuch'; groups here: smoke · epochs=1" in line
+
+    res = invoke("compare", "--preset", "cpu-demo", "--no-intervals")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "cpu-demo" in line and f"presets with results in '{tracked.experiment}': smoke" in line
+
+    res = invoke("ensemble", "--seeds", "0-4", "--preset", "cpu-demo")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "cpu-demo" in line and repr(tracked.experiment) in line and "smoke · epochs=1 (digits): seeds 0,1" in line
+
+
+def test_an_experiment_id_that_does_not_exist_is_the_users_not_the_servers(tracked, monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "999999")
+    res = invoke("compare", "--no-intervals")
+    assert res.exit_code == 2
+    line = _one_line(res)
+    assert "MLFLOW_EXPERIMENT_ID" in line and "999999" in line and "experiments there:" in line
+    assert "unavailable" not in line
+
+
+def test_a_full_disk_is_the_environments_not_the_users(tracked):
+    tracked.client.create_experiment(tracked.experiment)
+    res = invoke("compare", "--no-intervals", "--output", "/dev/full")
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    line = res.stderr.strip().splitlines()[-1]  # after the note that the experiment has no results yet
+    assert line.startswith("kd-mlflow: error: cannot write /dev/full: No space left on device: free some space")
+
+
+def test_register_never_reads_a_failed_search_as_not_registered(tracked, monkeypatch):
+    """A search of the registry that fails must fail the registration: read as "not
+    registered yet", it would add a second version of the same run."""
+    import torch
+
+    from kd_mlflow import runs, tracking
+
+    session = tracking.connect()
+    writer = tracking.RunWriter(session, None, "tiny")
+    writer.log_model(torch.nn.Linear(4, 2), torch.zeros(2, 4))
+    writer.end()
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    assert runs.register(session, writer.run_id, name) == "1"
+
+    with faulty_proxy(tracked.uri, {"/api/2.0/mlflow/model-versions/search": 503}) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mlflow.set_tracking_uri(proxy)
+        through = tracking.connect()
+        with pytest.raises(errors.TrackingUnavailable, match="server error"):
+            runs.register(through, writer.run_id, name)
+    assert [v.version for v in tracked.client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+
+def test_weights_behind_an_unreachable_store_are_a_network_failure_not_refused_weights(unreachable, monkeypatch):
+    """The artifact store is another host (an http store beside a local tracking store)
+    (`mlflow server --artifacts-only`) and it does not answer: the download's failure is the network's (exit 1), named
+    with that host, never "weights refused" (exit 2)."""
+    from kd_mlflow import runs
+
+    uri = f"sqlite:///{unreachable / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("weights", artifact_location=f"{CLOSED}/api/2.0/mlflow-artifacts/artifacts/x")
+    rid = client.create_run(exp_id).info.run_id
+    session = runs.connect("weights")
+    with pytest.raises(errors.TrackingUnavailable) as caught:
+        runs.load_weights(runs.get(session, rid, "teacher"), "teacher")
+    assert "artifact store http://127.0.0.1:9 refused the connection" in str(caught.value)
+
+
+# --- `mlflow run`: the run MLflow made ends FAILED with the reason -------------------
+
+
+def test_an_argument_mlflow_run_passed_that_does_not_parse_leaves_kd_failure(tracked):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=two", "-P", "preset=smoke"]
+    cmd += ["--env-manager", "local", "--experiment-name", tracked.experiment]
+    env = _env(**tracked.env, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    (run,) = tracked.runs()
+    assert run.info.status == "FAILED"
+    assert (
+        "--seed" in run.data.tags.get(schema.FAILURE, "") and "'two' is not an integer" in run.data.tags[schema.FAILURE]
+    )
+
+
+# --- a study's parent: FAILED unless a signal ended it ------------------------------
+
+
+def _no_big_files(limit: int):
+    """In the child: files may not grow past ``limit`` bytes (a disk that fills up); the
+    write fails with EFBIG instead of the process being killed by SIGXFSZ."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_study_that_fails_without_a_signal_ends_failed_with_the_reason(tracked, tmp_path):
+    args = ["reproduce", *SMOKE, "--seeds", "0-1", "--epochs", "1", "--no-register", "--cache-dir", tmp_path / "c"]
+    proc = Watched(args, _env(**tracked.env), preexec_fn=_no_big_files(8192))
+    assert proc.finish(300) == 1, proc.text()
+    last = proc.lines[-1][1]
+    assert last.startswith("kd-mlflow: error: cannot write ") and "File too large" in last, proc.text()
+    parent = next(r for r in tracked.runs() if r.data.tags.get(schema.STUDY))
+    assert parent.info.status == "FAILED"
+    assert "File too large" in parent.data.tags[schema.FAILURE]
+    step = next(r for r in tracked.runs() if r.info.run_name == "train-seed-0")
+    assert step.info.status == "FAILED" and "File too large" in step.data.tags[schema.FAILURE]
+
+
+# --- checkpoints belong to their run ------------------------------------------------
+
+TRAIN = ["train", "--seed", "5", *SMOKE, "--epochs", "4"]
+
+
+def _killed_after_epoch_2(tracked, cache):
+    proc = Watched([*TRAIN, "--cache-dir", cache], _env(**tracked.env))
+    proc.wait_for("epoch 2/4", 300)
+    proc.proc.kill()
+    proc.finish(30)
+    (run,) = tracked.runs()
+    return run
+
+
+def _rerun(tracked, cache):
+    proc = Watched([*TRAIN, "--cache-dir", cache], _env(**tracked.env))
+    assert proc.finish(300) == 0, proc.text()
+    return proc
+
+
+def test_a_checkpoint_continues_its_own_run_only(tracked, tmp_path):
+    """A newer unfinished run of the same configuration (another machine's) is not the
+    checkpoint's: the rerun continues the run the checkpoint belongs to."""
+    killed = _killed_after_epoch_2(tracked, tmp_path / "c")
+    tags = {k: v for k, v in killed.data.tags.items() if k.startswith("kd.")}
+    time.sleep(0.05)
+    other = tracked.client.create_run(killed.info.experiment_id, run_name="train-seed-5", tags=tags).info.run_id
+
+    proc = _rerun(tracked, tmp_path / "c")
+    assert any("resuming after epoch 2" in line for _, line in proc.lines), proc.text()
+    assert tracked.client.get_run(killed.info.run_id).info.status == "FINISHED"
+    untouched = tracked.client.get_run(other)
+    assert untouched.info.status == "RUNNING" and not untouched.data.metrics
+
+
+def test_the_checkpoint_of_a_deleted_run_is_not_continued_in_another(tracked, tmp_path):
+    killed = _killed_after_epoch_2(tracked, tmp_path / "c")
+    tracked.client.delete_run(killed.info.run_id)
+
+    proc = _rerun(tracked, tmp_path / "c")
+    said = "\n".join(line for _, line in proc.lines)
+    assert "resuming after epoch" not in said and "epoch 1/4" in said
+    assert f"belongs to {killed.info.run_id}, which cannot be continued here" in said
+    (new,) = tracked.runs()
+    assert new.info.run_id != killed.info.run_id
+    assert sorted(m.step for m in tracked.client.get_metric_history(new.info.run_id, "val_acc")) == [1, 2, 3, 4]
+
+
+# --- every wait on the network: a voice after 10 s, a bound, one last line ------------
+
+
+@pytest.mark.e2e
+def test_every_wait_on_the_network_speaks_after_10_s_and_gives_up_at_its_bound(tmp_path):
+    """Three processes at once against a socket that accepts and never answers: as the
+    tracking server (one gives up at the bound, one is stopped with Ctrl-C while it
+    waits) and as the proxy a dataset download goes through."""
+    bound = 13
+    with silent_socket() as silent:
+        base = _env(KD_MLFLOW_NETWORK_TIMEOUT=bound, KD_MLFLOW_CACHE=tmp_path / "cache", MLFLOW_TRACKING_URI=silent)
+        server = Watched(["compare", "--no-intervals"], base)
+        stopped = Watched(["compare", "--no-intervals"], base)
+        download = Watched(
+            ["train", "--seed", "0", *SMOKE, "--dataset", "cifar10"],
+            {**base, "MLFLOW_TRACKING_URI": CLOSED, "https_proxy": silent, "HTTPS_PROXY": silent, "no_proxy": ""},
+        )
+
+        t_voice = stopped.wait_for(f"waiting for the tracking server {silent}: get experiment by name (", 60)
+        stopped.proc.send_signal(signal.SIGINT)
+        assert stopped.finish(30) == 130
+        assert stopped.lines[-1][1] == "kd-mlflow: interrupted (SIGINT); no run was changed", stopped.text()
+
+        assert server.finish(60) == 1
+        said = [line for _, line in server.lines]
+        voice = [t for t, line in server.lines if line.startswith("waiting for the tracking server")]
+        assert voice and voice[0] >= 10, server.text()
+        assert f"gives up at {bound} s" in said[0]
+        assert said[-1] == (
+            f"kd-mlflow: error: tracking server {silent} did not answer (get experiment by name) within {bound} s: "
+            "check that it is up (its log, its database), or raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT)"
+        ), server.text()
+        assert server.lines[-1][0] - t_voice < 2 * bound
+
+        assert download.finish(90) == 1
+        voice = [(t, line) for t, line in download.lines if line.startswith("waiting for the download of cifar10")]
+        assert voice and voice[0][0] >= 10 and "MB" in voice[0][1] and f"via proxy {silent}" in voice[0][1]
+        last = download.lines[-1][1]
+        assert last.startswith("kd-mlflow: error: cifar10: the download from https://") and len(download.lines) == 2
+        assert f"failed (no answer within {bound} s)" in last and "--data-dir" in last, download.text()
+
+
+@pytest.mark.e2e
+def test_a_server_that_answers_only_with_errors_is_summarised(tracked, monkeypatch):
+    with faulty_proxy(tracked.uri, {"/api/2.0/mlflow/experiments/get-by-name": 503}) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        mlflow.set_tracking_uri(proxy)
+        res = invoke("compare", "--no-intervals")
+    assert res.exit_code == 1
+    line = _one_line(res)
+    assert line.startswith(f"kd-mlflow: error: tracking server {proxy} answered every attempt with a server error")
+    assert "(get experiment by name; 2 attempts in" in line and line.endswith("see the server's log")
+
+
+# --- the whole CLI, fuzzed --------------------------------------------------------------
+
+_BAD = ["", "abc", "-1", "0", "1.5", "nan", "1e999", "0-4", "4-0", "a,b", "/proc/nope", "x" * 300, "true", "--"]
+
+
+def _values(param) -> st.SearchStrategy:
+    """Values for one option: what it accepts, and what it does not."""
+    import click
+
+    inner = getattr(param.type, "inner", param.type)
+    good: list = []
+    if isinstance(inner, click.Choice):
+        good = [c for c in inner.choices if c != "ray"]  # a local Ray instance is minutes, not a refusal
+    elif getattr(inner, "name", "") in ("integer", "number") or inner in (click.INT, click.FLOAT):
+        good = ["0", "1", "3", "0.5"]
+    elif getattr(inner, "name", "") == "boolean":
+        good = ["true", "false"]
+    else:
+        good = ["0-1", "0,1", "smoke", "0123456789abcdef0123456789abcdef", "m-1"]
+    return st.sampled_from(good + _BAD)
+
+
+def _argv(command) -> st.SearchStrategy:
+    import click
+
+    options = [p for p in command.params if isinstance(p, click.Option) and not p.hidden]
+
+    def pick(param):
+        flag = st.sampled_from(param.opts + param.secondary_opts)
+        if param.is_flag:
+            return flag.map(lambda f: [f])
+        return st.tuples(flag, _values(param)).map(list)
+
+    parts = st.lists(st.one_of(*[pick(p) for p in options]), max_size=5)
+    stray = st.lists(st.sampled_from(["--help", "--nosuch", "extra", "--seed"]), max_size=1)
+    return st.tuples(parts, stray).map(lambda x: [command.name] + [a for part in x[0] for a in part] + x[1])
+
+
+def _any_argv() -> st.SearchStrategy:
+    from kd_mlflow.cli import main
+
+    return st.one_of(
+        *[_argv(c) for c in main.commands.values()],
+        st.sampled_from([["--version"], ["--help"], ["nosuch"], []]),
+    )
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(argv=_any_argv())
+def test_fuzz_every_command_never_a_traceback_and_the_code_by_the_rule(unreachable, argv):
+    """Any argv, against a tracking server nobody runs and no network for downloads:
+    no traceback, 0 only for help and version, 1 only for the unreachable server or
+    download, 2 for the rest, and a failure is exactly one line on stderr."""
+    os.environ["KD_MLFLOW_NETWORK_TIMEOUT"] = "5"
+    res = invoke(*argv)
+    assert res.exception is None or isinstance(res.exception, SystemExit), (argv, res.exception)
+    assert "Traceback" not in res.output, (argv, res.output)
+    if res.exit_code == 0:
+        assert {"--help", "--version"} & set(argv), (argv, res.stderr)
+        return
+    line = _one_line(res)
+    assert line.startswith("kd-mlflow: error: "), (argv, line)
+    assert "internal error" not in line, (argv, line)
+    if res.exit_code == 1:
+        assert CLOSED in line or "download" in line, (argv, line)
+    else:
+        assert res.exit_code == 2, (argv, res.exit_code, line)

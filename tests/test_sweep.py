@@ -1,0 +1,157 @@
+"""Sweeps: the grid's students nested under one parent, the setting chosen on validation
+only (never on test), reused on a rerun, the same runs when packed."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import mlflow
+import pandas as pd
+import pytest
+
+from kd_mlflow import config, schema, steps, sweep
+from kd_mlflow.config import ConfigError
+
+
+def _rows(points):
+    return pd.DataFrame(
+        [
+            {"temperature": t, "alpha": a, "seed": s, "val_acc": v, "test_acc": te, "run_id": f"r{i}"}
+            for i, (t, a, s, v, te) in enumerate(points)
+        ]
+    )
+
+
+def test_the_choice_is_the_best_validation_mean_never_the_best_test():
+    rows = _rows(
+        [
+            (1.0, 0.5, 100, 80.0, 70.0),
+            (1.0, 0.5, 101, 82.0, 71.0),  # val 81.0: chosen
+            (2.0, 0.5, 100, 79.0, 99.0),
+            (2.0, 0.5, 101, 80.0, 99.0),  # best test, worse val: planted
+            (4.0, 0.5, 100, 60.0, 60.0),
+            (4.0, 0.5, 101, 61.0, 60.0),
+        ]
+    )
+    table = sweep.select(rows, ["temperature", "alpha"])
+    best = sweep.chosen(table)
+    assert (best.temperature, best.alpha) == (1.0, 0.5) and best.val_mean == 81.0
+    assert best.val_mean == rows[rows.temperature == 1.0].val_acc.mean()
+    text = sweep.render(table, ["temperature", "alpha"], show_test=False)
+    assert "99.00" not in text and "70.50" in text  # only the chosen setting's test accuracy is shown
+    assert "99.00" in sweep.render(table, ["temperature", "alpha"], show_test=True)
+
+
+def test_ties_go_to_the_smaller_temperature_then_the_smaller_alpha():
+    rows = _rows([(4.0, 0.5, 100, 80.0, 1.0), (2.0, 1.0, 100, 80.0, 2.0), (2.0, 0.5, 100, 80.0, 3.0)])
+    assert tuple(sweep.chosen(sweep.select(rows, ["alpha", "temperature"]))[["temperature", "alpha"]]) == (2.0, 0.5)
+
+
+def test_a_grid_is_typed_and_checked_before_anything_runs():
+    grid = sweep.parse_grid({"temperature": "1,2,4", "alpha": "0.5, 1"})
+    assert grid.axes == (("temperature", (1.0, 2.0, 4.0)), ("alpha", (0.5, 1.0)))
+    assert len(grid.settings()) == 6 and grid.label() == "temperature=1,2,4-alpha=0.5,1"
+    for lists, name in (
+        ({"alpha": "0.5,2"}, "alpha"),
+        ({"temperature": "1,x"}, "temperature"),
+        ({"mean": "0.5"}, "mean"),
+        ({"alpha": "1,1"}, "alpha"),
+        ({}, "grid"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            sweep.parse_grid(lists)
+        assert e.value.name == name
+
+
+@pytest.fixture(scope="module")
+def swept(server, cache_dir):
+    """A smoke teacher, then a 2 x 2 sweep of its SD students (one seed), in an
+    experiment of its own; then the same sweep again."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    name = f"sweep-{uuid.uuid4().hex[:8]}"
+    os.environ.update(MLFLOW_TRACKING_URI=server.uri, MLFLOW_EXPERIMENT_NAME=name)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    ex = steps.Execution(cache_dir=cache_dir)
+    teacher = steps.train(0, config.PRESETS["smoke"], "smoke", ex=ex).run_id
+    grid = sweep.parse_grid({"temperature": "1,4", "alpha": "0.5,1"})
+    plan = sweep.SweepPlan(teacher, [10], grid)
+    losses = cache_dir / f"{name}-lone-steps.txt"
+    os.environ["KD_MLFLOW_STEP_LOSSES"] = str(losses)  # every step's loss (kd_mlflow.train)
+    try:
+        first = sweep.run(plan, ex=ex)
+    finally:
+        del os.environ["KD_MLFLOW_STEP_LOSSES"]
+    again = sweep.run(plan, ex=ex)
+    c = mlflow.MlflowClient(server.uri)
+    yield {
+        "client": c,
+        "exp": c.get_experiment_by_name(name).experiment_id,
+        "first": first,
+        "again": again,
+        "teacher": teacher,
+        "plan": plan,
+        "ex": ex,
+        "name": name,
+        "lone_steps": losses.read_text().splitlines(),
+    }
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.mark.e2e
+def test_a_sweep_is_one_parent_with_its_grid_nested_and_chosen_on_validation(swept):
+    c, parent = swept["client"], swept["first"][1]
+    children = c.search_runs([swept["exp"]], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 4 and all(r.data.tags[schema.METHOD] == "sd" for r in children)
+    settings = {(r.data.params["temperature"], r.data.params["alpha"]) for r in children}
+    assert settings == {("1.0", "0.5"), ("1.0", "1.0"), ("4.0", "0.5"), ("4.0", "1.0")}
+    p = c.get_run(parent)
+    assert p.data.tags[schema.SWEEP] == "true" and p.info.status == "FINISHED"
+    assert p.info.run_name == "sweep-sd-train-seed-0-temperature=1,4-alpha=0.5,1"
+    # The choice is the argmax of the children's logged validation accuracy.
+    vals = {(float(r.data.params["temperature"]), float(r.data.params["alpha"])): r for r in children}
+    best = max(sorted(vals), key=lambda k: vals[k].data.metrics[schema.FINAL_VAL_ACC])
+    assert (float(p.data.params["best_temperature"]), float(p.data.params["best_alpha"])) == best
+    assert p.data.metrics["best_val_acc_mean"] == vals[best].data.metrics[schema.FINAL_VAL_ACC]
+    assert p.data.metrics["best_test_acc_mean"] == vals[best].data.metrics[schema.FINAL_TEST_ACC]
+    assert {f.path for f in c.list_artifacts(parent)} >= {"sweep.md", "sweep.json", "sweep.png"}
+    # Run names say what each student changes.
+    assert {r.info.run_name for r in children} >= {"sd-t0-s10-temperature=4", "sd-t0-s10-alpha=0.5"}
+
+
+@pytest.mark.e2e
+def test_a_rerun_trains_nothing_and_keeps_one_parent(swept):
+    c = swept["client"]
+    assert swept["again"][1] == swept["first"][1]
+    students = c.search_runs([swept["exp"]], f"tags.`{schema.ROLE}` = 'student'")
+    assert len(students) == 4
+
+
+@pytest.mark.e2e
+def test_a_packed_sweep_gives_the_same_runs(swept, cache_dir):
+    """In a fresh experiment, the four students trained as one packed wave: the same
+    identities, each network with its own temperature and alpha from the first step
+    (first-step losses equal to the lone students', and different between settings).
+    Later steps drift apart by float32 rounding alone (train loss 4e-7 to 1e-3 apart
+    after one epoch here); tests/test_parity.py follows whole trajectories in float64."""
+    from kd_mlflow import executors
+
+    name = f"{swept['name']}-packed"
+    losses = cache_dir / f"{name}-steps.txt"
+    os.environ.update(MLFLOW_EXPERIMENT_NAME=name, KD_MLFLOW_STEP_LOSSES=str(losses))
+    try:
+        sweep.run(swept["plan"], ex=swept["ex"], executor=executors.PackedWaves(executors.InProcess()))
+    finally:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = swept["name"]
+        del os.environ["KD_MLFLOW_STEP_LOSSES"]
+    c = swept["client"]
+    packed = c.search_runs([c.get_experiment_by_name(name).experiment_id], f"tags.`{schema.ROLE}` = 'student'")
+    lone = c.search_runs([swept["exp"]], f"tags.`{schema.ROLE}` = 'student'")
+    assert len(packed) == 4 and all(r.data.tags[schema.PACKED] == "4" for r in packed)
+    assert {r.data.tags[schema.CONFIG_HASH] for r in packed} == {r.data.tags[schema.CONFIG_HASH] for r in lone}
+    first_packed = [float(x) for x in losses.read_text().splitlines()[0].split()]
+    steps_per_run = len(swept["lone_steps"]) // 4  # the lone students ran one after another, in grid order
+    first_lone = [float(swept["lone_steps"][k * steps_per_run]) for k in range(4)]
+    assert first_packed == pytest.approx(first_lone, abs=1e-5)
+    assert len({round(x, 4) for x in first_lone}) == 4  # each setting's own objective
