@@ -97,6 +97,25 @@ def _triple(text: str):
     return values
 
 
+def _ints(text: str):
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not comma-separated integers, e.g. 60,120,160") from None
+
+
+class _Model(click.ParamType):
+    """A model registry name: config.MODELS, or any wrn-D-K."""
+
+    name = "model"
+
+    def convert(self, value, param, ctx):
+        try:
+            return config.check_model(value)
+        except ConfigError as e:
+            self.fail(f"{value!r} is not a model: {e.reason}", param, ctx)
+
+
 def _recipe_options(func):
     """One --flag per Recipe field: every preset value can be overridden."""
     for f in reversed(dataclasses.fields(Recipe)):
@@ -120,7 +139,11 @@ def _recipe_options(func):
             )
         else:
             inner = (
-                click.Choice(config.CHOICES[f.name])
+                _Model()
+                if f.name == "model"
+                else _ints
+                if f.name in config.INT_TUPLES
+                else click.Choice(config.CHOICES[f.name])
                 if f.name in config.CHOICES
                 else _triple
                 if isinstance(default, tuple)
@@ -130,8 +153,9 @@ def _recipe_options(func):
                 if isinstance(default, float)
                 else click.STRING
             )
+            more = " (`kd-mlflow models` lists them; any wrn-D-K too)" if f.name == "model" else ""
             opt = click.option(
-                *flags, f.name, type=_Optional(inner), default=None, help=f"Override the preset's {f.name}."
+                *flags, f.name, type=_Optional(inner), default=None, help=f"Override the preset's {f.name}{more}."
             )
         func = opt(func)
     return func
@@ -494,8 +518,9 @@ def distill(
     outcome_json,
     **kw,
 ):
-    """Train a student on a teacher's probabilities (KD if the teacher is an ensemble,
-    SD otherwise); prints its run id."""
+    """Train a student on a teacher's probabilities (SD if the teacher is one network of
+    the student's architecture, KD otherwise: an ensemble, or --model another); prints
+    its run id."""
     overrides = _overrides(kw)
     config.resolve(preset or "seed-report", **overrides)  # each value checked before any import
     _check_run_id("teacher", teacher)
@@ -672,6 +697,15 @@ def _check_writable(option: str, path: Path) -> None:
     help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",
 )
 @click.option("--no-register", is_flag=True, help="Do not register the KD student.")
+@click.option(
+    "--student-model",
+    "--student_model",
+    "student_model",
+    type=_Optional(_Model()),
+    default=None,
+    help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
+    "resnet8 for cpu-pairs; else the teachers'].",
+)
 @_data_dir
 @_experiment
 @_recipe_options
@@ -688,6 +722,7 @@ def reproduce(
     ray_local_gpus,
     register_as,
     no_register,
+    student_model,
     pack,
     data_dir,
     experiment,
@@ -705,7 +740,9 @@ def reproduce(
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
     from . import study
 
-    plan = study.Plan(preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir)
+    plan = study.Plan(
+        preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, student_model=student_model
+    )
     runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     result = study.reproduce(
         plan,
@@ -720,6 +757,31 @@ def reproduce(
         f"{len(result.runs) - len(result.trained)} reused",
         err=True,
     )
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(config.MODEL_FORMATS), default="table", show_default=True)
+@click.option("--width", type=click.IntRange(min=1), default=64, show_default=True, help="64 = as published.")
+@click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
+def models(fmt, width, classes):
+    """List the model registry: each network's parameters and forward GFLOPs for one
+    image at its input size (counted by torch.utils.flop_counter: a multiply-add is 2)."""
+    import json
+
+    from . import models as registry
+
+    names = list(config.MODELS)
+    rows = [registry.size(name, width, classes) for name in names]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<16}{'parameters':>14}{'GFLOPs':>10}{'input':>7}  {'stem':<9}{'pack':<6}family")
+    for r in rows:
+        click.echo(
+            f"{r['name']:<16}{r['parameters']:>14,}{r['gflops']:>10.3f}{r['input_size']:>7}  {r['stem']:<9}"
+            f"{'yes' if r['packable'] else 'no':<6}{r['family']}"
+        )
+    click.echo(f"width {width} ({width}/64 of the published channels), {classes} classes; any wrn-D-K (D = 6n + 4) too")
 
 
 def _check_run_id(option: str, run_id: str) -> None:

@@ -36,6 +36,7 @@ COLUMNS = {
         "teacher_test_acc",
         "val_acc",
         "test_acc",
+        "architectures",
         "teacher_run_id",
         "run_id",
     ],
@@ -47,6 +48,7 @@ COLUMNS = {
         "student_val_acc",
         "student_test_acc",
         "gain",
+        "architectures",
         "teacher_run_id",
         "run_id",
     ],
@@ -105,7 +107,13 @@ def _tidy(records: pd.DataFrame) -> pd.DataFrame:
         teacher_seeds=out["teacher_seeds"].map(lambda seeds: seeds or None),
         group=out["group"].fillna(NO_GROUP),
         combine=out["combine"].fillna(PLAIN),
+        model=[_architecture(r, p) for r, p in zip(out["recipe"], out["params"], strict=True)],
     )
+
+
+def _architecture(recipe, params: dict) -> str | None:
+    """A run's network ("resnet20", "resnet20@w16") where its params name a model."""
+    return config.architecture(recipe.model, recipe.width) if recipe is not None and "model" in params else None
 
 
 def _results(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -270,6 +278,16 @@ def _teachers(students: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame:
     return teachers
 
 
+def _arrows(students: pd.DataFrame, teacher: pd.DataFrame) -> pd.Series:
+    """The "teacher -> student" architectures: the teacher's from the student's tag
+    (kd.teacher_model), else (runs logged before it) from the teacher's own run."""
+    t_arch = students["teacher_model"].where(students["teacher_model"].notna(), teacher["model"])
+    pairs = zip(t_arch, students["model"], strict=True)
+    return pd.Series(
+        [None if pd.isna(a) or pd.isna(b) else f"{a} -> {b}" for a, b in pairs], index=students.index, dtype=object
+    )
+
+
 def _kd(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame:
     t = rows[(rows["role"] == "student") & (rows["method"] == "kd")]
     teacher = _teachers(t, lookup)
@@ -277,6 +295,7 @@ def _kd(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame:
         teacher_seeds=t["teacher_seeds"].where(t["teacher_seeds"].notna(), teacher["member_seeds"]),
         teacher_val_acc=teacher["val_acc"],
         teacher_test_acc=teacher["test_acc"],
+        architectures=_arrows(t, teacher),
     )
     return out[COLUMNS["kd"]].sort_values(["seed", "run_id"]).reset_index(drop=True)
 
@@ -294,6 +313,7 @@ def _self_distillation(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame
             "student_val_acc": t["val_acc"],
             "student_test_acc": t["test_acc"],
             "gain": t["test_acc"] - teacher["test_acc"],
+            "architectures": _arrows(t, teacher),
             "teacher_run_id": t["teacher_run_id"],
             "run_id": t["run_id"],
         },
@@ -386,12 +406,19 @@ def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | 
 # --- the tables of one (preset, dataset) ------------------------------------------
 
 
-def _label(base: str, p: Place) -> str:
+def _label(base: str, p: Place, arrow: str | None = None) -> str:
+    """The train group's label, and what the place changes: the ensemble's combine mode,
+    the students' settings, and (``arrow``) "resnet56 -> resnet20" where the students'
+    architecture is not their teachers' (it then stands for model= and width=)."""
     parts = [base]
     if p.combine != PLAIN:
         parts.append(f"ensemble: {p.combine}")
-    if p.settings:
-        parts.append("students: " + ", ".join(p.settings))
+    shape = ("model=", "width=") if arrow else ()
+    settings = [s for s in p.settings if not s.startswith(shape)]
+    if settings:
+        parts.append("students: " + ", ".join(settings))
+    if arrow:
+        parts.append(arrow)
     return " · ".join(parts)
 
 
@@ -448,13 +475,21 @@ def _partition(part: pd.DataFrame) -> list[StudyTables]:
         head = {
             "preset": preset,
             "dataset": dataset,
-            "label": _label(base, p),
+            "label": _label(base, p, _arrow(line, mine)),
             "group_id": p.group if p == Place(p.group) else f"{p.group}/{p.combine}/{','.join(p.settings)}",
             "recipe": _recipe(line, mine),
         }
         notes = _notes(listed, superseded) + [f"{why[r]}; listed but counted in no mean or gain" for r in sorted(lost)]
         out.append(_study(head, listed, lookup, set(listed["run_id"]) - lost, notes))
     return out
+
+
+def _arrow(line: pd.DataFrame, mine: pd.DataFrame) -> str | None:
+    """The arrow "resnet56 -> resnet20" where a table's students are not of its train runs'
+    architecture; None where they are (or either is unknown)."""
+    own = set(line.loc[line["role"] == "train", "model"].dropna())
+    archs = set(mine.loc[mine["role"] == "student", "model"].dropna())
+    return f"{'+'.join(sorted(own))} -> {'+'.join(sorted(archs))}" if own and archs and archs != own else None
 
 
 def _recipe(line: pd.DataFrame, mine: pd.DataFrame) -> dict:
@@ -588,8 +623,8 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
     return [
         ("Single models", _md_table(["seed", *_ACC], seeds)),
         ("Ensemble of single models", _md_table(["members", *_ACC], _ens(t.ensembles))),
-        ("Knowledge distillation (teacher: ensemble, left; student, right)", _md_table(pair, kd)),
-        ("Self-distillation (teacher left, student right)", _md_table(pair, sd)),
+        ("Knowledge distillation (teacher left, student right)" + _arch_note(t.kd), _md_table(pair, kd)),
+        ("Self-distillation (teacher left, student right)" + _arch_note(t.self_distillation), _md_table(pair, sd)),
         ("Ensemble of SD students", _md_table(["members", *_ACC], _ens(t.sd_ensembles))),
         (
             "Summary (gain: test accuracy)",
@@ -598,6 +633,12 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
             ),
         ),
     ]
+
+
+def _arch_note(students: pd.DataFrame) -> str:
+    """The teacher -> student architectures for a table's title: ": resnet56 -> resnet20"."""
+    arrows = list(dict.fromkeys(students["architectures"].dropna()))
+    return f": {', '.join(arrows)}" if arrows else ""
 
 
 def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:

@@ -11,17 +11,48 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-MODELS = ("resnet18", "resnet18-cifar")
+# The model registry's names (its builders are kd_mlflow.models.REGISTRY, which a test
+# holds equal to this list); any Wide ResNet "wrn-D-K" with D = 6n + 4 is one too.
+MODELS = (
+    # torchvision's ImageNet-stem networks (7x7 stride-2 stem and max-pool), by name
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "mobilenet_v2",
+    # the same ResNets with a CIFAR stem (3x3 stride 1, no max-pool)
+    "resnet18-cifar",
+    "resnet34-cifar",
+    "resnet50-cifar",
+    # He et al. (2016), section 4.2: 6n + 2 layers, 3 stages of 16/32/64 channels
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    # Zagoruyko and Komodakis (2016): the ones the KD benchmarks and the paper use
+    "wrn-16-2",
+    "wrn-40-2",
+    "wrn-28-10",
+    # torchvision's MobileNetV2 with CIFAR strides (stem and second stage stride 1)
+    "mobilenetv2",
+)
+WRN_NAME = re.compile(r"wrn-(\d+)-(\d+)")
 DATASETS = ("cifar10", "cifar100", "folder", "digits")
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
+SCHEDULES = ("constant", "cosine", "onecycle", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMBINES = ("prob", "logit")  # ensembles: average probabilities (the report) or logits
 FORMATS = ("markdown", "csv", "json")  # compare's output
+MODEL_FORMATS = ("table", "json")  # `kd-mlflow models`' output
 EXECUTORS = ("local", "ray")
 ROLES = ("train", "ensemble", "student")
 
@@ -47,6 +78,7 @@ CHOICES: dict[str, tuple] = {
     "distill_loss": DISTILL_LOSSES,
     "combine": COMBINES,
     "format": FORMATS,
+    "model_format": MODEL_FORMATS,
     "executor": EXECUTORS,
 }
 
@@ -60,6 +92,8 @@ NEUTRAL_FIELDS = ("eval_batch_size", "test_each_epoch")
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # as RepDistiller normalises
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 
 class ConfigError(ValueError):
@@ -89,11 +123,27 @@ def _check_choice(name, value, choices):
         raise ConfigError(name, value, f"choose from {', '.join(choices)}")
 
 
+def check_model(name) -> str:
+    """A registry name: one of MODELS, or wrn-D-K for any depth D = 6n + 4 and width K."""
+    wrn = WRN_NAME.fullmatch(name) if isinstance(name, str) else None
+    if name in MODELS or (wrn and int(wrn[1]) % 6 == 4 and int(wrn[1]) >= 10 and int(wrn[2]) >= 1):
+        return name
+    raise ConfigError("model", name, f"choose from {', '.join(MODELS)}, or wrn-D-K with D = 6n + 4 (n >= 1), K >= 1")
+
+
+def architecture(model: str, width: int) -> str:
+    """A network's architecture in words: the model, and its width where it is not the
+    published one ("resnet20", "resnet20@w16"). A student is SD only when this is its
+    teacher's."""
+    return model if width == 64 else f"{model}@w{width}"
+
+
 @dataclass(frozen=True)
 class Recipe:
     dataset: str = "cifar10"
-    model: str = "resnet18"
-    width: int = 64  # channels of the first stage; 64 is torchvision's ResNet-18
+    model: str = "resnet18"  # a name of the model registry (kd-mlflow models lists them)
+    width: int = 64  # 64ths of the published network's channels: 64 = as published;
+    # ResNet-18/34/50: the first stage's channels (kd_mlflow.models says it per family)
     image_size: int = 224  # pixels; images are resized per batch on the device
     mean: tuple = (0.5, 0.5, 0.5)  # normalisation, per channel, of [0, 1] pixels
     std: tuple = (0.5, 0.5, 0.5)
@@ -126,11 +176,14 @@ class Recipe:
     resize: str = "pil"  # how images are resized to image_size
     distill_loss: str = "soft-ce"  # the soft (teacher) term of distillation
     student_init_skip: int = 1  # networks drawn and thrown away before an SD student
+    # Added later: left out of the digest at their defaults (LATER_FIELDS).
+    milestones: tuple = ()  # multistep only: epochs after which the lr is multiplied by gamma
+    gamma: float = 0.1  # multistep only: the lr's factor at each milestone
 
     def __post_init__(self):
+        check_model(self.model)
         for name in (
             "dataset",
-            "model",
             "optimizer",
             "schedule",
             "precision",
@@ -154,6 +207,15 @@ class Recipe:
         for name in ("mean", "std"):
             _check(name, getattr(self, name), lambda v: len(v) == 3 and all(_is_num(x) for x in v), "must be 3 numbers")
         _check("std", self.std, lambda v: all(x > 0 for x in v), "must be > 0")
+        _check("gamma", self.gamma, lambda v: _is_num(v) and v > 0, "must be > 0")
+        _check(
+            "milestones",
+            self.milestones,
+            lambda v: all(_is_int(m) and m >= 1 for m in v) and list(v) == sorted(set(v)),
+            "must be increasing epochs >= 1, e.g. 60,120,160",
+        )
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("milestones", self.milestones, "a multistep schedule needs milestones, e.g. 60,120,160")
 
     def replace(self, **overrides) -> Recipe:
         unknown = set(overrides) - {f.name for f in fields(self)}
@@ -179,7 +241,7 @@ class Recipe:
         field at kd-mlflow's own value is left out, so such a recipe keeps the digest it
         had before these fields existed and its finished runs are still found."""
         d = {k: v for k, v in self.fields_for(role).items() if k not in NEUTRAL_FIELDS}
-        for name, own in OWN_MECHANISMS.items():
+        for name, own in {**OWN_MECHANISMS, **LATER_FIELDS}.items():
             if d.get(name) == own:
                 d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -200,6 +262,12 @@ OWN_MECHANISMS: dict[str, Any] = dict(
     distill_loss="kl",
     student_init_skip=0,
 )
+
+# Fields added after runs existed, with their defaults: at the default a field is left out
+# of the digest, so every earlier recipe keeps its hash (and its finished runs are found).
+LATER_FIELDS = dict(milestones=(), gamma=0.1)
+# Tuple fields of integers (the others hold floats: mean, std).
+INT_TUPLES = ("milestones",)
 
 PRESETS: dict[str, Recipe] = {
     # The public report's recipe: its split, batch order, initialisation, pixels,
@@ -277,6 +345,85 @@ PRESETS: dict[str, Recipe] = {
         val_size=200,
         eval_batch_size=1024,
     ),
+    # Zagoruyko and Komodakis' CIFAR recipe for WRN-28-10 (the network of Allen-Zhu and
+    # Li's table): SGD with Nesterov momentum, lr 0.1 x 0.2 at epochs 60, 120 and 160,
+    # 200 epochs, crop and flip. Distillation settings as `standard`'s.
+    "wrn-paper": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        model="wrn-28-10",
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="multistep",
+        milestones=(60, 120, 160),
+        gamma=0.2,
+        batch_size=128,
+        epochs=200,
+        augment=True,
+        temperature=4.0,
+        alpha=0.9,
+    ),
+    # The CIFAR-100 KD benchmarks' recipe (RepDistiller, mdistiller): resnet56 teachers,
+    # a resnet20 KD student (STUDY_STUDENT_MODEL), SGD lr 0.05 (no Nesterov), weight
+    # decay 5e-4, batch 64, 240 epochs, lr x 0.1 at 150, 180 and 210; T = 4, 0.9 on the
+    # T^2 KL term and 0.1 on the labels. Unlike them, 5,000 training images are held out
+    # for model selection (they select on the test set).
+    "kd-pairs": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        dataset="cifar100",
+        model="resnet56",
+        image_size=32,
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="multistep",
+        milestones=(150, 180, 210),
+        gamma=0.1,
+        batch_size=64,
+        epochs=240,
+        augment=True,
+        temperature=4.0,
+        alpha=0.9,
+    ),
+    # kd-pairs' pair at CPU size, on the CIFAR-10 JPEG copy: resnet20 teachers, a resnet8
+    # KD student, the same optimiser and multistep shape (milestones at 5/8, 6/8 and 7/8
+    # of training) over 8 epochs on 5,000 images, as many image passes per network as
+    # cpu-converge; no augmentation, so each teacher's outputs are computed once.
+    "cpu-pairs": Recipe(
+        **OWN_MECHANISMS,
+        precision="auto",
+        dataset="folder",
+        model="resnet20",
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="multistep",
+        milestones=(5, 6, 7),
+        gamma=0.1,
+        batch_size=64,
+        epochs=8,
+        val_size=1000,
+        train_subset=5000,
+        test_each_epoch=False,
+        temperature=4.0,
+        alpha=0.9,
+    ),
 }
 
 
@@ -296,6 +443,15 @@ DEFAULT_STUDY_KD_SEED = 100
 
 def study_kd_seed(preset_name: str) -> int:
     return STUDY_KD_SEED.get(preset_name, DEFAULT_STUDY_KD_SEED)
+
+
+# The KD student's architecture in a study, per preset (`reproduce --student-model`
+# overrides it); elsewhere the KD student is of its teachers' architecture.
+STUDY_STUDENT_MODEL = {"kd-pairs": "resnet20", "cpu-pairs": "resnet8"}
+
+
+def study_student_model(preset_name: str) -> str | None:
+    return STUDY_STUDENT_MODEL.get(preset_name)
 
 
 def resolve(preset_name: str, **overrides) -> Recipe:
@@ -372,8 +528,9 @@ def field_value(name: str, text: str):
     if isinstance(default, bool):  # before int: a bool is an int
         return yes_no(name, text)
     try:
-        if isinstance(default, tuple):
-            return tuple(float(x) for x in text.split(","))
+        if isinstance(default, tuple):  # empty text: no values (milestones of another schedule)
+            kind = int if name in INT_TUPLES else float
+            return tuple(kind(x) for x in text.split(",") if x.strip())
         return type(default)(text)
     except ValueError:
         raise ConfigError(name, text, f"not a {type(default).__name__}") from None

@@ -66,6 +66,7 @@ class RunRecord:
     method: str | None = None  # students: kd | sd
     teacher_run_id: str | None = None
     teacher_seeds: str = ""
+    teacher_model: str | None = None  # students: the teacher's architecture(s), kd.teacher_model
     generation: int = 0
     member_run_ids: tuple = ()
     member_seeds: tuple = ()
@@ -118,6 +119,7 @@ def record_of(run) -> RunRecord:
         method=t.get(schema.METHOD),
         teacher_run_id=t.get(schema.TEACHER_RUN_ID),
         teacher_seeds=",".join(_ids(t.get(schema.TEACHER_SEEDS))),
+        teacher_model=t.get(schema.TEACHER_MODEL) or None,
         generation=_int(t.get(schema.GENERATION), 0),
         member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
         member_seeds=_ids(t.get(schema.MEMBER_SEEDS)),

@@ -7,7 +7,7 @@ No torch, no MLflow: both the writers and the readers import this module.
 
 # --- tags (strings) -------------------------------------------------------
 ROLE = "kd.role"  # one of ROLES
-METHOD = "kd.method"  # students only: "kd" (ensemble teacher) or "sd" (single teacher)
+METHOD = "kd.method"  # students only: "sd" (one teacher of its own architecture) or "kd"
 PRESET = "kd.preset"  # the preset the recipe started from
 DATASET = "kd.dataset"  # cifar10 | cifar100 | folder | digits
 SPLIT_DIGEST = "kd.split_digest"  # sha256 of the train/val split (same split <=> same digest)
@@ -19,6 +19,8 @@ GROUP_LABEL = "kd.group_label"  # that group in words: the preset and what diffe
 TEACHER_RUN_ID = "kd.teacher_run_id"
 TEACHER_ROLE = "kd.teacher_role"  # train | ensemble | student
 TEACHER_SEEDS = "kd.teacher_seeds"  # comma-separated model seeds behind the teacher
+TEACHER_MODEL = "kd.teacher_model"  # the teacher's architecture(s): "resnet56"; an ensemble's
+# distinct ones joined by "+" ("resnet20+resnet8"); a width not published: "resnet20@w16"
 GENERATION = "kd.generation"  # 1 = student of a trained model or ensemble, 2 = student of a student, ...
 MEMBER_RUN_IDS = "kd.member_run_ids"  # ensembles: comma-separated run ids, in member order
 MEMBER_SEEDS = "kd.member_seeds"  # ensembles: comma-separated seeds, in member order

@@ -24,6 +24,7 @@ from .config import (
     STUDENT_FIELDS,
     ConfigError,
     Recipe,
+    architecture,
     check_schedule,
     default_cache_dir,
     group_label,
@@ -97,7 +98,8 @@ def distill(
     session=None,
     register: str | None = None,
 ) -> Outcome:
-    """A student of a train run (SD), an ensemble run (KD) or another student."""
+    """A student of a train run or another student (SD when that network's architecture
+    is the student's, KD otherwise) or of an ensemble run (KD)."""
     check_device(ex)
     session = session or runs.connect(experiment)
     plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
@@ -149,9 +151,10 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
     source, split = load_data(recipe, data_dir or teacher.data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     runs.check_same_data(teacher, split.digest, source.num_classes, "teacher")
-    method = "kd" if teacher.role == "ensemble" else "sd"
-    t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
     check_loadable(session, teacher, "teacher")
+    teacher_archs = [_architecture_of(r) for r in _networks(session, teacher)]
+    method = student_method(teacher.role, teacher_archs, architecture(recipe.model, recipe.width))
+    t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
     changed = recipe.differences(_student_recipe(preset, teacher, {}), "student")
     spec = _spec(
         "student",
@@ -169,12 +172,29 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
             schema.TEACHER_RUN_ID: teacher_run_id,
             schema.TEACHER_ROLE: teacher.role,
             schema.TEACHER_SEEDS: t_seeds,
+            schema.TEACHER_MODEL: "+".join(dict.fromkeys(teacher_archs)),
             schema.GENERATION: str(teacher.generation + 1),
         },
     )
     from .models import draws_before_student
 
     return _StudentPlan(spec, recipe, source, split, teacher, draws_before_student(recipe, method))
+
+
+def student_method(teacher_role: str | None, teacher_archs: list[str], student_arch: str) -> str:
+    """The student's method: "sd" for a student of one network of its own architecture
+    (model and width); "kd" for a student of an ensemble, or of another architecture."""
+    return "sd" if teacher_role != "ensemble" and set(teacher_archs) == {student_arch} else "kd"
+
+
+def _networks(session, rec: RunRecord) -> list[RunRecord]:
+    """The runs whose networks a teacher holds: an ensemble's members, else itself."""
+    return runs.members(session, rec) if rec.role == "ensemble" else [rec]
+
+
+def _architecture_of(rec: RunRecord) -> str:
+    r = rec.recipe
+    return architecture(r.model, r.width)
 
 
 def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution):
@@ -216,6 +236,9 @@ def train_wave(
     for seed in seeds:
         _check_seed(seed)
     check_device(ex)
+    from .models import check_packable
+
+    check_packable(recipe.model)
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     session = session or runs.connect(experiment)
@@ -252,6 +275,9 @@ def distill_wave(
         ids = ",".join(t for t, _, _ in students)
         raise ConfigError("pack", ids, "a packed wave needs one training recipe and one split")
     first = plans[0]
+    from .models import check_packable
+
+    check_packable(first.recipe.model)
     teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
     body = _fitting_packed(
         first.recipe,

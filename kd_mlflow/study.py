@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import executors, schema, steps, tracking
-from .config import ConfigError, Recipe, check_schedule, group_label
+from .config import ConfigError, Recipe, check_model, check_schedule, group_label, study_student_model
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
 
@@ -31,8 +31,13 @@ class Plan:
     student_seed_offset: int = 10
     kd_seed: int = 100
     data_dir: str | None = None
+    student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
 
     def __post_init__(self):
+        if self.student_model is None:
+            object.__setattr__(self, "student_model", study_student_model(self.preset))
+        if self.student_model is not None:
+            check_model(self.student_model)
         if self.student_seed_offset < 1:
             raise ConfigError("student_seed_offset", self.student_seed_offset, "must be >= 1")
         if len(self.seeds) < 2:
@@ -47,8 +52,12 @@ class Plan:
 
     @property
     def label(self) -> str:
-        """The preset and what this study's recipe changes of it: "smoke · epochs=3"."""
-        return group_label(self.preset, self.recipe, "student")
+        """The preset and what this study's recipe changes of it: "smoke · epochs=3"; and
+        a KD student's architecture other than the preset's: "· student_model=resnet8"."""
+        label = group_label(self.preset, self.recipe, "student")
+        if self.student_model != study_student_model(self.preset):
+            label += f" · student_model={self.student_model}"
+        return label
 
     @property
     def own_recipe(self) -> bool:
@@ -154,13 +163,15 @@ class DistillStep:
     settings: tuple = ()  # (field, value) pairs over the plan's overrides (a sweep's grid point)
     suffix: str = ""  # what the settings change, as the run's name shows it
     trains: bool = True
+    model: str | None = None  # the student's architecture, if not its teacher's
 
     @property
     def name(self) -> str:
         return schema.student_name(self.method, self.seed, self.teacher_seeds, self.suffix)
 
     def overrides(self, ctx: Context) -> dict:
-        return {**ctx.plan.overrides, **dict(self.settings)}
+        model = {"model": self.model} if self.model else {}
+        return {**ctx.plan.overrides, **model, **dict(self.settings)}
 
     def run_here(self, ctx: Context) -> Outcome:
         return steps.distill(
@@ -271,8 +282,12 @@ def reproduce(
     """Run the study with ``executor`` (default: in this process, one step at a time).
     ``register_as``: the registered model that gets the KD student (alias champion);
     "{experiment}" in it is the experiment's name."""
-    # Fail on a bad device or bad data before any run exists.
+    # Fail on a bad device, bad data or a network that cannot be packed before any run exists.
     steps.check_device(ex)
+    if isinstance(executor, executors.PackedWaves):
+        from .models import check_packable
+
+        check_packable(plan.recipe.model)
     _source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
@@ -369,7 +384,7 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
-    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)))])
+    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), model=plan.student_model)])
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
 
@@ -387,7 +402,13 @@ def _study_tags(plan: Plan, split_digest: str) -> dict:
         schema.DATASET: plan.recipe.dataset,
         schema.SPLIT_DIGEST: split_digest,
         schema.CONFIG_HASH: digest(
-            "study", plan.recipe.digest("student"), split_digest, plan.seeds, plan.student_seed_offset, plan.kd_seed
+            "study",
+            plan.recipe.digest("student"),
+            split_digest,
+            plan.seeds,
+            plan.student_seed_offset,
+            plan.kd_seed,
+            *([plan.student_model] if plan.student_model else []),  # none: the hash studies had before
         ),
     }
 
@@ -425,13 +446,15 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
     tables = compare.build_tables(frame, predictions=report.predictions_for(session, result.runs.values()))
     text = compare.render(tables, "markdown")
     summary = {}
-    if tables:
-        rows = tables[0].summary.set_index("row")
+    # A KD student of another architecture has a table of its own (compare never mixes
+    # architectures): each figure comes from the first table that has it.
+    for t in reversed(tables):
+        rows = t.summary.set_index("row")
         for (row, col), key in SUMMARY_METRICS.items():
-            value = rows.loc[row, col] if row in rows.index else float("nan")
+            value = rows.loc[row, col] if row in rows.index and rows.loc[row, "n"] else float("nan")
             if value == value:  # not NaN
                 summary[key] = float(value)
-        for g in tables[0].gains.itertuples():
+        for g in t.gains.itertuples():
             metric = GAIN_METRICS.get(g.gain)
             if metric and g.lo == g.lo:
                 summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})

@@ -91,6 +91,12 @@ def make_scheduler(recipe: Recipe, optimizer, steps_per_epoch: int):
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=recipe.lr, total_steps=total, pct_start=recipe.warmup
         )
+    if recipe.schedule == "multistep":
+        # Milestones are epochs; stepped per optimiser step, the lr changes at the first
+        # step of the epoch after each milestone, as MultiStepLR stepped per epoch.
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[m * steps_per_epoch for m in recipe.milestones], gamma=recipe.gamma
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 

@@ -378,8 +378,15 @@ FIELDS = {
     "warmup": _float(min_value=0, max_value=1, exclude_min=True, exclude_max=True),
     "momentum": _float(min_value=0, max_value=1, exclude_max=True),
     "weight_decay": _float(min_value=0),
+    "milestones": st.lists(st.integers(1, 10**4), unique=True, max_size=4).map(lambda ms: tuple(sorted(ms))),
+    "gamma": _float(min_value=0, exclude_min=True),
 }
-recipes = st.fixed_dictionaries(FIELDS).map(lambda kw: config.Recipe(**kw))
+# A multistep schedule needs milestones.
+recipes = (
+    st.fixed_dictionaries(FIELDS)
+    .filter(lambda kw: kw["schedule"] != "multistep" or kw["milestones"])
+    .map(lambda kw: config.Recipe(**kw))
+)
 
 
 def test_the_strategy_draws_every_recipe_field():
@@ -401,7 +408,8 @@ def _typed(draw, recipe) -> dict:
     for name in params:
         value = getattr(recipe, name)
         if isinstance(value, tuple):
-            params[name] = ",".join(draw(st.sampled_from(_spellings(float(v)))) for v in value)
+            kind = int if name in config.INT_TUPLES else float
+            params[name] = ",".join(draw(st.sampled_from(_spellings(kind(v)))) for v in value)
         elif not isinstance(value, str):
             params[name] = draw(st.sampled_from(_spellings(value)))
     return params
