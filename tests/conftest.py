@@ -44,7 +44,7 @@ E2E_ROOTS = {
 }
 # Names that start a process when a test's code (or a function of its module that it
 # calls) uses them.
-PROCESS_CALLS = {"run_cli", "subprocess", "Popen", "MlflowServer"}
+PROCESS_CALLS = {"run_cli", "mlflow_run", "subprocess", "Popen", "MlflowServer"}
 
 os.environ["KD_MLFLOW_THREADS"] = "1"
 
@@ -233,6 +233,18 @@ def run_cli(*args, env=None, cwd=None, timeout=600, exact_env=False, **popen):
         timeout=timeout,
         **popen,
     )
+
+
+def mlflow_run(entry, params: dict, env: dict, experiment=None, timeout=900):
+    """`mlflow run . -e ENTRY -P k=v ... --env-manager local` in a fresh process, in
+    ``env`` (whole), with this interpreter's bin first on PATH (where `kd-mlflow` is)."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    if experiment:
+        cmd += ["--experiment-name", experiment]
+    env = {**env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def invoke(*args):

@@ -4,13 +4,11 @@ no traceback, and no run created."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 
 import mlflow
 import pytest
-from conftest import REPO, invoke, run_cli
+from conftest import invoke, mlflow_run, run_cli
 
 from kd_mlflow import config, schema
 
@@ -142,25 +140,8 @@ def test_bad_input_is_one_line_exit_2_and_creates_no_run(crafted, tmp_path, args
 def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
     """MLflow does not check int parameters; the CLI does. (`mlflow run` has already
     created its run by then; it ends FAILED, never RUNNING.)"""
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(REPO),
-        "-e",
-        "train",
-        "-P",
-        "seed=abc",
-        "-P",
-        "preset=smoke",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        tracked.experiment,
-    ]
-    env = {**os.environ, **tracked.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    params = {"seed": "abc", "preset": "smoke"}
+    proc = mlflow_run("train", params, {**os.environ, **tracked.env}, tracked.experiment, timeout=300)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("kd-mlflow: error")]
     assert len(ours) == 1 and "--seed" in ours[0] and "abc" in ours[0]
@@ -216,24 +197,8 @@ def test_broken_data_is_one_line_and_creates_no_run(tracked, tmp_path, case):
 
 
 def test_under_mlflow_run_a_data_failure_ends_mlflows_run_failed_with_the_reason(tracked, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(REPO),
-        "-e",
-        "train",
-        "-P",
-        "seed=2",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        tracked.experiment,
-    ]
     env = _offline({**os.environ, **tracked.env}, tmp_path)
-    env["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = mlflow_run("train", {"seed": 2}, env, tracked.experiment, timeout=300)
     assert proc.returncode != 0
     (run,) = tracked.runs()
     assert run.info.status == "FAILED"

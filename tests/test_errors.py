@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, invoke
+from conftest import REPO, invoke, mlflow_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -425,10 +425,8 @@ def test_weights_behind_an_unreachable_store_are_a_network_failure_not_refused_w
 
 
 def test_an_argument_mlflow_run_passed_that_does_not_parse_leaves_kd_failure(tracked):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "-P", "seed=two", "-P", "preset=smoke"]
-    cmd += ["--env-manager", "local", "--experiment-name", tracked.experiment]
-    env = _env(**tracked.env, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    params = {"seed": "two", "preset": "smoke"}
+    proc = mlflow_run("train", params, _env(**tracked.env), tracked.experiment, timeout=300)
     assert proc.returncode != 0
     (run,) = tracked.runs()
     assert run.info.status == "FAILED"

@@ -7,28 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 
 import mlflow
 import pytest
 import torch
-from conftest import REPO, invoke, run_cli
+from conftest import invoke, mlflow_run, run_cli
 
 from kd_mlflow import data, schema
 
 pytestmark = pytest.mark.e2e
-
-
-def _mlflow_run(entry, params, env, experiment=None):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    if experiment:
-        cmd += ["--experiment-name", experiment]
-    env = {**env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +30,12 @@ def paths(server, cache_dir):
     env.update(MLFLOW_TRACKING_URI=server.uri, KD_MLFLOW_CACHE=str(cache_dir))
     client = mlflow.MlflowClient(server.uri)
     out = {"env": env, "client": client, "name": name}
-    out["main"] = _mlflow_run("main", {"preset": "smoke"}, env, name)
+    out["main"] = mlflow_run("main", {"preset": "smoke"}, env, name)
     assert out["main"].returncode == 0, out["main"].stderr[-3000:]
     exp = client.get_experiment_by_name(name)
     out["exp"] = exp
     out["first"] = client.search_runs([exp.experiment_id], max_results=1000)
-    out["again"] = _mlflow_run("main", {"preset": "smoke"}, env, name)
+    out["again"] = mlflow_run("main", {"preset": "smoke"}, env, name)
     assert out["again"].returncode == 0, out["again"].stderr[-3000:]
     out["second"] = client.search_runs([exp.experiment_id], max_results=1000)
     return out
@@ -174,7 +162,7 @@ def test_every_group_holds_only_its_own_runs(mixed):
 
 
 def test_mlflow_run_compare_logs_the_tables_on_its_own_run(mixed, paths):
-    proc = _mlflow_run("compare", {"experiment": mixed["name"]}, paths["env"], mixed["name"])
+    proc = mlflow_run("compare", {"experiment": mixed["name"]}, paths["env"], mixed["name"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = paths["client"]
     runs = client.search_runs([paths["exp"].experiment_id], f"tags.`{schema.COMPARE}` = 'true'")
@@ -185,7 +173,7 @@ def test_mlflow_run_compare_logs_the_tables_on_its_own_run(mixed, paths):
 
 
 def test_a_run_in_the_default_experiment_says_so_and_compare_names_it(paths, tmp_path):
-    proc = _mlflow_run("train", {"seed": 2, "preset": "smoke", "epochs": 1}, paths["env"])
+    proc = mlflow_run("train", {"seed": 2, "preset": "smoke", "epochs": 1}, paths["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Default experiment" in proc.stderr and "kd-mlflow compare --experiment Default" in proc.stderr
     empty = f"empty-{uuid.uuid4().hex[:6]}"

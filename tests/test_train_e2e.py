@@ -4,13 +4,11 @@ embedded default store; what a run records; idempotent reruns."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import mlflow
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import mlflow_run, run_cli
 
 from kd_mlflow import data, schema
 
@@ -25,32 +23,9 @@ def _test_acc_of_logged_model(run_id: str) -> float:
 
 
 def test_mlflow_run_train_gives_one_complete_run(tracked):
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(REPO),
-        "-e",
-        "train",
-        "-P",
-        "seed=3",
-        "-P",
-        "preset=smoke",
-        "-P",
-        "epochs=3",
-        "--env-manager",
-        "local",
-        # booleans as `mlflow run` passes them (--augment true): one test pass at the end
-        "-P",
-        "augment=true",
-        "-P",
-        "test_each_epoch=false",
-        "--experiment-name",
-        tracked.experiment,
-    ]
-    env = {**os.environ, **tracked.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # booleans as `mlflow run` passes them (--augment true): one test pass at the end
+    params = {"seed": 3, "preset": "smoke", "epochs": 3, "augment": "true", "test_each_epoch": "false"}
+    proc = mlflow_run("train", params, {**os.environ, **tracked.env}, tracked.experiment, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     runs = tracked.runs()
@@ -87,7 +62,7 @@ def test_mlflow_run_train_gives_one_complete_run(tracked):
 
     # Same configuration again through `mlflow run`: nothing trains, and the extra run
     # MLflow insists on creating only points at the result.
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = mlflow_run("train", params, {**os.environ, **tracked.env}, tracked.experiment, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing finished run " + run.info.run_id in proc.stderr
     runs = tracked.runs()
