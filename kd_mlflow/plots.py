@@ -36,9 +36,11 @@ def learning_curves(histories: dict, roles: dict):
 
 
 def accuracy_by_method(tables: list):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if tables:
-        t = tables[0]
+    """One panel per group of comparable runs (a study of another student architecture
+    has two): each method's runs as points, and the mean +- std over seeds."""
+    n = max(1, len(tables))
+    fig, axes = plt.subplots(1, n, figsize=(7 * n, 4), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], tables, strict=False):
         groups = [
             ("single", t.seeds["test_acc"]),
             ("ensemble", t.ensembles["test_acc"]),
@@ -54,8 +56,9 @@ def accuracy_by_method(tables: list):
             if len(values) > 1:
                 ax.errorbar(i + 0.15, values.mean(), yerr=values.std(ddof=1), fmt="o", color="black", capsize=4)
         ax.set_xticks(range(len(groups)), [g for g, _ in groups])
-        ax.set_title(f"Test accuracy by method ({t.preset}, {t.dataset}); bars: mean ± std over seeds")
-    ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{t.label}\nbars: mean ± std over seeds", fontsize=9)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.suptitle("Test accuracy by method")
     fig.tight_layout()
     return fig
 

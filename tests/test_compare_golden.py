@@ -505,3 +505,18 @@ def test_a_student_without_its_teacher_is_listed_and_counted_in_neither():
     assert s.loc["SD students", "n"] == 1
     assert s.loc["SD students", "test_mean"] == 52.0 and s.loc["SD students", "gain"] == 2.0
     assert any("gone" in n and "counted in no mean or gain" in n for n in t.notes)
+
+
+def test_the_accuracy_plot_has_a_panel_for_every_group(mixed):
+    """A study of another student architecture has two groups: the plot the study logs
+    shows both (it once drew only the first, so that KD student was missing)."""
+    from kd_mlflow import plots
+
+    tables = list(mixed.tables.values())
+    fig = plots.accuracy_by_method(tables)
+    try:
+        panels = [ax for ax in fig.axes if ax.get_xticklabels()]
+        assert len(tables) > 1 and len(panels) == len(tables)
+        assert [ax.get_title().split("\n")[0] for ax in panels] == [t.label for t in tables]
+    finally:
+        plots.close({"f": fig})
