@@ -815,6 +815,24 @@ def _grid_options(func):
     is_flag=True,
     help="Print every setting's test accuracy too (the choice never uses it).",
 )
+@click.option(
+    "--search",
+    type=click.Choice(config.SEARCHES),
+    default="grid",
+    show_default=True,
+    help="grid: every combination of the lists; optuna: --trials settings asked of Optuna's TPE sampler, "
+    "over ranges lo:hi (or lo:hi:log) and lists (needs the extra: pip install 'kd-mlflow[optuna]').",
+)
+@click.option("--trials", type=_Optional(_Number(int, min=1)), default=None, help="Settings an optuna search tries.")
+@click.option(
+    "--search-seed",
+    "--search_seed",
+    "search_seed",
+    type=_Number(int, min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the optuna search's sampler.",
+)
 @_executor_options
 @_data_dir
 @_experiment
@@ -824,6 +842,9 @@ def sweep(
     teacher,
     seeds,
     show_test,
+    search,
+    trials,
+    search_seed,
     jobs,
     executor,
     ray_address,
@@ -841,12 +862,26 @@ def sweep(
 ):
     """Students of one teacher over a grid of settings, as runs nested under one sweep
     run; the setting of best mean validation accuracy is chosen and only its test
-    accuracy reported."""
+    accuracy reported. A search (--search optuna --trials N --temperature 1:8 --alpha
+    0:1) asks Optuna for N settings instead, chosen by the same rule; a searched float is
+    rounded to 3 significant digits, so that a rerun reuses its runs."""
     from . import sweep as sweep_mod
 
-    grid = sweep_mod.parse_grid({k: v for k, v in lists.items() if v is not None})  # refused here, before imports
+    optuna = search == "optuna"
+    lists = {k: v for k, v in lists.items() if v is not None}
+    grid = sweep_mod.parse_grid(lists, ranges=optuna)  # refused here, before imports
+    if optuna != (trials is not None):
+        raise ConfigError("trials", trials or "", "give --trials N with --search optuna, and only with it")
     _check_run_id("teacher", teacher)
-    plan = sweep_mod.SweepPlan(teacher, config.parse_seeds(seeds), grid, data_dir=data_dir)
+    if optuna:
+        sweep_mod.optuna_module()  # installed? (exit 1 if not, before any run exists)
+    plan = sweep_mod.SweepPlan(
+        teacher,
+        config.parse_seeds(seeds),
+        grid,
+        data_dir=data_dir,
+        search=sweep_mod.Search(trials, search_seed) if optuna else None,
+    )
     runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     text, _ = sweep_mod.run(
         plan,

@@ -53,6 +53,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMBINES = ("prob", "logit")  # ensembles: average probabilities (the report) or logits
 FORMATS = ("markdown", "csv", "json")  # compare's output
 MODEL_FORMATS = ("table", "json")  # `kd-mlflow models`' output
+SEARCHES = ("grid", "optuna")  # how `kd-mlflow sweep` picks its settings
 EXECUTORS = ("local", "ray")
 ROLES = ("train", "ensemble", "student")
 
