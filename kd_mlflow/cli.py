@@ -706,6 +706,15 @@ def _check_writable(option: str, path: Path) -> None:
     help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
     "resnet8 for cpu-pairs; else the teachers'].",
 )
+@click.option(
+    "--sweep-kd",
+    "--sweep_kd",
+    "sweep_kd",
+    multiple=True,
+    metavar="FIELD=V1,V2",
+    help="Before the KD step, sweep the KD student over these values (repeat for a grid, e.g. "
+    "--sweep-kd temperature=1,2,4 --sweep-kd alpha=0.5,1.0); the KD row uses the setting chosen on validation.",
+)
 @_data_dir
 @_experiment
 @_recipe_options
@@ -723,6 +732,7 @@ def reproduce(
     register_as,
     no_register,
     student_model,
+    sweep_kd,
     pack,
     data_dir,
     experiment,
@@ -738,10 +748,19 @@ def reproduce(
     overrides = _overrides(kw)
     recipe = config.resolve(preset, **overrides)
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
+    grid = _sweep_kd_grid(sweep_kd)  # refused here, before imports
     from . import study
 
     plan = study.Plan(
-        preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, student_model=student_model
+        preset,
+        recipe,
+        overrides,
+        config.parse_seeds(seeds),
+        offset,
+        kd_seed,
+        data_dir,
+        student_model=student_model,
+        sweep_kd=grid,
     )
     runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     result = study.reproduce(
@@ -757,6 +776,24 @@ def reproduce(
         f"{len(result.runs) - len(result.trained)} reused",
         err=True,
     )
+
+
+def _sweep_kd_grid(given: tuple):
+    """--sweep-kd temperature=1,2 --sweep-kd alpha=0.5,1 -> a sweep Grid, or None."""
+    if not given:
+        return None
+    lists: dict[str, str] = {}
+    for text in given:
+        name, sep, values = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError("sweep_kd", text, "not FIELD=V1,V2, e.g. temperature=1,2,4")
+        if name in lists:
+            raise ConfigError("sweep_kd", text, f"{name} is given twice")
+        lists[name] = values
+    from .sweep import parse_grid
+
+    return parse_grid(lists)
 
 
 @main.command()

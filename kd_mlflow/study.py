@@ -20,6 +20,7 @@ from . import executors, schema, steps, tracking
 from .config import ConfigError, Recipe, check_model, check_schedule, group_label, study_student_model
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
+from .sweep import Grid
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Plan:
     kd_seed: int = 100
     data_dir: str | None = None
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
+    sweep_kd: Grid | None = None  # settings the KD student is swept over, chosen on validation
 
     def __post_init__(self):
         if self.student_model is None:
@@ -57,6 +59,8 @@ class Plan:
         label = group_label(self.preset, self.recipe, "student")
         if self.student_model != study_student_model(self.preset):
             label += f" · student_model={self.student_model}"
+        if self.sweep_kd is not None:
+            label += f" · sweep_kd={self.sweep_kd.label()}"
         return label
 
     @property
@@ -266,6 +270,7 @@ class StudyResult:
     trained: list = field(default_factory=list)  # step names that trained (not reused)
     tables: str = ""
     summary: dict = field(default_factory=dict)  # the parent run's metrics
+    kd_choice: str = ""  # with --sweep-kd: the KD setting chosen on validation, and over what
 
 
 DEFAULT_REGISTRY = "{experiment}-kd-student"
@@ -307,6 +312,10 @@ def reproduce(
     progress = Progress(plan.n_steps, 2 * len(plan.seeds) + 1)
     try:
         _waves(plan, ctx, executor, result, progress)
+        if result.kd_choice:  # said by the study's parent, and by its KD student for compare
+            kd = result.runs[schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))]
+            for run_id in (parent, kd):
+                tracking.set_tags(session, run_id, {schema.SWEEP_KD_CHOICE: result.kd_choice})
         result.tables, result.summary = _report(session, parent, plan, result)
         if register_as:
             _register_kd_student(session, parent, plan, result, register_as)
@@ -384,9 +393,28 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
-    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), model=plan.student_model)])
+    swept = _sweep_kd(plan, ctx, ens, executor) if plan.sweep_kd is not None else None
+    best = swept.best if swept else ()
+    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), best, model=plan.student_model)])
+    if swept:  # the chosen student is the sweep's own run, reused
+        result.kd_choice = f"{swept.choice} (sweep run {swept.parent})"
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
+
+
+def _sweep_kd(plan: Plan, ctx: Context, ensemble: str, executor):
+    """The KD student (the study's KD seed, architecture and recipe) over the grid, as a
+    sweep whose parent is nested under the study's: the study's steps stay one list in
+    MLflow's UI, with the sweep one expandable row among them that holds its own table,
+    choice and heat map. The executor is the study's (--jobs, --pack)."""
+    from . import sweep
+
+    model = {"model": plan.student_model} if plan.student_model else {}
+    assert plan.sweep_kd is not None
+    swept = sweep.SweepPlan(
+        ensemble, [plan.kd_seed], plan.sweep_kd, overrides={**plan.overrides, **model}, data_dir=plan.data_dir
+    )
+    return sweep.within(ctx.session, swept, ctx.ex, executor, nested_in=ctx.parent)
 
 
 # --- the parent run --------------------------------------------------------
@@ -409,6 +437,7 @@ def _study_tags(plan: Plan, split_digest: str) -> dict:
             plan.student_seed_offset,
             plan.kd_seed,
             *([plan.student_model] if plan.student_model else []),  # none: the hash studies had before
+            *([f"sweep_kd={plan.sweep_kd.label()}"] if plan.sweep_kd else []),
         ),
     }
 
