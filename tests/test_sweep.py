@@ -245,8 +245,64 @@ def test_an_optuna_search_is_nested_students_chosen_on_validation_and_reused(swe
     assert p.data.metrics["best_val_acc_mean"] == best.data.metrics[schema.FINAL_VAL_ACC]
 
 
+@pytest.mark.parametrize(
+    "args,reason",
+    [
+        (["sweep", "--temperature", "1:8"], "a range lo:hi is searched: add --search optuna"),
+        (["sweep", "--alpha", "0.5,1", "--trials", "3"], "give --trials N with --search optuna"),
+        (["sweep", "--alpha", "0:1", "--search", "optuna"], "give --trials N with --search optuna"),
+        (["reproduce", "--preset", "smoke", "--sweep-kd", "temperature"], "not FIELD=V1,V2"),
+        (
+            ["reproduce", "--preset", "smoke", "--sweep-kd", "alpha=0.5", "--sweep-kd", "alpha=1"],
+            "alpha is given twice",
+        ),
+        (["reproduce", "--preset", "smoke", "--sweep-kd", "alpha=0:1"], "a range lo:hi is searched"),
+    ],
+)
+def test_a_search_or_a_study_sweep_given_wrong_is_refused_before_anything_runs(args, reason):
+    if args[0] == "sweep":
+        args = [*args, "--teacher", "a" * 32]
+    res = invoke(*args)
+    assert res.exit_code == 2 and reason in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 def test_a_search_without_optuna_says_how_to_install_it(monkeypatch, tracked):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
     res = invoke("sweep", "--teacher", "a" * 32, "--search", "optuna", "--trials", "2", "--temperature", "1:8")
     assert res.exit_code == 1 and "pip install 'kd-mlflow[optuna]'" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and tracked.runs() == []
+
+
+# --- a study's KD student, swept ----------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_reproduce_sweeps_the_kd_student_and_its_row_is_the_setting_chosen_on_validation(tracked):
+    """`reproduce --sweep-kd temperature=1,2` (smoke, two teacher seeds, in this process):
+    the sweep's parent nested under the study's, its two KD students under it, the KD row
+    the one chosen on validation, said by the tag and by compare; a rerun trains nothing."""
+    study = ("reproduce", "--preset", "smoke", "--seeds", "0-1", "--sweep-kd", "temperature=1,2", "--no-register")
+    res = invoke(*study)
+    assert res.exit_code == 0, res.stderr[-3000:]
+    runs = {r.info.run_id: r for r in tracked.runs()}
+    (parent,) = [r for r in runs.values() if r.data.tags.get(schema.STUDY) == "true"]
+    (swept,) = [r for r in runs.values() if r.data.tags.get(schema.SWEEP) == "true"]
+    assert parent.info.run_name == "study-smoke-digits-sweep_kd=temperature=1,2"
+    assert swept.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    kd = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == swept.info.run_id]
+    assert sorted(float(r.data.params["temperature"]) for r in kd) == [1.0, 2.0]
+    assert all(r.data.tags[schema.METHOD] == "kd" and r.data.tags[schema.SEED] == "100" for r in kd)
+    best = max(
+        sorted(kd, key=lambda r: float(r.data.params["temperature"])), key=lambda r: r.data.metrics["final_val_acc"]
+    )
+    t = format(float(best.data.params["temperature"]), "g")
+    choice = f"temperature={t} chosen on validation over 2 settings (sweep run {swept.info.run_id})"
+    assert parent.data.tags[schema.SWEEP_KD_CHOICE] == choice
+    assert runs[best.info.run_id].data.tags[schema.SWEEP_KD_CHOICE] == choice
+    assert parent.data.metrics["kd_test_acc"] == best.data.metrics["final_test_acc"]
+    assert f"KD: {choice}" in res.stdout  # the study's tables
+    assert f"KD: {choice}" in invoke("compare", "--no-intervals").stdout
+
+    again = invoke(*study)
+    assert again.exit_code == 0, again.stderr[-3000:]
+    assert {r.info.run_id for r in tracked.runs()} == set(runs) and "0 step(s) ran" in again.stderr
