@@ -779,7 +779,7 @@ def reproduce(
 
 
 def _sweep_kd_grid(given: tuple):
-    """--sweep-kd temperature=1,2 --sweep-kd alpha=0.5,1 -> a sweep Grid, or None."""
+    """--sweep-kd temperature=1,2 --sweep-kd alpha=0.5,1 -> the study's KD sweep, or None."""
     if not given:
         return None
     lists: dict[str, str] = {}
@@ -791,9 +791,9 @@ def _sweep_kd_grid(given: tuple):
         if name in lists:
             raise ConfigError("sweep_kd", text, f"{name} is given twice")
         lists[name] = values
-    from .sweep import parse_grid
+    from .sweep import KDSweep, parse_grid
 
-    return parse_grid(lists)
+    return KDSweep(parse_grid(lists))
 
 
 @main.command()

@@ -81,6 +81,7 @@ CHOICES: dict[str, tuple] = {
     "format": FORMATS,
     "model_format": MODEL_FORMATS,
     "executor": EXECUTORS,
+    "search": SEARCHES,
 }
 
 # How a yes/no value may be written (the CLI, and MLflow's `-P augment=true`).

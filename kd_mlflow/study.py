@@ -20,7 +20,17 @@ from . import executors, schema, steps, tracking
 from .config import ConfigError, Recipe, check_model, check_schedule, group_label, study_student_model
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
-from .sweep import Grid
+
+
+class KDChooser(Protocol):
+    """What chooses the KD student's settings before the KD step (a sweep on validation:
+    :class:`kd_mlflow.sweep.KDSweep`); the study knows no more of it."""
+
+    def label(self) -> str: ...
+
+    def choose(self, plan: Plan, ctx: Context, ensemble: str, executor) -> tuple[tuple, str]:
+        """(the chosen settings as (field, value) pairs, the choice in words)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,7 @@ class Plan:
     kd_seed: int = 100
     data_dir: str | None = None
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
-    sweep_kd: Grid | None = None  # settings the KD student is swept over, chosen on validation
+    sweep_kd: KDChooser | None = None  # chooses the KD student's settings first (reproduce --sweep-kd)
 
     def __post_init__(self):
         if self.student_model is None:
@@ -393,28 +403,12 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
-    swept = _sweep_kd(plan, ctx, ens, executor) if plan.sweep_kd is not None else None
-    best = swept.best if swept else ()
+    best: tuple = ()
+    if plan.sweep_kd is not None:  # the KD row is then the chosen sweep student, reused
+        best, result.kd_choice = plan.sweep_kd.choose(plan, ctx, ens, executor)
     wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), best, model=plan.student_model)])
-    if swept:  # the chosen student is the sweep's own run, reused
-        result.kd_choice = f"{swept.choice} (sweep run {swept.parent})"
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
-
-
-def _sweep_kd(plan: Plan, ctx: Context, ensemble: str, executor):
-    """The KD student (the study's KD seed, architecture and recipe) over the grid, as a
-    sweep whose parent is nested under the study's: the study's steps stay one list in
-    MLflow's UI, with the sweep one expandable row among them that holds its own table,
-    choice and heat map. The executor is the study's (--jobs, --pack)."""
-    from . import sweep
-
-    model = {"model": plan.student_model} if plan.student_model else {}
-    assert plan.sweep_kd is not None
-    swept = sweep.SweepPlan(
-        ensemble, [plan.kd_seed], plan.sweep_kd, overrides={**plan.overrides, **model}, data_dir=plan.data_dir
-    )
-    return sweep.within(ctx.session, swept, ctx.ex, executor, nested_in=ctx.parent)
 
 
 # --- the parent run --------------------------------------------------------

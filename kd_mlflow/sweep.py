@@ -322,6 +322,30 @@ def _row(session, step, run_id: str) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class KDSweep:
+    """``reproduce --sweep-kd``: the study's KD student (its ensemble as teacher, its KD
+    seed, architecture and recipe) swept over ``grid`` before the KD step, as a sweep
+    whose parent is nested under the study's parent: the study's steps stay one list in
+    MLflow's UI, with the sweep one expandable row among them that holds its own table,
+    choice and heat map (its students directly under the study would mix six KD students
+    into the thirteen steps, with no row to hold the choice). The executor is the
+    study's (--jobs, --pack)."""
+
+    grid: Grid
+
+    def label(self) -> str:
+        return self.grid.label()
+
+    def choose(self, plan, ctx, ensemble: str, executor) -> tuple[tuple, str]:
+        model = {"model": plan.student_model} if plan.student_model else {}
+        swept = SweepPlan(
+            ensemble, [plan.kd_seed], self.grid, overrides={**plan.overrides, **model}, data_dir=plan.data_dir
+        )
+        result = within(ctx.session, swept, ctx.ex, executor, nested_in=ctx.parent)
+        return result.best, f"{result.choice} (sweep run {result.parent})"
+
+
 # --- Optuna --------------------------------------------------------------------
 
 
