@@ -111,7 +111,7 @@ def parse_grid(lists: dict[str, str], ranges: bool = False) -> Grid:
 
 def _range(name: str, text: str, default, allowed: bool) -> Range:
     if not allowed:
-        raise ConfigError(name, text, "a range lo:hi is searched: add --search optuna --trials N")
+        raise ConfigError(name, text, "a range lo:hi is searched (kd-mlflow sweep --search optuna); give a list")
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         raise ConfigError(name, text, "a range needs a numeric field; give a comma list")
     parts = [part.strip() for part in text.split(":")]

@@ -248,7 +248,7 @@ def test_an_optuna_search_is_nested_students_chosen_on_validation_and_reused(swe
 @pytest.mark.parametrize(
     "args,reason",
     [
-        (["sweep", "--temperature", "1:8"], "a range lo:hi is searched: add --search optuna"),
+        (["sweep", "--temperature", "1:8"], "a range lo:hi is searched (kd-mlflow sweep --search optuna)"),
         (["sweep", "--alpha", "0.5,1", "--trials", "3"], "give --trials N with --search optuna"),
         (["sweep", "--alpha", "0:1", "--search", "optuna"], "give --trials N with --search optuna"),
         (["reproduce", "--preset", "smoke", "--sweep-kd", "temperature"], "not FIELD=V1,V2"),
