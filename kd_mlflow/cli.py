@@ -706,6 +706,15 @@ def _check_writable(option: str, path: Path) -> None:
     help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
     "resnet8 for cpu-pairs; else the teachers'].",
 )
+@click.option(
+    "--sweep-kd",
+    "--sweep_kd",
+    "sweep_kd",
+    multiple=True,
+    metavar="FIELD=V1,V2",
+    help="Before the KD step, sweep the KD student over these values (repeat for a grid, e.g. "
+    "--sweep-kd temperature=1,2,4 --sweep-kd alpha=0.5,1.0); the KD row uses the setting chosen on validation.",
+)
 @_data_dir
 @_experiment
 @_recipe_options
@@ -723,6 +732,7 @@ def reproduce(
     register_as,
     no_register,
     student_model,
+    sweep_kd,
     pack,
     data_dir,
     experiment,
@@ -738,10 +748,19 @@ def reproduce(
     overrides = _overrides(kw)
     recipe = config.resolve(preset, **overrides)
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
+    grid = _sweep_kd_grid(sweep_kd)  # refused here, before imports
     from . import study
 
     plan = study.Plan(
-        preset, recipe, overrides, config.parse_seeds(seeds), offset, kd_seed, data_dir, student_model=student_model
+        preset,
+        recipe,
+        overrides,
+        config.parse_seeds(seeds),
+        offset,
+        kd_seed,
+        data_dir,
+        student_model=student_model,
+        sweep_kd=grid,
     )
     runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     result = study.reproduce(
@@ -757,6 +776,24 @@ def reproduce(
         f"{len(result.runs) - len(result.trained)} reused",
         err=True,
     )
+
+
+def _sweep_kd_grid(given: tuple):
+    """--sweep-kd temperature=1,2 --sweep-kd alpha=0.5,1 -> the study's KD sweep, or None."""
+    if not given:
+        return None
+    lists: dict[str, str] = {}
+    for text in given:
+        name, sep, values = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError("sweep_kd", text, "not FIELD=V1,V2, e.g. temperature=1,2,4")
+        if name in lists:
+            raise ConfigError("sweep_kd", text, f"{name} is given twice")
+        lists[name] = values
+    from .sweep import KDSweep, parse_grid
+
+    return KDSweep(parse_grid(lists))
 
 
 @main.command()
@@ -815,6 +852,24 @@ def _grid_options(func):
     is_flag=True,
     help="Print every setting's test accuracy too (the choice never uses it).",
 )
+@click.option(
+    "--search",
+    type=click.Choice(config.SEARCHES),
+    default="grid",
+    show_default=True,
+    help="grid: every combination of the lists; optuna: --trials settings asked of Optuna's TPE sampler, "
+    "over ranges lo:hi (or lo:hi:log) and lists (needs the extra: pip install 'kd-mlflow[optuna]').",
+)
+@click.option("--trials", type=_Optional(_Number(int, min=1)), default=None, help="Settings an optuna search tries.")
+@click.option(
+    "--search-seed",
+    "--search_seed",
+    "search_seed",
+    type=_Number(int, min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the optuna search's sampler.",
+)
 @_executor_options
 @_data_dir
 @_experiment
@@ -824,6 +879,9 @@ def sweep(
     teacher,
     seeds,
     show_test,
+    search,
+    trials,
+    search_seed,
     jobs,
     executor,
     ray_address,
@@ -841,12 +899,26 @@ def sweep(
 ):
     """Students of one teacher over a grid of settings, as runs nested under one sweep
     run; the setting of best mean validation accuracy is chosen and only its test
-    accuracy reported."""
+    accuracy reported. A search (--search optuna --trials N --temperature 1:8 --alpha
+    0:1) asks Optuna for N settings instead, chosen by the same rule; a searched float is
+    rounded to 3 significant digits, so that a rerun reuses its runs."""
     from . import sweep as sweep_mod
 
-    grid = sweep_mod.parse_grid({k: v for k, v in lists.items() if v is not None})  # refused here, before imports
+    optuna = search == "optuna"
+    lists = {k: v for k, v in lists.items() if v is not None}
+    grid = sweep_mod.parse_grid(lists, ranges=optuna)  # refused here, before imports
+    if optuna != (trials is not None):
+        raise ConfigError("trials", trials or "", "give --trials N with --search optuna, and only with it")
     _check_run_id("teacher", teacher)
-    plan = sweep_mod.SweepPlan(teacher, config.parse_seeds(seeds), grid, data_dir=data_dir)
+    if optuna:
+        sweep_mod.optuna_module()  # installed? (exit 1 if not, before any run exists)
+    plan = sweep_mod.SweepPlan(
+        teacher,
+        config.parse_seeds(seeds),
+        grid,
+        data_dir=data_dir,
+        search=sweep_mod.Search(trials, search_seed) if optuna else None,
+    )
     runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     text, _ = sweep_mod.run(
         plan,

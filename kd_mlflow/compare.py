@@ -395,6 +395,8 @@ def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | 
         "self_distillation": _self_distillation(rows, lookup),
         "sd_ensembles": _ensembles(rows, of_students=True),
     }
+    kd = rows[rows["run_id"].isin(tables["kd"]["run_id"])]
+    notes = notes + [f"KD: {c}" for c in kd.get("sweep_kd_choice", pd.Series(dtype=object)).dropna()]
     if in_line is None:
         summary = pd.DataFrame(columns=COLUMNS["summary"])
     else:

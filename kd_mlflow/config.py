@@ -53,6 +53,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMBINES = ("prob", "logit")  # ensembles: average probabilities (the report) or logits
 FORMATS = ("markdown", "csv", "json")  # compare's output
 MODEL_FORMATS = ("table", "json")  # `kd-mlflow models`' output
+SEARCHES = ("grid", "optuna")  # how `kd-mlflow sweep` picks its settings
 EXECUTORS = ("local", "ray")
 ROLES = ("train", "ensemble", "student")
 
@@ -80,6 +81,7 @@ CHOICES: dict[str, tuple] = {
     "format": FORMATS,
     "model_format": MODEL_FORMATS,
     "executor": EXECUTORS,
+    "search": SEARCHES,
 }
 
 # How a yes/no value may be written (the CLI, and MLflow's `-P augment=true`).

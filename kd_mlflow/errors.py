@@ -31,6 +31,14 @@ class DataUnavailable(Exception):
     holds no usable data is a :class:`kd_mlflow.config.ConfigError` instead."""
 
 
+class MissingExtra(Exception):
+    """An optional dependency that a valid request needs is not installed (exit 1: the
+    environment lacks it; nothing the user typed is wrong)."""
+
+    def __init__(self, extra: str, wanted_by: str):
+        super().__init__(f"{wanted_by} needs {extra}, which is not installed: pip install 'kd-mlflow[{extra}]'")
+
+
 class GaveUp(BaseException):
     """A wait on the network reached its bound (:mod:`kd_mlflow.waits`). A BaseException,
     so that no library's ``except Exception`` swallows it on its way out of the wait."""
@@ -119,7 +127,7 @@ def verdict(e: BaseException) -> tuple[int, str]:
         return e.code, f"error: {cause(e)}"
     if isinstance(e, TrackingRefused):
         return ENVIRONMENT, f"error: {cause(e)}"
-    if isinstance(e, (TrackingUnavailable, DataUnavailable)):
+    if isinstance(e, (TrackingUnavailable, DataUnavailable, MissingExtra)):
         return ENVIRONMENT, f"error: {cause(e)}"
     if isinstance(e, GaveUp):
         return ENVIRONMENT, f"error: {cause(e)}; raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT) or try later"

@@ -80,6 +80,7 @@ class RunRecord:
     final_val_acc: float | None = None
     final_test_acc: float | None = None
     has_predictions: bool = False
+    sweep_kd_choice: str | None = None  # a KD student a study's sweep chose: the choice, in words
 
     @property
     def data_dir(self) -> str | None:
@@ -134,6 +135,7 @@ def record_of(run) -> RunRecord:
         final_val_acc=m.get(schema.FINAL_VAL_ACC),
         final_test_acc=m.get(schema.FINAL_TEST_ACC),
         has_predictions=schema.PREDICTIONS in t,
+        sweep_kd_choice=t.get(schema.SWEEP_KD_CHOICE),
     )
 
 

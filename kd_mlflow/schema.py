@@ -31,6 +31,9 @@ DUPLICATE_OF = "kd.duplicate_of"  # a run that only points at an existing FINISH
 PACKED = "kd.packed"  # trained in a packed wave of this many networks (not identity)
 FAILURE = "kd.failure"  # why a run ended FAILED, in one line
 SWEEP = "kd.sweep"  # a sweep's parent run: "true"
+SEARCH = "kd.search"  # a sweep's parent run: grid | optuna
+SWEEP_KD_CHOICE = "kd.sweep_kd_choice"  # a study's parent and its KD student: the setting a
+# sweep chose on validation ("temperature=2, alpha=1 chosen on validation over 6 settings")
 STUDY = "kd.study"  # a study's parent run: "true"
 COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
 MIXED = "kd.mixed"  # an ensemble of members of different groups (--allow-mixed): "true"

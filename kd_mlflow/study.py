@@ -22,6 +22,17 @@ from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, no
 from .runs import Outcome, digest
 
 
+class KDChooser(Protocol):
+    """What chooses the KD student's settings before the KD step (a sweep on validation:
+    :class:`kd_mlflow.sweep.KDSweep`); the study knows no more of it."""
+
+    def label(self) -> str: ...
+
+    def choose(self, plan: Plan, ctx: Context, ensemble: str, executor) -> tuple[tuple, str]:
+        """(the chosen settings as (field, value) pairs, the choice in words)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Plan:
     preset: str
@@ -32,6 +43,7 @@ class Plan:
     kd_seed: int = 100
     data_dir: str | None = None
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
+    sweep_kd: KDChooser | None = None  # chooses the KD student's settings first (reproduce --sweep-kd)
 
     def __post_init__(self):
         if self.student_model is None:
@@ -57,6 +69,8 @@ class Plan:
         label = group_label(self.preset, self.recipe, "student")
         if self.student_model != study_student_model(self.preset):
             label += f" · student_model={self.student_model}"
+        if self.sweep_kd is not None:
+            label += f" · sweep_kd={self.sweep_kd.label()}"
         return label
 
     @property
@@ -266,6 +280,7 @@ class StudyResult:
     trained: list = field(default_factory=list)  # step names that trained (not reused)
     tables: str = ""
     summary: dict = field(default_factory=dict)  # the parent run's metrics
+    kd_choice: str = ""  # with --sweep-kd: the KD setting chosen on validation, and over what
 
 
 DEFAULT_REGISTRY = "{experiment}-kd-student"
@@ -307,6 +322,10 @@ def reproduce(
     progress = Progress(plan.n_steps, 2 * len(plan.seeds) + 1)
     try:
         _waves(plan, ctx, executor, result, progress)
+        if result.kd_choice:  # said by the study's parent, and by its KD student for compare
+            kd = result.runs[schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))]
+            for run_id in (parent, kd):
+                tracking.set_tags(session, run_id, {schema.SWEEP_KD_CHOICE: result.kd_choice})
         result.tables, result.summary = _report(session, parent, plan, result)
         if register_as:
             _register_kd_student(session, parent, plan, result, register_as)
@@ -384,7 +403,10 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
 
     teachers = wave([TrainStep(s) for s in seeds])
     ens = wave([EnsembleStep(tuple(teachers), tuple(seeds), "train")])[0]
-    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), model=plan.student_model)])
+    best: tuple = ()
+    if plan.sweep_kd is not None:  # the KD row is then the chosen sweep student, reused
+        best, result.kd_choice = plan.sweep_kd.choose(plan, ctx, ens, executor)
+    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), best, model=plan.student_model)])
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
 
@@ -409,6 +431,7 @@ def _study_tags(plan: Plan, split_digest: str) -> dict:
             plan.student_seed_offset,
             plan.kd_seed,
             *([plan.student_model] if plan.student_model else []),  # none: the hash studies had before
+            *([f"sweep_kd={plan.sweep_kd.label()}"] if plan.sweep_kd else []),
         ),
     }
 

@@ -599,11 +599,12 @@ def _git_tag(package: Path = PACKAGE) -> dict:
 # --- a study's parent run --------------------------------------------------
 
 
-def open_study(session: Session, name: str, tags: dict) -> str:
+def open_study(session: Session, name: str, tags: dict, nested_in: str | None = None) -> str:
     """The parent run: this study's earlier parent (reopened, so a rerun adds to it and
     there is one parent per study), else the one `mlflow run -e main` created, else a
     new one. A run `mlflow run` created for a study that already has a parent only
-    points at that parent (kd.duplicate_of), as a duplicate training run does."""
+    points at that parent (kd.duplicate_of), as a duplicate training run does.
+    ``nested_in``: the run it is nested under (a study's sweep)."""
     c = session.client
     found = [
         r.info.run_id
@@ -622,7 +623,8 @@ def open_study(session: Session, name: str, tags: dict) -> str:
         c.set_tag(run_id, "mlflow.runName", name)
     else:
         run_id = c.create_run(session.experiment_id, run_name=name).info.run_id
-    for key, value in {**tags, **_provenance()}.items():
+    nesting = {"mlflow.parentRunId": nested_in} if nested_in else {}
+    for key, value in {**tags, **nesting, **_provenance()}.items():
         c.set_tag(run_id, key, value)
     return run_id
 

@@ -117,6 +117,7 @@ CASES = [
         "student_seed_offset",
     ),
     ("study-epochs", ["reproduce", *SMOKE, "--epochs", "-2"], "epochs"),
+    ("study-sweep-kd-value", ["reproduce", *SMOKE, "--sweep-kd", "alpha=0.5,2"], "alpha"),
 ]
 
 

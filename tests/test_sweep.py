@@ -4,11 +4,13 @@ only (never on test), reused on a rerun, the same runs when packed."""
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import mlflow
 import pandas as pd
 import pytest
+from conftest import invoke
 
 from kd_mlflow import config, schema, steps, sweep
 from kd_mlflow.config import ConfigError
@@ -155,3 +157,152 @@ def test_a_packed_sweep_gives_the_same_runs(swept, cache_dir):
     first_lone = [float(swept["lone_steps"][k * steps_per_run]) for k in range(4)]
     assert first_packed == pytest.approx(first_lone, abs=1e-5)
     assert len({round(x, 4) for x in first_lone}) == 4  # each setting's own objective
+
+
+# --- a search: Optuna's trials as the grid's students ----------------------------------
+
+
+def test_a_search_takes_ranges_only_when_asked_and_rounds_what_it_trains():
+    grid = sweep.parse_grid({"temperature": "1:8", "alpha": "0.5,1", "epochs": "1:3"}, ranges=True)
+    assert grid.axes == (
+        ("temperature", sweep.Range(1.0, 8.0)),
+        ("alpha", (0.5, 1.0)),
+        ("epochs", sweep.Range(1, 3)),
+    )
+    assert grid.label() == "temperature=1:8-alpha=0.5,1-epochs=1:3"
+    assert sweep.parse_grid({"lr": "1e-4:1e-2:log"}, ranges=True).axes == (("lr", sweep.Range(1e-4, 1e-2, True)),)
+    for lists, ranges in (
+        ({"temperature": "1:8"}, False),  # a range needs --search optuna
+        ({"temperature": "8:1"}, True),
+        ({"temperature": "0:8"}, True),  # the recipe's own check: > 0
+        ({"temperature": "1:8:lin"}, True),
+        ({"alpha": "0:1:log"}, True),
+        ({"augment": "0:1"}, True),  # not numeric
+    ):
+        with pytest.raises(ConfigError) as e:
+            sweep.parse_grid(lists, ranges=ranges)
+        assert e.value.name == next(iter(lists))
+    assert [sweep.rounded(x, 1.0, 8.0) for x in (2.34567, 7.99999, 1.000001, 0.5)] == [2.35, 8.0, 1.0, 1.0]
+
+
+def _needs_optuna():
+    pytest.importorskip("optuna", reason="the optuna extra is not installed: pip install 'kd-mlflow[optuna]'")
+
+
+def test_a_search_tells_optuna_validation_and_chooses_by_the_grids_rule():
+    """Optuna's real TPE sampler over a stand-in for the students: every trained setting
+    is a rounded recipe value, trained once; the same seed asks the same settings (so a
+    rerun reuses); and the choice over the trials is the best validation mean, never the
+    planted best test."""
+    _needs_optuna()
+    grid = sweep.parse_grid({"temperature": "1:8", "alpha": "0.5,1"}, ranges=True)
+    plan = sweep.SweepPlan("t" * 32, [100], grid, search=sweep.Search(trials=6, seed=0))
+
+    def searched():
+        trained = []
+
+        def train(settings):
+            (setting,) = settings
+            trained.append(setting)
+            t, a = dict(setting)["temperature"], dict(setting)["alpha"]
+            val = 90.0 - abs(t - 3.0) - a  # best validation: temperature near 3, alpha 0.5
+            return [{"temperature": t, "alpha": a, "seed": 100, "val_acc": val, "test_acc": t * 10, "run_id": str(t)}]
+
+        return sweep._searched(sweep.optuna_module(), plan, train), trained
+
+    rows, trained = searched()
+    assert len(trained) == len(set(trained)) >= 2
+    assert all(t == float(f"{t:.3g}") and 1.0 <= t <= 8.0 for t in (dict(s)["temperature"] for s in trained))
+    assert searched()[1] == trained  # seeded: a rerun asks the same settings
+    table = sweep.select(pd.DataFrame(rows), grid.names)
+    best = sweep.chosen(table)
+    assert best.val_mean == max(r["val_acc"] for r in rows)
+    assert best.test_mean < max(r["test_acc"] for r in rows)  # the planted best test is not chosen
+
+
+@pytest.mark.e2e
+def test_an_optuna_search_is_nested_students_chosen_on_validation_and_reused(swept):
+    """Three trials of the smoke teacher's students, under a search parent of their own;
+    the same search again trains nothing."""
+    _needs_optuna()
+    c = swept["client"]
+    grid = sweep.parse_grid({"temperature": "1:8", "alpha": "0.5,1"}, ranges=True)
+    plan = sweep.SweepPlan(swept["teacher"], [10], grid, search=sweep.Search(trials=3, seed=0))
+    _, parent = sweep.run(plan, ex=swept["ex"])
+    students = {r.info.run_id for r in c.search_runs([swept["exp"]], f"tags.`{schema.ROLE}` = 'student'")}
+    assert sweep.run(plan, ex=swept["ex"])[1] == parent
+    again = {r.info.run_id for r in c.search_runs([swept["exp"]], f"tags.`{schema.ROLE}` = 'student'")}
+    assert again == students  # the rerun trained nothing
+    children = c.search_runs([swept["exp"]], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert 1 <= len(children) <= 3 and all(r.data.tags[schema.ROLE] == "student" for r in children)
+    p = c.get_run(parent)
+    assert p.data.tags[schema.SEARCH] == "optuna" and p.data.tags[schema.SWEEP] == "true"
+    assert (p.data.params["trials"], p.data.params["search_seed"]) == ("3", "0")
+    assert p.info.run_name == "sweep-sd-train-seed-0-temperature=1:8-alpha=0.5,1-optuna-3-seed-0"
+    key = lambda r: (float(r.data.params["temperature"]), float(r.data.params["alpha"]))
+    best = max(sorted(children, key=key), key=lambda r: r.data.metrics[schema.FINAL_VAL_ACC])
+    assert (float(p.data.params["best_temperature"]), float(p.data.params["best_alpha"])) == key(best)
+    assert p.data.metrics["best_val_acc_mean"] == best.data.metrics[schema.FINAL_VAL_ACC]
+
+
+@pytest.mark.parametrize(
+    "args,reason",
+    [
+        (["sweep", "--temperature", "1:8"], "a range lo:hi is searched (kd-mlflow sweep --search optuna)"),
+        (["sweep", "--alpha", "0.5,1", "--trials", "3"], "give --trials N with --search optuna"),
+        (["sweep", "--alpha", "0:1", "--search", "optuna"], "give --trials N with --search optuna"),
+        (["reproduce", "--preset", "smoke", "--sweep-kd", "temperature"], "not FIELD=V1,V2"),
+        (
+            ["reproduce", "--preset", "smoke", "--sweep-kd", "alpha=0.5", "--sweep-kd", "alpha=1"],
+            "alpha is given twice",
+        ),
+        (["reproduce", "--preset", "smoke", "--sweep-kd", "alpha=0:1"], "a range lo:hi is searched"),
+    ],
+)
+def test_a_search_or_a_study_sweep_given_wrong_is_refused_before_anything_runs(args, reason):
+    if args[0] == "sweep":
+        args = [*args, "--teacher", "a" * 32]
+    res = invoke(*args)
+    assert res.exit_code == 2 and reason in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_a_search_without_optuna_says_how_to_install_it(monkeypatch, tracked):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
+    res = invoke("sweep", "--teacher", "a" * 32, "--search", "optuna", "--trials", "2", "--temperature", "1:8")
+    assert res.exit_code == 1 and "pip install 'kd-mlflow[optuna]'" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and tracked.runs() == []
+
+
+# --- a study's KD student, swept ----------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_reproduce_sweeps_the_kd_student_and_its_row_is_the_setting_chosen_on_validation(tracked):
+    """`reproduce --sweep-kd temperature=1,2` (smoke, two teacher seeds, in this process):
+    the sweep's parent nested under the study's, its two KD students under it, the KD row
+    the one chosen on validation, said by the tag and by compare; a rerun trains nothing."""
+    study = ("reproduce", "--preset", "smoke", "--seeds", "0-1", "--sweep-kd", "temperature=1,2", "--no-register")
+    res = invoke(*study)
+    assert res.exit_code == 0, res.stderr[-3000:]
+    runs = {r.info.run_id: r for r in tracked.runs()}
+    (parent,) = [r for r in runs.values() if r.data.tags.get(schema.STUDY) == "true"]
+    (swept,) = [r for r in runs.values() if r.data.tags.get(schema.SWEEP) == "true"]
+    assert parent.info.run_name == "study-smoke-digits-sweep_kd=temperature=1,2"
+    assert swept.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    kd = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == swept.info.run_id]
+    assert sorted(float(r.data.params["temperature"]) for r in kd) == [1.0, 2.0]
+    assert all(r.data.tags[schema.METHOD] == "kd" and r.data.tags[schema.SEED] == "100" for r in kd)
+    best = max(
+        sorted(kd, key=lambda r: float(r.data.params["temperature"])), key=lambda r: r.data.metrics["final_val_acc"]
+    )
+    t = format(float(best.data.params["temperature"]), "g")
+    choice = f"temperature={t} chosen on validation over 2 settings (sweep run {swept.info.run_id})"
+    assert parent.data.tags[schema.SWEEP_KD_CHOICE] == choice
+    assert runs[best.info.run_id].data.tags[schema.SWEEP_KD_CHOICE] == choice
+    assert parent.data.metrics["kd_test_acc"] == best.data.metrics["final_test_acc"]
+    assert f"KD: {choice}" in res.stdout  # the study's tables
+    assert f"KD: {choice}" in invoke("compare", "--no-intervals").stdout
+
+    again = invoke(*study)
+    assert again.exit_code == 0, again.stderr[-3000:]
+    assert {r.info.run_id for r in tracked.runs()} == set(runs) and "0 step(s) ran" in again.stderr
