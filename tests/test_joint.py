@@ -24,6 +24,7 @@ from kd_mlflow.runs import Outcome, RunRecord
 from kd_mlflow.train import fit, make_runtime
 
 SEEDS = [0, 1, 2]
+SUBSET = 320  # training images where a test trains: five steps of smoke's batch 64
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_a_joint_training_is_the_definitions_step_by_step(digits):
     """fit, given the joint model as one network, takes the steps of a loop written from
     the definition: the same batches as the train runs, Adam over the K networks, the
     cross-entropy of their mean logits; and it selects on the joint model's accuracy."""
-    recipe, rt, dd = _setup(digits, epochs=1)
+    recipe, rt, dd = _setup(digits, epochs=1, train_subset=SUBSET)
     losses: list[float] = []
     model = steps.joint_network(recipe, SEEDS, 10).to(torch.float64)
     (result,) = fit(
@@ -106,6 +107,41 @@ def test_a_joint_training_is_the_definitions_step_by_step(digits):
     with torch.no_grad():
         mean = torch.stack([net(dd.val_x) for net in lone]).mean(0)
     assert result.best_val_acc == pytest.approx(100.0 * (mean.argmax(1) == dd.val_y).double().mean().item())
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_joint_training_resumes_bit_for_bit(digits, tmp_path):
+    """Killed after epoch 1 of 2, the joint model continues from its checkpoint to the
+    weights, history and selection of an uninterrupted training."""
+    from kd_mlflow.checkpoint import CheckpointStore
+
+    class CrashAfter(CheckpointStore):
+        def save(self, state):
+            path = super().save(state)
+            if state["epoch"] == 1:
+                raise _Crash
+            return path
+
+    recipe, rt, dd = _setup(digits, epochs=2, train_subset=SUBSET)
+
+    def training(store, log=None):
+        model = steps.joint_network(recipe, SEEDS[:2], 10)
+        return model, fit(model, [CrossEntropy()], dd, recipe, rt, log=log or io.StringIO(), checkpoints=store)[0]
+
+    full_model, full = training(None)
+    with pytest.raises(_Crash):
+        training(CrashAfter(tmp_path / "ckpt"))
+    log = io.StringIO()
+    model, resumed = training(CheckpointStore(tmp_path / "ckpt"), log)
+    assert "resuming after epoch 1" in log.getvalue()
+    assert (resumed.best_epoch, resumed.best_val_acc) == (full.best_epoch, full.best_val_acc)
+    timeless = [[{k: v for k, v in h.items() if k != "epoch_seconds"} for h in r.history] for r in (full, resumed)]
+    assert timeless[0] == timeless[1]
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
 
 
 def test_a_joint_run_is_placed_with_the_train_runs_of_its_group():
