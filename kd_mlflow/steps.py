@@ -359,6 +359,9 @@ def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
 # --- joint: the K networks trained as one model, the mean of their logits ---------
 
 
+JOINT_PACKS = "a joint model packs its members (kd_mlflow.pack)"
+
+
 def joint(
     seeds: list[int],
     recipe: Recipe,
@@ -376,7 +379,7 @@ def joint(
     runs' split and batch order. One run, in the train runs' group."""
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError("seeds", ",".join(map(str, seeds)), "a joint model needs at least two distinct seeds")
-    source, split = _packed_inputs(seeds, recipe, data_dir, ex, "a joint model packs its members")
+    source, split = _packed_inputs(seeds, recipe, data_dir, ex, JOINT_PACKS)
     session = session or runs.connect(experiment)
     member_seeds = ",".join(map(str, seeds))
     spec = _spec(

@@ -315,10 +315,12 @@ def reproduce(
     "{experiment}" in it is the experiment's name."""
     # Fail on a bad device, bad data or a network that cannot be packed before any run exists.
     steps.check_device(ex)
-    if isinstance(executor, executors.PackedWaves):
-        from .models import check_packable
+    from .models import check_packable
 
+    if isinstance(executor, executors.PackedWaves):
         check_packable(plan.recipe.model)
+    if plan.joint:
+        check_packable(plan.recipe.model, steps.JOINT_PACKS)
     _source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)

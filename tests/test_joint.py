@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import invoke, run_cli
 
-from kd_mlflow import compare, config, data, models, runs, schema, steps, study
+from kd_mlflow import cli, compare, config, data, models, runs, schema, steps, study
 from kd_mlflow.objectives import CrossEntropy
 from kd_mlflow.runs import Outcome, RunRecord
 from kd_mlflow.train import fit, make_runtime
@@ -190,16 +191,29 @@ def test_a_study_of_ten_seeds_with_joint_ends_with_the_ten_member_joint_step():
     assert isinstance(last, study.JointStep) and last.name == "joint-seeds-0-9"
     assert sum(len(w) for w in executor.waves) == plan.n_steps == 24
     assert f"[step {plan.n_steps}/{plan.n_steps}] joint-seeds-0-9" in log.getvalue()
-    argv = last.argv(ctx)
-    assert argv[:2] == ["joint", "--seeds"] and config.parse_seeds(argv[2]) == list(range(10))
+    # The command line a --jobs study runs it with is the joint command's.
+    parsed = cli.main.commands["joint"].make_context("joint", last.argv(ctx)[1:]).params
+    assert config.parse_seeds(parsed["seeds"]) == list(range(10))
+    assert (parsed["preset"], parsed["parent_run"], parsed["outcome_json"]) == ("smoke", "parent", True)
     # Without --joint the study is the one it was.
     plain = study.Plan("smoke", config.preset("smoke"), {}, [0, 1])
     assert plain.n_steps == 7 and plain.n_trainings == 5
 
 
-def test_joint_run_end_to_end_and_a_rerun_reuses_it(tracked):
-    from conftest import run_cli
+def test_a_network_that_cannot_be_packed_is_refused_before_any_run(tracked):
+    """A joint model packs its members: resnet20 is refused in one line naming it, by the
+    command and by a study with --joint, before anything is logged."""
+    for argv in (
+        ["joint", "--seeds", "0-1", "--preset", "smoke", "--model", "resnet20"],
+        ["reproduce", "--seeds", "0-1", "--preset", "smoke", "--model", "resnet20", "--joint"],
+    ):
+        res = invoke(*argv)
+        assert res.exit_code == 2, res.output
+        assert "resnet20" in res.stderr and "joint model packs" in res.stderr, res.stderr
+    assert tracked.runs() == []
 
+
+def test_joint_run_end_to_end_and_a_rerun_reuses_it(tracked):
     args = ("joint", "--seeds", "0-1", "--preset", "smoke", "--epochs", "1")
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
