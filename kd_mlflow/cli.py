@@ -622,6 +622,48 @@ def ensemble(
 
 @main.command()
 @_network
+@click.option("--seeds", required=True, help="The members' model seeds, e.g. 0-4 or 0-9 (at least two).")
+@_preset
+@_data_dir
+@_experiment
+@_recipe_options
+@_execution_options
+@_step_options
+def joint(
+    seeds,
+    preset,
+    data_dir,
+    experiment,
+    device,
+    compile_,
+    deterministic,
+    force,
+    cache_dir,
+    parent_run,
+    outcome_json,
+    **kw,
+):
+    """Train the seeds' networks as one model whose logits are the mean of theirs (each
+    initialised as its train run's, cross-entropy on the mean: Allen-Zhu and Li's
+    "training the average directly"); logs one run, prints its run id."""
+    recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
+    wanted = config.parse_seeds(seeds)
+    from . import steps
+
+    out = steps.joint(
+        wanted,
+        recipe,
+        preset,
+        data_dir=data_dir,
+        experiment=experiment,
+        ex=_execution(device, compile_, deterministic, force, cache_dir),
+        parent_run_id=parent_run,
+    )
+    _emit(out, outcome_json)
+
+
+@main.command()
+@_network
 @_experiment
 @click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
 @click.option(
@@ -698,6 +740,15 @@ def _check_writable(option: str, path: Path) -> None:
 )
 @click.option("--no-register", is_flag=True, help="Do not register the KD student.")
 @click.option(
+    "--joint",
+    "joint_step",
+    type=_YesNo(),
+    is_flag=False,
+    flag_value="true",
+    default="false",
+    help="Also train the seeds' networks as one averaged model (kd-mlflow joint): a step more.",
+)
+@click.option(
     "--student-model",
     "--student_model",
     "student_model",
@@ -731,6 +782,7 @@ def reproduce(
     ray_local_gpus,
     register_as,
     no_register,
+    joint_step,
     student_model,
     sweep_kd,
     pack,
@@ -743,7 +795,8 @@ def reproduce(
     cache_dir,
     **kw,
 ):
-    """Run the whole study (seeds, ensemble, KD, SD, SD ensemble) and print its tables.
+    """Run the whole study (seeds, ensemble, KD, SD, SD ensemble; with --joint the joint
+    model too) and print its tables.
     Finished steps are reused, so a rerun does only what is missing."""
     overrides = _overrides(kw)
     recipe = config.resolve(preset, **overrides)
@@ -761,6 +814,7 @@ def reproduce(
         data_dir,
         student_model=student_model,
         sweep_kd=grid,
+        joint=joint_step,
     )
     runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
     result = study.reproduce(

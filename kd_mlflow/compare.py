@@ -169,7 +169,7 @@ def places(part: pd.DataFrame) -> tuple[dict, dict]:
     """Run id -> its Place, for the finished results of one (preset, dataset), and run id
     -> why, for a run listed apart or unattached (its line inherits that).
 
-    A train run's place is its train group. An ensemble is where its members are, with
+    A train run's place is its train group, and so is a joint run's. An ensemble is where its members are, with
     its own combine mode (apart if they are in different places, or it is tagged
     kd.mixed); a student is where its teacher is, with its own settings
     (:func:`_settings`). Superseded runs count: a student learned from the run it names."""
@@ -192,7 +192,7 @@ def places(part: pd.DataFrame) -> tuple[dict, dict]:
 
 
 def _place_of(r, by_id: dict, place) -> tuple[Place, str | None]:
-    if r.role == "train":
+    if r.role in ("train", "joint"):  # a joint model is its train runs' networks, trained as one
         return Place(r.group), None
     if r.role == "ensemble":
         return _ensemble_place(r, by_id, place)

@@ -378,14 +378,16 @@ def entry(name: str) -> Entry:
     return REGISTRY.get(name) or _wrn_entry(name)
 
 
-def check_packable(model: str) -> None:
+def check_packable(model: str, needs: str | None = None) -> None:
     """Packing (kd_mlflow.pack) widens torchvision ResNets and Wide ResNets, layer by
-    layer; other networks are refused before any run exists."""
+    layer; other networks are refused before any run exists. ``needs``: what packs them
+    where it is not --pack (then the refused value is the model)."""
     if not entry(model).packable:
         packable = ", ".join(n for n, e in REGISTRY.items() if e.packable)
-        raise ConfigError(
-            "pack", model, f"{model} cannot be packed (packable: {packable}, any wrn-D-K); train without --pack"
-        )
+        listed = f"{model} cannot be packed (packable: {packable}, any wrn-D-K)"
+        if needs:
+            raise ConfigError("model", model, f"{needs}: {listed}")
+        raise ConfigError("pack", model, f"{listed}; train without --pack")
 
 
 def build(recipe: Recipe, num_classes: int, draws_before: int = 0) -> Classifier:

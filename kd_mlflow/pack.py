@@ -28,6 +28,10 @@ This module only makes K networks one module; :func:`kd_mlflow.train.fit` trains
 as it trains one network (a packed wave checkpoints and resumes as one: the packed
 weights, the one optimiser and schedule, the order generator, and each network's
 best-validation state and history).
+
+:class:`JointModel` is the other use of K networks side by side: not K models, but one
+whose output is the mean of their logits, trained as one (Allen-Zhu and Li's "training
+the average directly").
 """
 
 from __future__ import annotations
@@ -156,3 +160,34 @@ def unpack(packed: PackedResNet) -> list[dict]:
         for state, part in zip(out, parts, strict=True):
             state[key] = part
     return out
+
+
+class JointModel(nn.Module):
+    """One model made of K networks: its logits are the mean of theirs, (B, classes).
+
+    Allen-Zhu and Li (ICLR 2023, Figure 1) train it with the cross-entropy of that mean,
+    ``CE(mean_k z_k, y)``: the gradient reaches every member through the mean, so the
+    members learn together, unlike an ensemble's, which learn alone. To the training
+    loop it is one network (:meth:`network_states` holds one state); ``members`` is the
+    :class:`PackedResNet` of the K, whose (K, B, classes) logits give each member's own
+    accuracy."""
+
+    def __init__(self, members: PackedResNet):
+        super().__init__()
+        self.members = members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.members(x).mean(0)
+
+    def network_states(self) -> list[dict]:
+        return [cpu_copy(self.state_dict())]
+
+    def load_network_states(self, states: list[dict]) -> None:
+        (state,) = states
+        self.load_state_dict(state)
+
+
+def joint(models: list[Classifier]) -> JointModel:
+    """The K networks as one :class:`JointModel`, each member starting from exactly its
+    lone weights (:func:`pack`). On the CPU."""
+    return JointModel(pack(models))

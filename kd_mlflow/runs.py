@@ -169,7 +169,7 @@ def finished(session, run_id: str, option: str) -> RunRecord:
     if rec.duplicate_of:
         raise ConfigError(option, run_id, f"run only points at {rec.duplicate_of}")
     if rec.role not in schema.ROLES:
-        raise ConfigError(option, run_id, "not a kd-mlflow train, ensemble or student run")
+        raise ConfigError(option, run_id, "not a kd-mlflow train, ensemble, student or joint run")
     return rec
 
 

@@ -23,7 +23,7 @@ TEACHER_MODEL = "kd.teacher_model"  # the teacher's architecture(s): "resnet56";
 # distinct ones joined by "+" ("resnet20+resnet8"); a width not published: "resnet20@w16"
 GENERATION = "kd.generation"  # 1 = student of a trained model or ensemble, 2 = student of a student, ...
 MEMBER_RUN_IDS = "kd.member_run_ids"  # ensembles: comma-separated run ids, in member order
-MEMBER_SEEDS = "kd.member_seeds"  # ensembles: comma-separated seeds, in member order
+MEMBER_SEEDS = "kd.member_seeds"  # ensembles and joint runs: comma-separated seeds, in member order
 MEMBER_ROLE = "kd.member_role"  # ensembles: role of the members (train | student)
 PREDICTIONS = "kd.predictions"  # the artifact path of the run's predicted probabilities
 PREDICTIONS_PATH = "predictions/predictions.npz"
@@ -54,7 +54,9 @@ ENV_PREFIX = "kd.env."  # the machine and libraries: kd_mlflow.machine.env_tags
 # used: MLflow params are immutable, so the used one is logged as "resolved.<name>".
 RESOLVED_PREFIX = "resolved."
 
-ROLES = ("train", "ensemble", "student")
+# joint: K networks trained as one model whose logits are the mean of theirs; it
+# logs member_{k}_val_acc / member_{k}_test_acc, each member alone, k in member order.
+ROLES = ("train", "ensemble", "student", "joint")
 
 # --- metrics (floats; accuracies in percent, as the report prints them) ----
 # Per epoch, step = epoch (1-based):
@@ -96,6 +98,10 @@ def settings(changed: dict) -> str:
 
 def ensemble_name(member_seeds, member_role: str) -> str:
     return ("sd-" if member_role == "student" else "") + f"ensemble-seeds-{seed_label(member_seeds)}"
+
+
+def joint_name(member_seeds) -> str:
+    return f"joint-seeds-{seed_label(member_seeds)}"
 
 
 def study_name(preset: str, dataset: str, label: str = "") -> str:

@@ -139,6 +139,8 @@ class _StudentPlan:
 def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: dict, data_dir, ex) -> _StudentPlan:
     _check_seed(seed)
     teacher = runs.finished(session, teacher_run_id, "teacher")
+    if teacher.role == "joint":
+        raise ConfigError("teacher", teacher_run_id, "a joint run is not a teacher: its members learned as one model")
     if preset and teacher.preset and preset != teacher.preset:
         raise ConfigError(
             "preset",
@@ -233,14 +235,7 @@ def train_wave(
 ) -> list[Outcome]:
     """Train runs of these seeds, the missing ones packed (kd_mlflow.pack): each is its
     own run with the identity it would have alone, so lone and packed runs reuse each other."""
-    for seed in seeds:
-        _check_seed(seed)
-    check_device(ex)
-    from .models import check_packable
-
-    check_packable(recipe.model)
-    source, split = load_data(recipe, data_dir, ex)
-    check_schedule(recipe, len(split.train_idx))
+    source, split = _packed_inputs(seeds, recipe, data_dir, ex)
     session = session or runs.connect(experiment)
     specs = [_train_spec(seed, recipe, preset, source, split) for seed in seeds]
 
@@ -253,6 +248,21 @@ def train_wave(
     return runs.record_wave(
         session, specs, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
     )
+
+
+def _packed_inputs(seeds: list[int], recipe: Recipe, data_dir, ex: Execution, needs: str | None = None):
+    """(source, split) for networks of these seeds packed side by side, once every
+    refusal has had its chance (seeds, device, a network that cannot be packed, data,
+    schedule): before any run exists. ``needs``: what packs them, if not --pack."""
+    for seed in seeds:
+        _check_seed(seed)
+    check_device(ex)
+    from .models import check_packable
+
+    check_packable(recipe.model, needs)
+    source, split = load_data(recipe, data_dir, ex)
+    check_schedule(recipe, len(split.train_idx))
+    return source, split
 
 
 def distill_wave(
@@ -302,20 +312,14 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
     """The body of a packed wave: each network seeded and built as it would be alone."""
 
     def body(recordings, indices, store) -> list:
-        import torch
-
         from . import data as data_mod
-        from . import models
         from .pack import pack
         from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
         for rec in recordings:
             rec.set_tags(_runtime_tags(rt))
-        nets = []
-        for i in indices:
-            torch.manual_seed(seeds[i])
-            nets.append(models.build(recipe, source.num_classes, draws_before=draws[i]))
+        nets = [_seeded_network(recipe, seeds[i], source.num_classes, draws[i]) for i in indices]
         dd = data_mod.DeviceData(source, split, rt.device)
         results = fit(
             rt.prepare(pack(nets)),
@@ -350,6 +354,87 @@ def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
         return base.replace(**{**own, **overrides})
     except TypeError as e:  # e.g. a tuple field given a scalar
         raise ConfigError("recipe", overrides, str(e)) from None
+
+
+# --- joint: the K networks trained as one model, the mean of their logits ---------
+
+
+JOINT_PACKS = "a joint model packs its members (kd_mlflow.pack)"
+
+
+def joint(
+    seeds: list[int],
+    recipe: Recipe,
+    preset: str,
+    *,
+    data_dir: str | None = None,
+    experiment: str | None = None,
+    ex: Execution = Execution(),
+    parent_run_id: str | None = None,
+    session=None,
+) -> Outcome:
+    """Allen-Zhu and Li's "training the average directly": the train runs' networks of
+    these seeds, each initialised as its own train run's, trained together as one model
+    (kd_mlflow.pack.JointModel) with the cross-entropy of their mean logits, on the train
+    runs' split and batch order. One run, in the train runs' group."""
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError("seeds", ",".join(map(str, seeds)), "a joint model needs at least two distinct seeds")
+    source, split = _packed_inputs(seeds, recipe, data_dir, ex, JOINT_PACKS)
+    session = session or runs.connect(experiment)
+    member_seeds = ",".join(map(str, seeds))
+    spec = _spec(
+        "joint",
+        schema.joint_name(seeds),
+        recipe,
+        preset,
+        source,
+        split,
+        recipe_role="train",
+        group_role="train",
+        identity=tuple(seeds),
+        label=group_label(preset, recipe, "train"),
+        params={"member_seeds": member_seeds, "n_members": len(seeds)},
+        tags={schema.MEMBER_SEEDS: member_seeds},
+    )
+    return runs.record(
+        session,
+        spec,
+        _fitting_joint(recipe, seeds, source, split, ex),
+        force=ex.force,
+        checkpoint_root=ex.checkpoint_root,
+        parent_run_id=parent_run_id,
+    )
+
+
+def joint_network(recipe: Recipe, seeds: list[int], num_classes: int):
+    """The joint model of ``seeds`` before training (kd_mlflow.pack.JointModel, on the
+    CPU): member k is, bit for bit, the network seed k's train run starts from."""
+    from .pack import joint as joint_model
+
+    return joint_model([_seeded_network(recipe, s, num_classes) for s in seeds])
+
+
+def _fitting_joint(recipe: Recipe, seeds: list[int], source, split, ex: Execution):
+    """The body of a joint run: the one loop, as for one network (the joint model is
+    one); then each member's own accuracy at the selected epoch."""
+
+    def body(rec: runs.Recording) -> Final:
+        from . import data as data_mod
+        from .objectives import CrossEntropy
+        from .train import evaluate_stacked, fit, make_runtime
+
+        rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
+        rec.set_tags(_runtime_tags(rt))
+        model = rt.prepare(joint_network(recipe, seeds, source.num_classes))
+        dd = data_mod.DeviceData(source, split, rt.device)
+        (result,) = fit(model, [CrossEntropy()], dd, recipe, rt, [rec.sink], rec.store)
+        final = _selected(rec, model, result, dd, recipe, rt)  # the model now holds the selected weights
+        for which in ("val", "test"):
+            accs = evaluate_stacked(model.members, dd, which, recipe, rt)[1]
+            final.metrics.update({f"member_{k}_{which}_acc": acc for k, acc in enumerate(accs.tolist())})
+        return final
+
+    return body
 
 
 # --- ensemble ----------------------------------------------------------------
@@ -482,6 +567,7 @@ def _spec(
     *,
     seed: int | None = None,
     recipe_role: str | None = None,
+    group_role: str | None = None,
     identity: tuple = (),
     group_parts: tuple = (),
     label: str = "",
@@ -489,9 +575,10 @@ def _spec(
     tags: dict | None = None,
 ) -> RunSpec:
     """The core params and tags every role logs, and its identity: the configuration
-    hash (what changes the result) and the group (the same, less the seed)."""
+    hash (what changes the result) and the group (the same, less the seed; a run of
+    ``group_role``'s group, where given: a joint run is in its train runs' group)."""
     recipe_role = recipe_role or role
-    group = runs.digest(role, recipe.digest(recipe_role), split.digest, *group_parts)
+    group = runs.digest(group_role or role, recipe.digest(recipe_role), split.digest, *group_parts)
     config_hash = runs.digest(role, recipe.digest(recipe_role), split.digest, seed, *identity)
     core_params = {
         **recipe.as_params(recipe_role),
@@ -533,21 +620,28 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
     script built its teacher's network first)."""
 
     def body(rec: runs.Recording) -> Final:
-        import torch
-
         from . import data as data_mod
-        from . import models
         from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
         rec.set_tags(_runtime_tags(rt))
-        torch.manual_seed(seed)  # the model seed sets the initialisation, nothing else
-        model = rt.prepare(models.build(recipe, source.num_classes, draws_before=draws_before))
+        model = rt.prepare(_seeded_network(recipe, seed, source.num_classes, draws_before))
         dd = data_mod.DeviceData(source, split, rt.device)
         (result,) = fit(model, [make_objective(dd, rt)], dd, recipe, rt, [rec.sink], rec.store)
         return _selected(rec, model, result, dd, recipe, rt)
 
     return body
+
+
+def _seeded_network(recipe: Recipe, seed: int, num_classes: int, draws_before: int = 0):
+    """The network of model seed ``seed``, as every run that trains it builds it: lone,
+    packed or a member of a joint model."""
+    import torch
+
+    from . import models
+
+    torch.manual_seed(seed)  # the model seed sets the initialisation, nothing else
+    return models.build(recipe, num_classes, draws_before=draws_before)
 
 
 def _teacher_table(teacher_run_id: str, split_digest: str, ex: Execution, rt, compute):

@@ -1,7 +1,8 @@
 """The whole study, planned as typed steps and recorded as one parent run.
 
 Waves: the seeds; their ensemble; the KD student of the ensemble and the SD students
-(teacher seed i -> student seed i + offset); the ensemble of the SD students; then the
+(teacher seed i -> student seed i + offset); the ensemble of the SD students; with
+``joint``, the seeds' networks trained as one averaged model; then the
 tables, summary metrics and plots, logged on the parent. Each step knows its run name,
 how to run in this process and its command line; an executor
 (:mod:`kd_mlflow.executors`) only chooses where it runs. Every step goes through the
@@ -44,6 +45,7 @@ class Plan:
     data_dir: str | None = None
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
     sweep_kd: KDChooser | None = None  # chooses the KD student's settings first (reproduce --sweep-kd)
+    joint: bool = False  # add the joint model of the seeds (not the study's identity: a step more)
 
     def __post_init__(self):
         if self.student_model is None:
@@ -80,7 +82,11 @@ class Plan:
 
     @property
     def n_steps(self) -> int:
-        return 2 * len(self.seeds) + 3
+        return 2 * len(self.seeds) + 3 + self.joint
+
+    @property
+    def n_trainings(self) -> int:
+        return 2 * len(self.seeds) + 1 + self.joint
 
 
 class StepPlan(Protocol):
@@ -230,6 +236,31 @@ class EnsembleStep:
         return ["ensemble", "--members", ",".join(self.members), "--combine", self.combine, *_common_argv(ctx)]
 
 
+@dataclass(frozen=True)
+class JointStep:
+    seeds: tuple
+    trains: bool = True
+
+    @property
+    def name(self) -> str:
+        return schema.joint_name(self.seeds)
+
+    def run_here(self, ctx: Context) -> Outcome:
+        return steps.joint(list(self.seeds), _study(ctx).recipe, ctx.plan.preset, **ctx.where())
+
+    def argv(self, ctx: Context) -> list[str]:
+        seeds = ",".join(map(str, self.seeds))
+        return [
+            "joint",
+            "--seeds",
+            seeds,
+            "--preset",
+            ctx.plan.preset,
+            *_override_argv(ctx.plan.overrides),
+            *_common_argv(ctx),
+        ]
+
+
 # --- progress ------------------------------------------------------------------
 
 
@@ -299,10 +330,12 @@ def reproduce(
     "{experiment}" in it is the experiment's name."""
     # Fail on a bad device, bad data or a network that cannot be packed before any run exists.
     steps.check_device(ex)
-    if isinstance(executor, executors.PackedWaves):
-        from .models import check_packable
+    from .models import check_packable
 
+    if isinstance(executor, executors.PackedWaves):
         check_packable(plan.recipe.model)
+    if plan.joint:
+        check_packable(plan.recipe.model, steps.JOINT_PACKS)
     _source, split = steps.load_data(plan.recipe, plan.data_dir, ex)
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
@@ -319,7 +352,7 @@ def reproduce(
     # Steps never adopt the run `mlflow run -e main` created: that one is the parent.
     ctx = Context(plan, ex, parent, session.without_adoption())
     result = StudyResult(parent)
-    progress = Progress(plan.n_steps, 2 * len(plan.seeds) + 1)
+    progress = Progress(plan.n_steps, plan.n_trainings)
     try:
         _waves(plan, ctx, executor, result, progress)
         if result.kd_choice:  # said by the study's parent, and by its KD student for compare
@@ -409,6 +442,8 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
     wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), best, model=plan.student_model)])
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
+    if plan.joint:
+        wave([JointStep(tuple(seeds))])
 
 
 # --- the parent run --------------------------------------------------------
@@ -481,8 +516,8 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
             metric = GAIN_METRICS.get(g.gain)
             if metric and g.lo == g.lo:
                 summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
-    roles = {
-        name: ("teacher" if name.startswith("train-") else "student")
+    roles = {  # solid lines: networks trained from their initialisation (a joint model too)
+        name: ("teacher" if name.startswith(("train-", "joint-")) else "student")
         for name in result.runs
         if not name.startswith(("ensemble-", "sd-ensemble-"))
     }
