@@ -52,6 +52,9 @@ ENV_PREFIX = "kd.env."  # the machine and libraries: kd_mlflow.machine.env_tags
 RESOLVED_PREFIX = "resolved."
 
 ROLES = ("train", "ensemble", "student")
+# K networks of the train recipe trained as one model whose output is the mean of their
+# logits (issue 21's "training the average directly"); compare reads such runs.
+JOINT = "joint"
 
 # --- metrics (floats; accuracies in percent, as the report prints them) ----
 # Per epoch, step = epoch (1-based):
