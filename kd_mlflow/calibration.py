@@ -16,12 +16,12 @@ from itertools import combinations
 
 import numpy as np
 
+from .schema import CALIBRATION_METRICS
 from .stats import KL_EPS
 
 N_BINS = 15  # Guo et al. 2017
 MAX_SUBSETS = 200  # ensemble size: above this many subsets of size k, a seeded sample
 NLL_EPS = KL_EPS  # probability floor for the log: float16 flushes below ~6e-8 to 0
-METRICS = ("test_nll", "test_ece", "test_brier")  # what every run logs, in this order
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Calibration:
 
     def as_metrics(self) -> dict:
         """The run metrics: test_nll, test_ece, test_brier."""
-        return dict(zip(METRICS, (self.nll, self.ece, self.brier), strict=True))
+        return dict(zip(CALIBRATION_METRICS, (self.nll, self.ece, self.brier), strict=True))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -132,6 +132,8 @@ def ensemble_size(table):
     fig, (ax_acc, ax_nll) = plt.subplots(1, 2, figsize=(10, 4))
     for members, curve in table.groupby("members", sort=False) if len(table) else []:
         k = curve["k"].astype(int)
+        ax_acc.set_xticks(k)
+        ax_nll.set_xticks(k)
         for ax, key in ((ax_acc, "acc"), (ax_nll, "nll")):
             mean, low, high = (curve[f"{key}_{s}"].astype(float) for s in ("mean", "min", "max"))
             ax.errorbar(k, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label=f"members {members}")

@@ -80,6 +80,7 @@ class RunRecord:
     final_val_acc: float | None = None
     final_test_acc: float | None = None
     has_predictions: bool = False
+    has_calibration: bool = False  # its test_nll, test_ece and test_brier are logged
 
     @property
     def data_dir(self) -> str | None:
@@ -134,6 +135,7 @@ def record_of(run) -> RunRecord:
         final_val_acc=m.get(schema.FINAL_VAL_ACC),
         final_test_acc=m.get(schema.FINAL_TEST_ACC),
         has_predictions=schema.PREDICTIONS in t,
+        has_calibration=all(k in m for k in schema.CALIBRATION_METRICS),
     )
 
 
@@ -313,6 +315,12 @@ def add_predictions(
     tracking.log_predictions_to(
         session, rec.run_id, probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
     )
+
+
+def add_calibration(session, rec: RunRecord, metrics: dict) -> None:
+    """Calibration computed after the fact from a run's predictions (a run made before
+    runs logged it): logged once, on the run itself."""
+    tracking.log_metrics(session, rec.run_id, metrics)
 
 
 def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:

@@ -63,6 +63,9 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")
 FINAL_VAL_ACC = "final_val_acc"
 FINAL_TEST_ACC = "final_test_acc"
 BEST_EPOCH = "best_epoch"
+# Calibration on the test images, from the probabilities the predictions artifact holds
+# (kd_mlflow.calibration); logged at the end by every run, by compare on older runs.
+CALIBRATION_METRICS = ("test_nll", "test_ece", "test_brier")
 
 
 # --- run names: built here only ----------------------------------------------

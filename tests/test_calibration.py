@@ -289,7 +289,16 @@ def test_the_joint_column_reads_a_joint_run(smoke_study, tracked, tmp_path):
     stored = predictions.stored(probs_test)
     assert row["nll"] == pytest.approx(_nll_by_definition(stored, labels_test))
     assert row["ece"] == pytest.approx(_torchmetrics_ece(stored, labels_test), abs=1e-6)
-    assert [r["run_id"] for r in doc["joint"]] == [rid] and trains
+    assert [r["run_id"] for r in doc["joint"]] == [rid]
+
+    # Runs logged without calibration (these copies, the joint run) get it from their
+    # artifacts the first time compare reads them, logged on the run.
+    for run_id, p in ((rid, None), *zip(trains, members, strict=True)):
+        logged = client.get_run(run_id).data.metrics
+        probs, labels = (stored, labels_test) if p is None else (p.probs(), p.labels())
+        assert logged["test_nll"] == pytest.approx(_nll_by_definition(probs, labels), rel=1e-9)
+        assert logged["test_ece"] == pytest.approx(_torchmetrics_ece(probs, labels), abs=1e-6)
+        assert logged["test_brier"] == pytest.approx(_brier_by_definition(probs, labels), rel=1e-9)
 
     md = invoke("compare", "--experiment", tracked.experiment).stdout
     assert "| runs | 2 | 0 | 0 | 0 | 1 |" in md
