@@ -873,13 +873,17 @@ def _csv(tables: list[StudyTables]) -> str:
                     "run_id": r.run_id,
                 }
             )
-        for section, frame in (("ensembles", t.ensembles), ("sd_ensembles", t.sd_ensembles)):
+        for section, frame, role in (
+            ("ensembles", t.ensembles, "ensemble"),
+            ("sd_ensembles", t.sd_ensembles, "ensemble"),
+            ("joint", t.joint, S.JOINT),
+        ):
             for r in frame.itertuples():
                 rows.append(
                     {
                         **g,
                         "section": section,
-                        "role": "ensemble",
+                        "role": role,
                         "members": r.members,
                         "val_acc": r.val_acc,
                         "test_acc": r.test_acc,

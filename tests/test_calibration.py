@@ -123,6 +123,48 @@ def test_paired_bootstrap_of_values_is_the_accuracy_bootstrap_on_zero_one_values
     assert (100 * values.estimate, 100 * values.lo, 100 * values.hi) == pytest.approx((acc.estimate, acc.lo, acc.hi))
 
 
+def _records(joint_recipe: dict):
+    """Two train runs of smoke and a joint run of ``joint_recipe`` (record_of's view)."""
+    from kd_mlflow import config
+    from kd_mlflow.runs import RunRecord
+
+    params = config.preset("smoke").as_params("train")
+    common = {"status": "FINISHED", "preset": "smoke", "dataset": "digits", "split_digest": "s", "group": "g"}
+    trains = [
+        RunRecord(f"t{s}", role="train", seed=s, params=params, final_test_acc=80.0 + s, config_hash=f"t{s}", **common)
+        for s in (0, 1)
+    ]
+    joint = RunRecord(
+        "j",
+        role="joint",
+        params={**params, **joint_recipe},
+        member_seeds=("0", "1"),
+        final_val_acc=70.0,
+        final_test_acc=79.0,
+        config_hash="j",
+        **{**common, "group": "joint-group"},
+    )
+    return [*trains, joint]
+
+
+def test_a_joint_run_is_the_fifth_column_of_its_train_recipes_figure1():
+    from kd_mlflow import compare
+    from kd_mlflow.runs import records_frame
+
+    (t,) = compare.build_tables(records_frame(_records({})))
+    fig = t.figure1.set_index("column")
+    assert fig.loc["joint", "run_ids"] == ["j"] and fig.loc["joint", "test_acc"] == 79.0
+    assert fig.loc["joint", "gain"] == pytest.approx(79.0 - 80.5)
+    assert t.joint[["members", "n_members", "test_acc", "run_id"]].values.tolist() == [["0,1", 2, 79.0, "j"]]
+    # Of another recipe (here another epoch count) it has no train runs here: listed, with
+    # a note, and counted in no Figure 1 (with one train group, in its table, as compare
+    # lists every run whose line is not here).
+    (t,) = compare.build_tables(records_frame(_records({"epochs": "3"})))
+    assert t.figure1.set_index("column").loc["joint", "n"] == 0
+    assert t.joint["run_id"].tolist() == ["j"] and "no train runs of its recipe and split" in "\n".join(t.notes)
+    assert 'joint,smoke,joint,,,"0,1",70.0,79.0,,,,,j,' in compare.render([t], "csv")
+
+
 def test_compare_and_its_measures_load_no_torch():
     code = "import sys, kd_mlflow.compare; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
     repo = str(Path(__file__).resolve().parent.parent)
