@@ -76,11 +76,11 @@ class RunRecord:
     study: bool = False  # a study's parent run, not a result
     mixed: bool = False  # an ensemble of members of different groups (--allow-mixed)
     start_time: int = 0  # ms since the epoch: of two runs of one configuration, the later wins
+    has_calibration: bool = False  # its test_nll, test_ece and test_brier are logged
     params: dict = field(default_factory=dict)  # as the run used them (see record_of)
     final_val_acc: float | None = None
     final_test_acc: float | None = None
     has_predictions: bool = False
-    has_calibration: bool = False  # its test_nll, test_ece and test_brier are logged
 
     @property
     def data_dir(self) -> str | None:
@@ -131,11 +131,11 @@ def record_of(run) -> RunRecord:
         study=schema.STUDY in t,
         mixed=t.get(schema.MIXED) == "true",
         start_time=run.info.start_time or 0,
+        has_calibration=all(k in m for k in schema.CALIBRATION_METRICS),
         params=p,
         final_val_acc=m.get(schema.FINAL_VAL_ACC),
         final_test_acc=m.get(schema.FINAL_TEST_ACC),
         has_predictions=schema.PREDICTIONS in t,
-        has_calibration=all(k in m for k in schema.CALIBRATION_METRICS),
     )
 
 
