@@ -19,13 +19,26 @@ import json
 
 import pandas as pd
 
-from kd_mlflow import config
+from kd_mlflow import config, measures
 from kd_mlflow import gains as gains_mod
 from kd_mlflow import schema as S
 
 FORMATS = ("markdown", "csv", "json")
-TABLES = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "summary", "gains", "mechanism")
-_ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id"]
+TABLES = (
+    "seeds",
+    "ensembles",
+    "kd",
+    "self_distillation",
+    "sd_ensembles",
+    "joint",
+    "summary",
+    "gains",
+    "mechanism",
+    "figure1",
+    "calibration",
+    "ensemble_size",
+)
+_ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id", "member_run_ids"]
 COLUMNS = {
     "seeds": ["seed", "val_acc", "test_acc", "run_id"],
     "ensembles": _ENSEMBLE_COLUMNS,
@@ -53,6 +66,7 @@ COLUMNS = {
         "run_id",
     ],
     "sd_ensembles": _ENSEMBLE_COLUMNS,
+    "joint": _ENSEMBLE_COLUMNS,
     "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std", "gain", "gain_over", "run_ids"],
 }
 _MISSING = {
@@ -89,6 +103,14 @@ class StudyTables:
     gains: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=gains_mod.GAIN_COLUMNS))
     mechanism: pd.DataFrame = dataclasses.field(
         default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS)
+    )
+    joint: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=_ENSEMBLE_COLUMNS))
+    figure1: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=measures.FIGURE1_COLUMNS))
+    calibration: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=measures.CALIBRATION_COLUMNS)
+    )
+    ensemble_size: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=measures.ENSEMBLE_SIZE_COLUMNS)
     )
 
 
@@ -192,11 +214,25 @@ def places(part: pd.DataFrame) -> tuple[dict, dict]:
 
 
 def _place_of(r, by_id: dict, place) -> tuple[Place, str | None]:
-    if r.role in ("train", "joint"):  # a joint model is its train runs' networks, trained as one
+    if r.role == "train":
         return Place(r.group), None
     if r.role == "ensemble":
         return _ensemble_place(r, by_id, place)
+    if r.role == S.JOINT:
+        return _joint_place(r, by_id)
     return _student_place(r, by_id, place)
+
+
+def _joint_place(r, by_id: dict) -> tuple[Place, str | None]:
+    """A joint run (K networks of the train recipe trained as one) is where the train runs
+    of its recipe and split are: it is the fifth column of their Figure 1."""
+    if r.recipe is not None:
+        mine = r.recipe.digest("train")
+        for t in by_id.values():
+            if t.role == "train" and t.recipe is not None and t.split_digest == r.split_digest:
+                if t.recipe.digest("train") == mine:
+                    return Place(t.group), None
+    return UNATTACHED, f"joint run {r.run_id} has no train runs of its recipe and split here"
 
 
 def _ensemble_place(r, by_id: dict, place) -> tuple[Place, str | None]:
@@ -256,11 +292,16 @@ def _seeds(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ensembles(rows: pd.DataFrame, of_students: bool) -> pd.DataFrame:
-    t = rows[(rows["role"] == "ensemble") & ((rows["member_role"] == "student") == of_students)]
+    return _of_members(rows[(rows["role"] == "ensemble") & ((rows["member_role"] == "student") == of_students)])
+
+
+def _of_members(t: pd.DataFrame) -> pd.DataFrame:
+    """Runs made of members (ensembles, joint runs), one row each."""
     members = t["member_seeds"].where(t["member_seeds"].notna(), t["member_run_ids"].map(",".join))
     out = t.assign(
         members=t["member_seeds"],
         n_members=_int(members.map(lambda m: None if not m else len(m.split(",")))),
+        member_run_ids=t["member_run_ids"].map(list),
     )
     out = out[_ENSEMBLE_COLUMNS].sort_values(["n_members", "members", "run_id"])
     return out.reset_index(drop=True)
@@ -394,15 +435,17 @@ def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | 
         "kd": _kd(rows, lookup),
         "self_distillation": _self_distillation(rows, lookup),
         "sd_ensembles": _ensembles(rows, of_students=True),
+        "joint": _of_members(rows[rows["role"] == S.JOINT]),
     }
     kd = rows[rows["run_id"].isin(tables["kd"]["run_id"])]
     notes = notes + [f"KD: {c}" for c in kd.get("sweep_kd_choice", pd.Series(dtype=object)).dropna()]
     if in_line is None:
-        summary = pd.DataFrame(columns=COLUMNS["summary"])
-    else:
-        summary = _summary(counted(tables, in_line))
-        notes = notes + [m for k, m in _MISSING.items() if tables[k].empty]
-    return StudyTables(**head, **tables, summary=summary, notes=notes)
+        return StudyTables(**head, **tables, summary=pd.DataFrame(columns=COLUMNS["summary"]), notes=notes)
+    summary = _summary(counted(tables, in_line))
+    notes = notes + [m for k, m in _MISSING.items() if tables[k].empty]
+    counted_joint = tables["joint"][tables["joint"]["run_id"].isin(in_line)]
+    figure1 = measures.figure1(head, summary, {**tables, "joint": counted_joint})
+    return StudyTables(**head, **tables, summary=summary, notes=notes, figure1=figure1)
 
 
 # --- the tables of one (preset, dataset) ------------------------------------------
@@ -547,7 +590,10 @@ def build_tables(
 
 def with_intervals(t: StudyTables, predictions: dict) -> StudyTables:
     g, m, notes = gains_mod.compute(t, predictions)
-    return dataclasses.replace(t, gains=g, mechanism=m, notes=t.notes + notes)
+    figure1, calibration, size = measures.compute(t, predictions)
+    return dataclasses.replace(
+        t, gains=g, mechanism=m, figure1=figure1, calibration=calibration, ensemble_size=size, notes=t.notes + notes
+    )
 
 
 def run_ids(tables: list[StudyTables]) -> list[str]:
@@ -556,7 +602,8 @@ def run_ids(tables: list[StudyTables]) -> list[str]:
     for t in tables:
         ids += list(t.seeds["run_id"]) + list(t.ensembles["run_id"]) + list(t.kd["run_id"])
         ids += list(t.self_distillation["run_id"]) + list(t.self_distillation["teacher_run_id"].dropna())
-        ids += list(t.sd_ensembles["run_id"])
+        ids += list(t.sd_ensembles["run_id"]) + list(t.joint["run_id"])
+        ids += [m for members in t.ensembles["member_run_ids"] for m in members]
     return list(dict.fromkeys(ids))
 
 
@@ -679,6 +726,76 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
     return out
 
 
+def _acc_cell(r) -> str:
+    """ "85.95 ± 0.37 [85.49, 86.41]": a column's mean, its std and t-interval over seeds."""
+    if pd.isna(r.test_acc):
+        return "-"
+    std = "" if pd.isna(r.test_std) else f" ± {r.test_std:.2f}"
+    seeds = "" if pd.isna(r.seed_lo) else f" [{r.seed_lo:.2f}, {r.seed_hi:.2f}]"
+    return f"{r.test_acc:.2f}{std}{seeds}"
+
+
+def _gain_cell(estimate, lo, hi, spec: str = "+.2f") -> str:
+    if pd.isna(estimate):
+        return "-"
+    return format(estimate, spec) + ("" if pd.isna(lo) else f" [{lo:{spec}}, {hi:{spec}}]")
+
+
+def _md_figure1(t: StudyTables) -> list[tuple[str, str]]:
+    """Figure 1 (five columns), calibration and ensemble size, where the group has them."""
+    out = []
+    if not t.figure1.empty:
+        cols = list(t.figure1.itertuples())
+        rows = [
+            ["runs", *(str(r.n) for r in cols)],
+            ["test accuracy (mean ± std [95% t over seeds])", *(_acc_cell(r) for r in cols)],
+            ["gain over mean single [95% paired bootstrap]", *(_gain_cell(r.gain, r.gain_lo, r.gain_hi) for r in cols)],
+        ]
+        for source, what in (
+            ("report", "the report (ResNet-18, CIFAR-10)"),
+            ("paper", "the paper (WRN-28-10, CIFAR-10)"),
+        ):
+            if t.figure1[source].notna().any():
+                rows.append([what, *(_fmt(getattr(r, source)) for r in cols)])
+        titles = [title for _, title, _ in measures.FIGURE1]
+        out.append(("Figure 1 (test accuracy, %; Allen-Zhu and Li, ICLR 2023)", _md_table(["", *titles], rows)))
+    if not t.calibration.empty:
+        rows = [
+            [
+                r.row,
+                str(r.n),
+                _fmt(r.nll, ".4f"),
+                _fmt(r.ece, ".4f"),
+                _fmt(r.brier, ".4f"),
+                _gain_cell(r.nll_gain, r.nll_gain_lo, r.nll_gain_hi, "+.4f"),
+            ]
+            for r in t.calibration.itertuples()
+        ]
+        header = [
+            "",
+            "n",
+            "NLL (nats)",
+            "ECE (15 bins)",
+            "Brier",
+            "NLL gain: mean single - this [95% paired bootstrap]",
+        ]
+        out.append(("Calibration (test set; means over runs)", _md_table(header, rows)))
+    if not t.ensemble_size.empty:
+        rows = [
+            [
+                _fmt(r.members),
+                str(r.k),
+                str(r.n_subsets),
+                f"{r.acc_mean:.2f} [{r.acc_min:.2f}, {r.acc_max:.2f}]",
+                f"{r.nll_mean:.4f} [{r.nll_min:.4f}, {r.nll_max:.4f}]",
+            ]
+            for r in t.ensemble_size.itertuples()
+        ]
+        header = ["members", "k", "subsets", "test accuracy: mean [min, max]", "NLL: mean [min, max]"]
+        out.append(("Ensemble size (average of k members' probabilities)", _md_table(header, rows)))
+    return out
+
+
 def _markdown(tables: list[StudyTables]) -> str:
     if not tables:
         return "no finished runs\n"
@@ -686,7 +803,7 @@ def _markdown(tables: list[StudyTables]) -> str:
     for t in tables:
         parts.append(f"## {t.label} ({t.dataset})\n\ngroup `{t.group_id}`")
         parts += [f"### {title}\n\n{table}" for title, table in _md_sections(t)]
-        parts += [f"### {title}\n\n{table}" for title, table in _md_uncertainty(t)]
+        parts += [f"### {title}\n\n{table}" for title, table in _md_uncertainty(t) + _md_figure1(t)]
         if t.notes:
             parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in t.notes))
     return "\n\n".join(parts) + "\n"
@@ -730,6 +847,13 @@ CSV_COLUMNS = [
     "group_id",
     "preset",
     "dataset",
+    "k",
+    "nll",
+    "ece",
+    "brier",
+    "nll_gain",
+    "nll_gain_lo",
+    "nll_gain_hi",
 ]
 
 
@@ -751,13 +875,17 @@ def _csv(tables: list[StudyTables]) -> str:
                     "run_id": r.run_id,
                 }
             )
-        for section, frame in (("ensembles", t.ensembles), ("sd_ensembles", t.sd_ensembles)):
+        for section, frame, role in (
+            ("ensembles", t.ensembles, "ensemble"),
+            ("sd_ensembles", t.sd_ensembles, "ensemble"),
+            ("joint", t.joint, S.JOINT),
+        ):
             for r in frame.itertuples():
                 rows.append(
                     {
                         **g,
                         "section": section,
-                        "role": "ensemble",
+                        "role": role,
                         "members": r.members,
                         "val_acc": r.val_acc,
                         "test_acc": r.test_acc,
@@ -790,16 +918,38 @@ def _csv(tables: list[StudyTables]) -> str:
                     "run_id": r.run_id,
                 }
             )
-        for g in t.gains[t.gains["run_id"].notna()].itertuples():
+        for e in t.gains[t.gains["run_id"].notna()].itertuples():
             for row in rows:
-                if row["run_id"] == g.run_id and row["group_id"] == t.group_id:
+                if row["run_id"] == e.run_id and row["group_id"] == t.group_id:
                     row.update(
-                        gain=g.estimate, gain_lo=g.lo, gain_hi=g.hi, mcnemar_p=None if pd.isna(g.p_value) else g.p_value
+                        gain=e.estimate, gain_lo=e.lo, gain_hi=e.hi, mcnemar_p=None if pd.isna(e.p_value) else e.p_value
                     )
+        rows += _csv_measures(t, g)
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    for col in ("seed", "teacher_seed"):
+    for col in ("seed", "teacher_seed", "k"):
         frame[col] = pd.array(frame[col].map(lambda v: None if v is None or pd.isna(v) else int(v)), dtype="Int64")
     return frame.to_csv(index=False)
+
+
+def _csv_measures(t: StudyTables, g: dict) -> list[dict]:
+    """Figure 1's columns (role: the column), the calibration rows (role: the row) and the
+    ensemble-size points (members, k; test_acc and nll their means over subsets)."""
+    rows = [
+        {**g, "section": "figure1", "role": r.column, "test_acc": r.test_acc}
+        | {"gain": r.gain, "gain_lo": r.gain_lo, "gain_hi": r.gain_hi}
+        for r in t.figure1.itertuples()
+    ]
+    rows += [
+        {**g, "section": "calibration", "role": r.row, "nll": r.nll, "ece": r.ece, "brier": r.brier}
+        | {"nll_gain": r.nll_gain, "nll_gain_lo": r.nll_gain_lo, "nll_gain_hi": r.nll_gain_hi}
+        for r in t.calibration.itertuples()
+    ]
+    rows += [
+        {**g, "section": "ensemble_size", "role": "ensemble", "members": r.members, "k": r.k}
+        | {"test_acc": r.acc_mean, "nll": r.nll_mean, "run_id": r.run_id}
+        for r in t.ensemble_size.itertuples()
+    ]
+    return rows
 
 
 def render(tables: list[StudyTables], fmt: str) -> str:

@@ -55,7 +55,6 @@ FORMATS = ("markdown", "csv", "json")  # compare's output
 MODEL_FORMATS = ("table", "json")  # `kd-mlflow models`' output
 SEARCHES = ("grid", "optuna")  # how `kd-mlflow sweep` picks its settings
 EXECUTORS = ("local", "ray")
-ROLES = ("train", "ensemble", "student", "joint")
 
 # The report's mechanism first, then kd-mlflow's own:
 SPLIT_STYLES = ("random_split", "head")  # val = the permutation's tail, as random_split | its head

@@ -87,11 +87,18 @@ def _logged(tables) -> dict:
     pairs = [
         *(zip(t["run_id"], t["test_acc"], strict=True) for t in (tables.seeds, tables.ensembles, tables.kd)),
         zip(tables.sd_ensembles["run_id"], tables.sd_ensembles["test_acc"], strict=True),
+        zip(tables.joint["run_id"], tables.joint["test_acc"], strict=True),
         zip(sd["run_id"], sd["student_test_acc"], strict=True),
         zip(sd["teacher_run_id"], sd["teacher_test_acc"], strict=True),
         zip(tables.kd["teacher_run_id"], tables.kd["teacher_test_acc"], strict=True),
     ]
     return {rid: acc for pair in pairs for rid, acc in pair}
+
+
+def usable(tables, preds: dict, run_ids) -> tuple[dict, list[str]]:
+    """The predictions of ``run_ids`` whose test accuracy is their run's logged one, and
+    notes on those left out (see :func:`_usable`)."""
+    return _usable(preds, run_ids, _logged(tables))
 
 
 def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
@@ -166,6 +173,7 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
         + list(tables.self_distillation["run_id"])
         + list(tables.self_distillation["teacher_run_id"].dropna())
         + list(tables.sd_ensembles["run_id"])
+        + list(tables.joint["run_id"])
     )
     missing = sorted({r for r in ids if preds.get(r) is None})
     notes = []
@@ -174,7 +182,7 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
             f"no predictions for {len(missing)} run(s) ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): their gains have no interval"
         )
-    preds, usable_notes = _usable(preds, ids, _logged(tables))
+    preds, usable_notes = usable(tables, preds, ids)
     notes += usable_notes
     if not _same_images(preds, ids):
         notes.append("the runs' predictions are not on the same test images (labels digests differ): no intervals")

@@ -79,6 +79,75 @@ def gains(table):
     return fig
 
 
+def measures(t, reliability: dict) -> dict:
+    """A group's Figure 1, reliability diagrams and ensemble-size curve (``t``: its
+    compare.StudyTables; ``reliability``: title -> bins, as measures.reliability gives)."""
+    return {
+        "figure1.png": figure1(t.figure1),
+        "reliability.png": reliability_diagrams(reliability),
+        "ensemble_size.png": ensemble_size(t.ensemble_size),
+    }
+
+
+def figure1(table):
+    """Figure 1's five columns: each column's mean test accuracy, with its 95% interval
+    (t over seeds for the single and SD columns; else the paired bootstrap of its gain,
+    shifted onto its accuracy), the report's or the paper's number where given."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rows = list(table.itertuples())
+    for i, r in enumerate(rows):
+        if r.test_acc != r.test_acc:  # NaN: no run of this column
+            continue
+        lo, hi = (
+            (r.seed_lo, r.seed_hi)
+            if r.seed_lo == r.seed_lo
+            else (r.test_acc - r.gain + r.gain_lo, r.test_acc - r.gain + r.gain_hi)
+        )
+        err = [[r.test_acc - lo], [hi - r.test_acc]] if lo == lo else None
+        ax.errorbar(i, r.test_acc, yerr=err, fmt="o", color="black", capsize=5)
+    ax.set_xticks(range(len(rows)), [r.column for r in rows])
+    ax.set(ylabel="test accuracy (%)", title="Figure 1: test accuracy, 95% intervals")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagrams(bins: dict):
+    """One reliability diagram per model: accuracy per confidence bin, the diagonal
+    being perfect calibration; bar width is the bin's width."""
+    fig, axes = plt.subplots(1, max(1, len(bins)), figsize=(3.2 * max(1, len(bins)), 3.4), squeeze=False)
+    for ax, (title, b) in zip(axes[0], bins.items(), strict=False):
+        edges = b["edges"]
+        width = edges[1] - edges[0]
+        used = b["count"][: len(edges) - 1] > 0
+        ax.bar(edges[:-1][used], b["accuracy"][: len(edges) - 1][used], width=width, align="edge", edgecolor="black")
+        if b["count"][-1]:  # confidence exactly 1: a bin of its own (calibration.reliability)
+            ax.plot(1.0, b["accuracy"][-1], "s", color="black", clip_on=False, label="confidence 1")
+            ax.legend(fontsize=7, loc="upper left")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=title)
+    axes[0][0].set_ylabel("accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def ensemble_size(table):
+    """Test accuracy and NLL of the average of k members, mean with the range over subsets."""
+    fig, (ax_acc, ax_nll) = plt.subplots(1, 2, figsize=(10, 4))
+    for members, curve in table.groupby("members", sort=False) if len(table) else []:
+        k = curve["k"].astype(int)
+        ax_acc.set_xticks(k)
+        ax_nll.set_xticks(k)
+        for ax, key in ((ax_acc, "acc"), (ax_nll, "nll")):
+            mean, low, high = (curve[f"{key}_{s}"].astype(float) for s in ("mean", "min", "max"))
+            ax.errorbar(k, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label=f"members {members}")
+    ax_acc.set(xlabel="members averaged (k)", ylabel="test accuracy (%)", title="Accuracy by ensemble size")
+    ax_nll.set(xlabel="members averaged (k)", ylabel="test NLL (nats)", title="NLL by ensemble size")
+    if len(table):
+        ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def sweep(table, names: list[str]):
     """Mean validation accuracy per setting: a heat map over the first two swept fields
     (the rest averaged), or a line over one. The chosen setting is outlined."""

@@ -134,6 +134,12 @@ def _check_pred(name: str, pred, probs: np.ndarray) -> np.ndarray:
     return c
 
 
+def stored(probs) -> np.ndarray:
+    """Probabilities as a predictions file stores them (float16): what every figure
+    computed from the file sees, and so what a run's logged calibration is computed from."""
+    return np.asarray(probs).astype(np.float16)
+
+
 def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> Path:
     """Write the predictions to ``path`` (an ``.npz``, written whole or not at all).
 
@@ -152,8 +158,8 @@ def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred
     arrays = {
         "format": np.array(FORMAT),
         "num_classes": np.array(pv.shape[1], dtype=np.int64),
-        "probs_val": pv.astype(np.float16),
-        "probs_test": pt.astype(np.float16),
+        "probs_val": stored(pv),
+        "probs_test": stored(pt),
         "pred_val": cv.astype(np.int16),
         "pred_test": ct.astype(np.int16),
         "labels_val": yv.astype(np.int16),

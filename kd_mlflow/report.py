@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from . import runs, steps
+from .calibration import measure
 from .config import ConfigError
 from .runs import RunRecord
 
@@ -85,7 +86,8 @@ def _nothing_matched(session, tables, *, preset, dataset, group) -> None:
 def predictions_for(session, run_ids) -> dict:
     """run id -> its logged predictions. A run made before runs logged them gets them
     from its logged weights, once, and they are logged on it then; a run without
-    weights gets none (its gains have no interval)."""
+    weights gets none (its gains have no interval). Likewise a run made before runs
+    logged their calibration gets it from its predictions, logged on it once."""
     out = {}
     for rid in run_ids:
         rec = runs.get(session, rid, "run")
@@ -98,6 +100,9 @@ def predictions_for(session, run_ids) -> dict:
                 continue
             rec = dataclasses.replace(rec, has_predictions=True)
         out[rid] = runs.predictions_of(session, rec)
+        if not rec.has_calibration and out[rid] is not None:
+            p = out[rid]
+            runs.add_calibration(session, rec, measure(p.probs(), p.labels(), p.top1()).as_metrics())
     return out
 
 

@@ -76,6 +76,7 @@ class RunRecord:
     study: bool = False  # a study's parent run, not a result
     mixed: bool = False  # an ensemble of members of different groups (--allow-mixed)
     start_time: int = 0  # ms since the epoch: of two runs of one configuration, the later wins
+    has_calibration: bool = False  # its test_nll, test_ece and test_brier are logged
     params: dict = field(default_factory=dict)  # as the run used them (see record_of)
     final_val_acc: float | None = None
     final_test_acc: float | None = None
@@ -131,6 +132,7 @@ def record_of(run) -> RunRecord:
         study=schema.STUDY in t,
         mixed=t.get(schema.MIXED) == "true",
         start_time=run.info.start_time or 0,
+        has_calibration=all(k in m for k in schema.CALIBRATION_METRICS),
         params=p,
         final_val_acc=m.get(schema.FINAL_VAL_ACC),
         final_test_acc=m.get(schema.FINAL_TEST_ACC),
@@ -315,6 +317,12 @@ def add_predictions(
     tracking.log_predictions_to(
         session, rec.run_id, probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
     )
+
+
+def add_calibration(session, rec: RunRecord, metrics: dict) -> None:
+    """Calibration computed after the fact from a run's predictions (a run made before
+    runs logged it): logged once, on the run itself."""
+    tracking.log_metrics(session, rec.run_id, metrics)
 
 
 def log_tables(session, run_id: str, texts: dict, figures: dict) -> None:

@@ -54,9 +54,11 @@ ENV_PREFIX = "kd.env."  # the machine and libraries: kd_mlflow.machine.env_tags
 # used: MLflow params are immutable, so the used one is logged as "resolved.<name>".
 RESOLVED_PREFIX = "resolved."
 
-# joint: K networks trained as one model whose logits are the mean of theirs; it
-# logs member_{k}_val_acc / member_{k}_test_acc, each member alone, k in member order.
-ROLES = ("train", "ensemble", "student", "joint")
+# joint: K networks of the train recipe trained as one model whose logits are the mean
+# of theirs (issue 21's "training the average directly"); it logs member_{k}_val_acc /
+# member_{k}_test_acc, each member alone, k in member order.
+JOINT = "joint"
+ROLES = ("train", "ensemble", "student", JOINT)
 
 # --- metrics (floats; accuracies in percent, as the report prints them) ----
 # Per epoch, step = epoch (1-based):
@@ -65,6 +67,9 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")
 FINAL_VAL_ACC = "final_val_acc"
 FINAL_TEST_ACC = "final_test_acc"
 BEST_EPOCH = "best_epoch"
+# Calibration on the test images, from the probabilities the predictions artifact holds
+# (kd_mlflow.calibration); logged at the end by every run, by compare on older runs.
+CALIBRATION_METRICS = ("test_nll", "test_ece", "test_brier")
 
 
 # --- run names: built here only ----------------------------------------------

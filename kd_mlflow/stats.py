@@ -209,13 +209,28 @@ def paired_bootstrap(
     to the Bootstrap*, 1993, ch. 13). It measures the test set's sampling error only:
     the models are held fixed. Same inputs and seed, same interval.
     """
-    _check_level(level)
     a, b = _as_correct(correct_a, "correct_a"), _as_correct(correct_b, "correct_b")
-    n = _same_images(correct_a=a, correct_b=b)
-    d = (b.mean(axis=0) - a.mean(axis=0))[None, :]  # per-image gain, (1, N)
-    gains = 100 * _resampled_means(d, n_resamples, seed)[:, 0]
-    lo, hi = _percentiles(gains, level)
-    return BootstrapInterval(float(100 * d.mean()), lo, hi, level, n, n_resamples, seed)
+    return _paired(a, b, 100.0, n_resamples, seed, level)
+
+
+def paired_bootstrap_values(values_a, values_b, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95):
+    """:func:`paired_bootstrap` for a per-image quantity other than correctness (e.g. each
+    image's negative log-likelihood): the difference of the mean of b over a, no scaling,
+    with the same paired resampling of the images (the same seed draws the same images).
+    ``values_a`` and ``values_b`` are finite floats, (N,) or (k, N) (rows averaged)."""
+    a, b = (np.atleast_2d(np.asarray(v, dtype=np.float64)) for v in (values_a, values_b))
+    if a.ndim != 2 or b.ndim != 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(f"values must be finite (N,) or (k, N) arrays, got {a.shape} and {b.shape}")
+    return _paired(a, b, 1.0, n_resamples, seed, level)
+
+
+def _paired(a: np.ndarray, b: np.ndarray, scale: float, n_resamples: int, seed: int, level: float):
+    _check_level(level)
+    n = _same_images(a=a, b=b)
+    d = (b.mean(axis=0) - a.mean(axis=0))[None, :]  # per-image difference, (1, N)
+    diffs = scale * _resampled_means(d, n_resamples, seed)[:, 0]
+    lo, hi = _percentiles(diffs, level)
+    return BootstrapInterval(float(scale * d.mean()), lo, hi, level, n, n_resamples, seed)
 
 
 # --- over seeds ------------------------------------------------------------------

@@ -516,11 +516,12 @@ def ensemble(
         )
         dd = data_mod.DeviceData(source, split, rt.device)
         scores = evaluate_all(model, dd, recipe, rt)
-        _log_predictions(rec, model, dd, recipe, rt)
+        calibration = _log_predictions(rec, model, dd, recipe, rt)
         final = {
             schema.FINAL_VAL_ACC: scores["val_acc"],
             schema.FINAL_TEST_ACC: scores["test_acc"],
             "val_loss": scores["val_loss"],
+            **calibration,
         }
         for i, m in enumerate(members):
             final[f"member_{i}_val_acc"] = m.final_val_acc if m.final_val_acc is not None else float("nan")
@@ -684,19 +685,24 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
     rec.sink.replay(result.history)
     rec.sink.flush()
     model.load_state_dict(result.best_state)
-    _log_predictions(rec, model, dd, recipe, rt)
+    calibration = _log_predictions(rec, model, dd, recipe, rt)
     return Final(
         {
             schema.FINAL_VAL_ACC: result.best_val_acc,
             schema.FINAL_TEST_ACC: result.best_test_acc,
             schema.BEST_EPOCH: result.best_epoch,
+            **calibration,
         },
         model,
         dd.test_x[:2].cpu(),
     )
 
 
-def _log_predictions(rec, model, dd, recipe, rt) -> None:
+def _log_predictions(rec, model, dd, recipe, rt) -> dict:
+    """Logs the model's predictions; returns its test calibration (test_nll, test_ece,
+    test_brier), computed from the probabilities as the artifact stores them."""
+    from .calibration import measure
+    from .predictions import stored
     from .train import predict
 
     probs_val, pred_val = predict(model, dd, "val", recipe, rt)
@@ -709,6 +715,7 @@ def _log_predictions(rec, model, dd, recipe, rt) -> None:
         pred_val=pred_val.numpy(),
         pred_test=pred_test.numpy(),
     )
+    return measure(stored(probs_test.numpy()), dd.test_y.cpu().numpy(), pred_test.numpy()).as_metrics()
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):

@@ -496,12 +496,26 @@ GAIN_METRICS = {
 }
 
 
+# Calibration rows -> the parent's NLL metrics.
+NLL_METRICS = {"single models (mean)": "single_nll_mean", "ensemble": "ensemble_nll", "KD students": "kd_nll"}
+
+
+def _measure_metrics(t) -> dict:
+    """The parent's NLL metrics, and the joint run's accuracy and gain where there is one."""
+    out = {NLL_METRICS[r.row]: float(r.nll) for r in t.calibration.itertuples() if r.row in NLL_METRICS}
+    joint = t.figure1[(t.figure1["column"] == "joint") & (t.figure1["n"] > 0)]
+    for r in joint.itertuples():
+        out.update(joint_test_acc=float(r.test_acc), joint_gain=float(r.gain))
+    return {k: v for k, v in out.items() if v == v}  # not NaN
+
+
 def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str, dict]:
-    from . import compare, plots, report, runs
+    from . import compare, measures, plots, report, runs
 
     frame = runs.results_frame(session)
     frame = frame[frame["run_id"].isin(set(result.runs.values()))]  # exactly this study's steps
-    tables = compare.build_tables(frame, predictions=report.predictions_for(session, result.runs.values()))
+    preds = report.predictions_for(session, result.runs.values())
+    tables = compare.build_tables(frame, predictions=preds)
     text = compare.render(tables, "markdown")
     summary = {}
     # A KD student of another architecture has a table of its own (compare never mixes
@@ -516,6 +530,7 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
             metric = GAIN_METRICS.get(g.gain)
             if metric and g.lo == g.lo:
                 summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
+        summary.update(_measure_metrics(t))
     roles = {  # solid lines: networks trained from their initialisation (a joint model too)
         name: ("teacher" if name.startswith(("train-", "joint-")) else "student")
         for name in result.runs
@@ -525,6 +540,8 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
     figs = plots.figures(histories, roles, tables)
     if tables and not tables[0].gains.empty:
         figs["gains.png"] = plots.gains(tables[0].gains)
+    if tables:
+        figs.update(plots.measures(tables[0], measures.reliability(tables[0], preds)))
     tracking.log_study(
         session,
         parent,

@@ -646,14 +646,18 @@ def log_params(session: Session, run_id: str, params: dict) -> None:
     session.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
+def log_metrics(session: Session, run_id: str, metrics: dict) -> None:
+    ts = int(1000 * time.time())
+    session.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+
+
 def log_study(
     session: Session, run_id: str, texts: dict, summary: dict, figures: dict, metrics: dict | None = None
 ) -> None:
     c = session.client
     c.log_batch(run_id, tags=[RunTag(k, v) for k, v in _provenance().items()])  # compare's run has no header
     if metrics:
-        ts = int(1000 * time.time())
-        c.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+        log_metrics(session, run_id, metrics)
     for name, text in texts.items():
         c.log_text(run_id, text, name)
     if summary:

@@ -256,12 +256,35 @@ def test_csv_is_tidy_one_row_per_run(study):
     mine = csv[(csv["preset"] == PRESET) & (csv["section"] == "seeds")]
     assert mine["test_acc"].tolist() == [te for _, te in TRAIN.values()]
     assert mine["run_id"].tolist() == [study.ids.train[s] for s in TRAIN]
-    assert set(csv["section"]) == {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles"}
+    assert set(csv["section"]) == {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "figure1"}
     sd = csv[(csv["preset"] == PRESET) & (csv["section"] == "self_distillation")]
     assert sd[["seed", "teacher_seed"]].values.tolist() == [[s, t] for s, (t, _, _) in SD.items()]
     # Ready to pivot: one value per (section, seed) in a group.
     wide = csv[csv["preset"] == PRESET].pivot_table(index="seed", columns="section", values="test_acc")
     assert wide.loc[13, "self_distillation"] == 85.32 and wide.loc[0, "seeds"] == 86.01
+
+
+def test_figure1_is_the_summary_beside_the_reports_numbers(study, report):
+    fig = report.figure1.set_index("column")
+    assert list(fig.index) == ["single", "ensemble", "kd", "sd", "joint"]
+    assert fig["test_acc"].tolist()[:4] == pytest.approx([MEAN_SINGLE_TEST, 89.07, 87.0, 86.378])
+    assert fig["n"].tolist() == [5, 1, 1, 5, 0] and pd.isna(fig.loc["joint", "test_acc"])
+    assert fig["gain"].tolist()[1:4] == pytest.approx([89.07 - MEAN_SINGLE_TEST, 87.0 - MEAN_SINGLE_TEST, 0.43])
+    single = [te for _, te in TRAIN.values()]
+    assert fig.loc["single", "test_std"] == pytest.approx(statistics.stdev(single))
+    half = 2.7764451051977987 * statistics.stdev(single) / 5**0.5  # t(0.975, 4)
+    assert (fig.loc["single", "seed_lo"], fig.loc["single", "seed_hi"]) == pytest.approx(
+        (MEAN_SINGLE_TEST - half, MEAN_SINGLE_TEST + half)
+    )
+    assert fig["report"].tolist()[:4] == ["85.46-86.39", "89.07", "87.00", "85.32-87.08"]
+    assert fig["paper"].isna().all()  # the paper's WRN-28-10 numbers only beside wrn-paper's recipe
+    assert study.tables[("other", DATASET)].figure1["report"].isna().all()  # not the report's recipe
+    md = compare.render([report], "markdown")
+    assert "| runs | 5 | 1 | 1 | 5 | 0 |" in md
+    assert "| the report (ResNet-18, CIFAR-10) | 85.46-86.39 | 89.07 | 87.00 | 85.32-87.08 | - |" in md
+    assert "| test accuracy (mean ± std [95% t over seeds]) | 85.95 ± 0.37 [85.49, 86.41] | 89.07 | 87.00 |" in md
+    rows = [r for r in json.loads(compare.render([report], "json"))["figure1"]]
+    assert [r["column"] for r in rows] == list(fig.index) and rows[4]["test_acc"] is None
 
 
 def test_ignored_runs(study, report):

@@ -500,7 +500,7 @@ def test_save_refuses_what_is_not_probabilities(tmp_path, probs, labels, match):
 
 def test_the_modules_are_pure_numpy():
     code = (
-        "import sys, kd_mlflow.stats, kd_mlflow.predictions; "
+        "import sys, kd_mlflow.stats, kd_mlflow.predictions, kd_mlflow.calibration; "
         "print(sorted(m for m in ('torch', 'mlflow', 'scipy', 'pandas') if m in sys.modules))"
     )
     repo = str(Path(__file__).resolve().parent.parent)

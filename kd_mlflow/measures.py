@@ -1,0 +1,252 @@
+"""A group's Figure 1 (Allen-Zhu and Li, ICLR 2023: single model, ensemble, KD, SD and
+training the average directly), its calibration table and its ensemble-size curve
+(pure: numpy and pandas, no MLflow, no torch).
+
+Figure 1's accuracies are the summary's (the runs' logged accuracies: one number
+wherever it is shown) and the joint runs'; its intervals are those the project has: a
+t-interval over seeds for the columns with one run per seed, a 95% paired bootstrap over
+test images for each column's gain over the mean single model. Calibration and the
+ensemble-size curve come from the runs' predictions (:mod:`kd_mlflow.calibration`),
+only those whose stored classes give the run's logged accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from . import calibration, stats
+from . import gains as gains_mod
+
+FIGURE1_COLUMNS = [
+    "column",
+    "n",
+    "test_acc",
+    "test_std",
+    "seed_lo",
+    "seed_hi",
+    "gain",
+    "gain_lo",
+    "gain_hi",
+    "report",
+    "paper",
+    "run_ids",
+]
+CALIBRATION_COLUMNS = ["row", "n", "nll", "ece", "brier", "nll_gain", "nll_gain_lo", "nll_gain_hi", "run_ids"]
+ENSEMBLE_SIZE_COLUMNS = [
+    "members",
+    "k",
+    "n_subsets",
+    "acc_mean",
+    "acc_min",
+    "acc_max",
+    "nll_mean",
+    "nll_min",
+    "nll_max",
+    "run_id",
+]
+# Figure 1's five columns: (name, title, the summary row it reads; None: the joint runs).
+FIGURE1 = (
+    ("single", "single model", "single models"),
+    ("ensemble", "ensemble", "ensemble"),
+    ("kd", "KD student", "KD students"),
+    ("sd", "SD students", "SD students"),
+    ("joint", "training the average", None),
+)
+# The published numbers (test accuracy, %), shown beside a group whose recipe is theirs:
+# the public report's ResNet-18 on CIFAR-10 (seed-report; it gives ranges over seeds and
+# did not train the average), and Allen-Zhu and Li's Figure 1, WRN-28-10 on CIFAR-10
+# (wrn-paper; an ensemble of 10).
+REFERENCES = {
+    ("seed-report", "cifar10"): (
+        "report",
+        {"single": "85.46-86.39", "ensemble": "89.07", "kd": "87.00", "sd": "85.32-87.08"},
+    ),
+    ("wrn-paper", "cifar10"): (
+        "paper",
+        {"single": "96.70 ± 0.21", "ensemble": "97.20", "kd": "97.22", "sd": "97.13", "joint": "96.46"},
+    ),
+}
+# Calibration rows: (title, Figure 1 column or summary row, whether its NLL gain is shown).
+CALIBRATION = (
+    ("single models (mean)", "single", False),
+    ("ensemble", "ensemble", True),
+    ("KD students", "kd", True),
+    ("SD students (mean)", "sd", False),
+    ("SD ensemble", "SD ensemble", False),
+    ("training the average", "joint", True),
+)
+NAN = math.nan
+
+
+def references(preset: str, dataset: str, label: str) -> dict:
+    """{"report" | "paper": {column: text}} for a group of the references' own recipe."""
+    if label != preset or (preset, dataset) not in REFERENCES:
+        return {}
+    source, numbers = REFERENCES[(preset, dataset)]
+    return {source: numbers}
+
+
+# Each column's table and its test accuracy column, in StudyTables names.
+_ACCURACY = {
+    "single": ("seeds", "test_acc"),
+    "ensemble": ("ensembles", "test_acc"),
+    "kd": ("kd", "test_acc"),
+    "sd": ("self_distillation", "student_test_acc"),
+    "joint": ("joint", "test_acc"),
+}
+
+
+def figure1(head: dict, summary: pd.DataFrame, tables: dict) -> pd.DataFrame:
+    """The five columns: the runs the summary counts (and, for the joint column, the
+    counted joint runs in ``tables["joint"]``), their mean logged test accuracy, its gain
+    over the mean single model and, with one run per seed, a t-interval over seeds; the
+    gains' bootstrap intervals come with the predictions (:func:`compute`)."""
+    rows = summary.set_index("row")
+    refs = references(head["preset"], head["dataset"], head["label"])
+    out = []
+    for name, _title, row in FIGURE1:
+        frame, column = _ACCURACY[name]
+        ids = list(tables[frame]["run_id"]) if row is None else list(rows.loc[row, "run_ids"])
+        accs = tables[frame].set_index("run_id").loc[ids, column].astype(float).dropna()
+        over_seeds = stats.seed_interval(accs.to_numpy()) if name in ("single", "sd") and len(accs) >= 2 else None
+        out.append(
+            {
+                "column": name,
+                "n": len(ids),
+                "test_acc": accs.mean() if len(accs) else NAN,
+                "test_std": accs.std(ddof=1) if len(accs) >= 2 else NAN,
+                "seed_lo": over_seeds.lo if over_seeds else NAN,
+                "seed_hi": over_seeds.hi if over_seeds else NAN,
+                "gain": NAN,
+                "gain_lo": NAN,
+                "gain_hi": NAN,
+                "report": refs.get("report", {}).get(name),
+                "paper": refs.get("paper", {}).get(name),
+                "run_ids": ids,
+            }
+        )
+    fig = pd.DataFrame(out, columns=FIGURE1_COLUMNS)
+    single = fig.loc[fig["column"] == "single", "test_acc"].iloc[0]
+    fig.loc[fig["column"] != "single", "gain"] = fig["test_acc"] - single
+    return fig
+
+
+def compute(t, preds: dict, n_resamples: int = 10_000, seed: int = 0):
+    """(figure1 with its gains' bootstrap intervals, calibration, ensemble_size) for one
+    group's tables (``compare.StudyTables``); ``preds``: run id -> Predictions."""
+    empty = (
+        t.figure1,
+        pd.DataFrame(columns=CALIBRATION_COLUMNS),
+        pd.DataFrame(columns=ENSEMBLE_SIZE_COLUMNS),
+    )
+    if t.figure1.empty:
+        return empty
+    runs = _runs_of(t)
+    ids = [r for ids in runs.values() for r in ids] + [m for ms in t.ensembles["member_run_ids"] for m in ms]
+    preds, _notes = gains_mod.usable(t, preds, ids)  # gains.compute notes what is left out
+    if len({p.digest("test") for p in preds.values()}) > 1:
+        return empty  # gains.compute notes it
+    return (
+        _figure1_intervals(t.figure1, preds, n_resamples, seed),
+        _calibration(runs, preds, n_resamples, seed),
+        _ensemble_size(t, runs["ensemble"], preds),
+    )
+
+
+def _runs_of(t) -> dict:
+    """Figure 1 column or summary row -> the run ids it counts."""
+    out = dict(zip(t.figure1["column"], t.figure1["run_ids"], strict=True))
+    rows = t.summary.set_index("row")
+    out["SD ensemble"] = list(rows.loc["SD ensemble", "run_ids"]) if "SD ensemble" in rows.index else []
+    return out
+
+
+def _all(preds: dict, ids) -> list | None:
+    got = [preds.get(r) for r in ids]
+    return got if got and all(p is not None for p in got) else None
+
+
+def _figure1_intervals(fig: pd.DataFrame, preds: dict, n_resamples: int, seed: int) -> pd.DataFrame:
+    singles = _all(preds, fig.loc[fig["column"] == "single", "run_ids"].iloc[0])
+    out = fig.copy()
+    for i, r in fig.iterrows():
+        side = _all(preds, r["run_ids"])
+        if r["column"] == "single" or singles is None or side is None:
+            continue
+        c_single = np.stack([p.correct("test") for p in singles])
+        c_side = np.stack([p.correct("test") for p in side])
+        interval = stats.paired_bootstrap(c_single, c_side, n_resamples=n_resamples, seed=seed)
+        out.loc[i, ["gain_lo", "gain_hi"]] = [interval.lo, interval.hi]
+    return out
+
+
+def _calibration(runs: dict, preds: dict, n_resamples: int, seed: int) -> pd.DataFrame:
+    singles = _all(preds, runs["single"])
+    single_nll = None if singles is None else np.stack([_nll(p) for p in singles])
+    rows = []
+    for title, key, with_gain in CALIBRATION:
+        got = _all(preds, runs.get(key, []))
+        if got is None:
+            continue
+        measured = [calibration.measure(p.probs("test"), p.labels("test"), p.top1("test")) for p in got]
+        gain = lo = hi = NAN
+        if with_gain and single_nll is not None:
+            interval = stats.paired_bootstrap_values(
+                np.stack([_nll(p) for p in got]), single_nll, n_resamples=n_resamples, seed=seed
+            )
+            gain, lo, hi = interval.estimate, interval.lo, interval.hi
+        rows.append(
+            {
+                "row": title,
+                "n": len(got),
+                "nll": float(np.mean([m.nll for m in measured])),
+                "ece": float(np.mean([m.ece for m in measured])),
+                "brier": float(np.mean([m.brier for m in measured])),
+                "nll_gain": gain,
+                "nll_gain_lo": lo,
+                "nll_gain_hi": hi,
+                "run_ids": list(runs[key]),
+            }
+        )
+    return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)
+
+
+def _nll(p) -> np.ndarray:
+    return calibration.nll_per_image(p.probs("test"), p.labels("test"))
+
+
+def _ensemble_size(t, counted: list, preds: dict) -> pd.DataFrame:
+    rows = []
+    for e in t.ensembles[t.ensembles["run_id"].isin(counted)].itertuples():
+        members = _all(preds, e.member_run_ids)
+        if members is None:
+            continue
+        curve = calibration.ensemble_size(
+            np.stack([p.probs("test") for p in members]),
+            members[0].labels("test"),
+            np.stack([p.top1("test") for p in members]),
+        )
+        rows += [{"members": e.members, **point, "run_id": e.run_id} for point in curve]
+    return pd.DataFrame(rows, columns=ENSEMBLE_SIZE_COLUMNS)
+
+
+def reliability(t, preds: dict) -> dict:
+    """Title -> reliability bins (:func:`kd_mlflow.calibration.reliability`) for the
+    reliability diagrams: the single models' images pooled, the first ensemble, the first
+    KD student and the first joint run, where their predictions are there."""
+    out = {}
+    runs = dict(zip(t.figure1["column"], t.figure1["run_ids"], strict=True))
+    for name, title, _row in FIGURE1:
+        if name == "sd":
+            continue
+        ids = runs.get(name, [])[: None if name == "single" else 1]
+        got = _all(preds, ids)
+        if got is None:
+            continue
+        probs = np.concatenate([p.probs("test") for p in got])
+        labels = np.concatenate([p.labels("test") for p in got])
+        out[title] = calibration.reliability(probs, labels, np.concatenate([p.top1("test") for p in got]))
+    return out
