@@ -819,7 +819,8 @@ def log_predictions_to(
 
 
 def load_predictions(run_id: str):
+    """The run's predictions artifact, read (a download as :func:`download` does it:
+    bounded, voiced, its failure the network's, in one line)."""
     from . import predictions
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=schema.PREDICTIONS_PATH)
-    return predictions.load(path)
+    return predictions.load(download(run_id, schema.PREDICTIONS_PATH))

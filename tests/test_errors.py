@@ -392,20 +392,26 @@ def test_register_never_reads_a_failed_search_as_not_registered(tracked, monkeyp
     assert [v.version for v in tracked.client.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
-def test_weights_behind_an_unreachable_store_are_a_network_failure_not_refused_weights(unreachable, monkeypatch):
+@pytest.mark.parametrize("artifact", ["weights", "predictions"])
+def test_artifacts_behind_an_unreachable_store_are_a_network_failure(unreachable, monkeypatch, artifact):
     """The artifact store is another host (an http store beside a local tracking store)
-    (`mlflow server --artifacts-only`) and it does not answer: the download's failure is the network's (exit 1), named
-    with that host, never "weights refused" (exit 2)."""
+    (`mlflow server --artifacts-only`) and it does not answer: the download's failure is
+    the network's (exit 1), named with that host; never "weights refused" (exit 2), nor
+    MLflow's "Failed to download artifacts ... ensure that the path is correct"."""
     from kd_mlflow import runs
 
     uri = f"sqlite:///{unreachable / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)
-    exp_id = client.create_experiment("weights", artifact_location=f"{CLOSED}/api/2.0/mlflow-artifacts/artifacts/x")
-    rid = client.create_run(exp_id).info.run_id
-    session = runs.connect("weights")
+    exp_id = client.create_experiment("stored", artifact_location=f"{CLOSED}/api/2.0/mlflow-artifacts/artifacts/x")
+    rid = client.create_run(exp_id, tags={schema.PREDICTIONS: schema.PREDICTIONS_PATH}).info.run_id
+    session = runs.connect("stored")
+    rec = runs.get(session, rid, "teacher")
     with pytest.raises(errors.TrackingUnavailable) as caught:
-        runs.load_weights(runs.get(session, rid, "teacher"), "teacher")
+        if artifact == "weights":
+            runs.load_weights(rec, "teacher")
+        else:
+            runs.predictions_of(session, rec)
     assert "artifact store http://127.0.0.1:9 refused the connection" in str(caught.value)
 
 
