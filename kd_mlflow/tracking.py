@@ -383,7 +383,13 @@ def _resolve_experiment(client, name, create) -> str:
     if exp.lifecycle_stage != "active":
         raise ConfigError("experiment", name, "experiment is deleted")
     if EXPERIMENT_KIND_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        try:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except MlflowException:
+            # Launches at once into an experiment made elsewhere: on PostgreSQL one insert
+            # of the tag wins and the others fail (a duplicate key, HTTP 400): it is set.
+            if EXPERIMENT_KIND_TAG not in client.get_experiment(exp.experiment_id).tags:
+                raise
     return exp.experiment_id
 
 

@@ -41,11 +41,12 @@ LOST_REPLY = 0  # a "status" for faulty_proxy: the request reaches the server, i
 
 
 @contextlib.contextmanager
-def faulty_proxy(upstream: str, fail: dict[str, int], times: int | None = None, port: int = 0):
+def faulty_proxy(upstream: str, fail: dict[str, int], times: int | None = None, port: int = 0, passed_on: bool = False):
     """A loopback HTTP proxy in front of a real server: requests whose path is in
     ``fail`` get that status (the first ``times`` of them, else all; LOST_REPLY: passed
-    on, then the connection closed without a reply); every other request goes through
-    unchanged. On ``port`` if given (a server back on the port it had)."""
+    on, then the connection closed without a reply; with ``passed_on``, the server does
+    the work of a failed request before its status replaces the reply); every other
+    request goes through unchanged. On ``port`` if given (a server back on the port it had)."""
     host, upstream_port = upstream.removeprefix("http://").split(":")
     failed = []
 
@@ -55,8 +56,9 @@ def faulty_proxy(upstream: str, fail: dict[str, int], times: int | None = None, 
             status = fail.get(self.path.split("?")[0])
             if status is not None and (times is None or len(failed) < times):
                 failed.append(self.path)
-                if status == LOST_REPLY:
+                if status == LOST_REPLY or passed_on:
                     self._relay(body)  # the server does the work; the client never hears of it
+                if status == LOST_REPLY:
                     self.close_connection = True
                     return
                 self.send_response(status)
@@ -581,6 +583,24 @@ def test_an_epoch_whose_reply_was_lost_is_on_the_run_once(tracked, monkeypatch):
         sink.flush()
     for key in schema.EPOCH_METRICS:
         assert sorted(m.step for m in tracked.client.get_metric_history(writer.run_id, key)) == [1, 2], key
+
+
+def test_the_launch_that_loses_the_experiment_tag_race_goes_on(tracked, monkeypatch):
+    """Launches at once into an experiment made elsewhere (without kd-mlflow's kind tag):
+    on PostgreSQL one insert of the tag wins and the others fail (a duplicate key, HTTP
+    400; seen with 32 writers in benchmarks/load.py). The launch that lost finds the tag
+    set and goes on."""
+    from kd_mlflow import tracking
+
+    exp_id = tracked.client.create_experiment(tracked.experiment)
+    race = {"/api/2.0/mlflow/experiments/set-experiment-tag": 400}
+    with faulty_proxy(tracked.uri, race, passed_on=True) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mlflow.set_tracking_uri(proxy)
+        session = tracking.connect()
+    assert session.experiment_id == exp_id
+    assert tracked.client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
 
 
 def test_a_server_that_answered_before_is_waited_for_while_it_restarts(tracked, monkeypatch):
