@@ -58,6 +58,7 @@ class Shape:
     predictions: int = 2000  # validation and test images each, 10 classes
     deadline: float = 300.0  # seconds a writer may take before it is stopped (SIGTERM)
     workers: int = 4  # the server's
+    network_timeout: float = 0.0  # the writers' KD_MLFLOW_NETWORK_TIMEOUT, seconds; 0: kd-mlflow's default
 
 
 # name: (what fails, at which fractions of all epochs delivered)
@@ -113,6 +114,8 @@ def scenario(name: str, shape: Shape, workdir: Path, log=print, faults: tuple | 
                 "MLFLOW_TRACKING_USERNAME": WRITER_USER,
                 "MLFLOW_TRACKING_PASSWORD": password,
             }
+            if shape.network_timeout:
+                env["KD_MLFLOW_NETWORK_TIMEOUT"] = f"{shape.network_timeout:g}"
             log(f"load {name}: {shape.writers} writers against {server.uri} ({shape.workers} workers)")
             t0 = time.monotonic()
             host = _start_host(shape, env, workdir / "writers")
@@ -454,12 +457,14 @@ def main(argv=None) -> int:
     p.add_argument("--host", help=argparse.SUPPRESS)  # internal: the writers' host process
     p.add_argument("--writers", type=int, default=Shape.writers)
     p.add_argument("--epochs", type=int, default=Shape.epochs)
+    p.add_argument("--network-timeout", type=float, default=0.0, help="the writers' bound, seconds [kd-mlflow's]")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.host:
         return host(json.loads(args.host))
-    res = bench_load(Shape(writers=args.writers, epochs=args.epochs), tuple(args.scenarios.split(",")))
+    shape = Shape(writers=args.writers, epochs=args.epochs, network_timeout=args.network_timeout)
+    res = bench_load(shape, tuple(args.scenarios.split(",")))
     if "scenarios" in res["load"]:
         print(table(res["load"]["scenarios"]))
     if args.json:
