@@ -26,6 +26,7 @@ sys.path[:0] = [str(ROOT)]  # tests/mlflow_server.py, and kd_mlflow when not ins
 
 import compare_bench  # noqa: E402
 import harness  # noqa: E402
+import load  # noqa: E402
 import pack_bench  # noqa: E402
 import torch  # noqa: E402
 import train_bench  # noqa: E402
@@ -354,7 +355,8 @@ def machine(rt_device: torch.device, plan: Plan) -> dict:
     return {**info, "mlflow": mlflow.__version__, "plan": asdict(plan)}
 
 
-GROUPS = ("loop", "kd", "pack", "server", "refusal")  # server: tracking_overhead and compare_seconds
+# server: tracking_overhead and compare_seconds; load: the shared server under load (load.py)
+GROUPS = ("loop", "kd", "pack", "server", "refusal", "load")
 
 
 def bench_refusal(plan: Plan) -> dict:
@@ -410,18 +412,23 @@ def main(argv=None) -> int:
     plan = replace(plan, preset=args.preset or plan.preset, threads=args.threads or plan.threads)
     torch.set_num_threads(plan.threads)
     t0, load0 = time.perf_counter(), os.getloadavg()
-    b = make_bench(plan, device, plan.fit_epochs)
     res = {}
+    trains = [name for name in ("loop", "kd", "pack") if name in only]
+    b = make_bench(plan, device, plan.fit_epochs) if trains else None
     for name, bench in (("loop", bench_loop), ("kd", bench_kd), ("pack", bench_pack)):
-        if name in only:
+        if name in trains:
             res.update(bench(plan, b))
     if "server" in only:
         res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
     if "refusal" in only:
         res.update(bench_refusal(plan))
-    res["machine"] = machine(b.rt.device, plan)
+    if "load" in only:
+        res.update(load.bench_load(load.Shape(), log=log))
+    res["machine"] = machine(torch.device(device), plan)
     res["machine"].update(total_seconds=time.perf_counter() - t0, load_average_at_start=load0)
     print(table(res, plan))
+    if "scenarios" in res.get("load", {}):
+        print(load.table(res["load"]["scenarios"]))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
         log(f"wrote {args.json}")

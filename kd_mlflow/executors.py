@@ -11,16 +11,18 @@ would type, and hands its outcome back as JSON on stdout.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from . import tracking
+from . import tracking, waits
 from .config import ConfigError
-from .errors import USER, StepFailed
+from .errors import USER, GaveUp, StepFailed
 from .runs import Outcome
 
 
@@ -124,10 +126,15 @@ class Ray:
             # A local instance when no address is given (its workers at this command's
             # priority); GPUs may be declared so that scheduling can be exercised on a
             # machine without them.
-            kwargs = (
-                {"address": address} if address else {"num_gpus": local_gpus, "_system_config": {"worker_niceness": 0}}
-            )
-            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            if address:
+                _connect(ray, address)
+            else:
+                ray.init(
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    num_gpus=local_gpus,
+                    _system_config={"worker_niceness": 0},
+                )
         has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
         self.gpus = gpus_per_run if gpus_per_run is not None else (1 if has_gpus else 0)
         self.task = ray.remote(_ray_step)
@@ -165,6 +172,48 @@ class Ray:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _connect(ray, address: str) -> None:
+    """``ray.init(address=...)``, bounded and voiced as every wait on the network is
+    (:mod:`kd_mlflow.waits`). Ray retries an address that does not answer for minutes,
+    inside calls that no signal interrupts, so the connection is made on a thread and
+    abandoned at the bound (the command then ends; the thread with it)."""
+    done, failed = threading.Event(), []
+
+    def connect():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except BaseException as e:  # noqa: BLE001 (re-raised by the waiting thread, below)
+            failed.append(e)
+        finally:
+            done.set()
+
+    what = f"the Ray cluster at {address}"
+    # Off the main thread Ray leaves SIGTERM to this command's own handler (a run marked
+    # KILLED, exit 143), as wanted, and logs a warning that it did: not for the user.
+    quiet = _Without("SIGTERM handler is not set")
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    try:
+        threading.Thread(target=connect, name="kd-mlflow-ray-init", daemon=True).start()
+        with waits.waiting(what) as bound:
+            if not done.wait(bound):
+                raise GaveUp(what, bound)
+    finally:
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+    if failed:
+        raise failed[0]
+
+
+class _Without(logging.Filter):
+    """Drops the log records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _ray_step(argv, env):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -628,39 +629,41 @@ def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list
 class EpochSink:
     """Delivers each epoch's metrics exactly once, in one request per epoch. If the
     server is unreachable, training goes on and the epochs wait here (and in the
-    checkpoint's history) until it answers again."""
+    checkpoint's history) until it answers again; at the end, :meth:`flush` waits for a
+    restarting server up to the network bound."""
 
     def __init__(self, writer):
         self.writer = writer
         self.delivered = writer.logged_epochs()
-        self.pending: dict[int, dict] = {}
+        self.pending: dict[int, tuple[dict, int]] = {}  # epoch: (metrics, timestamp in ms)
         self.last_error = ""
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         if epoch not in self.delivered:
-            self.pending[epoch] = metrics
-        self._try_deliver()
+            self.pending[epoch] = (metrics, int(1000 * time.time()))
+        self._try_deliver(wait=False)
 
     def replay(self, history: list[dict]) -> None:
         """Epochs from a resumed checkpoint that the run has not seen yet."""
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in self.delivered:
-                self.pending.setdefault(epoch, metrics)
+                self.pending.setdefault(epoch, (metrics, int(1000 * time.time())))
 
-    def _try_deliver(self) -> bool:
+    def _try_deliver(self, wait: bool) -> bool:
         for epoch in sorted(self.pending):
             try:
-                self.writer.log_epoch(epoch, self.pending[epoch])
+                self.writer.log_epoch(epoch, *self.pending[epoch], wait=wait)
             except TrackingUnavailable as e:
                 self.last_error = str(e)
-                print(f"warning: metrics kept locally, training goes on: {e}", file=sys.stderr)
+                if not wait:
+                    print(f"warning: metrics kept locally, training goes on: {e}", file=sys.stderr)
                 return False
             self.delivered.add(epoch)
             del self.pending[epoch]
         return True
 
     def flush(self) -> None:
-        if not self._try_deliver():
+        if not self._try_deliver(wait=True):
             raise TrackingUnavailable(
                 f"{len(self.pending)} epoch(s) of metrics could not be delivered to {tracking.tracking_uri()} "
                 "(the checkpoint is kept: run the same command again to upload them); "

@@ -9,6 +9,8 @@ MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else ``mysteries``; under
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -92,7 +94,9 @@ def watched(action: str, fn, *, transfer: bool = False):
     up at the bound (:mod:`kd_mlflow.waits`); a failure of the server or the network
     becomes one line naming the server, what was tried, for how long, and what to do
     (:class:`TrackingUnavailable`, :class:`TrackingRefused`). MLflow's other errors (an
-    answer: no such run, already exists) pass through unchanged."""
+    answer: no such run, already exists) pass through unchanged. A server that has
+    answered this process before and is away (restarting) is waited for, up to the bound
+    (see :func:`_while_restarting`)."""
     uri = tracking_uri()
     t0 = time.monotonic()
     try:
@@ -100,8 +104,8 @@ def watched(action: str, fn, *, transfer: bool = False):
             return fn()  # a local store: no network to wait on
         # A transfer beside a local store may still cross the network (an S3 or http artifact store).
         what = f"the tracking server {uri}: {action}" if _remote(uri) else f"the artifact store: {action}"
-        with waits.waiting(what, deadline=not transfer):
-            return fn()
+        with waits.waiting(what, deadline=not transfer) as bound:
+            return _while_restarting(fn, uri, t0 + bound)
     except GaveUp as e:
         raise TrackingUnavailable(
             f"tracking server {uri} did not answer ({action}) within {e.seconds:g} s: check that it is up "
@@ -112,6 +116,47 @@ def watched(action: str, fn, *, transfer: bool = False):
         if mine is None:
             raise
         raise mine from None
+
+
+# Tracking servers that have answered this process: one of them that refuses the
+# connection or drops it is restarting, not misnamed, and is worth waiting for. (Server
+# errors are MLflow's own retries' to ride out: a server that answers 5xx is up.)
+_ANSWERED: set[str] = set()
+_PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("kd_mlflow_patient", default=True)
+_RESTARTING = ("refused", "dropped")  # kinds of failure (see _kind)
+
+
+@contextlib.contextmanager
+def impatient():
+    """Calls inside fail at the first failure MLflow's own retries leave, without waiting
+    for a restarting server (an epoch's metrics: the sink keeps them, training goes on)."""
+    token = _PATIENT.set(False)
+    try:
+        yield
+    finally:
+        _PATIENT.reset(token)
+
+
+def _while_restarting(fn, uri: str, until: float):
+    """``fn()``; while a server that has answered this process before is restarting,
+    ``fn()`` again after a pause (0.5 s, doubling, at most 5 s), until ``until`` (the
+    bound; on the main thread the alarm of :func:`kd_mlflow.waits.waiting` ends it there
+    too). A call that failed at the connection never reached the server; one whose
+    connection was dropped may have: every write kd-mlflow repeats is idempotent (the
+    same metrics with the same timestamps, the same params, tags and files, a status)."""
+    pause = 0.5
+    while True:
+        try:
+            out = fn()
+        except Exception as e:
+            waited_for = uri in _ANSWERED and _PATIENT.get() and _kind(list(_chain(e))) in _RESTARTING
+            if not waited_for or time.monotonic() + pause > until:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
+            continue
+        _ANSWERED.add(uri)
+        return out
 
 
 class _Watched:
@@ -145,7 +190,6 @@ def _chain(e: BaseException):
 def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Exception | None:
     """The failure as TrackingRefused / TrackingUnavailable, or None if it is an answer."""
     import requests
-    import urllib3.exceptions as u3
 
     if isinstance(e, MlflowException):
         code = e.error_code
@@ -160,26 +204,24 @@ def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Except
                 "and MLFLOW_TRACKING_PASSWORD, and your permission on the experiment"
             )
     chain = list(_chain(e))
-
-    def first(*types):
-        return next((x for x in chain if isinstance(x, types)), None)
-
+    kind = _kind(chain)
     up = "check that it is up (its log, its database), or raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT)"
-    if first(ConnectionRefusedError):
+    if kind == "refused":
         why, todo = "refused the connection", "is it running? start it, or set MLFLOW_TRACKING_URI to one that is"
-    elif first(u3.NameResolutionError, socket.gaierror):
+    elif kind == "no-host":
         why, todo = "cannot be found (no such host)", "check the host name in MLFLOW_TRACKING_URI"
-    elif first(u3.ConnectTimeoutError):
+    elif kind == "connect-timeout":
         why, todo = "did not accept the connection", "check the network (a firewall, a VPN) and MLFLOW_TRACKING_URI"
-    elif first(u3.ReadTimeoutError, requests.Timeout, TimeoutError):
+    elif kind == "read-timeout":
         per = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?")
         why, todo = f"accepted the connection but did not answer ({per} s per attempt)", up
-    elif first(u3.ResponseError, requests.exceptions.RetryError):
+    elif kind == "server-errors":
         why, todo = "answered every attempt with a server error (HTTP 5xx)", "see the server's log"
-    elif tls := first(requests.exceptions.SSLError):
+    elif kind == "tls":
+        tls = next(x for x in chain if isinstance(x, requests.exceptions.SSLError))
         why = "failed the TLS handshake: " + one_line(str(tls), 160)
         todo = "check the certificate (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH)"
-    elif first(requests.ConnectionError, u3.ProtocolError, ConnectionError):
+    elif kind == "dropped":
         why = "dropped the connection: " + (one_line(str(chain[-1]), 160) or type(chain[-1]).__name__)
         todo = "check that it is up and the network between, then run the same command again"
     elif _remote(uri) and isinstance(e, RestException) and e.get_http_status_code() >= 500:
@@ -192,6 +234,32 @@ def _in_our_words(e: Exception, uri: str, action: str, seconds: float) -> Except
     n = _attempts()
     tried = f"({action}; {n} attempt{'s' if n != 1 else ''} in {seconds:.0f} s)"
     return TrackingUnavailable(f"{_who(chain, uri)} {why} {tried}: {todo}")
+
+
+def _kind(chain: list) -> str | None:
+    """What went wrong on the way to the server, from an exception's chain (outermost
+    first), or None when the server answered (an error of MLflow's own)."""
+    import requests
+    import urllib3.exceptions as u3
+
+    def first(*types):
+        return next((x for x in chain if isinstance(x, types)), None)
+
+    if first(ConnectionRefusedError):
+        return "refused"
+    if first(u3.NameResolutionError, socket.gaierror):
+        return "no-host"
+    if first(u3.ConnectTimeoutError):
+        return "connect-timeout"
+    if first(u3.ReadTimeoutError, requests.Timeout, TimeoutError):
+        return "read-timeout"
+    if first(u3.ResponseError, requests.exceptions.RetryError):
+        return "server-errors"
+    if first(requests.exceptions.SSLError):
+        return "tls"
+    if first(requests.ConnectionError, u3.ProtocolError, ConnectionError):
+        return "dropped"
+    return None
 
 
 def _who(chain: list, uri: str) -> str:
@@ -315,7 +383,13 @@ def _resolve_experiment(client, name, create) -> str:
     if exp.lifecycle_stage != "active":
         raise ConfigError("experiment", name, "experiment is deleted")
     if EXPERIMENT_KIND_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        try:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except MlflowException:
+            # Launches at once into an experiment made elsewhere: on PostgreSQL one insert
+            # of the tag wins and the others fail (a duplicate key, HTTP 400): it is set.
+            if EXPERIMENT_KIND_TAG not in client.get_experiment(exp.experiment_id).tags:
+                raise
     return exp.experiment_id
 
 
@@ -389,13 +463,15 @@ class RunWriter:
     def logged_epochs(self) -> set[int]:
         return self.session.logged_epochs(self.run_id)
 
-    def log_epoch(self, epoch: int, metrics: dict) -> None:
-        """One request per epoch, never one per step."""
-        ts = int(1000 * time.time())
-        batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()]
+    def log_epoch(self, epoch: int, metrics: dict, timestamp: int, *, wait: bool = False) -> None:
+        """One request per epoch, never one per step. ``timestamp`` (ms) is the epoch's
+        own, the same on every delivery: the server keeps an identical metric once, so
+        an epoch sent again after a reply was lost is not doubled."""
+        batch = [Metric(k, float(v), timestamp, epoch) for k, v in metrics.items()]
         # A server that is down raises TrackingUnavailable (see watched): the sink keeps
-        # the epoch and training goes on.
-        self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        # the epoch and training goes on; unless ``wait``, without waiting for a restart.
+        with contextlib.nullcontext() if wait else impatient():
+            self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_final(self, metrics: dict) -> None:
         ts = int(1000 * time.time())
@@ -755,7 +831,8 @@ def log_predictions_to(
 
 
 def load_predictions(run_id: str):
+    """The run's predictions artifact, read (a download as :func:`download` does it:
+    bounded, voiced, its failure the network's, in one line)."""
     from . import predictions
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=schema.PREDICTIONS_PATH)
-    return predictions.load(path)
+    return predictions.load(download(run_id, schema.PREDICTIONS_PATH))

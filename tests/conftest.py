@@ -12,10 +12,13 @@ how busy the machine is."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import socket
 import subprocess
 import sys
+import threading
 import types
 import uuid
 from pathlib import Path
@@ -41,6 +44,7 @@ E2E_ROOTS = {
     ("server", "conftest.py"),  # the session's `mlflow server`
     ("own_server", "test_faults.py"),  # a server a test stops and starts
     ("stack", "test_stack.py"),  # PostgreSQL and the authenticated server
+    ("restarted_once", "test_load.py"),  # the same stack, under load
 }
 # Names that start a process when a test's code (or a function of its module that it
 # calls) uses them.
@@ -245,6 +249,33 @@ def mlflow_run(entry, params: dict, env: dict, experiment=None, timeout=900):
         cmd += ["--experiment-name", experiment]
     env = {**env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def silent_socket():
+    """A loopback port that accepts every connection and never answers (as a tracking
+    server, as the proxy a download goes through, as a Ray cluster)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(sock.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for c in held:
+            c.close()
+        sock.close()
 
 
 def invoke(*args):

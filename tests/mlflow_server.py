@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,14 @@ class MlflowServer:
             env={**os.environ, **(self.env or {})},
             start_new_session=True,
         )
+        try:
+            self._wait_until_up(timeout)
+        except BaseException:  # not up in time, or interrupted while starting: no server left behind
+            self.kill()
+            raise
+        return self
+
+    def _wait_until_up(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -74,16 +83,21 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except OSError:
                 time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its workers at once: no handler runs, requests in
+        flight are cut (a crash, an OOM kill). ``start()`` brings it back on the same port."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            import signal
-
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(15)

@@ -107,7 +107,12 @@ class StackServer(MlflowServer):
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.auth_ini)
         return env
 
-    def start(self, timeout: float = 120.0) -> StackServer:
+    def start(self, timeout: float = 120.0, migrate: bool = True) -> StackServer:
+        """The schema upgrade (as the compose ``migrate`` service), then the server;
+        ``migrate=False`` for a restart of a server whose database is already upgraded."""
+        if not migrate:
+            super().start(timeout)
+            return self
         proc = subprocess.run(
             self.migrate_command(), env={**os.environ, **self.env}, capture_output=True, text=True, timeout=300
         )

@@ -240,7 +240,8 @@ def test_server_outage_mid_training_loses_nothing(tracked, tmp_path, own_server)
 
 
 def test_server_down_at_the_end_then_rerun_uploads_without_training(tracked, tmp_path, own_server):
-    env = _env(tracked, tmp_path / "cache", MLFLOW_TRACKING_URI=own_server.uri)
+    # A server that answered before is waited for at the end, up to the bound: 10 s here.
+    env = _env(tracked, tmp_path / "cache", MLFLOW_TRACKING_URI=own_server.uri, KD_MLFLOW_NETWORK_TIMEOUT="10")
     args = ["train", "--seed", "2", "--preset", "smoke", "--epochs", "3"]
     proc = _start(args, env)
     _wait_for_line(proc, "epoch 1/3")

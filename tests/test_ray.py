@@ -15,7 +15,7 @@ import time
 
 import mlflow
 import pytest
-from conftest import invoke, run_cli
+from conftest import invoke, run_cli, silent_socket
 
 from kd_mlflow import schema
 
@@ -69,6 +69,30 @@ def test_ray_study_matches_the_local_one(ray, smoke_study):
     ):
         assert local[key], key
         assert [[r[c] for c in cols] for r in via_ray[key]] == [[r[c] for c in cols] for r in local[key]], key
+
+
+def test_a_ray_address_that_never_answers_is_voiced_and_given_up_at_the_bound(ray, tmp_path):
+    """Ray would retry for minutes, silently between its own warnings: the connection
+    says what it waits for after 10 s and ends at the network bound, in one last line."""
+    bound = 12
+    with silent_socket() as silent:
+        address = silent.removeprefix("http://")
+        t0 = time.monotonic()
+        proc = run_cli(
+            *("reproduce", "--preset", "smoke", "--seeds", "0-1", "--executor", "ray", "--ray-address", address),
+            env={"KD_MLFLOW_NETWORK_TIMEOUT": str(bound), "KD_MLFLOW_CACHE": str(tmp_path)},
+            timeout=120,
+        )
+        seconds = time.monotonic() - t0
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"waiting for the Ray cluster at {address} (10 s so far; gives up at {bound} s) ..." in lines, lines
+    assert lines[-1] == (
+        f"kd-mlflow: error: no answer from the Ray cluster at {address} within {bound} s; "
+        "raise --network-timeout (KD_MLFLOW_NETWORK_TIMEOUT) or try later"
+    )
+    assert seconds < bound + 30, seconds  # the interpreter, torch and Ray start, then the bound
+    assert "SIGTERM handler is not set" not in proc.stderr
 
 
 def test_ray_executor_without_ray_says_how_to_install(monkeypatch, tracked):
