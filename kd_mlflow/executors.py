@@ -22,7 +22,7 @@ from typing import Protocol
 
 from . import tracking, waits
 from .config import ConfigError
-from .errors import USER, GaveUp, StepFailed
+from .errors import USER, GaveUp, MissingExtra, StepFailed
 from .runs import Outcome
 
 
@@ -119,7 +119,7 @@ class Ray:
         try:
             import ray
         except ImportError:
-            raise ConfigError("executor", "ray", "Ray is not installed: pip install 'kd-mlflow[ray]'") from None
+            raise MissingExtra("ray", "--executor ray") from None
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from .errors import GaveUp
 
 ENV = "KD_MLFLOW_NETWORK_TIMEOUT"
-DEFAULT_TIMEOUT = 60.0  # seconds: a request to the tracking server, or a stalled transfer
+# Seconds: a request to the tracking server, or a stalled transfer. Two restarts of a
+# 4-worker server in a row kept writers away for over 60 s under load
+# (benchmarks/load.py: 8 of 32 gave up at 60, none at 120).
+DEFAULT_TIMEOUT = 120.0
 VOICE_AFTER = 10.0  # seconds of waiting before a wait says what it waits for
 
 

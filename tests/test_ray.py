@@ -98,5 +98,7 @@ def test_a_ray_address_that_never_answers_is_voiced_and_given_up_at_the_bound(ra
 def test_ray_executor_without_ray_says_how_to_install(monkeypatch, tracked):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     res = invoke("reproduce", "--preset", "smoke", "--seeds", "0-1", "--executor", "ray")
-    assert res.exit_code == 2 and "pip install 'kd-mlflow[ray]'" in res.stderr
+    # The request is valid; the machine lacks a package: the environment's exit code, as
+    # for a missing optuna (errors.MissingExtra).
+    assert res.exit_code == 1 and "pip install 'kd-mlflow[ray]'" in res.stderr
     assert tracked.runs() == []
