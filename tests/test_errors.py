@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, invoke, mlflow_run
+from conftest import REPO, invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -419,20 +419,6 @@ def test_weights_behind_an_unreachable_store_are_a_network_failure_not_refused_w
     with pytest.raises(errors.TrackingUnavailable) as caught:
         runs.load_weights(runs.get(session, rid, "teacher"), "teacher")
     assert "artifact store http://127.0.0.1:9 refused the connection" in str(caught.value)
-
-
-# --- `mlflow run`: the run MLflow made ends FAILED with the reason -------------------
-
-
-def test_an_argument_mlflow_run_passed_that_does_not_parse_leaves_kd_failure(tracked):
-    params = {"seed": "two", "preset": "smoke"}
-    proc = mlflow_run("train", params, _env(**tracked.env), tracked.experiment, timeout=300)
-    assert proc.returncode != 0
-    (run,) = tracked.runs()
-    assert run.info.status == "FAILED"
-    assert (
-        "--seed" in run.data.tags.get(schema.FAILURE, "") and "'two' is not an integer" in run.data.tags[schema.FAILURE]
-    )
 
 
 # --- a study's parent: FAILED unless a signal ended it ------------------------------
