@@ -140,15 +140,17 @@ def test_bad_input_is_one_line_exit_2_and_creates_no_run(crafted, tmp_path, args
 
 def test_bad_mlproject_parameter_is_refused_by_the_cli(tracked):
     """MLflow does not check int parameters; the CLI does. (`mlflow run` has already
-    created its run by then; it ends FAILED, never RUNNING.)"""
-    params = {"seed": "abc", "preset": "smoke"}
+    created its run by then; it ends FAILED, never RUNNING, with the reason in kd.failure.)"""
+    params = {"seed": "two", "preset": "smoke"}
     proc = mlflow_run("train", params, {**os.environ, **tracked.env}, tracked.experiment, timeout=300)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("kd-mlflow: error")]
-    assert len(ours) == 1 and "--seed" in ours[0] and "abc" in ours[0]
+    assert len(ours) == 1 and "--seed" in ours[0] and "'two' is not an integer" in ours[0]
     assert "Traceback" not in proc.stderr
     (run,) = tracked.runs()  # the run `mlflow run` created: there, and not left RUNNING
     assert run.info.status == "FAILED"
+    failure = run.data.tags.get(schema.FAILURE, "")
+    assert "--seed" in failure and "'two' is not an integer" in failure
 
 
 def _offline(env, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, invoke, mlflow_run, silent_socket
+from conftest import REPO, invoke, silent_socket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow_server import free_port
@@ -415,20 +415,6 @@ def test_artifacts_behind_an_unreachable_store_are_a_network_failure(unreachable
         else:
             runs.predictions_of(session, rec)
     assert "artifact store http://127.0.0.1:9 refused the connection" in str(caught.value)
-
-
-# --- `mlflow run`: the run MLflow made ends FAILED with the reason -------------------
-
-
-def test_an_argument_mlflow_run_passed_that_does_not_parse_leaves_kd_failure(tracked):
-    params = {"seed": "two", "preset": "smoke"}
-    proc = mlflow_run("train", params, _env(**tracked.env), tracked.experiment, timeout=300)
-    assert proc.returncode != 0
-    (run,) = tracked.runs()
-    assert run.info.status == "FAILED"
-    assert (
-        "--seed" in run.data.tags.get(schema.FAILURE, "") and "'two' is not an integer" in run.data.tags[schema.FAILURE]
-    )
 
 
 # --- a study's parent: FAILED unless a signal ended it ------------------------------

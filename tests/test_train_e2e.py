@@ -4,11 +4,14 @@ embedded default store; what a run records; idempotent reruns."""
 from __future__ import annotations
 
 import os
+from importlib import metadata
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from conftest import mlflow_run, run_cli
+from packaging.requirements import Requirement
 
 from kd_mlflow import data, schema
 
@@ -59,6 +62,10 @@ def test_mlflow_run_train_gives_one_complete_run(tracked):
     # The weights load without pickle code.
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights/model.pt")
     assert "net.fc.weight" in torch.load(path, weights_only=True)
+    # The model's environment: this one's torch, torchvision and MLflow, pinned.
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/requirements.txt")
+    pins = {Requirement(line).name: str(Requirement(line).specifier) for line in Path(path).read_text().split()}
+    assert pins == {n: "==" + metadata.version(n).split("+")[0] for n in ("mlflow", "torch", "torchvision")}
 
     # Same configuration again through `mlflow run`: nothing trains, and the extra run
     # MLflow insists on creating only points at the result.
