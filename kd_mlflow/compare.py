@@ -860,8 +860,9 @@ CSV_COLUMNS = [
 def _csv(tables: list[StudyTables]) -> str:
     """Tidy: one row per run and table it appears in, so that ``pandas.read_csv`` gives
     a frame ready to pivot (summaries and notes are in the markdown and JSON)."""
-    rows = []
+    rows: list[dict] = []
     for t in tables:
+        first = len(rows)  # this table's rows start here
         g = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset}
         for r in t.seeds.itertuples():
             rows.append(
@@ -919,8 +920,8 @@ def _csv(tables: list[StudyTables]) -> str:
                 }
             )
         for e in t.gains[t.gains["run_id"].notna()].itertuples():
-            for row in rows:
-                if row["run_id"] == e.run_id and row["group_id"] == t.group_id:
+            for row in rows[first:]:  # (earlier tables' measure rows have no run id)
+                if row["run_id"] == e.run_id:
                     row.update(
                         gain=e.estimate, gain_lo=e.lo, gain_hi=e.hi, mcnemar_p=None if pd.isna(e.p_value) else e.p_value
                     )

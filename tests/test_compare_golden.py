@@ -543,3 +543,24 @@ def test_the_accuracy_plot_has_a_panel_for_every_group(mixed):
         assert [ax.get_title().split("\n")[0] for ax in panels] == [t.label for t in tables]
     finally:
         plots.close({"f": fig})
+
+
+def test_csv_of_several_groups_has_every_group_and_its_gains(mixed):
+    """Several groups in one CSV (a study with a student of another architecture): the
+    second group's gains were matched against the first group's measure rows (Figure 1,
+    calibration), which have no run id, and the CSV failed with a KeyError."""
+    import dataclasses
+
+    from kd_mlflow import gains
+
+    tables = []
+    for i, t in enumerate(mixed.tables.values()):  # a gain on each group's first train run
+        run_id = t.seeds["run_id"].iloc[0]
+        row = dict.fromkeys(gains.GAIN_COLUMNS, None) | {"gain": "g", "estimate": 1.0 + i, "lo": 0.5, "hi": 2.5}
+        tables.append(dataclasses.replace(t, gains=pd.DataFrame([row | {"run_id": run_id, "p_value": float("nan")}])))
+    assert len(tables) > 1 and not tables[0].figure1.empty  # measure rows come first
+    frame = pd.read_csv(io.StringIO(compare.render(tables, "csv")))
+    assert set(frame["group_id"]) == {t.group_id for t in tables}
+    for i, t in enumerate(tables):
+        mine = frame[(frame["group_id"] == t.group_id) & (frame["section"] == "seeds")].set_index("run_id")
+        assert mine.loc[t.seeds["run_id"].iloc[0], "gain"] == pytest.approx(1.0 + i)

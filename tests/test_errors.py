@@ -504,7 +504,9 @@ def test_every_wait_on_the_network_speaks_after_10_s_and_gives_up_at_its_bound(t
     with silent_socket() as silent:
         base = _env(KD_MLFLOW_NETWORK_TIMEOUT=bound, KD_MLFLOW_CACHE=tmp_path / "cache", MLFLOW_TRACKING_URI=silent)
         server = Watched(["compare", "--no-intervals"], base)
-        stopped = Watched(["compare", "--no-intervals"], base)
+        # Stopped while it waits: a bound far off, so that a loaded machine's delay between
+        # the voice and the signal cannot let it give up first (exit 1).
+        stopped = Watched(["compare", "--no-intervals"], {**base, "KD_MLFLOW_NETWORK_TIMEOUT": "120"})
         download = Watched(
             ["train", "--seed", "0", *SMOKE, "--dataset", "cifar10"],
             {**base, "MLFLOW_TRACKING_URI": CLOSED, "https_proxy": silent, "HTTPS_PROXY": silent, "no_proxy": ""},
