@@ -506,7 +506,13 @@ def test_every_wait_on_the_network_speaks_after_10_s_and_gives_up_at_its_bound(t
         server = Watched(["compare", "--no-intervals"], base)
         # Stopped while it waits: a bound far off, so that a loaded machine's delay between
         # the voice and the signal cannot let it give up first (exit 1).
-        stopped = Watched(["compare", "--no-intervals"], {**base, "KD_MLFLOW_NETWORK_TIMEOUT": "120"})
+        # SIGINT at its default in the child even where pytest runs with it ignored (started
+        # in the background by a shell): Python then installs no handler and Ctrl-C is lost.
+        stopped = Watched(
+            ["compare", "--no-intervals"],
+            {**base, "KD_MLFLOW_NETWORK_TIMEOUT": "120"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         download = Watched(
             ["train", "--seed", "0", *SMOKE, "--dataset", "cifar10"],
             {**base, "MLFLOW_TRACKING_URI": CLOSED, "https_proxy": silent, "HTTPS_PROXY": silent, "no_proxy": ""},
