@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import types
 import uuid
@@ -61,10 +64,85 @@ E2E_REASONS: dict[str, str | None] = {}  # every collected test's, before -m or 
 
 
 def pytest_collection_modifyitems(config, items):
+    e2e = []
     for item in items:
         E2E_REASONS[item.nodeid] = reason = e2e_reason(item)
         if reason:
             item.add_marker(pytest.mark.e2e)
+            e2e.append(item)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: say where each test runs
+        _group_for_xdist(config, items, e2e)
+
+
+# --- under `pytest -n` (pytest-xdist) ------------------------------------------------
+#
+# Each e2e test belongs to a group that one worker runs whole: its module, so that a
+# module's fixture (a study, a server, a cluster) is made once; and the modules that read
+# the session's smoke study together, so that it is made once. Unit tests have no group:
+# each goes to whichever worker is free. (xdist's own `--dist loadgroup` renames items'
+# node ids, which pytest 9 no longer lets it do: the groups travel in a file instead.)
+#
+# The longest start first, so that no worker is handed one of them when the others are
+# nearly done: groups, and the modules of the longest unit tests (`--durations=0`, 2
+# workers on this project's 2-core machine: the smoke study's readers 230 s with the
+# study, test_faults 185 s, test_paths 170 s; test_properties' property test 11 s).
+LONGEST_FIRST = ("smoke_study", "test_faults", "test_paths", "test_properties", "test_models", "test_pack")
+_GROUPS = pytest.StashKey[Path]()
+
+
+def _groups_file(config) -> Path:
+    if _GROUPS not in config.stash:
+        config.stash[_GROUPS] = Path(tempfile.mkdtemp(prefix="kd-test-groups-")) / "groups.json"
+    return config.stash[_GROUPS]
+
+
+def _group_for_xdist(config, items, e2e) -> None:
+    """(In a worker.) Each e2e test's group, written where the controller's scheduler
+    reads it, and the items in the order the groups should start."""
+    readers = {item.module.__name__ for item in e2e if "smoke_study" in item.fixturenames}
+    groups = {item.nodeid: "smoke_study" if item.module.__name__ in readers else item.module.__name__ for item in e2e}
+    path = Path(config.workerinput["kd_test_groups"])
+    tmp = path.with_suffix(f".{config.workerinput['workerid']}")
+    tmp.write_text(json.dumps(groups))
+    tmp.replace(path)  # every worker writes the same, whole
+
+    def rank(item):
+        group = groups.get(item.nodeid)
+        key = group or item.module.__name__
+        return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST) + (group is None)
+
+    items.sort(key=rank)  # stable: within a group, the collection's order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """(pytest-xdist, in the controller, per worker.) Where the workers write the groups."""
+    node.workerinput["kd_test_groups"] = str(_groups_file(node.config))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """(pytest-xdist, in the controller.) A group's tests go to one worker, groups in the
+    order the workers' collection put them; each unit test alone."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # the order above, not "most tests first"
+    path = _groups_file(config)
+
+    class ByGroup(LoadScopeScheduling):
+        groups: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # every worker has collected (and written) by now
+                self.groups = json.loads(path.read_text())
+            return self.groups.get(nodeid, nodeid)
+
+    return ByGroup(config, log)
+
+
+def pytest_unconfigure(config):
+    if _GROUPS in config.stash:
+        shutil.rmtree(config.stash[_GROUPS].parent, ignore_errors=True)
 
 
 def e2e_reason(item) -> str | None:
