@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -314,3 +315,58 @@ def test_the_tiers_follow_the_fixtures_a_test_really_uses(request):
     # study on a server): unit tests, wherever that file is collected with this one.
     golden = {n: r for n, r in E2E_REASONS.items() if n.startswith("tests/test_compare_golden.py::")}
     assert all(r is None for r in golden.values()), {n: r for n, r in golden.items() if r}
+
+
+SAMPLE_E2E = '''
+import os, subprocess
+import pytest
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Stands for a study: says where and how often it is made."""
+    with open(os.environ["SAMPLE_LOG"], "a") as f:
+        f.write(f"fixture {os.environ['PYTEST_XDIST_WORKER']}\\n")
+
+@pytest.mark.parametrize("i", range(6))
+def test_uses_the_module_fixture(made, i):
+    subprocess.run(["true"], check=True)  # starts a process: e2e
+    with open(os.environ["SAMPLE_LOG"], "a") as f:
+        f.write(f"test {os.environ['PYTEST_XDIST_WORKER']}\\n")
+'''
+
+SAMPLE_UNIT = """
+import os
+
+def test_unit(i=0):
+    with open(os.environ["SAMPLE_LOG"], "a") as f:
+        f.write(f"unit {os.environ['PYTEST_XDIST_WORKER']}\\n")
+"""
+
+
+def test_under_xdist_an_e2e_module_runs_whole_on_one_worker(tmp_path):
+    """conftest's scheduler, run as `pytest -n 2` runs it, on a module whose six e2e tests
+    share a module fixture, beside unit tests: the fixture is made once, and its tests run
+    on one worker. (xdist's own loadgroup silently stopped grouping under pytest 9.)
+    Which worker runs a unit test depends on timing: not asserted."""
+    for name in ("conftest.py", "mlflow_server.py"):
+        shutil.copy2(REPO / "tests" / name, tmp_path / name)
+    (tmp_path / "test_sample_e2e.py").write_text(SAMPLE_E2E)
+    for k in range(8):
+        (tmp_path / f"test_sample_unit_{k}.py").write_text(SAMPLE_UNIT)
+    log = tmp_path / "log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", "-c", "/dev/null", str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "SAMPLE_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    lines = log.read_text().split()
+    events = list(zip(lines[::2], lines[1::2], strict=True))
+    made = [w for what, w in events if what == "fixture"]
+    tests = {w for what, w in events if what == "test"}
+    assert len(made) == 1 and tests == set(made), events
+    assert len([e for e in events if e[0] == "test"]) == 6
+    assert len([e for e in events if e[0] == "unit"]) == 8
