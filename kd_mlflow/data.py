@@ -10,11 +10,14 @@ model all see the same preprocessing.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import os
 import tarfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +89,9 @@ def load(dataset: str, data_dir: str | None = None, cache_dir: Path | None = Non
                 "dataset 'digits' is scikit-learn's bundled copy and reads no --data-dir: drop it, "
                 "or choose --dataset folder or cifar10",
             )
-        return _load_digits()
+        # Decoded once per scikit-learn version: importing sklearn.datasets costs a second.
+        cached = cache_dir / "decoded" / f"digits-sklearn-{metadata.version('scikit-learn')}.pt"
+        return _decoded(cached, _load_digits, "digits", DIGITS_LOCATION)
     raise ConfigError("dataset", dataset, "unknown dataset")
 
 
@@ -139,11 +144,12 @@ def _load_folder(path: Path, cache_dir: Path) -> Source:
             "does not exist: dataset 'folder' needs an ImageFolder tree with train/ and test/, or a .tar.gz of one",
         )
     key = _file_key(path)
-    cached = cache_dir / "decoded" / f"folder-{key}.pt"
-    if cached.is_file():
-        d = torch.load(cached, weights_only=True)
-        return Source("folder", str(path), tuple(d["classes"]), d["train_x"], d["train_y"], d["test_x"], d["test_y"])
-    root = _unpack(path, cache_dir / "unpacked" / key) if path.is_file() else path
+    make = functools.partial(_decode_folder, path, cache_dir / "unpacked" / key)
+    return _decoded(cache_dir / "decoded" / f"folder-{key}.pt", make, "folder", str(path))
+
+
+def _decode_folder(path: Path, unpacked: Path) -> Source:
+    root = _unpack(path, unpacked) if path.is_file() else path
     train_x, train_y, classes = _decode_tree(root / "train", path)
     test_x, test_y, test_classes = _decode_tree(root / "test", path)
     if classes != test_classes:
@@ -157,13 +163,23 @@ def _load_folder(path: Path, cache_dir: Path) -> Source:
             f"dataset 'folder': train/ and test/ have different classes ({'; '.join(only)}); "
             "both need the same class folders",
         )
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save(
-        {"classes": list(classes), "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, tmp
-    )
-    tmp.replace(cached)
     return Source("folder", str(path), classes, train_x, train_y, test_x, test_y)
+
+
+def _decoded(cached: Path, make, name: str, location: str) -> Source:
+    """A decoded dataset from the cache (tensors and class names: loads with weights_only),
+    or made by ``make()`` and cached, atomically: a process reading it meanwhile finds
+    none, and concurrent makers write a file each."""
+    keys = ("train_x", "train_y", "test_x", "test_y")
+    if cached.is_file():
+        d = torch.load(cached, weights_only=True)
+        return Source(name, location, tuple(d["classes"]), *(d[k] for k in keys))
+    src = make()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    torch.save({"classes": list(src.classes), **{k: getattr(src, k) for k in keys}}, tmp)
+    tmp.replace(cached)
+    return src
 
 
 def _file_key(path: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import sys
 import tarfile
 
 import numpy as np
@@ -179,6 +180,19 @@ def test_folder_tree_and_its_archive_decode_the_same(tmp_path):
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     again = data.load("folder", str(tmp_path / "tree"), tmp_path / "c1")  # from the cache
     assert torch.equal(a.train_x, again.train_x)
+
+
+def test_digits_are_decoded_once_and_read_back_without_scikit_learn(tmp_path, monkeypatch):
+    fresh = data.load("digits", cache_dir=tmp_path)
+    (cached,) = (tmp_path / "decoded").glob("digits-sklearn-*.pt")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # importing it now fails
+    again = data.load("digits", cache_dir=tmp_path)
+    assert (again.name, again.location, again.classes) == (fresh.name, fresh.location, fresh.classes)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(again, k), getattr(fresh, k)) and getattr(again, k).dtype == getattr(fresh, k).dtype
+    cached.unlink()
+    with pytest.raises(ImportError):  # the cache was read, not scikit-learn
+        data.load("digits", cache_dir=tmp_path)
 
 
 def test_folder_with_mismatched_classes_is_refused(tmp_path):
