@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import os
+import io
 import tarfile
 import urllib.error
 import urllib.request
@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import waits
+from .checkpoint import write_atomic
 from .config import ConfigError, Recipe, default_cache_dir
 from .errors import DataUnavailable, one_line
 
@@ -169,16 +170,15 @@ def _decode_folder(path: Path, unpacked: Path) -> Source:
 def _decoded(cached: Path, make, name: str, location: str) -> Source:
     """A decoded dataset from the cache (tensors and class names: loads with weights_only),
     or made by ``make()`` and cached, atomically: a process reading it meanwhile finds
-    none, and concurrent makers write a file each."""
+    none, and concurrent makers write a temporary file each."""
     keys = ("train_x", "train_y", "test_x", "test_y")
     if cached.is_file():
         d = torch.load(cached, weights_only=True)
         return Source(name, location, tuple(d["classes"]), *(d[k] for k in keys))
     src = make()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-    torch.save({"classes": list(src.classes), **{k: getattr(src, k) for k in keys}}, tmp)
-    tmp.replace(cached)
+    buf = io.BytesIO()
+    torch.save({"classes": list(src.classes), **{k: getattr(src, k) for k in keys}}, buf)
+    write_atomic(cached, buf.getvalue())  # a full disk: an OSError naming the file
     return src
 
 

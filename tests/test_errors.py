@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow_server import free_port
 
-from kd_mlflow import config, errors, schema
+from kd_mlflow import config, data, errors, schema
 
 SMOKE = ["--preset", "smoke"]
 CLOSED = "http://127.0.0.1:9"  # nothing listens on the discard port
@@ -431,7 +432,21 @@ def _no_big_files(limit: int):
     return apply
 
 
+def test_a_full_disk_at_the_first_decode_of_the_data_names_the_file_and_creates_no_run(tracked, tmp_path):
+    args = ["train", "--seed", "0", *SMOKE, "--cache-dir", tmp_path / "c"]
+    proc = Watched(args, _env(**tracked.env), preexec_fn=_no_big_files(8192))
+    assert proc.finish(300) == 1, proc.text()
+    decoded = tmp_path / "c" / "decoded" / f"digits-sklearn-{metadata.version('scikit-learn')}.pt"
+    assert proc.lines[-1][1] == (
+        f"kd-mlflow: error: cannot write {decoded}: File too large: free some space, or point --cache-dir "
+        "($KD_MLFLOW_CACHE) or --output at another disk"
+    ), proc.text()
+    assert not decoded.exists() and not list(decoded.parent.iterdir())  # no temporary file left
+    assert tracked.runs() == []
+
+
 def test_a_study_that_fails_without_a_signal_ends_failed_with_the_reason(tracked, tmp_path):
+    data.load("digits", cache_dir=tmp_path / "c")  # decoded beforehand: the first big write is a step's
     args = ["reproduce", *SMOKE, "--seeds", "0-1", "--epochs", "1", "--no-register", "--cache-dir", tmp_path / "c"]
     proc = Watched(args, _env(**tracked.env), preexec_fn=_no_big_files(8192))
     assert proc.finish(300) == 1, proc.text()
