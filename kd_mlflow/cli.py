@@ -710,7 +710,7 @@ def _check_writable(option: str, path: Path) -> None:
 @main.command()
 @_network
 @_preset
-@click.option("--seeds", default="0-4", show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
+@click.option("--seeds", default=config.STUDY_SEEDS, show_default=True, help="Teacher seeds, e.g. 0-4 or 0,1,2.")
 @click.option(
     "--student-seed-offset",
     "--student_seed_offset",

@@ -437,6 +437,9 @@ def preset(name: str) -> Recipe:
     return PRESETS[name]
 
 
+# A study's teacher seeds unless told (`reproduce --seeds`, MLproject main's seeds).
+STUDY_SEEDS = "0-4"
+
 # The KD student's seed in a study, per preset: the report's KD script seeds 42.
 STUDY_KD_SEED = {"seed-report": 42}
 DEFAULT_STUDY_KD_SEED = 100

@@ -109,8 +109,9 @@ def joint_name(member_seeds) -> str:
     return f"joint-seeds-{seed_label(member_seeds)}"
 
 
-def study_name(preset: str, dataset: str, label: str = "") -> str:
+def study_name(preset: str, dataset: str, label: str = "", seeds=None) -> str:
     """study-smoke-digits; with the recipe's group label when it is not the preset's own
-    ("smoke · epochs=3"): study-smoke-digits-epochs=3."""
+    ("smoke · epochs=3"): study-smoke-digits-epochs=3; with ``seeds`` when they are not
+    the default: study-smoke-digits-seeds=0-2."""
     changed = [part.replace(" ", "") for part in label.split(" · ")[1:]]
-    return "-".join([f"study-{preset}-{dataset}", *changed])
+    return "-".join([f"study-{preset}-{dataset}", *changed, *([f"seeds={seed_label(seeds)}"] if seeds else [])])

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import executors, schema, steps, tracking
-from .config import ConfigError, Recipe, check_model, check_schedule, group_label, study_student_model
+from .config import (
+    STUDY_SEEDS,
+    ConfigError,
+    Recipe,
+    check_model,
+    check_schedule,
+    group_label,
+    parse_seeds,
+    study_student_model,
+)
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
 
@@ -340,9 +349,9 @@ def reproduce(
     check_schedule(plan.recipe, len(split.train_idx))
     session = tracking.connect(experiment)
     executor = executor or executors.InProcess()
-    parent = tracking.open_study(
-        session, schema.study_name(plan.preset, plan.recipe.dataset, plan.label), _study_tags(plan, split.digest)
-    )
+    seeds = None if plan.seeds == parse_seeds(STUDY_SEEDS) else plan.seeds  # named where not the default
+    name = schema.study_name(plan.preset, plan.recipe.dataset, plan.label, seeds)
+    parent = tracking.open_study(session, name, _study_tags(plan, split.digest))
     if session.adopted_run_id and parent != session.adopted_run_id:
         print(
             f"note: this study already has a parent run, {parent}: the study continues there, and this run "

@@ -131,7 +131,7 @@ def test_a_study_with_a_kd_student_of_another_architecture(lab):
     sd11 = c.get_run(result.runs["sd-t1-s11"])
     assert (sd11.data.tags[schema.METHOD], sd11.data.params["model"]) == ("sd", "resnet20")
     parent = c.get_run(result.parent_run_id)
-    assert parent.info.run_name == "study-smoke-digits-model=resnet20-width=16-student_model=resnet18-cifar"
+    assert parent.info.run_name == "study-smoke-digits-model=resnet20-width=16-student_model=resnet18-cifar-seeds=0-1"
     assert {"kd_test_acc", "sd_test_acc_mean", "ensemble_test_acc"} <= set(parent.data.metrics)
     kd = c.get_run(ids["kd"]).data.metrics[schema.FINAL_TEST_ACC]
     assert parent.data.metrics["kd_test_acc"] == pytest.approx(kd)

@@ -97,8 +97,8 @@ def test_a_study_of_another_recipe_is_named_for_it_and_leaves_champion_alone(lab
     own = run(SMOKE, {})
     longer = run(SMOKE.replace(epochs=3), {"epochs": 3})
     c = lab["client"]
-    assert c.get_run(own.parent_run_id).info.run_name == "study-smoke-digits"
-    assert c.get_run(longer.parent_run_id).info.run_name == "study-smoke-digits-epochs=3"
+    assert c.get_run(own.parent_run_id).info.run_name == "study-smoke-digits-seeds=0-1"
+    assert c.get_run(longer.parent_run_id).info.run_name == "study-smoke-digits-epochs=3-seeds=0-1"
     champion = c.get_model_version_by_alias(registry, "champion")
     assert champion.run_id == own.runs["kd-seed-100"]
     versions = {v.run_id: v for v in c.search_model_versions(f"name = '{registry}'")}

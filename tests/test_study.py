@@ -41,12 +41,13 @@ def test_every_step_finished_with_its_lineage(study):
         "sd-t0-s10",
         "sd-t1-s11",
         "sd-ensemble-seeds-10-11",
-        "study-smoke-digits",
+        "study-smoke-digits-seeds=0-1",
     }
     assert set(r) == expected
     assert all(run.info.status == "FINISHED" for run in r.values())
-    parent = r["study-smoke-digits"].info.run_id
-    assert all(run.data.tags.get("mlflow.parentRunId") == parent for n, run in r.items() if n != "study-smoke-digits")
+    name = "study-smoke-digits-seeds=0-1"  # seeds other than the default 0-4: in the name
+    parent = r[name].info.run_id
+    assert all(run.data.tags.get("mlflow.parentRunId") == parent for n, run in r.items() if n != name)
 
     t0, t1, ens = r["train-seed-0"], r["train-seed-1"], r["ensemble-seeds-0-1"]
     assert ens.data.tags[schema.MEMBER_RUN_IDS] == f"{t0.info.run_id},{t1.info.run_id}"
@@ -81,7 +82,7 @@ def test_the_ensemble_model_loads_and_reproduces_its_test_accuracy(study):
 
 
 def test_parent_run_holds_tables_and_plots(study):
-    parent = study["by_name"]["study-smoke-digits"].info.run_id
+    parent = study["by_name"]["study-smoke-digits-seeds=0-1"].info.run_id
     names = {a.path for a in study["client"].list_artifacts(parent)}
     assert {
         "tables.md",
@@ -93,7 +94,7 @@ def test_parent_run_holds_tables_and_plots(study):
         "steps.json",
     } <= names
     assert {"ensemble_gain_lo", "ensemble_gain_hi", "kd_gain", "sd_gain_mean"} <= set(
-        study["by_name"]["study-smoke-digits"].data.metrics
+        study["by_name"]["study-smoke-digits-seeds=0-1"].data.metrics
     )
     assert "| seed | validation accuracy | test accuracy |" in study["proc"].stdout
 

@@ -287,7 +287,7 @@ def test_reproduce_sweeps_the_kd_student_and_its_row_is_the_setting_chosen_on_va
     runs = {r.info.run_id: r for r in tracked.runs()}
     (parent,) = [r for r in runs.values() if r.data.tags.get(schema.STUDY) == "true"]
     (swept,) = [r for r in runs.values() if r.data.tags.get(schema.SWEEP) == "true"]
-    assert parent.info.run_name == "study-smoke-digits-sweep_kd=temperature=1,2"
+    assert parent.info.run_name == "study-smoke-digits-sweep_kd=temperature=1,2-seeds=0-1"
     assert swept.data.tags["mlflow.parentRunId"] == parent.info.run_id
     kd = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == swept.info.run_id]
     assert sorted(float(r.data.params["temperature"]) for r in kd) == [1.0, 2.0]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kd_mlflow import config, data, models
+from kd_mlflow import config, data, models, schema
 from kd_mlflow.checkpoint import CheckpointStore, CorruptCheckpoint, dump, parse
 from kd_mlflow.config import ConfigError
 from kd_mlflow.ensemble import Ensemble
@@ -98,6 +98,13 @@ def test_bad_recipe_values_name_the_field(field, value):
     with pytest.raises(ConfigError) as e:
         config.resolve("smoke", **{field: value})
     assert e.value.name == field and repr(value) in str(e.value)
+
+
+def test_a_study_is_named_for_what_it_changes_and_seeds_other_than_the_default():
+    assert schema.study_name("smoke", "digits") == "study-smoke-digits"
+    changed = schema.study_name("smoke", "digits", "smoke · epochs=3", [0, 1, 2])
+    assert changed == "study-smoke-digits-epochs=3-seeds=0-2"
+    assert schema.study_name("smoke", "digits", "smoke", [0, 2, 5]) == "study-smoke-digits-seeds=0_2_5"
 
 
 def test_parse_seeds():
