@@ -854,14 +854,16 @@ def _sweep_kd_grid(given: tuple):
 @click.option("--format", "fmt", type=click.Choice(config.MODEL_FORMATS), default="table", show_default=True)
 @click.option("--width", type=click.IntRange(min=1), default=64, show_default=True, help="64 = as published.")
 @click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
-def models(fmt, width, classes):
+@click.argument("names", nargs=-1)
+def models(fmt, width, classes, names):
     """List the model registry: each network's parameters and forward GFLOPs for one
-    image at its input size (counted by torch.utils.flop_counter: a multiply-add is 2)."""
+    image at its input size (counted by torch.utils.flop_counter: a multiply-add is 2).
+    NAMES: only these networks (any wrn-D-K too, e.g. `kd-mlflow models wrn-22-4`)."""
     import json
 
     from . import models as registry
 
-    names = list(config.MODELS)
+    names = [config.check_model(n) for n in names] or list(config.MODELS)
     rows = [registry.size(name, width, classes) for name in names]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))

@@ -92,13 +92,15 @@ def done(e: BaseException) -> list[str]:
 
 def one_line(text: str, limit: int = LIMIT) -> str:
     """The first non-empty line of ``text``, whitespace folded, at most ``limit``
-    characters, cut only between words (marked "...")."""
+    characters, cut between words (marked "..."); inside the first word only when that
+    word alone is longer than ``limit`` (a long path or URL)."""
     first = next((line for line in str(text).splitlines() if line.strip()), "")
     first = " ".join(first.split())
     if len(first) <= limit:
         return first
-    cut = first[: limit + 1].rsplit(" ", 1)[0].rstrip(",;:(")
-    return cut + " ..."
+    head = first[: limit + 1]
+    cut = head.rsplit(" ", 1)[0] if " " in head else first[:limit]
+    return cut.rstrip(",;:(") + " ..."
 
 
 def cause(e: BaseException) -> str:

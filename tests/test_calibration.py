@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import invoke
-from torchmetrics.classification import MulticlassCalibrationError
 
 from kd_mlflow import calibration, predictions, schema, stats
 
@@ -28,6 +27,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _torchmetrics_ece(probs, labels) -> float:
+    # Imported here: torchmetrics costs every pytest worker 0.7 s at collection.
+    from torchmetrics.classification import MulticlassCalibrationError
+
     p = torch.tensor(np.asarray(probs, dtype=np.float64))
     metric = MulticlassCalibrationError(num_classes=p.shape[1], n_bins=15, norm="l1")
     return float(metric(p, torch.tensor(np.asarray(labels, dtype=np.int64))))

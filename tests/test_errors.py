@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from conftest import REPO, invoke, silent_socket
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mlflow_server import free_port
 
@@ -186,6 +186,7 @@ def unreachable(monkeypatch, tmp_path):
 
 
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=600), st.integers(20, 300))
+@example("0" * 21, 20)  # one word longer than the limit: was kept whole, past the limit
 def test_one_line_is_the_first_line_cut_only_between_words(text, limit):
     line = errors.one_line(text, limit)
     assert "\n" not in line and "\r" not in line
@@ -196,8 +197,10 @@ def test_one_line_is_the_first_line_cut_only_between_words(text, limit):
         kept = line.removesuffix(" ...")
         assert line.endswith(" ...") and first.startswith(kept)
         assert len(kept) <= limit
-        # never mid-word: what was kept ends where a word of the first line ends
-        assert kept == "" or first[len(kept) : len(kept) + 1] in (" ", "") or kept[-1] in ",;:("
+        if " " not in first[: limit + 1]:  # the first word alone is too long: cut inside it
+            assert kept == first[:limit].rstrip(",;:(")
+        else:  # never mid-word: what was kept ends where a word of the first line ends
+            assert kept == "" or first[len(kept) : len(kept) + 1] in (" ", "") or kept[-1] in ",;:("
 
 
 def test_the_verdict_follows_one_rule():

@@ -243,10 +243,19 @@ def test_models_command_lists_the_registry_measured():
             net = models.entry(r["name"]).build(16, 100, "direct")
         assert r["parameters"] == _params(net)
         assert r["gflops"] > 0 and (r["width"], r["classes"]) == (16, 100)
-    table = CliRunner().invoke(main, ["models", "--width", "16", "--classes", "100"])
-    assert table.exit_code == 0
-    for r in rows:  # the table says what the JSON says, a row per network
-        assert f"{r['name']:<16}{r['parameters']:>14,}{r['gflops']:>10.3f}" in table.output, r["name"]
+    # The table says what the JSON says; named networks only, any wrn-D-K too.
+    named = ["resnet20", "wrn-28-10", "wrn-22-4"]
+    table = CliRunner().invoke(main, ["models", "--width", "16", "--classes", "100", *named])
+    assert table.exit_code == 0, table.output
+    listed = [line.split()[0] for line in table.output.splitlines()[1:-1]]
+    assert listed == named
+    for r in rows:
+        if r["name"] in listed:
+            assert f"{r['name']:<16}{r['parameters']:>14,}{r['gflops']:>10.3f}" in table.output, r["name"]
+    with torch.device("meta"):
+        assert f"{_params(models.entry('wrn-22-4').build(16, 100, 'direct')):>14,}" in table.output
+    bad = CliRunner().invoke(main, ["models", "wrn-23-4"])
+    assert bad.exit_code == 2 and "wrn-23-4" in bad.output
 
 
 # --- packing -----------------------------------------------------------------------
