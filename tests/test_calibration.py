@@ -346,3 +346,42 @@ def test_the_joint_column_reads_a_joint_run(smoke_study, tracked, tmp_path):
 
     md = invoke("compare", "--experiment", tracked.experiment).stdout
     assert "| runs | 2 | 0 | 0 | 0 | 1 |" in md
+
+
+def test_figure1_plot_draws_each_kind_of_interval_as_what_it_is():
+    """figure1.png: a mean over seeds with its t interval, a single run with its gain's
+    bootstrap interval placed on its accuracy, each named in the legend; the report's
+    range as a bar, its point as a cross; a column without runs left out."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from kd_mlflow import measures, plots
+
+    nan = float("nan")
+    rows = [
+        # column, n, test_acc, test_std, seed_lo, seed_hi, gain, gain_lo, gain_hi, report, paper, run_ids
+        ("single", 3, 50.0, 1.0, 47.5, 52.5, nan, nan, nan, "85.46-86.39", None, ""),
+        ("ensemble", 1, 56.0, nan, nan, nan, 6.0, 5.5, 6.6, "89.07", None, ""),
+        ("kd", 1, 54.0, nan, nan, nan, 4.0, nan, nan, "87.00", None, ""),
+        ("sd", 0, nan, nan, nan, nan, nan, nan, nan, None, None, ""),
+    ]
+    table = pd.DataFrame(rows, columns=measures.FIGURE1_COLUMNS)
+    points = {p["column"]: p for p in plots.figure1_points(table)}
+    assert set(points) == {"single", "ensemble", "kd"}
+    assert (points["single"]["kind"], points["single"]["lo"], points["single"]["hi"]) == ("seeds", 47.5, 52.5)
+    assert points["ensemble"]["kind"] == "bootstrap"
+    assert (points["ensemble"]["lo"], points["ensemble"]["hi"]) == pytest.approx((55.5, 56.6))
+    assert points["kd"]["kind"] == "none" and points["kd"]["lo"] is None
+    assert plots.reference_span("85.46-86.39") == (85.46, 86.39)
+    assert plots.reference_span("96.70 ± 0.21") == (96.70, 96.70)
+    assert plots.reference_span(None) is None
+
+    fig = plots.figure1(table)
+    try:
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        kinds = [label for _, _, label in plots.FIGURE1_KINDS.values()]
+        assert sorted(legend) == sorted([*kinds, "the report's number (a range: its seeds' span)"])
+        ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        assert ticks == ["single\n(n=3)", "ensemble\n(n=1)", "kd\n(n=1)", "sd\n(n=0)"]
+    finally:
+        plt.close(fig)
