@@ -84,8 +84,8 @@ def pytest_collection_modifyitems(config, items):
 #
 # The longest start first, so that no worker is handed one of them when the others are
 # nearly done: groups, and the modules of the longest unit tests (`--durations=0`, 2
-# workers on this project's 2-core machine: the smoke study's readers 230 s with the
-# study, test_faults 185 s, test_paths 170 s; test_properties' property test 11 s).
+# workers on this project's 2-core machine: the smoke study's readers about 200 s with
+# the study, test_faults 193 s, test_paths 122 s; test_properties' property test 12 s).
 LONGEST_FIRST = ("smoke_study", "test_faults", "test_paths", "test_properties", "test_models", "test_pack")
 _GROUPS = pytest.StashKey[Path]()
 
