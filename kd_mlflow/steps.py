@@ -700,9 +700,10 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
 
 def _log_predictions(rec, model, dd, recipe, rt) -> dict:
     """Logs the model's predictions; returns its test calibration (test_nll, test_ece,
-    test_brier), computed from the probabilities as the artifact stores them."""
+    test_brier), computed from the probabilities as the artifact stores them (NLL from
+    the float32 log-probabilities it stores beside them)."""
     from .calibration import measure
-    from .predictions import stored
+    from .predictions import log_probs_of, stored
     from .train import predict
 
     probs_val, pred_val = predict(model, dd, "val", recipe, rt)
@@ -715,7 +716,9 @@ def _log_predictions(rec, model, dd, recipe, rt) -> dict:
         pred_val=pred_val.numpy(),
         pred_test=pred_test.numpy(),
     )
-    return measure(stored(probs_test.numpy()), dd.test_y.cpu().numpy(), pred_test.numpy()).as_metrics()
+    y, top = dd.test_y.cpu().numpy(), pred_test.numpy()
+    logp_label = log_probs_of(probs_test.numpy(), y, top)[0]
+    return measure(stored(probs_test.numpy()), y, top, logp_label).as_metrics()
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):
