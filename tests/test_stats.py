@@ -469,7 +469,7 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
         (
             {"format": np.array(predictions.FORMAT_WITHOUT_CLASSES), "pred_val": None, "pred_test": None, **_NO_LOGP},
             None,
-        ),  # noqa: E501
+        ),
         ({"format": np.array(predictions.FORMAT_WITHOUT_LOG_PROBS), **_NO_LOGP}, None),  # format 2 still loads
         ({"format": np.array(predictions.FORMAT_WITHOUT_LOG_PROBS)}, "format"),  # format 2 has no log-probabilities
         ({"logp_pred_val": None}, "missing"),
