@@ -6,6 +6,9 @@ Pure numpy: no torch, no MLflow (torchmetrics is the reference in the tests). In
 (N, C) probabilities, e.g. the float16 ones of a predictions artifact, read in float64,
 and (N,) labels; a run logs these measures computed from the very probabilities its
 artifact holds, so the logged metric and the one recomputed from the artifact agree.
+NLL is the exception: float16 cannot hold a small probability, so it is read from the
+artifact's float32 log-probability of each label where the artifact has one
+(:func:`nll_of`, :func:`measure_of`; ``logp_label`` below).
 """
 
 from __future__ import annotations
@@ -47,16 +50,38 @@ def _inputs(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     return p, y.astype(np.int64)
 
 
-def nll_per_image(probs, labels) -> np.ndarray:
-    """Each image's negative log-likelihood, nats: -ln max(p_i[y_i], NLL_EPS). The floor
-    keeps a float16 probability that read back as 0 finite (it bounds a term by ~16)."""
+def nll_per_image(probs, labels, logp_label=None) -> np.ndarray:
+    """Each image's negative log-likelihood, nats: -logp_label, the log-probability of its
+    label from the full-precision outputs, where given (exact); else -ln max(p_i[y_i],
+    NLL_EPS), whose floor keeps a float16 probability that read back as 0 finite but caps
+    a confidently wrong image at ~16.1 nats (the artifacts of formats 1 and 2)."""
     p, y = _inputs(probs, labels)
+    if logp_label is not None:
+        lp = np.asarray(logp_label, dtype=np.float64)
+        if lp.shape != y.shape:
+            raise ValueError(f"expected {len(y)} log-probabilities, got {lp.shape}")
+        return -lp
     return -np.log(np.maximum(p[np.arange(len(y)), y], NLL_EPS))
 
 
-def nll(probs, labels) -> float:
+def nll(probs, labels, logp_label=None) -> float:
     """Negative log-likelihood, nats: the mean over images of :func:`nll_per_image`."""
-    return float(nll_per_image(probs, labels).mean())
+    return float(nll_per_image(probs, labels, logp_label).mean())
+
+
+def nll_of(pred, split: str = "test") -> np.ndarray:
+    """Each image's NLL from a :class:`kd_mlflow.predictions.Predictions`: exact where the
+    file holds log-probabilities (``pred.has_log_probs``), else floored."""
+    return nll_per_image(pred.probs(split), pred.labels(split), pred.logp_label(split))
+
+
+def ensemble_logp_label(member_logp_label) -> np.ndarray:
+    """log of the mean of K members' probabilities of the label, (K, N) -> (N,), computed
+    stably: logsumexp_k(log p_k[y]) - log K (no member's probability is exponentiated
+    on its own, so none underflows)."""
+    lp = np.asarray(member_logp_label, dtype=np.float64)
+    top = lp.max(axis=0)
+    return top + np.log(np.exp(lp - top).sum(axis=0)) - math.log(len(lp))
 
 
 def brier(probs, labels) -> float:
@@ -103,9 +128,15 @@ def ece(probs, labels, pred=None, n_bins: int = N_BINS) -> float:
     return float((gap * bins["count"][used]).sum() / bins["count"].sum())
 
 
-def measure(probs, labels, pred=None) -> Calibration:
-    """NLL, ECE (15 bins) and Brier of one model's probabilities."""
-    return Calibration(nll(probs, labels), ece(probs, labels, pred), brier(probs, labels), len(labels))
+def measure(probs, labels, pred=None, logp_label=None) -> Calibration:
+    """NLL (exact where ``logp_label`` is given), ECE (15 bins) and Brier of one model's
+    probabilities."""
+    return Calibration(nll(probs, labels, logp_label), ece(probs, labels, pred), brier(probs, labels), len(labels))
+
+
+def measure_of(pred, split: str = "test") -> Calibration:
+    """:func:`measure` of a :class:`kd_mlflow.predictions.Predictions`."""
+    return measure(pred.probs(split), pred.labels(split), pred.top1(split), pred.logp_label(split))
 
 
 # --- ensemble size -------------------------------------------------------------------
@@ -126,14 +157,18 @@ def subsets(n: int, k: int, max_subsets: int = MAX_SUBSETS, seed: int = 0) -> li
     return list(chosen)
 
 
-def ensemble_size(member_probs, labels, member_pred=None, max_subsets: int = MAX_SUBSETS, seed: int = 0) -> list[dict]:
+def ensemble_size(
+    member_probs, labels, member_pred=None, max_subsets: int = MAX_SUBSETS, seed: int = 0, member_logp_label=None
+) -> list[dict]:
     """Test accuracy (%) and NLL of the average of k members' probabilities, k = 1..n:
     per k the mean, min and max over :func:`subsets`.
 
     ``member_probs`` is (n, N, C). A subset of one is the member itself, so its accuracy
     counts its stored classes (``member_pred``, (n, N)) where given: the k = 1 mean is the
     members' mean logged accuracy. Above one, the class is the argmax of the averaged
-    probabilities (the report's ensemble), as the probabilities were stored.
+    probabilities (the report's ensemble), as the probabilities were stored. NLL is
+    exact where ``member_logp_label`` ((n, N), each member's log-probability of the
+    label) is given: :func:`ensemble_logp_label` of the subset.
     """
     probs = np.asarray(member_probs, dtype=np.float64)
     if probs.ndim != 3:
@@ -146,7 +181,8 @@ def ensemble_size(member_probs, labels, member_pred=None, max_subsets: int = MAX
             avg = probs[list(s)].mean(axis=0)
             top = member_pred[s[0]] if k == 1 and member_pred is not None else avg.argmax(axis=1)
             accs.append(100.0 * float((np.asarray(top) == y).mean()))
-            nlls.append(nll(avg, y))
+            logp = None if member_logp_label is None else ensemble_logp_label(np.asarray(member_logp_label)[list(s)])
+            nlls.append(nll(avg, y, logp))
         rows.append(
             {
                 "k": k,

@@ -62,6 +62,11 @@ ORDER_STYLES = ("dataloader", "randperm")  # DataLoader(shuffle=True, generator)
 INIT_STYLES = ("torchvision-fc", "direct")  # resnet18() (1000 classes), new fc | built at num_classes
 RESIZES = ("pil", "float")  # bilinear, each pass rounded to uint8 as PIL | one float pass
 DISTILL_LOSSES = ("soft-ce", "kl")  # the report's clamped soft-target CE | Hinton's T^2 KL
+# An ensemble teacher's target at T (kd_mlflow.objectives.ensemble_target): its output
+# softened (today's) | the mean of its members' softened outputs | their mean logits softened
+TEACHER_TARGETS = ("output", "softened-members", "mean-logit")
+# A joint model's gradient per member (kd_mlflow.pack.JointModel): 1/K of a lone network's | a lone's
+JOINT_GRADS = ("mean", "lone")
 
 # One table of choices: the recipe's checks and the CLI's options both read it
 # ("preset" is added below PRESETS).
@@ -76,6 +81,8 @@ CHOICES: dict[str, tuple] = {
     "init_style": INIT_STYLES,
     "resize": RESIZES,
     "distill_loss": DISTILL_LOSSES,
+    "teacher_target": TEACHER_TARGETS,
+    "joint_grad": JOINT_GRADS,
     "combine": COMBINES,
     "format": FORMATS,
     "model_format": MODEL_FORMATS,
@@ -87,7 +94,9 @@ CHOICES: dict[str, tuple] = {
 YES_NO = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 # Fields that only a student's result depends on: never part of a teacher's identity.
-STUDENT_FIELDS = ("temperature", "alpha", "distill_loss", "student_init_skip")
+STUDENT_FIELDS = ("temperature", "alpha", "distill_loss", "student_init_skip", "teacher_target")
+# Fields that only a joint model's result depends on: part of no other role's identity.
+JOINT_FIELDS = ("joint_grad",)
 # Fields with no effect on any result.
 NEUTRAL_FIELDS = ("eval_batch_size", "test_each_epoch")
 
@@ -180,6 +189,8 @@ class Recipe:
     # Added later: left out of the digest at their defaults (LATER_FIELDS).
     milestones: tuple = ()  # multistep only: epochs after which the lr is multiplied by gamma
     gamma: float = 0.1  # multistep only: the lr's factor at each milestone
+    teacher_target: str = "output"  # an ensemble teacher's target at T (TEACHER_TARGETS)
+    joint_grad: str = "mean"  # a joint model's gradient per member (JOINT_GRADS)
 
     def __post_init__(self):
         check_model(self.model)
@@ -193,6 +204,8 @@ class Recipe:
             "init_style",
             "resize",
             "distill_loss",
+            "teacher_target",
+            "joint_grad",
         ):
             _check_choice(name, getattr(self, name), CHOICES[name])
         for name in ("width", "image_size", "batch_size", "epochs", "val_size", "eval_batch_size"):
@@ -227,9 +240,10 @@ class Recipe:
 
     def fields_for(self, role: str) -> dict:
         """The fields a run of ``role`` depends on: a student's add the distillation
-        settings; a teacher's never hold them."""
+        settings, a joint model's its gradient scale; a teacher's never hold them."""
         d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if role == "student" or k not in STUDENT_FIELDS}
+        other = (STUDENT_FIELDS if role != "student" else ()) + (JOINT_FIELDS if role != "joint" else ())
+        return {k: v for k, v in d.items() if k not in other}
 
     def as_params(self, role: str = "student") -> dict:
         """Flat, string-valued view for MLflow params."""
@@ -266,7 +280,7 @@ OWN_MECHANISMS: dict[str, Any] = dict(
 
 # Fields added after runs existed, with their defaults: at the default a field is left out
 # of the digest, so every earlier recipe keeps its hash (and its finished runs are found).
-LATER_FIELDS = dict(milestones=(), gamma=0.1)
+LATER_FIELDS = dict(milestones=(), gamma=0.1, teacher_target="output", joint_grad="mean")
 # Tuple fields of integers (the others hold floats: mean, std).
 INT_TUPLES = ("milestones",)
 
@@ -465,6 +479,20 @@ def resolve(preset_name: str, **overrides) -> Recipe:
         return preset(preset_name).replace(**given)
     except TypeError as e:  # e.g. a tuple field given a scalar
         raise ConfigError("recipe", given, str(e)) from None
+
+
+def effective_target(how: str, temperature: float, teacher_combine: str | None) -> str:
+    """``how``, or ``output`` where that gives the same target: for a teacher that is one
+    network (``teacher_combine`` None) all three are its softened output; for a ``prob``
+    ensemble at T = 1 ``softened-members`` is its output p̄; for a ``logit`` ensemble
+    ``mean-logit`` is its output. So the field joins a student's identity only where it
+    changes the target (kd_mlflow.objectives.ensemble_target)."""
+    same = (
+        teacher_combine is None
+        or (how == "softened-members" and teacher_combine == "prob" and temperature == 1)
+        or (how == "mean-logit" and teacher_combine == "logit")
+    )
+    return "output" if same else how
 
 
 def group_label(preset_name: str, recipe: Recipe, role: str) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .config import COMBINES
+from .objectives import ensemble_target
 
 
 class Ensemble(nn.Module):
@@ -25,8 +24,10 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.combine = combine
 
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's float32 logits, (M, B, C): what a teacher target other than the
+        ensemble's own output is made from (kd_mlflow.objectives.ensemble_target)."""
+        return torch.stack([m(x).float() for m in self.members])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = torch.stack([m(x).float() for m in self.members])  # (M, B, C)
-        if self.combine == "logit":
-            return outs.mean(0)
-        return torch.logsumexp(outs.log_softmax(-1), dim=0) - math.log(len(self.members))
+        return ensemble_target(self.member_logits(x), 1.0, "output", self.combine)

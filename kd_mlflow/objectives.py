@@ -4,9 +4,13 @@ teachers."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import TEACHER_TARGETS
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
@@ -19,6 +23,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     soft term's gradient scale independent of T. At T = 1 this equals the
     cross-entropy to the teacher's probabilities minus the teacher's entropy, which
     does not depend on the student: the report's soft-target loss, same gradients.
+    An ensemble teacher's ``teacher_logits`` are those of :func:`ensemble_target`.
     """
     t = temperature
     s_log = F.log_softmax(student_logits.float() / t, dim=1)
@@ -35,7 +40,8 @@ def soft_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     times T^2 as in :func:`kd_loss` (the report used T = 1). The clamp is not a
     detail: a class whose student probability is below 1e-9 passes no gradient, where
     :func:`kd_loss` would still pull it towards the teacher. For an ensemble teacher
-    (log of its mean probabilities) the target is the members' mean softmax.
+    the target is the one :func:`ensemble_target` chose (at T = 1 and by default: the
+    members' mean softmax).
     """
     t = temperature
     target = F.softmax(teacher_logits.float() / t, dim=1)
@@ -44,6 +50,61 @@ def soft_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
 
 
 SOFT_LOSSES = {"soft-ce": soft_ce_loss, "kl": kd_loss}
+
+
+# --- an ensemble teacher's target at T ----------------------------------------------
+
+
+def ensemble_target(member_logits: torch.Tensor, temperature: float, how: str, combine: str = "prob"):
+    """Logits L of an ensemble teacher whose softmax(L / T) is the soft target ``how``
+    names, from the members' logits z_k, (K, B, C) -> (B, C); p̄ = (1/K) sum_k softmax(z_k):
+
+    - ``output`` (the default, and all that existed before): the ensemble's own output,
+      softened. L = log p̄ for a ``prob`` ensemble, so the target is
+      softmax(log p̄ / T) ∝ p̄^(1/T), the averaged probabilities raised to 1/T; L is
+      (1/K) sum_k z_k for a ``logit`` ensemble.
+    - ``softened-members``: the arithmetic mean of the members' softened distributions,
+      (1/K) sum_k softmax(z_k / T), Hinton, Vinyals and Dean (2015), "Distilling the
+      Knowledge in a Neural Network" (soft targets of an ensemble: the mean of its
+      models' predictive distributions, at the distillation temperature).
+      L = T * log((1/K) sum_k softmax(z_k / T)), computed as a logsumexp.
+    - ``mean-logit``: the mean logit softened, softmax((1/K) sum_k z_k / T), which is the
+      normalised geometric mean of the members' softened distributions,
+      ∝ prod_k softmax(z_k / T)^(1/K) (the geometric mean Hinton et al. name beside the
+      arithmetic one). L = (1/K) sum_k z_k.
+
+    At T = 1, ``output`` of a ``prob`` ensemble and ``softened-members`` are both p̄;
+    ``mean-logit`` is not. ``output`` of a ``logit`` ensemble is ``mean-logit`` at every T.
+    """
+    z = member_logits.float()
+    if how == "output":
+        if combine == "logit":
+            return z.mean(0)
+        return torch.logsumexp(z.log_softmax(-1), dim=0) - math.log(len(z))
+    if how == "softened-members":
+        t = temperature
+        return t * (torch.logsumexp((z / t).log_softmax(-1), dim=0) - math.log(len(z)))
+    if how == "mean-logit":
+        return z.mean(0)
+    raise ValueError(f"teacher_target must be one of {TEACHER_TARGETS}, got {how!r}")
+
+
+class EnsembleTarget(nn.Module):
+    """An ensemble teacher whose logits are :func:`ensemble_target`'s at ``temperature``:
+    the objectives soften them as any teacher's, softmax(L / T)."""
+
+    def __init__(self, ensemble, temperature: float, how: str):
+        super().__init__()
+        self.ensemble, self.temperature, self.how = ensemble, temperature, how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ensemble_target(self.ensemble.member_logits(x), self.temperature, self.how, self.ensemble.combine)
+
+
+def teacher_for(model: nn.Module, temperature: float, how: str) -> nn.Module:
+    """The teacher model whose logits the objective softens: ``model`` itself for
+    ``output`` (so today's teachers are unchanged), else an :class:`EnsembleTarget`."""
+    return model if how == "output" else EnsembleTarget(model, temperature, how)
 
 
 class CrossEntropy:

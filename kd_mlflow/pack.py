@@ -41,6 +41,7 @@ import copy
 import torch
 from torch import nn
 
+from .config import JOINT_GRADS
 from .models import Classifier, cpu_copy
 
 # Classifier entries that are the same for every network (preprocessing constants).
@@ -170,14 +171,32 @@ class JointModel(nn.Module):
     members learn together, unlike an ensemble's, which learn alone. To the training
     loop it is one network (:meth:`network_states` holds one state); ``members`` is the
     :class:`PackedResNet` of the K, whose (K, B, classes) logits give each member's own
-    accuracy."""
+    accuracy.
 
-    def __init__(self, members: PackedResNet):
+    ``grad`` (the recipe's ``joint_grad``) sets the scale of each member's gradient. Through
+    the mean, member k's logits receive dL/dz_k = (1/K) dL/dz̄: ``mean`` (the default) keeps
+    that, 1/K of what a lone network with logits z̄ would receive. ``lone`` multiplies the
+    gradient reaching each member's logits by K (a hook; the logits and the logged loss
+    are unchanged), so each member is updated as a lone network would be. Why it matters:
+    Adam divides each step by the gradient's running scale, so a constant 1/K changes
+    (nearly: up to its eps) nothing; SGD's step is lr times the gradient, so ``mean``
+    trains each member at lr/K while coupled weight decay (lr * wd * w) keeps its full
+    size, K times stronger against the data term (wrn-paper: SGD, wd 5e-4, K = 10).
+    ``lone`` is the SGD recipe's lone-network dynamics; scaling the loss by K would do the
+    same to the gradient but log a loss K times too large."""
+
+    def __init__(self, members: PackedResNet, grad: str = "mean"):
         super().__init__()
-        self.members = members
+        if grad not in JOINT_GRADS:
+            raise ValueError(f"grad must be one of {JOINT_GRADS}, got {grad!r}")
+        self.members, self.grad = members, grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.members(x).mean(0)
+        z = self.members(x)  # (K, B, classes)
+        if self.grad == "lone" and z.requires_grad:
+            k = len(z)
+            z.register_hook(lambda g: g * k)
+        return z.mean(0)
 
     def network_states(self) -> list[dict]:
         return [cpu_copy(self.state_dict())]
@@ -187,7 +206,7 @@ class JointModel(nn.Module):
         self.load_state_dict(state)
 
 
-def joint(models: list[Classifier]) -> JointModel:
+def joint(models: list[Classifier], grad: str = "mean") -> JointModel:
     """The K networks as one :class:`JointModel`, each member starting from exactly its
-    lone weights (:func:`pack`). On the CPU."""
-    return JointModel(pack(models))
+    lone weights (:func:`pack`), with the gradient scale ``grad``. On the CPU."""
+    return JointModel(pack(models), grad)

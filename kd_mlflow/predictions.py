@@ -4,7 +4,7 @@ One ``.npz`` per run holds the model's softmax probabilities and predicted class
 the validation and test images, in the data's order, with the labels and their
 digests::
 
-    format         str     "kd-mlflow-predictions/2"
+    format         str     "kd-mlflow-predictions/3"
     num_classes    int64   C
     probs_val      float16 (N_val, C)    softmax probabilities
     probs_test     float16 (N_test, C)
@@ -14,6 +14,10 @@ digests::
     labels_test    int16   (N_test,)
     digest_val     str     labels_digest(labels_val)
     digest_test    str     labels_digest(labels_test)
+    logp_label_val float32 (N_val,)      log-probability of the label, from the full-precision outputs
+    logp_label_test float32 (N_test,)
+    logp_pred_val  float32 (N_val,)      log-probability of the predicted class
+    logp_pred_test float32 (N_test,)
 
 float16 because 10,000 x 10 probabilities are 200 kB instead of 400 kB and the
 statistics need no more: a probability is kept to ~3 significant digits. That can tie
@@ -22,6 +26,12 @@ beside them, computed with the logged accuracy: accuracy from the artifact is th
 run's logged accuracy. Files of format "kd-mlflow-predictions/1" (written before) have
 no ``pred_*``; their classes are the argmax of the float16 probabilities
 (:attr:`Predictions.has_classes` is False).
+
+NLL needs more than float16: below ~6e-5 a float16 probability is subnormal and below
+~3e-8 it is 0, so a confidently wrong image's -log p would be floored. Each image's
+log-probability of its label (and of its predicted class) is therefore kept in float32,
+taken from the full-precision outputs (:func:`log_probs_of`). Files of formats 1 and 2
+have none (:attr:`Predictions.has_log_probs` is False): their NLL is the floored one.
 
 The digest is what a reader compares to be sure that two runs' predictions are on the
 same images in the same order (a paired test on misaligned images is meaningless).
@@ -38,14 +48,17 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "kd-mlflow-predictions/2"
+FORMAT = "kd-mlflow-predictions/3"
+FORMAT_WITHOUT_LOG_PROBS = "kd-mlflow-predictions/2"
 FORMAT_WITHOUT_CLASSES = "kd-mlflow-predictions/1"
 SPLITS = ("val", "test")
 _KEYS_WITHOUT_CLASSES = frozenset(
     {"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest") for s in SPLITS}
 )
+_KEYS_WITHOUT_LOG_PROBS = _KEYS_WITHOUT_CLASSES | {f"pred_{s}" for s in SPLITS}
 _KEYS = {
-    FORMAT: _KEYS_WITHOUT_CLASSES | {f"pred_{s}" for s in SPLITS},
+    FORMAT: _KEYS_WITHOUT_LOG_PROBS | {f"logp_{k}_{s}" for k in ("label", "pred") for s in SPLITS},
+    FORMAT_WITHOUT_LOG_PROBS: _KEYS_WITHOUT_LOG_PROBS,
     FORMAT_WITHOUT_CLASSES: _KEYS_WITHOUT_CLASSES,
 }
 _ROW_SUM_TOL = 1e-2  # rows of a softmax sum to 1; logits or log-probabilities do not
@@ -76,6 +89,20 @@ class Predictions:
     num_classes: int
     pred_val: np.ndarray | None = None  # int16 (N_val,); None in a file without classes
     pred_test: np.ndarray | None = None
+    logp_label_val: np.ndarray | None = None  # float32 (N_val,); None in a file before format 3
+    logp_label_test: np.ndarray | None = None
+    logp_pred_val: np.ndarray | None = None
+    logp_pred_test: np.ndarray | None = None
+
+    @property
+    def has_log_probs(self) -> bool:
+        """Whether the file holds float32 log-probabilities (else NLL is read from the
+        float16 probabilities, floored: see :func:`kd_mlflow.calibration.nll_of`)."""
+        return self.logp_label_test is not None
+
+    def logp_label(self, split: str = "test") -> np.ndarray | None:
+        """float32 log-probability of each image's label, or None (an older file)."""
+        return getattr(self, f"logp_label_{_split(split)}")
 
     @property
     def has_classes(self) -> bool:
@@ -140,12 +167,44 @@ def stored(probs) -> np.ndarray:
     return np.asarray(probs).astype(np.float16)
 
 
-def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> Path:
+def log_probs_of(probs, labels, pred, log_probs=None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 log-probabilities of the labels and of the predicted classes, (N,) each.
+
+    From ``log_probs`` (N, C) where the caller has them (a log-softmax of the logits:
+    exact at any confidence); else from the full-precision ``probs``, which is exact to
+    float32 rounding down to p ~ 1e-38 (a logit gap of ~87 nats): a float32 softmax that
+    underflowed to 0 reads as the smallest positive float32 (-103.3 nats), not -inf.
+    """
+    rows = np.arange(len(labels))
+    if log_probs is not None:
+        lp = np.asarray(log_probs, dtype=np.float64)
+        if lp.shape != np.shape(probs):
+            raise ValueError(f"log-probabilities must be {np.shape(probs)}, got {lp.shape}")
+    else:
+        tiny = np.nextafter(np.float32(0), np.float32(1))  # 1.4e-45
+        lp = np.log(np.maximum(np.asarray(probs, dtype=np.float64), tiny))
+    return lp[rows, labels].astype(np.float32), lp[rows, pred].astype(np.float32)
+
+
+def save(
+    path,
+    probs_val,
+    probs_test,
+    labels_val,
+    labels_test,
+    *,
+    pred_val,
+    pred_test,
+    log_probs_val=None,
+    log_probs_test=None,
+) -> Path:
     """Write the predictions to ``path`` (an ``.npz``, written whole or not at all).
 
     Probabilities (N, C), any float dtype, are stored as float16; predicted classes (the
     argmax of the full-precision outputs) and labels as int16, the labels with their
-    :func:`labels_digest`. Returns the path.
+    :func:`labels_digest`; the log-probabilities of the labels and of the predicted
+    classes as float32 (:func:`log_probs_of`, from ``log_probs_*`` where given, else from
+    the probabilities as passed, before float16). Returns the path.
     """
     path = Path(path)
     pv, yv = _check_probs("probs_val", probs_val, labels_val)
@@ -155,6 +214,8 @@ def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred
         raise ValueError(f"val has {pv.shape[1]} classes but test has {pt.shape[1]}")
     if pv.shape[1] > np.iinfo(np.int16).max:
         raise ValueError(f"too many classes for int16 labels: {pv.shape[1]}")
+    lv_label, lv_pred = log_probs_of(pv, yv, cv, log_probs_val)
+    lt_label, lt_pred = log_probs_of(pt, yt, ct, log_probs_test)
     arrays = {
         "format": np.array(FORMAT),
         "num_classes": np.array(pv.shape[1], dtype=np.int64),
@@ -166,6 +227,10 @@ def save(path, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred
         "labels_test": yt.astype(np.int16),
         "digest_val": np.array(labels_digest(yv)),
         "digest_test": np.array(labels_digest(yt)),
+        "logp_label_val": lv_label,
+        "logp_label_test": lt_label,
+        "logp_pred_val": lv_pred,
+        "logp_pred_test": lt_pred,
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
@@ -191,7 +256,7 @@ def load(path) -> Predictions:
     try:
         with z:
             keys = set(z.files)
-            expected = _KEYS[FORMAT] if {"pred_val", "pred_test"} & keys else _KEYS_WITHOUT_CLASSES
+            expected = _expected_keys(keys)
             if keys != expected:
                 missing, extra = sorted(expected - keys), sorted(keys - expected)
                 raise ValueError(f"unexpected keys (missing {missing}, extra {extra})")
@@ -202,6 +267,13 @@ def load(path) -> Predictions:
         return _validate(arrays)
     except ValueError as e:
         raise ValueError(f"{path}: not a predictions file ({e})") from None
+
+
+def _expected_keys(keys: set) -> frozenset | set:
+    """The keys of the format a file's keys look like (its format string is checked after)."""
+    if {"logp_label_val", "logp_label_test"} & keys:
+        return _KEYS[FORMAT]
+    return _KEYS_WITHOUT_LOG_PROBS if {"pred_val", "pred_test"} & keys else _KEYS_WITHOUT_CLASSES
 
 
 def _text(a: np.ndarray, name: str) -> str:
@@ -235,6 +307,12 @@ def _validate(a: dict) -> Predictions:
                     f"pred_{s} must be int16 ({p.shape[0]},) classes in [0, {int(nc)}), got {c.dtype} {c.shape}"
                 )
             out[f"pred_{s}"] = c
+        for k in ("label", "pred"):
+            if f"logp_{k}_{s}" in a:
+                lp = a[f"logp_{k}_{s}"]
+                if lp.dtype != np.float32 or lp.shape != y.shape or np.isnan(lp).any() or (lp > 0).any():
+                    raise ValueError(f"logp_{k}_{s} must be float32 ({p.shape[0]},) log-probabilities <= 0")
+                out[f"logp_{k}_{s}"] = lp
     for arr in out.values():
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)

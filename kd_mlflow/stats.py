@@ -161,7 +161,7 @@ def _check_level(level: float) -> None:
 # --- the paired bootstrap --------------------------------------------------------
 
 
-def _resampled_means(columns: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+def _resampled_means(columns: np.ndarray, n_resamples: int, seed: int | np.random.Generator) -> np.ndarray:
     """Means of per-image values over bootstrap resamples of the images.
 
     ``columns`` is (m, N): m per-image quantities. Every resample draws N image
@@ -169,7 +169,8 @@ def _resampled_means(columns: np.ndarray, n_resamples: int, seed: int) -> np.nda
     (n_resamples, m). Resamples are drawn in chunks so that memory stays near
     ``_CHUNK_BYTES`` whatever n_resamples is (about 0.7 s for 10,000 x 10,000 on one
     core). The chunk size depends on N only, so the same inputs and seed draw the same
-    indices (one seeded ``np.random.Generator`` stream, consumed in order).
+    indices (one seeded ``np.random.Generator`` stream, consumed in order; ``seed`` may be
+    a Generator already partly consumed).
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples!r}")
@@ -231,6 +232,78 @@ def _paired(a: np.ndarray, b: np.ndarray, scale: float, n_resamples: int, seed: 
     diffs = scale * _resampled_means(d, n_resamples, seed)[:, 0]
     lo, hi = _percentiles(diffs, level)
     return BootstrapInterval(float(scale * d.mean()), lo, hi, level, n, n_resamples, seed)
+
+
+# --- over seeds and images together -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HierarchicalInterval(_Record):
+    """A two-level (seeds, then images) bootstrap percentile interval of a gain between
+    two groups of runs."""
+
+    estimate: float  # mean over b's runs minus mean over a's runs, on the full test set
+    lo: float
+    hi: float
+    level: float
+    n_runs_a: int
+    n_runs_b: int
+    n_images: int
+    paired: bool
+    n_resamples: int
+    seed: int
+
+    def __str__(self) -> str:
+        return fmt_interval(self.estimate, self.lo, self.hi)
+
+
+def hierarchical_bootstrap(
+    values_a,
+    values_b,
+    *,
+    paired: bool,
+    scale: float = 1.0,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> HierarchicalInterval:
+    """Gain of group b over group a, scale * (mean_runs_b mean_images - mean_runs_a
+    mean_images), with an interval over seeds and test images together.
+
+    ``values_a`` (S_a, N) and ``values_b`` (S_b, N): one row per run (a seed), one column
+    per test image, e.g. correctness as 0/1 with ``scale=100`` (percentage points) or each
+    image's NLL. ``paired``: row j of a and row j of b belong together (an SD student and
+    its teacher; S_a == S_b) and are drawn together; else each group's runs are drawn
+    from its own.
+
+    Each resample draws, from one seeded stream and in this order for all resamples: the
+    runs, (R, S_a) indices with replacement (then (R, S_b) for unpaired groups), then per
+    resample N image indices with replacement, the same images for every run of both
+    groups: the runs were all measured on one test set, so a fresh draw per run would
+    treat their test sets as independent and understate the images' share. This is the
+    bootstrap of a crossed (runs x images) design, Owen (2007), "The pigeonhole
+    bootstrap", Ann. Appl. Stat. 1(2); its interval is the percentile one (Efron &
+    Tibshirani 1993, ch. 13). Same inputs and seed, same interval.
+    """
+    _check_level(level)
+    a, b = (np.atleast_2d(np.asarray(v, dtype=np.float64)) for v in (values_a, values_b))
+    if a.ndim != 2 or b.ndim != 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(f"values must be finite (runs, images) arrays, got {a.shape} and {b.shape}")
+    n = _same_images(a=a, b=b)
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired groups need as many runs each, got {len(a)} and {len(b)}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples!r}")
+    rng = np.random.default_rng(seed)
+    runs_a = rng.integers(0, len(a), size=(n_resamples, len(a)))
+    runs_b = runs_a if paired else rng.integers(0, len(b), size=(n_resamples, len(b)))
+    # every run's mean over each resample's images, (R, S): the runs drawn then pick columns
+    run_means = _resampled_means(np.concatenate([a, b]), n_resamples, rng)
+    mean_a = np.take_along_axis(run_means[:, : len(a)], runs_a, axis=1).mean(axis=1)
+    mean_b = np.take_along_axis(run_means[:, len(a) :], runs_b, axis=1).mean(axis=1)
+    lo, hi = _percentiles(scale * (mean_b - mean_a), level)
+    estimate = scale * (b.mean() - a.mean())
+    return HierarchicalInterval(float(estimate), lo, hi, level, len(a), len(b), n, paired, n_resamples, seed)
 
 
 # --- over seeds ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .config import (
     architecture,
     check_schedule,
     default_cache_dir,
+    effective_target,
     group_label,
 )
 from .runs import Final, Outcome, RunRecord, RunSpec
@@ -150,6 +151,8 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
         )
     preset = preset or teacher.preset or "custom"
     recipe = _student_recipe(preset, teacher, overrides)
+    combine = (teacher.combine or "prob") if teacher.role == "ensemble" else None
+    recipe = recipe.replace(teacher_target=effective_target(recipe.teacher_target, recipe.temperature, combine))
     source, split = load_data(recipe, data_dir or teacher.data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
     runs.check_same_data(teacher, split.digest, source.num_classes, "teacher")
@@ -200,16 +203,19 @@ def _architecture_of(rec: RunRecord) -> str:
 
 
 def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution):
-    from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_table
+    from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_for, teacher_table
 
-    model = rt.prepare(teacher_model)
+    how, temperature = plan.recipe.teacher_target, plan.recipe.temperature
+    model = rt.prepare(teacher_for(teacher_model, temperature, how))
+    # a target other than the teacher's output depends on T: cached apart
+    table_id = plan.teacher.run_id if how == "output" else runs.digest(plan.teacher.run_id, how, temperature)
     t: OnlineTeacher | CachedTeacher
     if plan.recipe.augment:
         t = OnlineTeacher(model, rt.autocast)
     else:
         t = CachedTeacher(
             _teacher_table(
-                plan.teacher.run_id,
+                table_id,
                 plan.split.digest,
                 ex,
                 rt,
@@ -391,9 +397,11 @@ def joint(
         split,
         recipe_role="train",
         group_role="train",
-        identity=tuple(seeds),
-        label=group_label(preset, recipe, "train"),
-        params={"member_seeds": member_seeds, "n_members": len(seeds)},
+        # joint_grad at its default is left out: the joint runs made before it keep their identity
+        identity=(*seeds, *([recipe.joint_grad] if recipe.joint_grad != "mean" else [])),
+        label=group_label(preset, recipe, "train")
+        + (f" · joint_grad={recipe.joint_grad}" if recipe.joint_grad != "mean" else ""),
+        params={"member_seeds": member_seeds, "n_members": len(seeds), "joint_grad": recipe.joint_grad},
         tags={schema.MEMBER_SEEDS: member_seeds},
     )
     return runs.record(
@@ -411,7 +419,7 @@ def joint_network(recipe: Recipe, seeds: list[int], num_classes: int):
     CPU): member k is, bit for bit, the network seed k's train run starts from."""
     from .pack import joint as joint_model
 
-    return joint_model([_seeded_network(recipe, s, num_classes) for s in seeds])
+    return joint_model([_seeded_network(recipe, s, num_classes) for s in seeds], recipe.joint_grad)
 
 
 def _fitting_joint(recipe: Recipe, seeds: list[int], source, split, ex: Execution):
@@ -700,9 +708,10 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
 
 def _log_predictions(rec, model, dd, recipe, rt) -> dict:
     """Logs the model's predictions; returns its test calibration (test_nll, test_ece,
-    test_brier), computed from the probabilities as the artifact stores them."""
+    test_brier), computed from the probabilities as the artifact stores them (NLL from
+    the float32 log-probabilities it stores beside them)."""
     from .calibration import measure
-    from .predictions import stored
+    from .predictions import log_probs_of, stored
     from .train import predict
 
     probs_val, pred_val = predict(model, dd, "val", recipe, rt)
@@ -715,7 +724,9 @@ def _log_predictions(rec, model, dd, recipe, rt) -> dict:
         pred_val=pred_val.numpy(),
         pred_test=pred_test.numpy(),
     )
-    return measure(stored(probs_test.numpy()), dd.test_y.cpu().numpy(), pred_test.numpy()).as_metrics()
+    y, top = dd.test_y.cpu().numpy(), pred_test.numpy()
+    logp_label = log_probs_of(probs_test.numpy(), y, top)[0]
+    return measure(stored(probs_test.numpy()), y, top, logp_label).as_metrics()
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):

@@ -411,6 +411,9 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+_NO_LOGP = {f"logp_{k}_{s}": None for k in ("label", "pred") for s in ("val", "test")}
+
+
 def _arrays(**over):
     yv, yt = _labels(4), _labels(6)
     arrays = {
@@ -424,6 +427,10 @@ def _arrays(**over):
         "labels_test": yt.astype(np.int16),
         "digest_val": np.array(predictions.labels_digest(yv)),
         "digest_test": np.array(predictions.labels_digest(yt)),
+        "logp_label_val": np.full(4, -0.5, dtype=np.float32),
+        "logp_label_test": np.full(6, -0.5, dtype=np.float32),
+        "logp_pred_val": np.full(4, -0.1, dtype=np.float32),
+        "logp_pred_test": np.full(6, -0.1, dtype=np.float32),
     }
     arrays.update(over)
     return {k: v for k, v in arrays.items() if v is not None}
@@ -459,7 +466,15 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
         ({"pred_test": _labels(6).astype(np.int32)}, "pred_test"),
         ({"pred_val": np.full(4, 10, dtype=np.int16)}, "pred_val"),  # a class out of range
         ({"format": np.array(predictions.FORMAT_WITHOUT_CLASSES)}, "format"),  # the old format has no classes
-        ({"format": np.array(predictions.FORMAT_WITHOUT_CLASSES), "pred_val": None, "pred_test": None}, None),
+        (
+            {"format": np.array(predictions.FORMAT_WITHOUT_CLASSES), "pred_val": None, "pred_test": None, **_NO_LOGP},
+            None,
+        ),
+        ({"format": np.array(predictions.FORMAT_WITHOUT_LOG_PROBS), **_NO_LOGP}, None),  # format 2 still loads
+        ({"format": np.array(predictions.FORMAT_WITHOUT_LOG_PROBS)}, "format"),  # format 2 has no log-probabilities
+        ({"logp_pred_val": None}, "missing"),
+        ({"logp_label_test": np.zeros(6, dtype=np.float16)}, "logp_label_test"),
+        ({"logp_label_val": np.full(4, 0.5, dtype=np.float32)}, "logp_label_val"),  # not a log-probability
     ],
 )
 def test_files_not_in_the_format_are_refused(tmp_path, over, match):
