@@ -41,7 +41,7 @@ class Plan:
     preset: str
     n_train: int  # training images per epoch
     n_eval: int  # val and test images each: small, so fit's per-epoch
-    # evaluation does not count as loop overhead (README)
+    # evaluation does not count as loop overhead (docs/benchmarks.md)
     reps: int  # measured repetitions per arm (plus one warm-up)
     fit_epochs: int  # epochs per timed call (loop, KD)
     tracking_epochs: int  # epochs per timed call with tracking on/off

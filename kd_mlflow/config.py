@@ -178,8 +178,8 @@ class Recipe:
     eval_batch_size: int = 512  # images per evaluation step (no effect on results)
     test_each_epoch: bool = True  # a test accuracy per epoch; False: once, on the selected
     # weights (the same final result, one test pass per run)
-    # How the report did it (the defaults) or kd-mlflow's own mechanism; see README,
-    # "Fidelity to the report".
+    # How the report did it (the defaults) or kd-mlflow's own mechanism; see
+    # docs/fidelity.md.
     split_style: str = "random_split"  # which end of the split permutation is validation
     order_style: str = "dataloader"  # how an epoch's batch order is drawn from order_seed
     init_style: str = "torchvision-fc"  # which construction's random draws initialise the net
@@ -286,7 +286,7 @@ INT_TUPLES = ("milestones",)
 
 PRESETS: dict[str, Recipe] = {
     # The public report's recipe: its split, batch order, initialisation, pixels,
-    # fp32 and loss (README, "Fidelity to the report"; tests/test_fidelity.py).
+    # fp32 and loss (docs/fidelity.md; tests/test_fidelity.py).
     "seed-report": Recipe(),
     # A modern CIFAR recipe: ~95% on canonical CIFAR-10 in 100 epochs on a GPU.
     "standard": Recipe(
