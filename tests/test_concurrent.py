@@ -14,7 +14,9 @@ import time
 import uuid
 from collections import Counter
 
+import mlflow
 import pytest
+import torch
 from conftest import REPO, invoke, run_cli
 
 from kd_mlflow import config, schema, steps, tracking
@@ -49,20 +51,23 @@ def test_a_registered_model_name_is_won_by_one_of_many_racing_creators(tracked):
     assert Counter(outcomes) == {"created": 1, "RESOURCE_ALREADY_EXISTS": 7}
 
 
-def _two_at_once(*args, env) -> list[subprocess.CompletedProcess]:
-    """The same command as two processes started together."""
+def _two_at_once(*args, env, logs) -> list[subprocess.CompletedProcess]:
+    """The same command as two processes started together; their output in files (a
+    full pipe would stall one while the other waits for its claim)."""
+    outs = [(open(logs / f"{i}.out", "w+"), open(logs / f"{i}.err", "w+")) for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "kd_mlflow", *args],
-            env={**os.environ, **env},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            [sys.executable, "-m", "kd_mlflow", *args], env={**os.environ, **env}, cwd=REPO, stdout=o, stderr=e
         )
-        for _ in range(2)
+        for o, e in outs
     ]
-    return [subprocess.CompletedProcess(p.args, p.wait(600), *p.communicate()) for p in procs]
+    done = []
+    for p, (o, e) in zip(procs, outs, strict=True):
+        p.wait(600)
+        with o, e:
+            o.seek(0), e.seek(0)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, o.read(), e.read()))
+    return done
 
 
 def test_two_identical_studies_at_once_make_one_run_per_identity(tracked, tmp_path):
@@ -71,7 +76,7 @@ def test_two_identical_studies_at_once_make_one_run_per_identity(tracked, tmp_pa
     KD student once; no claim is left behind."""
     args = ("reproduce", "--preset", "smoke", "--seeds", "0-1", "--epochs", "1", "--register-as", "{experiment}-kd")
     env = {**tracked.env, "KD_MLFLOW_CACHE": str(tmp_path / "cache")}
-    procs = _two_at_once(*args, env=env)
+    procs = _two_at_once(*args, env=env, logs=tmp_path)
     for p in procs:
         assert p.returncode == 0, p.stderr[-3000:]
     finished = tracked.runs(statuses=("FINISHED",))
@@ -134,8 +139,6 @@ def test_a_claim_whose_holder_was_killed_is_taken_over_and_its_run_finishes_once
 
 
 def _tiny_run(session) -> str:
-    import torch
-
     writer = tracking.RunWriter(session, None, "tiny")
     writer.log_model(torch.nn.Linear(4, 2), torch.zeros(2, 4))
     writer.end()
@@ -168,6 +171,7 @@ def test_concurrent_registrations_of_one_run_make_one_version_without_a_warning(
     (output,) = tracked.client.get_run(run_id).outputs.model_outputs
     assert version.source == f"models:/{output.model_id}" and version.run_id == run_id
     assert "has no artifacts" not in capfd.readouterr().err
+    assert tuple(mlflow.pytorch.load_model(f"models:/{name}/1")(torch.zeros(3, 4)).shape) == (3, 2)  # it loads
     assert not _claims(tracked.client)
 
 
