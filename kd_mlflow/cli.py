@@ -238,7 +238,8 @@ def _emit(out, as_json: bool) -> None:
 
 _register = click.option(
     "--register",
-    type=_Optional(_ModelName()),
+    # Not _Optional: `--register ''` is a name typed empty, refused (it registered nothing, silently).
+    type=_ModelName(),
     default=None,
     metavar="NAME",
     help="Also register the run's model in the Model Registry as NAME.",

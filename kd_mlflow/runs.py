@@ -9,7 +9,6 @@ MLflow entities or tag names: everything else gets plain :class:`RunRecord` valu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import signal
@@ -418,28 +417,49 @@ def record(
     parent_run_id: str | None = None,
 ) -> Outcome:
     """Run ``body`` as the run ``spec`` describes, unless its configuration already has a
-    FINISHED result (then reuse it). With ``checkpoint_root`` the run is resumable: an
-    unfinished run of the same configuration is continued from its local checkpoint, and
-    one process at a time trains a configuration on this machine."""
+    FINISHED result (then reuse it). One process at a time, on any machine that shares the
+    tracking server, makes a configuration's run (:func:`_claimed`): a second one waits,
+    then reuses the first one's result. With ``checkpoint_root`` the run is resumable: an
+    unfinished run of the same configuration is continued from its local checkpoint."""
     if not force:
         existing = result_for(session, spec)
         if existing:
             return reuse(session, existing)
-    if checkpoint_root is None:
-        return _record(session, spec, body, None, parent_run_id)
-    from .checkpoint import CheckpointStore  # torch: loaded only by what trains
-
-    store = CheckpointStore(_checkpoint_dir(session, spec.config_hash, checkpoint_root))
-    with _exclusive(store.directory):
-        # Another process may have finished it while we waited for the lock.
+    with _claimed(session, [spec]):
+        # Another process may have finished it while we waited for the claim.
         existing = None if force else result_for(session, spec)
         if existing:
             return reuse(session, existing)
+        if checkpoint_root is None:
+            return _record(session, spec, body, None, parent_run_id)
+        from .checkpoint import CheckpointStore  # torch: loaded only by what trains
+
+        store = CheckpointStore(_checkpoint_dir(session, spec.config_hash, checkpoint_root))
         if force:
             store.clear()
         out = _record(session, spec, body, store, parent_run_id)
     store.clear()
     return out
+
+
+@contextlib.contextmanager
+def _claimed(session, specs: list[RunSpec]):
+    """The claims on these configurations (:func:`kd_mlflow.tracking.claimed`), taken in
+    one order (their hashes') so that two waves that share some never wait on each other."""
+    with contextlib.ExitStack() as stack:
+        for spec in sorted(specs, key=lambda s: s.config_hash):
+            stack.enter_context(tracking.claimed(session, spec.config_hash, spec.name, _running(session, spec)))
+        yield
+
+
+def _running(session, spec: RunSpec):
+    """What a waiter names: the unfinished run the claim's holder is writing, if found."""
+
+    def run_id() -> str | None:
+        rec = find_resumable(session, spec.config_hash)
+        return rec.run_id if rec else None
+
+    return run_id
 
 
 def _continuing(session, config_hash: str, store, owned: dict) -> tuple[RunRecord | None, RunRecord | None]:
@@ -571,25 +591,24 @@ def record_wave(
         return todo
 
     todo = pending()
-    if checkpoint_root is None:
-        return _record_wave(session, specs, todo, outs, body, None, parent_run_id) if todo else outs
-    from .checkpoint import CheckpointStore  # torch: loaded only by what trains
+    if not todo:
+        return outs
+    with _claimed(session, [specs[i] for i in todo]):
+        # Another process may have finished some of them while we waited.
+        todo = todo if force else pending()
+        if not todo:
+            return outs
+        if checkpoint_root is None:
+            return _record_wave(session, specs, todo, outs, body, None, parent_run_id)
+        from .checkpoint import CheckpointStore  # torch: loaded only by what trains
 
-    while todo:
         key = digest("wave", *(specs[i].config_hash for i in todo))
         store = CheckpointStore(_checkpoint_dir(session, key, checkpoint_root))
-        with _exclusive(store.directory):
-            # Another process may have finished some of them while we waited.
-            again = todo if force else pending()
-            if again != todo:
-                todo = again
-                continue
-            if force:
-                store.clear()
-            out = _record_wave(session, specs, todo, outs, body, store, parent_run_id)
-        store.clear()
-        return out
-    return outs
+        if force:
+            store.clear()
+        out = _record_wave(session, specs, todo, outs, body, store, parent_run_id)
+    store.clear()
+    return out
 
 
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
@@ -707,20 +726,6 @@ def finishing(writer):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _exclusive(directory: Path):
-    """One trainer per configuration on this machine: a second launch waits, then
-    finds the first one's result."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("another process is training this configuration; waiting for it", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _checkpoint_dir(session, config_hash: str, root: Path) -> Path:

@@ -16,7 +16,9 @@ import functools
 import hashlib
 import os
 import socket
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -694,7 +696,13 @@ def open_study(session: Session, name: str, tags: dict, nested_in: str | None = 
     there is one parent per study), else the one `mlflow run -e main` created, else a
     new one. A run `mlflow run` created for a study that already has a parent only
     points at that parent (kd.duplicate_of), as a duplicate training run does.
-    ``nested_in``: the run it is nested under (a study's sweep)."""
+    ``nested_in``: the run it is nested under (a study's sweep). Two launches of one
+    study at once find or make one parent (:func:`claimed`, held while it is found or made)."""
+    with claimed(session, tags[schema.CONFIG_HASH], name):
+        return _open_study(session, name, tags, nested_in)
+
+
+def _open_study(session: Session, name: str, tags: dict, nested_in: str | None) -> str:
     c = session.client
     found = [
         r.info.run_id
@@ -806,27 +814,44 @@ def json_list(values) -> str:
 def register(session: Session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
     """The run's logged model as a version of registered model ``name`` (a run already
     registered there keeps its version: no new one), optionally under ``alias``.
-    Returns the version."""
+    Returns the version. Two processes registering one run under one name at once make
+    one version: the look-up and the creation are one claim's (:func:`claimed`)."""
     c = session.client
-    # A registered model that does not exist yet has no versions ([]); any failure of the
-    # search is raised, never read as "not registered yet" (a duplicate version would follow).
-    found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if found:
-        version = str(max(int(v.version) for v in found))
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            version = watched(
-                "register model",
-                lambda: mlflow.register_model(
-                    f"runs:/{run_id}/model", name, tags=tags or {}, await_registration_for=60
-                ),
-            ).version
+    key = hashlib.sha256(f"register\0{name}\0{run_id}".encode()).hexdigest()[:16]
+    with claimed(session, key, f"version of {name} for run {run_id}"):
+        # A registered model that does not exist yet has no versions ([]); any failure of the
+        # search is raised, never read as "not registered yet" (a duplicate version would follow).
+        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if found:
+            version = str(max(int(v.version) for v in found))
+        else:
+            version = _new_version(session, run_id, name, tags or {})
     if alias:
         c.set_registered_model_alias(name, alias, version)
     for key, value in (tags or {}).items():
         c.set_model_version_tag(name, version, key, value)
     return str(version)
+
+
+def _new_version(session: Session, run_id: str, name: str, tags: dict) -> str:
+    """A version whose source is the run's LoggedModel (``models:/m-...``): MLflow 3 logs
+    a model as a LoggedModel, not under the run's artifacts, and registering
+    ``runs:/<id>/model`` looks there first and warns that it is not."""
+    c = session.client
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run = c.get_run(run_id)
+    model_ids = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
+    if model_ids:
+        source, model_id = f"models:/{model_ids[-1]}", model_ids[-1]
+    else:  # a model logged before MLflow 3: under the run's own artifacts
+        source, model_id = f"{run.info.artifact_uri.rstrip('/')}/model", None
+    return c.create_model_version(
+        name, source, run_id=run_id, tags=tags, await_creation_for=60, model_id=model_id
+    ).version
 
 
 # --- predictions ------------------------------------------------------------------
@@ -850,3 +875,141 @@ def load_predictions(run_id: str):
     from . import predictions
 
     return predictions.load(download(run_id, schema.PREDICTIONS_PATH))
+
+
+# --- claims: one process makes a configuration's run, across machines --------------
+
+CLAIM_LEASE_ENV = "KD_MLFLOW_CLAIM_LEASE"
+DEFAULT_LEASE = 60.0  # seconds without a heartbeat before a claim is taken over
+CLAIM_PREFIX = "kd-mlflow-claim"
+
+
+def lease() -> float:
+    """The claims' lease, in seconds (``$KD_MLFLOW_CLAIM_LEASE``, else the default)."""
+    import math
+
+    text = os.environ.get(CLAIM_LEASE_ENV, "").strip()
+    if not text:
+        return DEFAULT_LEASE
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(CLAIM_LEASE_ENV, text, "a number of seconds > 0")
+    return value
+
+
+@contextlib.contextmanager
+def claimed(session: Session, key: str, what: str, running=lambda: None):
+    """Hold the claim on ``key`` (a configuration hash) in the session's experiment while
+    the block runs: one process at a time, on any machine that shares the tracking
+    server, makes ``what``. A second process waits here, saying for whom (``running()``:
+    the run the holder is writing, if it can be found), until the claim is released or
+    goes stale; then it enters, and must look again for the result before making it.
+
+    Why the claim is atomic: it is a registered model named
+    ``kd-mlflow-claim-<experiment id>-<key>-<generation>``. The MLflow REST API has no
+    compare-and-set on tags or params, but a registered model's name is its primary key
+    in the server's database: of two ``create_registered_model`` calls with one name,
+    the server commits one and answers the other RESOURCE_ALREADY_EXISTS, whichever
+    machine sent it (tests/test_concurrent.py races them on a real server).
+
+    Lease and heartbeat: the holder's thread sets the claim's tag ``beat`` to a new value
+    every quarter lease (``$KD_MLFLOW_CLAIM_LEASE`` seconds, default 60). A waiter that
+    sees the beat unchanged for a whole lease, by its own clock (so clocks need not
+    agree), or on its own machine sees the holder's pid gone, takes over by creating the
+    next generation (atomic in the same way: of two takers one wins); the run the dead
+    holder left unfinished is then resumed or superseded as any unfinished run is. The
+    holder deletes its claim (and the stale ones it took over) when the block ends, on
+    success, failure or a signal; a holder killed with -9 leaves it to its lease."""
+    base = f"{CLAIM_PREFIX}-{session.experiment_id}-{key}"
+    name, below = _acquire(session, base, what, running)
+    beat = _Heartbeat(name, lease() / 4)
+    try:
+        yield
+    finally:
+        beat.stop()
+        for stale in [name, *below]:  # from the top: the generations left stay a prefix
+            with contextlib.suppress(MlflowException, TrackingUnavailable, TrackingRefused):
+                session.client.delete_registered_model(stale)
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "beat": "0"}
+
+
+def _acquire(session: Session, base: str, what: str, running) -> tuple[str, list[str]]:
+    """(the claim's name, the stale generations below it), once this process holds it."""
+    seen: dict[str, tuple[str, float]] = {}  # claim name: (its beat, when this process saw it change)
+    told = False
+    while True:
+        found = session.client.search_registered_models(f"name LIKE '{base}-%'")
+        held = {int(m.name.rsplit("-", 1)[1]): m for m in found if m.name.rsplit("-", 1)[1].isdigit()}
+        top = held[max(held)] if held else None
+        gone = _gone(top, seen) if top is not None else ""
+        if top is not None and not gone:
+            if not told:
+                who = f"{top.tags.get('host', '?')}, pid {top.tags.get('pid', '?')}"
+                run = running()
+                print(
+                    f"another process ({who}) is making {top.description or what}"
+                    + (f" (run {run})" if run else "")
+                    + f"; waiting (it is taken over if its heartbeat stops for {lease():g} s)",
+                    file=sys.stderr,
+                )
+                told = True
+            time.sleep(min(1.0, lease() / 4))
+            continue
+        if top is not None:
+            print(f"note: the claim on {what} ({top.name}) is stale ({gone}): taking it over", file=sys.stderr)
+        name = f"{base}-{max(held) + 1 if held else 0}"
+        try:
+            session.client.create_registered_model(name, tags=_holder(), description=what)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            continue  # another process got there first: wait for it
+        return name, [m.name for _, m in sorted(held.items(), reverse=True)]
+
+
+def _gone(claim, seen: dict) -> str:
+    """Why the claim's holder is gone ("" while it is not): on this machine, its process
+    has exited; on any, its beat has not changed for a lease of this process's watching."""
+    tags = claim.tags or {}
+    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        try:
+            os.kill(int(tags["pid"]), 0)
+        except ProcessLookupError:
+            return f"its process {tags['pid']} on this machine has exited"
+        except PermissionError:
+            pass  # another user's process: alive
+    now = time.monotonic()
+    beat = tags.get("beat", "")
+    if claim.name not in seen or seen[claim.name][0] != beat:
+        seen[claim.name] = (beat, now)
+        return ""
+    return f"no heartbeat for {lease():g} s" if now - seen[claim.name][1] > lease() else ""
+
+
+class _Heartbeat:
+    """A daemon thread that renews a claim every ``every`` seconds. A beat that fails
+    (the server is restarting) is left to the next: the lease is four beats long."""
+
+    def __init__(self, name: str, every: float):
+        self.name, self.every = name, every
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="kd-mlflow-claim", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        client = MlflowClient()
+        n = 0
+        while not self.done.wait(self.every):
+            n += 1
+            with contextlib.suppress(Exception):  # a missed beat must never stop the work
+                client.set_registered_model_tag(self.name, "beat", str(n))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=1)
