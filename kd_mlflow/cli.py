@@ -758,7 +758,16 @@ def _check_writable(option: str, path: Path) -> None:
     type=_Optional(_Model()),
     default=None,
     help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
-    "resnet8 for cpu-pairs; else the teachers'].",
+    "resnet8 for cpu-pairs; else the teachers'], at its published width unless --student-width.",
+)
+@click.option(
+    "--student-width",
+    "--student_width",
+    "student_width",
+    type=_Optional(_Number(int, min=1)),
+    default=None,
+    help="The KD student's width in 64ths of its published channels (64 = as published) "
+    "[64 with --student-model; else the teachers'].",
 )
 @click.option(
     "--sweep-kd",
@@ -787,6 +796,7 @@ def reproduce(
     no_register,
     joint_step,
     student_model,
+    student_width,
     sweep_kd,
     pack,
     data_dir,
@@ -816,6 +826,7 @@ def reproduce(
         kd_seed,
         data_dir,
         student_model=student_model,
+        student_width=student_width,
         sweep_kd=grid,
         joint=joint_step,
     )

@@ -118,6 +118,11 @@ CASES = [
         "student_seed_offset",
     ),
     ("study-epochs", ["reproduce", *SMOKE, "--epochs", "-2"], "epochs"),
+    (
+        "study-student-width",
+        ["reproduce", *SMOKE, "--student-model", "resnet8", "--student-width", "0"],
+        "--student-width",
+    ),
     ("study-sweep-kd-value", ["reproduce", *SMOKE, "--sweep-kd", "alpha=0.5,2"], "alpha"),
 ]
 
