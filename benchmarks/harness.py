@@ -7,8 +7,10 @@ figure is a ratio of medians, with the spread of the per-repetition ratios besid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -84,6 +86,66 @@ def _own_seconds() -> float:
         r.ru_utime + r.ru_stime
         for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
     )
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT reached the benchmark: it ends as 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM (a `timeout`, a scheduler) and SIGINT end the block as an exception
+    (:class:`Stopped`), so every service started inside it stops on the way out: each
+    ``with`` block's exit stops its mlflow server's or PostgreSQL's process group (by
+    default SIGTERM ends Python at once, no ``finally`` run, and they stayed up). Then
+    the process groups of children still alive (a writers' host, in its own session)
+    are killed."""
+
+    def on_signal(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except Stopped:
+        kill_children()
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def kill_children() -> None:
+    """SIGKILL to the process group of each child of this process still alive, where
+    it leads its own group (a child in this process's group dies with it, or is waited
+    for by whoever started it)."""
+    for pid in _children():
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _children() -> list[int]:
+    """This process's children, from /proc (Linux; elsewhere none are known)."""
+    me, found = os.getpid(), []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # the field after the state: the parent
+                found.append(int(entry.name))
+    return found
 
 
 def sync(device: torch.device) -> None:

@@ -435,5 +435,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def stoppable_main(argv=None) -> int:
+    """main(), stopped cleanly by SIGTERM or SIGINT: the services it started stop too."""
+    try:
+        with harness.stopped_by_signals():
+            return main(argv)
+    except harness.Stopped as e:
+        log(f"{e}: the servers it started are stopped")
+        return e.exit_code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stoppable_main())

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -347,8 +348,8 @@ class _Group(click.Group):
                 rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
             except click.exceptions.Exit as e:
                 rv = e.exit_code
-            except click.Abort:  # click's own word for Ctrl-C while it parses or prompts
-                rv = _end(KeyboardInterrupt())
+            except click.Abort as e:  # click's word for Ctrl-C, and for an EOFError, while it runs
+                rv = _end(e.__cause__ if isinstance(e.__cause__, Exception) else KeyboardInterrupt())
             except click.UsageError as e:
                 rv = _end(e)
             except click.ClickException as e:
@@ -361,9 +362,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException, SystemExit):
             raise
-        except BaseException as e:  # every ending gets its verdict, in one place
+        except BaseException as e:  # noqa: BLE001  (every ending gets its verdict, in one place)
             if errors.traceback_wanted() and errors.verdict(e)[1].startswith("internal error"):
-                raise
+                # Printed here, not re-raised: click's main takes any EOFError that reaches
+                # it for Ctrl-C (click.Abort), which said "interrupted (SIGINT)" for a bug.
+                traceback.print_exception(e)
             return _end(e)
 
 
@@ -756,7 +759,16 @@ def _check_writable(option: str, path: Path) -> None:
     type=_Optional(_Model()),
     default=None,
     help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
-    "resnet8 for cpu-pairs; else the teachers'].",
+    "resnet8 for cpu-pairs; else the teachers'], at its published width unless --student-width.",
+)
+@click.option(
+    "--student-width",
+    "--student_width",
+    "student_width",
+    type=_Optional(_Number(int, min=1)),
+    default=None,
+    help="The KD student's width in 64ths of its published channels (64 = as published) "
+    "[64 with --student-model; else the teachers'].",
 )
 @click.option(
     "--sweep-kd",
@@ -785,6 +797,7 @@ def reproduce(
     no_register,
     joint_step,
     student_model,
+    student_width,
     sweep_kd,
     pack,
     data_dir,
@@ -814,6 +827,7 @@ def reproduce(
         kd_seed,
         data_dir,
         student_model=student_model,
+        student_width=student_width,
         sweep_kd=grid,
         joint=joint_step,
     )

@@ -141,18 +141,23 @@ def check_model(name) -> str:
     raise ConfigError("model", name, f"choose from {', '.join(MODELS)}, or wrn-D-K with D = 6n + 4 (n >= 1), K >= 1")
 
 
+# A recipe's width that builds each model as published (its channels x 64/64): the
+# width `kd-mlflow models` lists by default, and a study's `--student-model`'s.
+PUBLISHED_WIDTH = 64
+
+
 def architecture(model: str, width: int) -> str:
     """A network's architecture in words: the model, and its width where it is not the
     published one ("resnet20", "resnet20@w16"). A student is SD only when this is its
     teacher's."""
-    return model if width == 64 else f"{model}@w{width}"
+    return model if width == PUBLISHED_WIDTH else f"{model}@w{width}"
 
 
 @dataclass(frozen=True)
 class Recipe:
     dataset: str = "cifar10"
     model: str = "resnet18"  # a name of the model registry (kd-mlflow models lists them)
-    width: int = 64  # 64ths of the published network's channels: 64 = as published;
+    width: int = PUBLISHED_WIDTH  # 64ths of the published network's channels: 64 = as published;
     # ResNet-18/34/50: the first stage's channels (kd_mlflow.models says it per family)
     image_size: int = 224  # pixels; images are resized per batch on the device
     mean: tuple = (0.5, 0.5, 0.5)  # normalisation, per channel, of [0, 1] pixels

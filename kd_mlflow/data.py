@@ -13,9 +13,12 @@ import errno
 import functools
 import hashlib
 import io
+import shutil
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +30,7 @@ from torch.utils.data import DataLoader
 from . import waits
 from .checkpoint import write_atomic
 from .config import ConfigError, Recipe, default_cache_dir
-from .errors import DataUnavailable, one_line
+from .errors import DataUnavailable, damaged_archive, one_line
 
 DIGITS_TEST_FRACTION = 0.2  # digits has no official test set: a fixed one, seed 0
 DIGITS_URI = "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
@@ -197,24 +200,49 @@ def _file_key(path: Path) -> str:
 
 
 def _unpack(archive: Path, dest: Path) -> Path:
+    """``archive`` (a tar, compressed or not, or a zip) unpacked at ``dest``, once. It is
+    unpacked into a temporary folder beside ``dest`` and renamed into place, so ``dest``
+    exists only whole: a damaged archive, a full disk or a signal leaves nothing behind,
+    and concurrent unpackers each rename theirs, the first one kept."""
     if not (dest / ".complete").exists():
+        shutil.rmtree(dest, ignore_errors=True)  # half of one, left by an older kd-mlflow
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
         try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(dest, filter="data")
-        except tarfile.TarError as e:
-            raise ConfigError(
-                "data_dir",
-                str(archive),
-                f"dataset 'folder': not a readable archive ({e}); "
-                "point --data-dir at an ImageFolder tree or a .tar.gz of one",
-            ) from None
-        (dest / ".complete").touch()
+            _extract(archive, tmp)
+            (tmp / ".complete").touch()
+            try:
+                tmp.rename(dest)
+            except OSError:  # another process renamed its copy first
+                if not (dest / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename won
     # Accept an archive whose train/ and test/ sit one folder down.
     if not (dest / "train").is_dir():
         subs = [d for d in dest.iterdir() if d.is_dir() and (d / "train").is_dir()]
         if len(subs) == 1:
             return subs[0]
     return dest
+
+
+def _extract(archive: Path, into: Path) -> None:
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(into)  # member names are made safe: no absolute paths, no ..
+        else:
+            with tarfile.open(archive) as tar:
+                tar.extractall(into, filter="data")
+    except Exception as e:
+        if not damaged_archive(e):
+            raise
+        raise ConfigError(
+            "data_dir",
+            str(archive),
+            f"dataset 'folder': not a readable archive, truncated or corrupt ({type(e).__name__}: {one_line(str(e))}); "
+            "point --data-dir at an ImageFolder tree, or a whole .tar.gz, .tar or .zip of one",
+        ) from None
 
 
 def _decode_tree(root: Path, shown: Path):
@@ -291,7 +319,9 @@ def _fetch_cifar(name: str, cls, root: Path) -> None:
     part.replace(archive)
     try:
         extract_archive(str(archive), str(root))
-    except (tarfile.TarError, EOFError) as e:
+    except Exception as e:
+        if not damaged_archive(e):
+            raise
         raise DataUnavailable(f"{name}: the downloaded archive {archive} does not unpack ({e}); {advice}") from None
 
 

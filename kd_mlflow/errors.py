@@ -10,8 +10,13 @@ cause's first line, never cut mid-word, and what to do. No MLflow, torch or clic
 from __future__ import annotations
 
 import errno
+import gzip
+import lzma
 import os
 import signal
+import tarfile
+import zipfile
+import zlib
 
 USER = 2  # what the user typed or pointed at
 ENVIRONMENT = 1  # the tracking server, the network, the disk
@@ -162,6 +167,20 @@ def _os_error(e: OSError) -> tuple[int, str]:
     if e.errno in _ENVIRONMENT_ERRNOS or not e.filename:
         return ENVIRONMENT, f"error: {why}{(' (' + str(e.filename) + ')') if e.filename else ''}"
     return USER, f"error: {e.filename}: {why}"
+
+
+# What reading a damaged archive raises: a truncated stream (EOFError), bad compressed
+# bytes (zlib, lzma), a bad gzip header, a bad tar header or member, a bad zip (its
+# directory, a CRC).
+_ARCHIVE_DAMAGE = (EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
+def damaged_archive(e: BaseException) -> bool:
+    """Whether an archive failed to unpack on its own bytes (truncated or corrupt: the
+    file is at fault), not on the machine (a full disk is an OSError with an errno)."""
+    if isinstance(e, _ARCHIVE_DAMAGE):
+        return True
+    return type(e) is OSError and e.errno is None  # bz2's "Invalid data stream"
 
 
 def traceback_wanted() -> bool:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from . import executors, schema, steps, tracking
 from .config import (
+    PUBLISHED_WIDTH,
     STUDY_SEEDS,
     ConfigError,
     Recipe,
@@ -53,10 +54,19 @@ class Plan:
     kd_seed: int = 100
     data_dir: str | None = None
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
+    # The KD student's width [a --student-model's published one, else the teachers'];
+    # None where it is the teachers' (the recipe's): the identity studies had before.
+    student_width: int | None = None
     sweep_kd: KDChooser | None = None  # chooses the KD student's settings first (reproduce --sweep-kd)
     joint: bool = False  # add the joint model of the seeds (not the study's identity: a step more)
 
     def __post_init__(self):
+        if self.student_model is not None and self.student_width is None:  # asked for: as published
+            object.__setattr__(self, "student_width", PUBLISHED_WIDTH)
+        if self.student_width == self.recipe.width:  # the teachers' width: nothing changes
+            object.__setattr__(self, "student_width", None)
+        if self.student_width is not None and (not isinstance(self.student_width, int) or self.student_width < 1):
+            raise ConfigError("student_width", self.student_width, "must be an integer >= 1")
         if self.student_model is None:
             object.__setattr__(self, "student_model", study_student_model(self.preset))
         if self.student_model is not None:
@@ -80,9 +90,19 @@ class Plan:
         label = group_label(self.preset, self.recipe, "student")
         if self.student_model != study_student_model(self.preset):
             label += f" · student_model={self.student_model}"
+        if self.student_width is not None:
+            label += f" · student_width={self.student_width}"
         if self.sweep_kd is not None:
             label += f" · sweep_kd={self.sweep_kd.label()}"
         return label
+
+    @property
+    def student_overrides(self) -> dict:
+        """What the KD student (and a --sweep-kd's students) trains with beyond the plan's
+        overrides: its architecture and width, where they are not its teachers'."""
+        model = {"model": self.student_model} if self.student_model else {}
+        width = {"width": self.student_width} if self.student_width is not None else {}
+        return {**model, **width}
 
     @property
     def own_recipe(self) -> bool:
@@ -193,6 +213,7 @@ class DistillStep:
     suffix: str = ""  # what the settings change, as the run's name shows it
     trains: bool = True
     model: str | None = None  # the student's architecture, if not its teacher's
+    width: int | None = None  # the student's width, if not its teacher's
 
     @property
     def name(self) -> str:
@@ -200,7 +221,8 @@ class DistillStep:
 
     def overrides(self, ctx: Context) -> dict:
         model = {"model": self.model} if self.model else {}
-        return {**ctx.plan.overrides, **model, **dict(self.settings)}
+        width = {"width": self.width} if self.width is not None else {}
+        return {**ctx.plan.overrides, **model, **width, **dict(self.settings)}
 
     def run_here(self, ctx: Context) -> Outcome:
         return steps.distill(
@@ -448,7 +470,8 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
     best: tuple = ()
     if plan.sweep_kd is not None:  # the KD row is then the chosen sweep student, reused
         best, result.kd_choice = plan.sweep_kd.choose(plan, ctx, ens, executor)
-    wave([DistillStep(ens, plan.kd_seed, "kd", ",".join(map(str, seeds)), best, model=plan.student_model)])
+    kd_seeds = ",".join(map(str, seeds))
+    wave([DistillStep(ens, plan.kd_seed, "kd", kd_seeds, best, model=plan.student_model, width=plan.student_width)])
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
     if plan.joint:
@@ -475,6 +498,7 @@ def _study_tags(plan: Plan, split_digest: str) -> dict:
             plan.student_seed_offset,
             plan.kd_seed,
             *([plan.student_model] if plan.student_model else []),  # none: the hash studies had before
+            *([f"student_width={plan.student_width}"] if plan.student_width is not None else []),
             *([f"sweep_kd={plan.sweep_kd.label()}"] if plan.sweep_kd else []),
         ),
     }

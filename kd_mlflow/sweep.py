@@ -338,9 +338,12 @@ class KDSweep:
         return self.grid.label()
 
     def choose(self, plan, ctx, ensemble: str, executor) -> tuple[tuple, str]:
-        model = {"model": plan.student_model} if plan.student_model else {}
         swept = SweepPlan(
-            ensemble, [plan.kd_seed], self.grid, overrides={**plan.overrides, **model}, data_dir=plan.data_dir
+            ensemble,
+            [plan.kd_seed],
+            self.grid,
+            overrides={**plan.overrides, **plan.student_overrides},
+            data_dir=plan.data_dir,
         )
         result = within(ctx.session, swept, ctx.ex, executor, nested_in=ctx.parent)
         return result.best, f"{result.choice} (sweep run {result.parent})"

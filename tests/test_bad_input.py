@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -117,6 +118,11 @@ CASES = [
         "student_seed_offset",
     ),
     ("study-epochs", ["reproduce", *SMOKE, "--epochs", "-2"], "epochs"),
+    (
+        "study-student-width",
+        ["reproduce", *SMOKE, "--student-model", "resnet8", "--student-width", "0"],
+        "--student-width",
+    ),
     ("study-sweep-kd-value", ["reproduce", *SMOKE, "--sweep-kd", "alpha=0.5,2"], "alpha"),
 ]
 
@@ -206,3 +212,95 @@ def test_under_mlflow_run_a_data_failure_ends_mlflows_run_failed_with_the_reason
     (run,) = tracked.runs()
     assert run.info.status == "FAILED"
     assert "cifar10" in run.data.tags[schema.FAILURE]
+
+
+# --- damaged archives (issue 29, item 6) ---------------------------------------------
+
+
+def _image_tree(root):
+    """A tiny ImageFolder tree of noise (it does not compress, so half an archive is
+    half its members): two classes, train/ and test/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(12):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _archive(tmp_path, kind):
+    """A whole archive of the tree (kind: tar.gz or zip) and its damaged copy: the
+    tar.gz cut in half (EOFError), the zip with bytes flipped inside a member (its CRC)."""
+    import shutil
+    import zipfile
+
+    tree = _image_tree(tmp_path / "tree")
+    whole = Path(shutil.make_archive(str(tmp_path / "whole"), "gztar" if kind == "tar.gz" else "zip", tree))
+    b = bytearray(whole.read_bytes())
+    if kind == "tar.gz":
+        b = b[: len(b) // 2]
+    else:
+        with zipfile.ZipFile(whole) as z:  # a member past the first, its data's middle
+            info = z.infolist()[len(z.infolist()) // 2]
+        middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+        b[middle : middle + 16] = bytes(x ^ 0xFF for x in b[middle : middle + 16])
+    damaged = tmp_path / f"damaged.{kind}"
+    damaged.write_bytes(bytes(b))
+    return whole, damaged
+
+
+def _files(cache):
+    return sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_a_damaged_archive_is_the_users_file_and_leaves_the_cache_as_it_was(tmp_path, kind):
+    from kd_mlflow import data, errors
+
+    whole, damaged = _archive(tmp_path, kind)
+    cache = tmp_path / "cache"
+    with pytest.raises(config.ConfigError) as e:
+        data.load("folder", str(damaged), cache)
+    code, line = errors.verdict(e.value)
+    assert code == 2 and str(damaged) in line and "dataset 'folder'" in line and "truncated or corrupt" in line
+    assert _files(cache) == [] and not any((cache / "unpacked").iterdir())  # nothing half-unpacked
+    src = data.load("folder", str(whole), cache)  # the whole archive of the same tree loads
+    assert src.classes == ("a", "b") and len(src.train_y) == len(src.test_y) == 24
+    assert [p.name.startswith(".") for p in (cache / "unpacked").iterdir()] == [False]  # no temporary folder
+
+
+def test_concurrent_unpackers_keep_the_first_whole_copy(tmp_path, monkeypatch):
+    """Another process renames its copy into place while this one unpacks: this one
+    keeps that copy and removes its own."""
+    from kd_mlflow import data
+
+    whole, _ = _archive(tmp_path, "tar.gz")
+    dest = tmp_path / "unpacked" / "key"
+    extract = data._extract
+
+    def racing(archive, into):
+        extract(archive, into)
+        monkeypatch.setattr(data, "_extract", extract)
+        data._unpack(archive, dest)  # the other process, done first
+
+    monkeypatch.setattr(data, "_extract", racing)
+    assert data._unpack(whole, dest) == dest
+    assert [p.name for p in dest.parent.iterdir()] == ["key"] and (dest / ".complete").exists()
+    assert sorted(p.name for p in (dest / "train").iterdir()) == ["a", "b"]
+
+
+def test_a_truncated_archive_on_the_command_line_is_exit_2_naming_it_and_creates_no_run(tracked, tmp_path):
+    _, damaged = _archive(tmp_path, "tar.gz")
+    cache = tmp_path / "cache"
+    env = {**tracked.env, "KD_MLFLOW_CACHE": str(cache)}
+    proc = run_cli("train", "--seed", "0", "--preset", "cpu-demo", "--data-dir", damaged, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert str(damaged) in lines[0] and "dataset 'folder'" in lines[0] and "truncated or corrupt" in lines[0]
+    assert _files(cache) == []
+    assert tracked.runs() == []

@@ -727,3 +727,28 @@ def test_fuzz_every_command_never_a_traceback_and_the_code_by_the_rule(unreachab
         assert CLOSED in line or "download" in line, (argv, line)
     else:
         assert res.exit_code == 2, (argv, res.exit_code, line)
+
+
+def test_the_traceback_switch_shows_an_internal_error_and_no_signal_under_setsid(unreachable):
+    """KD_MLFLOW_TRACEBACK=1 used to re-raise an internal error through click, whose main
+    takes an EOFError for Ctrl-C: "interrupted (SIGINT)", exit 130, with no signal sent
+    (setsid or not). The planted bug: an empty decoded-data cache file, on which torch.load
+    raises EOFError."""
+    cache = unreachable / "cache"
+    decoded = cache / "decoded" / f"digits-sklearn-{metadata.version('scikit-learn')}.pt"
+    decoded.parent.mkdir(parents=True)
+    decoded.write_bytes(b"")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_mlflow", "train", "--seed", "0", *SMOKE],
+        env={**os.environ, "KD_MLFLOW_TRACEBACK": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # setsid
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "EOFError" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("kd-mlflow: internal error: EOFError"), proc.stderr[-2000:]
+    assert "interrupted" not in proc.stderr

@@ -122,7 +122,13 @@ def test_a_study_with_a_kd_student_of_another_architecture(lab):
     """reproduce --student-model: only the KD student changes architecture; the SD
     students keep their teachers'. The study's summary has both, from their tables."""
     plan = study.Plan(
-        "smoke", R20, {"model": "resnet20", "width": 16}, [0, 1], kd_seed=100, student_model="resnet18-cifar"
+        "smoke",
+        R20,
+        {"model": "resnet20", "width": 16},
+        [0, 1],
+        kd_seed=100,
+        student_model="resnet18-cifar",
+        student_width=16,  # the teachers' width: as distill --model made it
     )
     result = study.reproduce(plan, ex=lab["ex"], register_as=None)
     c, ids = lab["client"], lab["ids"]
@@ -136,3 +142,23 @@ def test_a_study_with_a_kd_student_of_another_architecture(lab):
     kd = c.get_run(ids["kd"]).data.metrics[schema.FINAL_TEST_ACC]
     assert parent.data.metrics["kd_test_acc"] == pytest.approx(kd)
     assert f"{A20} -> {A18}" in result.tables
+
+
+@pytest.mark.parametrize("width", [None, 32])
+def test_a_study_student_of_another_model_has_that_models_width_unless_told(lab, width):
+    """reproduce --student-model resnet8 built it at the teachers' width 16 (on smoke:
+    4, a 395-parameter network); it is resnet8 as published (width 64), or at
+    --student-width, and the study's label says so."""
+    from kd_mlflow import models
+
+    plan = study.Plan(
+        "smoke", R20, {"model": "resnet20", "width": 16}, [0, 1], student_model="resnet8", student_width=width
+    )
+    result = study.reproduce(plan, ex=lab["ex"], register_as=None)
+    kd = result.runs["kd-seed-100"]
+    want = width or config.PUBLISHED_WIDTH
+    assert lab["client"].get_run(kd).data.params["width"] == str(want)
+    net = mlflow.pytorch.load_model(f"runs:/{kd}/model")
+    assert sum(p.numel() for p in net.parameters()) == models.size("resnet8", want, 10)["parameters"]
+    parent = lab["client"].get_run(result.parent_run_id)
+    assert parent.data.tags[schema.GROUP_LABEL].endswith(f"student_model=resnet8 · student_width={want}")
