@@ -52,6 +52,64 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or "unknown"
 
 
+def default_threads(cpus: int, load: float, most: int) -> int:
+    """torch's CPU threads for a training: the ``cpus`` no other process is using (the
+    one-minute ``load`` average), at least one, at most ``most`` (torch's own default,
+    one per physical core). With a thread per core beside busy processes every step
+    waits at barriers for threads the scheduler has parked (README: measured)."""
+    return max(1, min(most, cpus - round(load)))
+
+
+_threads_chosen = False
+
+
+def set_default_threads() -> str | None:
+    """Set torch's threads to :func:`default_threads`, once per process (every run of a
+    study trains alike), unless the user chose (KD_MLFLOW_THREADS, OMP_NUM_THREADS);
+    returns the choice in one line when the machine is busy."""
+    global _threads_chosen
+    if _threads_chosen or os.environ.get("KD_MLFLOW_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    _threads_chosen = True
+    cpus, load, most = _cpus(), _load(), torch.get_num_threads()
+    threads = default_threads(cpus, load, most)
+    torch.set_num_threads(threads)
+    if threads == most:
+        return None
+    return (
+        f"note: the machine is busy (load {load:.1f} on {cpus} CPUs): training with {threads} "
+        f"torch thread(s), not {most}; set KD_MLFLOW_THREADS to choose"
+    )
+
+
+def _cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the CPUs this process may use
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available (Windows): taken as idle
+        return 0.0
+
+
+# /proc/cpuinfo flags of the instructions that compute bfloat16 natively: without them
+# torch emulates bf16 and autocast is slower than float32.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX): the one
+    capability probe precision=auto reads (tests mock it). Not Linux: no."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.partition(":")[2].split() for line in lines if line.startswith("flags")), [])
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
 def check_device(name: str) -> None:
     """Refuse a device this machine does not have, before any run exists (one line
     naming it, exit 2), instead of failing inside a run that was already created."""
