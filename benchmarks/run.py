@@ -187,8 +187,8 @@ def bench_bf16(plan: Plan, device: str) -> dict:
 
 
 def bench_threads(plan: Plan) -> dict:
-    """threads_bench: kd-mlflow's default thread count against one thread, each in a
-    fresh process beside busy processes (README: threads_under_load)."""
+    """threads_bench: kd-mlflow's default threads (passive waits) against one thread and
+    all cores spinning, each in a fresh process beside busy processes (README)."""
     log(f"threads: default / one thread / all cores beside {THREAD_LOADS} busy processes")
     per_load = threads_bench.measure(list(THREAD_LOADS), plan.thread_reps, ("default", "one", "cores"), log=log)
     worst = min(per_load.values(), key=lambda e: e["over_one_thread"]["default"])

@@ -52,33 +52,26 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or "unknown"
 
 
-def default_threads(cpus: int, load: float, most: int) -> int:
-    """torch's CPU threads for a training: the ``cpus`` no other process is using (the
-    one-minute ``load`` average), at least one, at most ``most`` (torch's own default,
-    one per physical core). With a thread per core beside busy processes every step
-    waits at barriers for threads the scheduler has parked (README: measured)."""
-    return max(1, min(most, cpus - round(load)))
+_said = False
 
 
-_threads_chosen = False
-
-
-def set_default_threads() -> str | None:
-    """Set torch's threads to :func:`default_threads`, once per process (every run of a
-    study trains alike), unless the user chose (KD_MLFLOW_THREADS, OMP_NUM_THREADS);
-    returns the choice in one line when the machine is busy."""
-    global _threads_chosen
-    if _threads_chosen or os.environ.get("KD_MLFLOW_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+def busy_note() -> str | None:
+    """Once per process, on a busy machine (a load average of at least its CPUs): one line
+    saying how torch's threads wait. They keep torch's count (one per core: a count that
+    followed the load would change results, and measured slower than passive threads)
+    and sleep at barriers (kd_mlflow/__init__.py sets OMP_WAIT_POLICY)."""
+    global _said
+    cpus, load = _cpus(), _load()
+    if _said or load < cpus:
         return None
-    _threads_chosen = True
-    cpus, load, most = _cpus(), _load(), torch.get_num_threads()
-    threads = default_threads(cpus, load, most)
-    torch.set_num_threads(threads)
-    if threads == most:
-        return None
+    _said = True
+    return thread_note(cpus, load, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"))
+
+
+def thread_note(cpus: int, load: float, threads: int, policy: str) -> str:
     return (
-        f"note: the machine is busy (load {load:.1f} on {cpus} CPUs): training with {threads} "
-        f"torch thread(s), not {most}; set KD_MLFLOW_THREADS to choose"
+        f"note: the machine is busy (load {load:.1f} on {cpus} CPUs): {threads} torch thread(s), "
+        f"OMP_WAIT_POLICY={policy}; set KD_MLFLOW_THREADS or OMP_WAIT_POLICY to choose"
     )
 
 

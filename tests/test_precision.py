@@ -5,6 +5,8 @@ machine's processor must not decide what these tests check."""
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 import torch
@@ -145,24 +147,25 @@ def test_evaluation_and_predictions_are_float32_of_the_bf16_logits(tiny_bf16):
 # --- threads -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("cpus", "load", "most", "threads"),
-    [
-        (2, 0.0, 2, 2),
-        (2, 0.4, 2, 2),
-        (2, 1.2, 2, 1),
-        (2, 9.5, 2, 1),
-        (16, 3.0, 16, 13),
-        (16, 0.0, 8, 8),
-        (1, 0.0, 1, 1),
-    ],
-)
-def test_default_threads_are_the_cpus_nothing_else_uses(cpus, load, most, threads):
-    assert machine.default_threads(cpus, load, most) == threads
+def test_a_busy_machine_is_said_once_with_its_threads_and_wait_policy(monkeypatch):
+    monkeypatch.setattr(machine, "_said", False)
+    monkeypatch.setattr(machine, "_load", lambda: 9.5)
+    monkeypatch.setattr(machine, "_cpus", lambda: 2)
+    note = machine.busy_note()
+    assert note is not None and "\n" not in note
+    assert f"{torch.get_num_threads()} torch thread(s)" in note and "load 9.5 on 2 CPUs" in note
+    assert machine.busy_note() is None  # once per process
 
 
-def test_a_thread_count_the_user_chose_is_kept(monkeypatch):
-    monkeypatch.setattr(machine, "_threads_chosen", False)
-    monkeypatch.setenv("KD_MLFLOW_THREADS", "1")
-    before = torch.get_num_threads()
-    assert machine.set_default_threads() is None and torch.get_num_threads() == before
+def test_kd_mlflow_sets_a_passive_wait_policy_before_torch_loads():
+    """OpenMP reads it once, at load: the package sets it on import, the user's kept."""
+    import subprocess
+    import sys
+
+    code = "import os, kd_mlflow, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
