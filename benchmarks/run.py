@@ -28,10 +28,12 @@ import compare_bench  # noqa: E402
 import harness  # noqa: E402
 import load  # noqa: E402
 import pack_bench  # noqa: E402
+import threads_bench  # noqa: E402
 import torch  # noqa: E402
 import train_bench  # noqa: E402
 
 from kd_mlflow import data, tracking  # noqa: E402
+from kd_mlflow import machine as kd_machine  # noqa: E402
 from kd_mlflow.config import PRESETS  # noqa: E402
 from kd_mlflow.train import make_runtime  # noqa: E402
 
@@ -51,6 +53,7 @@ class Plan:
     threads: int = 1  # torch intra-op threads, the same for every arm
     pack_networks: int = pack_bench.NETWORKS  # networks per wave, lone and packed
     pack_reps: int = 3  # each repetition trains 2 * pack_networks networks
+    thread_reps: int = 2  # fresh processes per thread setting and number of busy processes
 
 
 def make_plan(quick: bool, device: str) -> Plan:
@@ -171,6 +174,37 @@ def bench_tracking(plan: Plan, b: train_bench.Bench) -> dict:
     }
 
 
+def bench_bf16(plan: Plan, device: str) -> dict:
+    """cpu-converge's network (whatever --preset measures elsewhere), fp32 and bf16."""
+    b = make_bench(replace(plan, preset="cpu-converge"), device, plan.fit_epochs)
+    log(f"bf16: fp32 / bf16 autocast, cpu-converge's network, {b.images} images x {plan.reps} reps")
+    s = harness.interleave(train_bench.precision_arms(b), plan.reps)
+    return {
+        "cpu_bf16_speedup": harness.ratio_entry(
+            s, "fp32", "bf16", b.images, native_bf16=kd_machine.native_bf16(), cpu=kd_machine.cpu_model()
+        )
+    }
+
+
+def bench_threads(plan: Plan) -> dict:
+    """threads_bench: kd-mlflow's default threads (passive waits) against one thread and
+    all cores spinning, each in a fresh process beside busy processes (README)."""
+    log(f"threads: default / one thread / all cores beside {THREAD_LOADS} busy processes")
+    per_load = threads_bench.measure(list(THREAD_LOADS), plan.thread_reps, ("default", "one", "cores"), log=log)
+    worst = min(per_load.values(), key=lambda e: e["over_one_thread"]["default"])
+    return {
+        "threads_under_load": {
+            "ratio": worst["over_one_thread"]["default"],
+            "worst_busy_processes": next(k for k, v in per_load.items() if v is worst),
+            "busy": per_load,
+            "cpu": kd_machine.cpu_model(),
+        }
+    }
+
+
+THREAD_LOADS = (0, 2, 4, 8)  # busy processes beside the training
+
+
 def prefill(plan: Plan, root: Path) -> dict[int, str]:
     """Experiments for ``compare``, written into the server's store before it starts."""
     root.mkdir(parents=True)
@@ -246,6 +280,7 @@ def _rows(res: dict, plan: Plan) -> list[tuple]:
         rows += _tracking_rows(res, plan)
     if "compare_seconds" in res:
         rows += _compare_rows(res["compare_seconds"])
+    rows += _cpu_rows(res)
     if "refusal_seconds" in res:
         r = res["refusal_seconds"]
         rows.append(
@@ -257,6 +292,32 @@ def _rows(res: dict, plan: Plan) -> list[tuple]:
                 "< 1 s",
             )
         )
+    return rows
+
+
+def _cpu_rows(res: dict) -> list[tuple]:
+    rows = []
+    if "cpu_bf16_speedup" in res:
+        e = res["cpu_bf16_speedup"]
+        native = "native" if e["native_bf16"] else "emulated"
+        rows.append(
+            ("cpu_bf16_speedup", f"{_ips(e, 'bf16')} / {_ips(e, 'fp32')}, {native}", e["ratio"], _spread(e), "> 1")
+        )
+    if "threads_under_load" in res:
+        e = res["threads_under_load"]
+        detail = "default / 1 thread, worst of " + ",".join(e["busy"]) + " busy"
+        rows.append(("threads_under_load", detail, e["ratio"], f"at {e['worst_busy_processes']} busy", ">= 0.33"))
+        idle = e["busy"].get("0")
+        if idle:
+            rows.append(
+                (
+                    "  idle",
+                    "default / all cores, no busy process",
+                    idle["images_per_second"]["default"] / idle["images_per_second"]["cores"],
+                    "",
+                    ">= 0.9",
+                )
+            )
     return rows
 
 
@@ -356,7 +417,7 @@ def machine(rt_device: torch.device, plan: Plan) -> dict:
 
 
 # server: tracking_overhead and compare_seconds; load: the shared server under load (load.py)
-GROUPS = ("loop", "kd", "pack", "server", "refusal", "load")
+GROUPS = ("loop", "kd", "pack", "server", "refusal", "load", "bf16", "threads")
 
 
 def bench_refusal(plan: Plan) -> dict:
@@ -422,6 +483,10 @@ def main(argv=None) -> int:
         res.update(with_server(plan, make_bench(plan, device, plan.tracking_epochs)))
     if "refusal" in only:
         res.update(bench_refusal(plan))
+    if "bf16" in only and device == "cpu":
+        res.update(bench_bf16(plan, device))
+    if "threads" in only and device == "cpu":
+        res.update(bench_threads(plan))
     if "load" in only:
         res.update(load.bench_load(load.Shape(), log=log))
     res["machine"] = machine(torch.device(device), plan)

@@ -178,3 +178,14 @@ def tracked_seconds(b: Bench, session, sink_log: list) -> float:
 
 def tracking_arms(b: Bench, session, sink_log: list) -> dict:
     return {"off": lambda: timed_fit(b, CrossEntropy()), "on": lambda: tracked_seconds(b, session, sink_log)}
+
+
+# --- 6: bfloat16 autocast against float32 on the CPU ---------------------------
+
+
+def precision_arms(b: Bench) -> dict:
+    """The same fit (network, batches, first weights) in float32 and under bf16
+    autocast: a native-bf16 CPU's speed-up (emulated bf16 elsewhere, slower)."""
+    bf16 = Bench(b.recipe, Runtime(b.rt.device, "bf16"), b.dd, b.num_classes)
+    fp32 = Bench(b.recipe, Runtime(b.rt.device, "fp32"), b.dd, b.num_classes)
+    return {"fp32": lambda: timed_fit(fp32, CrossEntropy()), "bf16": lambda: timed_fit(bf16, CrossEntropy())}

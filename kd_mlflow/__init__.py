@@ -1,6 +1,14 @@
 """kd-mlflow: ensembles, knowledge distillation and self-distillation as tracked,
 reproducible MLflow runs."""
 
+import os
+
+# OpenMP reads its wait policy once, when torch loads it, so it is set here, before any
+# import of torch. PASSIVE: a thread that waits at a barrier sleeps instead of spinning
+# on a core that a parked sibling needs; beside busy processes a spinning step of
+# cpu-converge's network ran 20x slower (README, "Threads on a shared machine").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _version() -> str:
     """pyproject.toml's version, the one source: as installed (the distribution's

@@ -472,8 +472,9 @@ def train(
     if pack and seeds is None:
         raise click.UsageError("--pack needs --seeds")
     wanted = config.parse_seeds(seeds) if seeds is not None else None
-    from . import steps
+    from . import steps, train
 
+    recipe = train.plan_run(recipe, preset, device)
     ex = _execution(device, compile_, deterministic, force, cache_dir)
     where = {"data_dir": data_dir, "experiment": experiment, "ex": ex, "parent_run_id": parent_run}
     if wanted is None:
@@ -652,11 +653,11 @@ def joint(
     "training the average directly"); logs one run, prints its run id."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     wanted = config.parse_seeds(seeds)
-    from . import steps
+    from . import steps, train
 
     out = steps.joint(
         wanted,
-        recipe,
+        train.plan_run(recipe, preset, device),
         preset,
         data_dir=data_dir,
         experiment=experiment,
@@ -816,11 +817,11 @@ def reproduce(
     recipe = config.resolve(preset, **overrides)
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
     grid = _sweep_kd_grid(sweep_kd)  # refused here, before imports
-    from . import study
+    from . import study, train
 
     plan = study.Plan(
         preset,
-        recipe,
+        train.plan_run(recipe, preset, device),
         overrides,
         config.parse_seeds(seeds),
         offset,

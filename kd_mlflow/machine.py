@@ -52,6 +52,57 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or "unknown"
 
 
+_said = False
+
+
+def busy_note() -> str | None:
+    """Once per process, on a busy machine (a load average of at least its CPUs): one line
+    saying how torch's threads wait. They keep torch's count (one per core: a count that
+    followed the load would change results, and measured slower than passive threads)
+    and sleep at barriers (kd_mlflow/__init__.py sets OMP_WAIT_POLICY)."""
+    global _said
+    cpus, load = _cpus(), _load()
+    if _said or load < cpus:
+        return None
+    _said = True
+    return thread_note(cpus, load, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"))
+
+
+def thread_note(cpus: int, load: float, threads: int, policy: str) -> str:
+    return (
+        f"note: the machine is busy (load {load:.1f} on {cpus} CPUs): {threads} torch thread(s), "
+        f"OMP_WAIT_POLICY={policy}; set KD_MLFLOW_THREADS or OMP_WAIT_POLICY to choose"
+    )
+
+
+def _cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the CPUs this process may use
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available (Windows): taken as idle
+        return 0.0
+
+
+# /proc/cpuinfo flags of the instructions that compute bfloat16 natively: without them
+# torch emulates bf16 and autocast is slower than float32.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX): the one
+    capability probe precision=auto reads (tests mock it). Not Linux: no."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.partition(":")[2].split() for line in lines if line.startswith("flags")), [])
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
 def check_device(name: str) -> None:
     """Refuse a device this machine does not have, before any run exists (one line
     naming it, exit 2), instead of failing inside a run that was already created."""

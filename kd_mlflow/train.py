@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import Recipe
+from . import machine
+from .config import Recipe, cpu_precision
 from .models import cpu_copy
 
 # --- device and precision, decided once -----------------------------------
@@ -42,11 +43,33 @@ class Runtime:
         return model
 
 
+def plan_run(recipe: Recipe, preset: str, device: str = "auto") -> Recipe:
+    """What the machine changes about a run of ``preset`` on ``device``, decided once, where
+    the run is planned (before its identity): on a CPU, the recipe it records and trains,
+    where a CPU preset's precision=auto becomes bf16 on a CPU with native bfloat16
+    (:func:`kd_mlflow.config.cpu_precision`). A device this machine lacks is refused."""
+    machine.check_device(device)
+    if torch.device(_pick_device() if device == "auto" else device).type != "cpu":
+        return recipe
+    _say_threads()
+    return cpu_precision(preset, recipe, machine.native_bf16())
+
+
+def _say_threads() -> None:
+    note = machine.busy_note()
+    if note:
+        print(note, file=sys.stderr)
+
+
 def make_runtime(recipe: Recipe, device: str = "auto", compile: bool = False, deterministic: bool = False) -> Runtime:
+    """The device, the resolved precision (auto: bf16 on CUDA, else float32; a CPU run
+    in bf16 was planned so by :func:`plan_run`); on a busy CPU, a line on its threads."""
     dev = torch.device(_pick_device() if device == "auto" else device)
     precision = recipe.precision
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
+    if dev.type == "cpu":
+        _say_threads()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         tf32 = tf32_switches(precision)
