@@ -25,10 +25,12 @@ from .config import (
     Recipe,
     check_model,
     check_schedule,
+    cpu_precision,
     group_label,
     parse_seeds,
     study_student_model,
 )
+from .config import preset as preset_recipe
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 from .runs import Outcome, digest
 
@@ -106,8 +108,12 @@ class Plan:
 
     @property
     def own_recipe(self) -> bool:
-        """Whether the study runs its preset's own recipe, unchanged."""
-        return self.label == self.preset
+        """Whether the study runs its preset's own recipe, unchanged but for the precision
+        this CPU gives it (a CPU preset's auto is bf16 where the CPU has it natively)."""
+        from .machine import native_bf16  # torch: not at import
+
+        at_this_cpu = cpu_precision(self.preset, preset_recipe(self.preset), native_bf16())
+        return self.label in {self.preset, group_label(self.preset, at_this_cpu, "student")}
 
     @property
     def n_steps(self) -> int:
