@@ -169,3 +169,16 @@ def test_kd_mlflow_sets_a_passive_wait_policy_before_torch_loads():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_a_study_of_a_cpu_preset_at_this_cpus_precision_runs_its_own_recipe(native):
+    """The champion alias follows the preset's own recipe as this CPU trains it; a
+    precision chosen against the CPU (bf16 typed where it is not native) is not it."""
+    from kd_mlflow.study import Plan
+
+    planned = plan_run(config.PRESETS["cpu-converge"], "cpu-converge", "cpu")
+    assert Plan("cpu-converge", planned, {}, [0, 1]).own_recipe
+    typed = config.PRESETS["cpu-converge"].replace(precision="bf16")
+    assert Plan("cpu-converge", typed, {"precision": "bf16"}, [0, 1]).own_recipe is native
+    other = config.PRESETS["cpu-converge"].replace(epochs=3)
+    assert not Plan("cpu-converge", other, {"epochs": 3}, [0, 1]).own_recipe
