@@ -142,10 +142,10 @@ def _backfill_run(session, rec: RunRecord) -> list[str]:
     if not rec.has_predictions:
         try:
             steps.check_loadable(session, rec, "run")
-        except ConfigError as e:  # no weights to compute them from: nothing to add, said once per backfill
+            _backfill_predictions(session, rec)
+        except ConfigError as e:  # no weights, or not its data: nothing to add, said once per backfill
             print(f"note: run {rec.run_id} cannot have predictions: {e.reason}", file=sys.stderr)
             return added
-        _backfill_predictions(session, rec)
         rec = dataclasses.replace(rec, has_predictions=True)
         added.append("predictions")
     if not rec.has_calibration:
