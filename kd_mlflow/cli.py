@@ -472,7 +472,9 @@ def train(
     if pack and seeds is None:
         raise click.UsageError("--pack needs --seeds")
     wanted = config.parse_seeds(seeds) if seeds is not None else None
-    from . import steps, train
+    from . import steps, tracking, train
+
+    tracking.check_write_access(experiment)  # refused here: before any data or training
 
     recipe = train.plan_run(recipe, preset, device)
     ex = _execution(device, compile_, deterministic, force, cache_dir)
@@ -529,8 +531,9 @@ def distill(
     overrides = _overrides(kw)
     config.resolve(preset or "seed-report", **overrides)  # each value checked before any import
     _check_run_id("teacher", teacher)
-    from . import steps
+    from . import steps, tracking
 
+    tracking.check_write_access(experiment)  # refused here: before any data or training
     out = steps.distill(
         teacher,
         seed,
@@ -608,8 +611,9 @@ def ensemble(
     for rid in ids or ():
         _check_run_id("members", rid)
     wanted = config.parse_seeds(seeds) if seeds else None
-    from . import runs, steps
+    from . import runs, steps, tracking
 
+    tracking.check_write_access(experiment)  # refused here: before any data or training
     session = runs.connect(experiment)
     ids = ids or steps.members_for_seeds(wanted or [], preset, dataset, session=session)
     out = steps.ensemble(
@@ -653,8 +657,9 @@ def joint(
     "training the average directly"); logs one run, prints its run id."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     wanted = config.parse_seeds(seeds)
-    from . import steps, train
+    from . import steps, tracking, train
 
+    tracking.check_write_access(experiment)  # refused here: before any data or training
     out = steps.joint(
         wanted,
         train.plan_run(recipe, preset, device),
@@ -702,6 +707,23 @@ def compare(experiment, fmt, output, preset, dataset, group, intervals):
             raise OSError(e.errno, e.strerror, output) from None
     else:
         click.echo(text)
+
+
+@main.command()
+@_network
+@_experiment
+def backfill(experiment):
+    """Log on the experiment's runs what compare finds missing: predictions (computed
+    from a run's logged weights) and calibration metrics, once; prints what it added,
+    one line per run. Needs write access to the runs (compare never writes)."""
+    from . import report, tracking
+
+    tracking.check_write_access(experiment)
+    added = report.backfill(experiment)
+    for line in added:
+        click.echo(line)
+    if not added:
+        click.echo("nothing added: every run that can have them has its predictions and calibration metrics", err=True)
 
 
 def _check_writable(option: str, path: Path) -> None:
@@ -817,7 +839,9 @@ def reproduce(
     recipe = config.resolve(preset, **overrides)
     kd_seed = config.study_kd_seed(preset) if kd_seed is None else kd_seed
     grid = _sweep_kd_grid(sweep_kd)  # refused here, before imports
-    from . import study, train
+    from . import study, tracking, train
+
+    tracking.check_write_access(experiment)  # refused here: before any data or training
 
     plan = study.Plan(
         preset,
@@ -984,6 +1008,9 @@ def sweep(
     _check_run_id("teacher", teacher)
     if optuna:
         sweep_mod.optuna_module()  # installed? (exit 1 if not, before any run exists)
+    from . import tracking
+
+    tracking.check_write_access(experiment)  # refused here: before any data or training
     plan = sweep_mod.SweepPlan(
         teacher,
         config.parse_seeds(seeds),

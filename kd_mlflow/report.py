@@ -1,9 +1,10 @@
-"""The read path: the report's tables from the finished runs (``compare``), and the
-predictions they need, computed once from a run's weights where a run made before
-predictions were logged has none. :mod:`kd_mlflow.steps` is the write path.
+"""The read path: the report's tables from the finished runs (``compare``), which
+never writes to a run; and ``backfill``, asked for by name, which computes what a run
+made before runs logged them lacks (predictions from its weights, calibration metrics)
+and logs it on the run. :mod:`kd_mlflow.steps` is the write path.
 
-torch is imported only where old runs' predictions must be computed, so that
-``compare`` starts without it.
+torch is imported only where old runs' predictions must be computed (backfill), so
+that ``compare`` starts without it.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def compare(
 
     session = runs.connect(experiment, create=False)
     built = tables.build_tables(runs.results_frame(session, preset), preset, dataset, group)
-    if intervals and built:
-        preds = predictions_for(session, tables.run_ids(built))
-        built = [tables.with_intervals(t, preds) for t in built]
+    if built:
+        recs = [runs.get(session, rid, "run") for rid in tables.run_ids(built)]
+        _note_lacking(session, recs)
+        if intervals:
+            preds = _logged_predictions(session, recs)
+            built = [tables.with_intervals(t, preds) for t in built]
     if not built:
         _nothing_matched(session, tables, preset=preset, dataset=dataset, group=group)
     text = tables.render(built, fmt)
@@ -84,26 +88,71 @@ def _nothing_matched(session, tables, *, preset, dataset, group) -> None:
 
 
 def predictions_for(session, run_ids) -> dict:
-    """run id -> its logged predictions. A run made before runs logged them gets them
-    from its logged weights, once, and they are logged on it then; a run without
-    weights gets none (its gains have no interval). Likewise a run made before runs
-    logged their calibration gets it from its predictions, logged on it once."""
-    out = {}
+    """run id -> its logged predictions, for the runs that have them. A pure read: a run
+    made before runs logged them has none here (its gains have no interval) until
+    ``kd-mlflow backfill`` adds them."""
+    return _logged_predictions(session, [runs.get(session, rid, "run") for rid in run_ids])
+
+
+def _logged_predictions(session, recs: list[RunRecord]) -> dict:
+    return {r.run_id: runs.predictions_of(session, r) for r in recs if r.has_predictions}
+
+
+def _note_lacking(session, recs: list[RunRecord]) -> None:
+    """One note, however many runs: which lack predictions or calibration metrics, and
+    the command that adds them (compare itself never writes to a run)."""
+    parts = []
+    for what, ids in (
+        ("predictions (their gains have no interval)", [r.run_id for r in recs if not r.has_predictions]),
+        ("calibration metrics", [r.run_id for r in recs if not r.has_calibration]),
+    ):
+        if ids:
+            shown = ", ".join(i[:8] for i in ids[:6]) + (", ..." if len(ids) > 6 else "")
+            parts.append(f"{len(ids)} run(s) lack {what}: {shown}")
+    if parts:
+        name = runs.experiment_name(session)
+        print(
+            f"note: {'; '.join(parts)}; `kd-mlflow backfill --experiment {name}` adds them (needs write access)",
+            file=sys.stderr,
+        )
+
+
+def backfill(experiment: str | None) -> list[str]:
+    """What compare's runs lack, computed and logged on each run once: predictions from
+    its logged weights, calibration metrics from its predictions. One line per run that
+    got something; none when every run has both (a second backfill adds nothing)."""
+    from . import compare as tables
+
+    session = runs.connect(experiment, create=False)
+    return backfill_runs(session, tables.run_ids(tables.build_tables(runs.results_frame(session))))
+
+
+def backfill_runs(session, run_ids) -> list[str]:
+    lines = []
     for rid in run_ids:
         rec = runs.get(session, rid, "run")
-        if not rec.has_predictions:
-            try:
-                steps.check_loadable(session, rec, "run")
-                _backfill_predictions(session, rec)
-            except ConfigError as e:
-                print(f"note: no predictions for run {rid}: {e.reason}", file=sys.stderr)
-                continue
-            rec = dataclasses.replace(rec, has_predictions=True)
-        out[rid] = runs.predictions_of(session, rec)
-        if not rec.has_calibration and out[rid] is not None:
-            p = out[rid]
-            runs.add_calibration(session, rec, measure(p.probs(), p.labels(), p.top1()).as_metrics())
-    return out
+        added = _backfill_run(session, rec)
+        if added:
+            lines.append(f"run {rid} ({rec.name}): added {' and '.join(added)}")
+    return lines
+
+
+def _backfill_run(session, rec: RunRecord) -> list[str]:
+    added: list[str] = []
+    if not rec.has_predictions:
+        try:
+            steps.check_loadable(session, rec, "run")
+            _backfill_predictions(session, rec)
+        except ConfigError as e:  # no weights, or not its data: nothing to add, said once per backfill
+            print(f"note: run {rec.run_id} cannot have predictions: {e.reason}", file=sys.stderr)
+            return added
+        rec = dataclasses.replace(rec, has_predictions=True)
+        added.append("predictions")
+    if not rec.has_calibration:
+        p = runs.predictions_of(session, rec)
+        runs.add_calibration(session, rec, measure(p.probs(), p.labels(), p.top1()).as_metrics())
+        added.append("calibration metrics")
+    return added
 
 
 def _backfill_predictions(session, rec: RunRecord) -> None:

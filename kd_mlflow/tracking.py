@@ -335,6 +335,7 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
     create a missing one (``compare`` must not)."""
     _client_defaults()
     uri = tracking_uri()
+    _warn_plain_credentials(uri)
     try:
         client = cast(MlflowClient, _Watched(MlflowClient()))  # the client's methods, each watched
     except MlflowException:  # a scheme MLflow has no store for
@@ -354,6 +355,91 @@ def connect(experiment: str | None = None, create: bool = True) -> Session:
         return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
     exp_id = _resolve_experiment(client, experiment, create)
     return Session(client, exp_id, run_id, exp_id == DEFAULT_EXPERIMENT_ID)
+
+
+_WARNED_PLAIN: set[str] = set()
+
+
+def _warn_plain_credentials(uri: str) -> None:
+    """One line, once per process and server, when a password is about to travel in
+    clear: basic auth over http:// to a host that is not loopback (every request
+    carries it; a TLS proxy in front of the server keeps it private, docker/README.md)."""
+    import ipaddress
+    import sys
+    from urllib.parse import urlsplit
+
+    host = urlsplit(uri).hostname or ""
+    if not uri.startswith("http://") or not os.environ.get("MLFLOW_TRACKING_PASSWORD") or uri in _WARNED_PLAIN:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: loopback only if it resolves there
+        try:
+            loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            loopback = False
+    if not loopback:
+        _WARNED_PLAIN.add(uri)
+        print(
+            f"warning: MLFLOW_TRACKING_PASSWORD is sent in clear to {uri} (plain http): "
+            "use https:// (a TLS proxy in front of the server)",
+            file=sys.stderr,
+        )
+
+
+# Permissions of MLflow's basic-auth that let a user write runs into an experiment.
+_WRITERS = ("EDIT", "MANAGE")
+
+
+def check_write_access(experiment: str | None) -> None:
+    """Refuse, before any work, a user whom the tracking server will not let write runs
+    into the experiment: one line naming the user, the experiment and the permission
+    needed (TrackingRefused, exit 1). The server is asked for the user's effective
+    permission, as its own check would resolve it (basic-auth's
+    ``/api/3.0/mlflow/users/permissions/get``, which any user may ask about themself).
+    Not checked: a local store, a run ``mlflow run`` made (already written to), a
+    request without credentials (the first call says 401), an experiment not there yet
+    (the command creates it and so manages it), a server without auth (404)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = tracking_uri()
+    if not _remote(uri) or os.environ.get("MLFLOW_RUN_ID"):
+        return
+    _client_defaults()
+    creds = get_default_host_creds(uri)
+    if not creds.username:
+        return
+
+    def ask(path: str, **params):
+        r = watched("check permissions", lambda: http_request(creds, path, "GET", params=params))
+        return r.status_code, (r.json() if r.status_code == 200 else None)
+
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or (None if env_id else DEFAULT_EXPERIMENT)
+    status, body = (
+        ask("/api/2.0/mlflow/experiments/get-by-name", experiment_name=name)
+        if name
+        else ask("/api/2.0/mlflow/experiments/get", experiment_id=env_id)
+    )
+    what = f"experiment {name or env_id!r} on {uri}"
+    todo = "ask its owner or an admin to grant it"
+    if status == 403:
+        raise TrackingRefused(f"user {creds.username!r} has no permission on {what}: writing runs needs EDIT; {todo}")
+    if status != 200:
+        return
+    exp_id = body["experiment"]["experiment_id"]
+    status, body = ask(
+        "/api/3.0/mlflow/users/permissions/get",
+        username=creds.username,
+        resource_type="experiment",
+        resource_id=exp_id,
+    )
+    held = (body or {}).get("permission")
+    if status == 200 and held not in _WRITERS:
+        raise TrackingRefused(
+            f"user {creds.username!r} holds {held} on {what}: writing runs needs EDIT (or MANAGE); {todo}"
+        )
 
 
 def _resolve_experiment(client, name, create) -> str:
@@ -384,7 +470,7 @@ def _resolve_experiment(client, name, create) -> str:
                 raise
     if exp.lifecycle_stage != "active":
         raise ConfigError("experiment", name, "experiment is deleted")
-    if EXPERIMENT_KIND_TAG not in exp.tags:
+    if create and EXPERIMENT_KIND_TAG not in exp.tags:  # a read (compare) never writes, not even this tag
         try:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except MlflowException:

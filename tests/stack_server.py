@@ -13,8 +13,12 @@ import configparser
 import json
 import os
 import re
+import select
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -142,3 +146,69 @@ class StackServer(MlflowServer):
             return status, json.loads(raw)
         except ValueError:
             return status, raw.decode(errors="replace")
+
+
+class TlsProxy:
+    """A TLS-terminating proxy on a free loopback port in front of a plain-http server
+    on ``backend_port``: what the compose stack's proxy does, as bytes piped both ways
+    (the server still sees the client's Host header, 127.0.0.1:PORT, which it admits)."""
+
+    def __init__(self, backend_port: int, cert: Path, key: Path):
+        self.backend_port = backend_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+
+    def __enter__(self) -> TlsProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed: the proxy is done
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust the certificate
+            conn.close()
+            return
+        with tls, socket.create_connection(("127.0.0.1", self.backend_port)) as up:
+            try:
+                self._pipe(tls, up)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _pipe(tls: ssl.SSLSocket, up: socket.socket) -> None:
+        """One thread per connection: an SSL socket must not be read and written from two."""
+        while True:
+            # Bytes already decrypted inside the SSL socket do not wake select.
+            ready = [tls] if tls.pending() else select.select([tls, up], [], [], 120)[0]
+            if not ready:
+                return
+            for src in ready:
+                data = src.recv(65536)
+                if not data:
+                    return
+                (up if src is tls else tls).sendall(data)
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made with openssl as docker/README.md says."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    req = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    subprocess.run(
+        [*req, "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -335,8 +335,15 @@ def test_the_joint_column_reads_a_joint_run(smoke_study, tracked, tmp_path):
     assert row["ece"] == pytest.approx(_torchmetrics_ece(stored, labels_test), abs=1e-6)
     assert [r["run_id"] for r in doc["joint"]] == [rid]
 
-    # Runs logged without calibration (these copies, the joint run) get it from their
-    # artifacts the first time compare reads them, logged on the run.
+    # Runs logged without calibration (these copies, the joint run): compare only reads
+    # them; backfill computes it from their artifacts and logs it on the run, once.
+    for run_id in (rid, *trains):
+        assert "test_nll" not in client.get_run(run_id).data.metrics
+    res = invoke("backfill", "--experiment", tracked.experiment)
+    assert res.exit_code == 0, res.output
+    assert sorted(res.stdout.splitlines()) == sorted(
+        f"run {run_id} ({client.get_run(run_id).info.run_name}): added calibration metrics" for run_id in (rid, *trains)
+    )
     for run_id, p in ((rid, None), *zip(trains, members, strict=True)):
         logged = client.get_run(run_id).data.metrics
         probs, labels = (stored, labels_test) if p is None else (p.probs(), p.labels())

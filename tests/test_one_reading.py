@@ -148,13 +148,17 @@ def planted(lab):
     """The tables with intervals, after a float16 tie is planted in the KD student's
     predictions, the SD student 10's are replaced by a file without classes, and train
     seed 1 looks like a run made before runs logged predictions (computed from its
-    weights when compare needs them)."""
+    weights by backfill)."""
     session, r = lab["session"], lab["study"].runs
     kd = runs.get(session, r["kd-seed-100"], "run")
     tie = _plant_tie(session, kd)
     _log_file_without_classes(session, runs.get(session, r["sd-t0-s10"], "run"))
     session.client.delete_tag(r["train-seed-1"], schema.PREDICTIONS)
     tables = compare.build_tables(runs.results_frame(session))
+    before = report.predictions_for(session, compare.run_ids(tables))
+    assert r["train-seed-1"] not in before  # a read computes nothing
+    added = report.backfill_runs(session, compare.run_ids(tables))
+    assert f"run {r['train-seed-1']} (train-seed-1): added predictions" in added
     preds = report.predictions_for(session, compare.run_ids(tables))
     return {"kd": kd, "tie": tie, "tables": [compare.with_intervals(t, preds) for t in tables]}
 
@@ -255,7 +259,7 @@ def test_a_file_without_classes_whose_accuracy_is_not_the_logged_one_is_left_out
 
 def test_predictions_computed_after_the_fact_hold_the_classes_of_the_logged_accuracy(lab, planted):
     rec = runs.get(lab["session"], lab["study"].runs["train-seed-1"], "run")
-    assert rec.has_predictions  # logged on the run by compare, once
+    assert rec.has_predictions  # logged on the run by backfill, once
     p = runs.predictions_of(lab["session"], rec)
     assert p.has_classes and 100 * p.correct("test").mean() == pytest.approx(rec.final_test_acc, abs=1e-9)
 

@@ -22,7 +22,17 @@ from types import SimpleNamespace
 import pytest
 import stack_postgres
 import yaml
-from stack_server import COMPOSE, DOCKER, StackServer, compose, env_example, interpolate, referenced_vars
+from stack_server import (
+    COMPOSE,
+    DOCKER,
+    StackServer,
+    TlsProxy,
+    compose,
+    env_example,
+    interpolate,
+    referenced_vars,
+    self_signed_certificate,
+)
 
 REPO = DOCKER.parent
 IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2-full"
@@ -34,7 +44,9 @@ SECRETS = {
 ADMIN = ("admin", SECRETS["MLFLOW_ADMIN_PASSWORD"])
 ALICE = ("alice", "alice-test-password-1")
 BOB = ("bob", "bob-test-password-1")
+CAROL = ("carol", "carol-test-password-1")  # denied alice's experiment
 EXPERIMENT = "stack-smoke"
+OLD = "stack-old"  # runs as logged before runs logged predictions and calibration
 
 
 def _args(service: dict) -> list[str]:
@@ -181,7 +193,7 @@ def stack(tmp_path_factory):
         # Two workers, not the compose file's four: enough to exercise several workers
         # against one auth store on a small test machine.
         with StackServer(root / "server", pg, SECRETS, workers=2) as server:
-            for user, password in (ALICE, BOB):
+            for user, password in (ALICE, BOB, CAROL):
                 status, body = server.request(
                     "POST", "/api/2.0/mlflow/users/create", {"username": user, "password": password}, auth=ADMIN
                 )
@@ -191,14 +203,19 @@ def stack(tmp_path_factory):
                 "POST", "/api/2.0/mlflow/experiments/create", {"name": EXPERIMENT}, auth=ALICE
             )
             assert status == 200, body
+            grant = {"username": CAROL[0], "resource_type": "experiment", "permission": "DENY"}
+            grant["resource_id"] = body["experiment_id"]
+            status, body = server.request("POST", "/api/3.0/mlflow/users/permissions/grant", grant, auth=ALICE)
+            assert status == 200, body
             yield SimpleNamespace(server=server, pg=pg, root=root)
 
 
-def _cli(stack, *args, user=None, experiment=EXPERIMENT) -> subprocess.Popen:
+def _cli(stack, *args, user=None, experiment=EXPERIMENT, uri=None, **more) -> subprocess.Popen:
     """Start the CLI as a user would: only the MLFLOW_* variables given here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
-        MLFLOW_TRACKING_URI=stack.server.uri,
+        more,
+        MLFLOW_TRACKING_URI=uri or stack.server.uri,
         MLFLOW_EXPERIMENT_NAME=experiment,
         KD_MLFLOW_CACHE=str(stack.root / "cache"),
         PYTHONUNBUFFERED="1",
@@ -219,12 +236,19 @@ def _finish(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-# case: (user, experiment)
+TRAIN = ("train", "--seed", "3", "--preset", "smoke")
+# case: (user, experiment, command)
 REFUSED = {
-    "no-credentials": (None, "refused-anonymous"),
-    "wrong-password": ((ALICE[0], "not-alices-password"), "refused-wrong-password"),
-    "other-users-experiment": (BOB, EXPERIMENT),
+    "no-credentials": (None, "refused-anonymous", TRAIN),
+    "wrong-password": ((ALICE[0], "not-alices-password"), "refused-wrong-password", TRAIN),
+    "other-users-experiment": (BOB, EXPERIMENT, TRAIN),
+    "read-only-reproduce": (BOB, EXPERIMENT, ("reproduce", "--preset", "smoke", "--seeds", "0,1")),
+    "denied-train": (CAROL, EXPERIMENT, TRAIN),
 }
+# What each refusal that reaches alice's experiment says: the user, the experiment and
+# the permission needed, before any data or training.
+READ_ONLY = rf"user 'bob' holds READ on experiment '{EXPERIMENT}' on http\S+: writing runs needs EDIT"
+NOT_ALLOWED = rf"user 'carol' has no permission on experiment '{EXPERIMENT}' on http\S+: writing runs needs EDIT"
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +256,8 @@ def refusals(stack):
     """`kd-mlflow train` runs the server must refuse. Started together, before the
     study, which they overlap: each only imports, loads the data and is refused."""
     procs = {
-        case: _cli(stack, "train", "--seed", "3", "--preset", "smoke", user=user, experiment=experiment)
-        for case, (user, experiment) in REFUSED.items()
+        case: _cli(stack, *command, user=user, experiment=experiment)
+        for case, (user, experiment, command) in REFUSED.items()
     }
     yield procs
     for p in procs.values():
@@ -321,8 +345,16 @@ def test_train_without_valid_credentials_fails_in_one_line(stack, refusals, case
     assert status == 404
 
 
-def test_train_into_another_users_experiment_fails_in_one_line(stack, study, refusals, as_user):
-    _refused_in_one_line(_finish(refusals["other-users-experiment"], timeout=120), r"403|permission denied")
+@pytest.mark.parametrize(
+    "case, pattern",
+    [("other-users-experiment", READ_ONLY), ("read-only-reproduce", READ_ONLY), ("denied-train", NOT_ALLOWED)],
+)
+def test_writing_without_permission_is_refused_before_training_in_one_line(
+    stack, study, refusals, as_user, case, pattern
+):
+    done = _finish(refusals[case], timeout=120)
+    _refused_in_one_line(done, pattern)
+    assert done.returncode == 1  # the environment refused
     from mlflow.entities import ViewType
 
     admin = as_user(ADMIN)
@@ -368,3 +400,149 @@ def test_foreign_host_header_is_refused(stack):
 def test_health_needs_no_credentials_but_the_api_does(stack):
     assert stack.server.request("GET", "/health")[0] == 200  # what the compose health check asks
     assert stack.server.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1")[0] == 401
+
+
+# --- compare is a read; backfill is the write it used to do ------------------------
+
+
+def _logged_before_predictions(client, run, experiment_id: str, tmp: str) -> str:
+    """``run`` logged again as a run made before runs logged their predictions and
+    calibration: its params, kd tags, final metrics and weights, nothing more."""
+    from kd_mlflow import schema
+
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith("kd.") and k != schema.PREDICTIONS}
+    new = client.create_run(experiment_id, run_name=run.info.run_name, tags=tags).info.run_id
+    for k, v in run.data.params.items():
+        client.log_param(new, k, v)
+    for k, v in run.data.metrics.items():
+        if k not in schema.CALIBRATION_METRICS:
+            client.log_metric(new, k, v)
+    client.log_artifacts(new, client.download_artifacts(run.info.run_id, "weights", tmp), "weights")
+    client.set_terminated(new, "FINISHED")
+    return new
+
+
+def _snapshot(client, experiment: str) -> dict:
+    """Every run's metrics (each one's full history) and tags."""
+    exp = client.get_experiment_by_name(experiment)
+    out = {}
+    for r in client.search_runs([exp.experiment_id]):
+        history = {k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)] for k in r.data.metrics}
+        out[r.info.run_id] = (history, dict(r.data.tags))
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_runs(stack, study, tmp_path_factory):
+    """Alice's experiment OLD: the study's two train runs as runs made before runs
+    logged predictions and calibration metrics."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update(MLFLOW_TRACKING_USERNAME=ALICE[0], MLFLOW_TRACKING_PASSWORD=ALICE[1])
+    try:
+        client = MlflowClient(tracking_uri=stack.server.uri)
+        exp = client.create_experiment(OLD)
+        tmp = str(tmp_path_factory.mktemp("weights"))
+        return [
+            _logged_before_predictions(client, client.get_run(study.run_ids[k]), exp, tmp)
+            for k in ("train 0", "train 1")
+        ]
+    finally:
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(k)
+
+
+@pytest.fixture(scope="module")
+def read_only_compares(stack, study, old_runs):
+    """Bob's compare of both experiments in every format, with what the runs held before
+    and after (the admin's view)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN[0], MLFLOW_TRACKING_PASSWORD=ADMIN[1])
+    try:
+        admin = MlflowClient(tracking_uri=stack.server.uri)
+        before = {e: _snapshot(admin, e) for e in (EXPERIMENT, OLD)}
+        done = {
+            (e, fmt): _finish(_cli(stack, "compare", "--format", fmt, user=BOB, experiment=e))
+            for e in (EXPERIMENT, OLD)
+            for fmt in ("markdown", "csv", "json")
+        }
+        after = {e: _snapshot(admin, e) for e in (EXPERIMENT, OLD)}
+    finally:
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(k)
+    return SimpleNamespace(done=done, before=before, after=after)
+
+
+def test_read_only_compare_returns_the_tables_and_writes_nothing(study, old_runs, read_only_compares):
+    for (experiment, fmt), done in read_only_compares.done.items():
+        assert done.returncode == 0, (experiment, fmt, done.stderr)
+        ids = old_runs if experiment == OLD else [study.run_ids["train 0"], study.run_ids["train 1"]]
+        assert all(i in done.stdout for i in ids) if fmt != "markdown" else "| seed |" in done.stdout, (experiment, fmt)
+        assert "warning" not in done.stderr  # a loopback server: no password leaves the machine
+    assert json.loads(read_only_compares.done[(EXPERIMENT, "json")].stdout) == study.tables
+    assert read_only_compares.after == read_only_compares.before  # every metric and tag as it was
+    # The runs that lack something are named once, with the command that adds it.
+    for fmt in ("markdown", "csv", "json"):
+        notes = [line for line in read_only_compares.done[(OLD, fmt)].stderr.splitlines() if "backfill" in line]
+        assert len(notes) == 1, read_only_compares.done[(OLD, fmt)].stderr
+        assert "2 run(s) lack predictions" in notes[0] and "2 run(s) lack calibration metrics" in notes[0]
+        assert all(i[:8] in notes[0] for i in old_runs)
+        assert f"`kd-mlflow backfill --experiment {OLD}`" in notes[0]
+    assert "backfill" not in read_only_compares.done[(EXPERIMENT, "json")].stderr
+
+
+def test_backfill_needs_write_access_adds_once_and_then_nothing(stack, old_runs, read_only_compares, as_user):
+    from kd_mlflow import schema
+
+    _refused_in_one_line(
+        _finish(_cli(stack, "backfill", user=BOB, experiment=OLD)), f"user 'bob' holds READ on experiment '{OLD}'"
+    )
+    first = _finish(_cli(stack, "backfill", user=ALICE, experiment=OLD))
+    assert first.returncode == 0, first.stderr
+    assert sorted(first.stdout.splitlines()) == sorted(
+        f"run {rid} ({name}): added predictions and calibration metrics"
+        for rid, name in zip(old_runs, ("train-seed-0", "train-seed-1"), strict=True)
+    )
+    alice = as_user(ALICE)
+    for rid in old_runs:
+        run = alice.get_run(rid)
+        assert run.data.tags[schema.PREDICTIONS] and set(schema.CALIBRATION_METRICS) <= set(run.data.metrics)
+    second = _finish(_cli(stack, "backfill", user=ALICE, experiment=OLD))
+    assert second.returncode == 0 and second.stdout == "", second.stdout
+    assert "nothing added" in second.stderr
+    # And compare now has nothing to say about them.
+    again = _finish(_cli(stack, "compare", user=BOB, experiment=OLD))
+    assert again.returncode == 0 and "backfill" not in again.stderr, again.stderr
+
+
+# --- TLS in front of the server -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(stack, tmp_path_factory):
+    """The server behind a TLS-terminating proxy with a self-signed certificate."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is missing: no certificate to make")
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    with TlsProxy(stack.server.port, cert, key) as proxy:
+        yield SimpleNamespace(uri=f"https://127.0.0.1:{proxy.port}", cert=cert)
+
+
+def test_train_and_compare_through_https_with_the_certificate_given(stack, tls):
+    trusted = {"uri": tls.uri, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(tls.cert), "user": ALICE}
+    train = _finish(_cli(stack, "train", "--seed", "0", "--preset", "smoke", experiment="stack-tls", **trusted))
+    assert train.returncode == 0, train.stderr
+    run_id = train.stdout.strip().splitlines()[-1]
+    compare = _finish(_cli(stack, "compare", "--format", "json", experiment="stack-tls", **trusted))
+    assert compare.returncode == 0, compare.stderr
+    assert run_id in compare.stdout
+
+
+@pytest.mark.parametrize("command", [("compare",), TRAIN])
+def test_an_untrusted_certificate_is_one_line_naming_it(stack, tls, command):
+    done = _finish(_cli(stack, *command, uri=tls.uri, user=ALICE, experiment="stack-tls-untrusted"))
+    _refused_in_one_line(done, r"TLS handshake.*certificate.*MLFLOW_TRACKING_SERVER_CERT_PATH")
+    assert done.returncode == 1
