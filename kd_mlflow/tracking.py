@@ -641,6 +641,22 @@ class RunWriter:
         self.session.client.set_terminated(self.run_id, status)
 
 
+def logged_model_of(session: Session, run_id: str) -> str | None:
+    """The id of the LoggedModel a run selected (RunWriter.log_model's, named "model"),
+    or None for a run logged before models were (the registry's source for a version:
+    ``models:/<id>``)."""
+    found = watched(
+        "search logged models",
+        lambda: mlflow.search_logged_models(
+            experiment_ids=[session.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            output_format="list",
+        ),
+    )
+    return found[0].model_id if found else None
+
+
 @functools.cache
 def model_requirements() -> list[str]:
     """What a logged model needs to load, pinned to the installed versions that made it

@@ -60,6 +60,8 @@ def test_the_runs_model_is_a_logged_model_with_its_result_metrics(trained):
         output_format="list",
     )
     assert len(found) == 1, found
+    session = tracking.connect("native-train", create=False)
+    assert tracking.logged_model_of(session, run.info.run_id) == found[0].model_id  # what the registry registers
     by_key = {m.key: m for m in found[0].metrics}
     digest = run.data.tags[schema.SPLIT_DIGEST]
     for key, part in ((schema.FINAL_TEST_ACC, "test"), (schema.FINAL_VAL_ACC, "validation"), ("test_nll", "test")):
