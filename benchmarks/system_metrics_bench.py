@@ -49,12 +49,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train", type=int, default=2048, help="training images per epoch")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default="smoke", help="the recipe (network, batch size) trained")
     args = ap.parse_args(argv)
     from tests.mlflow_server import MlflowServer
 
     tracking.SYSTEM_METRICS_INTERVAL = args.interval
     plan = bench_run.make_plan(True, args.device)
-    plan = dataclasses.replace(plan, n_train=args.train)
+    plan = dataclasses.replace(plan, n_train=args.train, preset=args.preset)
     b = bench_run.make_bench(plan, args.device, args.epochs)
     with tempfile.TemporaryDirectory(prefix="kd-bench-sysm-") as tmp, MlflowServer(Path(tmp) / "store") as server:
         os.environ["MLFLOW_TRACKING_URI"] = server.uri
@@ -63,7 +64,13 @@ def main(argv=None) -> int:
         s = harness.interleave(arms, args.reps)
     entry = harness.ratio_entry(s, "on", "off", b.images)
     per_epoch = {arm: seconds / args.epochs for arm, seconds in entry["median_seconds"].items()}
-    out = {"interval_s": args.interval, "epochs": args.epochs, "epoch_seconds": per_epoch, **entry}
+    out = {
+        "preset": args.preset,
+        "interval_s": args.interval,
+        "epochs": args.epochs,
+        "epoch_seconds": per_epoch,
+        **entry,
+    }
     print(json.dumps(out, indent=1))
     return 0
 

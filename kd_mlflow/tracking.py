@@ -569,7 +569,8 @@ class RunWriter:
         for key, value in metrics.items():
             name, digest = self._datasets.get(measured_on(key) or "", (None, None))
             batch.append(Metric(key, float(value), ts, 0, model_id=model_id, dataset_name=name, dataset_digest=digest))
-        self.session.client.log_batch(self.run_id, metrics=batch)
+        if batch:  # a model logged without results (a test's, a benchmark's)
+            self.session.client.log_batch(self.run_id, metrics=batch)
 
     def log_model(self, model, example) -> None:
         """The model as an MLflow model (pt2: torch.export, loads without pickle) with a
