@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import executors, schema, steps, tracking
+from . import executors, schema, steps, tracking, view
 from .config import (
     PUBLISHED_WIDTH,
     STUDY_SEEDS,
@@ -408,7 +408,8 @@ def reproduce(
     _, start_ui = tracking.ui_base()
     print(
         f"study {tracking.run_link(session, parent)}\n"
-        f"its runs side by side: {tracking.compare_link(session, result.runs.values())}"
+        f"its runs side by side: {tracking.compare_link(session, result.runs.values())}\n"
+        f"its runs by recipe and role, seeds aggregated: {view.link(session)}"
         + (f"\n(start the UI first: {start_ui})" if start_ui else ""),
         file=sys.stderr,
     )

@@ -501,6 +501,76 @@ def _same_value(a: str, b: str) -> bool:
         return False
 
 
+# --- what a run measures besides its epochs ----------------------------------------
+
+# The split's parts as a run's inputs: part -> MLflow's input context.
+DATASET_PARTS = {"train": "training", "validation": "validation", "test": "testing"}
+
+
+def measured_on(metric: str) -> str | None:
+    """The part of the split a result metric was measured on (final_val_acc: validation;
+    final_test_acc, test_nll, member_0_test_acc: test), or None (best_epoch)."""
+    words = metric.split("_")
+    return "validation" if "val" in words else "test" if "test" in words else None
+
+
+# Seconds between two samples of the machine (MLflow's own default; its
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it). Each sample costs the run one
+# status request and one batch of metrics: benchmarks/system_metrics_bench.py measures
+# the epoch time with and without.
+SYSTEM_METRICS_INTERVAL = 10.0
+_SAID: set[str] = set()  # notes said once per process
+
+
+def system_metrics_on() -> bool:
+    """On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set false (MLflow's own switch,
+    which kd-mlflow reads as on when unset: its runs are trainings)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as switch
+
+    return not switch.is_set() or bool(switch.get())
+
+
+def start_system_metrics(run_id: str, resume: bool):
+    """MLflow's own monitor of the machine (CPU, memory, disk, network; NVIDIA GPUs where
+    nvidia-ml-py is installed), attached to the run by its id: the run's "System
+    metrics" tab. ``resume``: its steps continue after the run's last. None when off,
+    or where psutil is missing (said once: training goes on without)."""
+    if not system_metrics_on():
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as e:  # psutil, imported by MLflow's CPU monitor
+        if "psutil" not in _SAID:
+            _SAID.add("psutil")
+            print(f"note: no system metrics ({e}): pip install psutil", file=sys.stderr)
+        return None
+    import logging
+
+    # Its start, stop and "no GPU" notes are INFO lines on every run, and its warnings
+    # repeat what the run's own calls say in one line (a server away): kept for DEBUG.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=resume, tracking_uri=tracking_uri()
+    )
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor, and log the samples of the interval it was in: a run shorter
+    than one interval still has its point (psutil's CPU share since the last sample)."""
+    if monitor is None:
+        return
+    monitor.finish()
+    monitor.collect_metrics()
+    try:
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except (MlflowException, OSError) as e:  # requests' errors are OSErrors
+        # The machine's last seconds are not worth a run: the run's own end says the rest.
+        print(f"warning: the last system metrics were not logged: {one_line(str(e), 200)}", file=sys.stderr)
+
+
 # --- a run being written ---------------------------------------------------
 
 
@@ -510,6 +580,7 @@ class RunWriter:
 
     def __init__(self, session: Session, run_id: str | None, name: str, parent_run_id=None):
         self.session = session
+        resumed = run_id is not None or session.adopted_run_id is not None
         if run_id is None and session.adopted_run_id:
             run_id = session.adopted_run_id
         if run_id is None:
@@ -518,6 +589,10 @@ class RunWriter:
         else:
             session.client.update_run(run_id, status="RUNNING", name=name)
         self.run_id = run_id
+        # A run continued (resumed, or the one `mlflow run` made) continues its curves.
+        self._system = start_system_metrics(run_id, resume=resumed)
+        self._datasets: dict[str, tuple[str, str]] = {}  # part -> (name, digest), see log_dataset
+        self._final: tuple[dict, int] = ({}, 0)  # the result metrics and their timestamp
 
     def log_header(self, params: dict, tags: dict) -> None:
         """Params are immutable in MLflow, and `mlflow run` has already logged the values
@@ -535,6 +610,9 @@ class RunWriter:
         self.set_tags({**tags, **_provenance()})
 
     def log_dataset(self, name: str, uri: str, digest: str) -> None:
+        """The split's three parts as the run's inputs, each under the split's digest
+        ("digits-train", "digits-validation", "digits-test"): the UI's dataset column
+        names them, and the result metrics are linked to the part they were measured on."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
@@ -543,10 +621,13 @@ class RunWriter:
             # A file URI matches two registered local sources that behave the same.
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(uri)
-        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()  # type: ignore[abstract]
-        self.session.client.log_inputs(
-            self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
-        )
+        base = name.removesuffix("-train")  # a run's spec names its training part
+        inputs = []
+        for part, context in DATASET_PARTS.items():
+            dataset = MetaDataset(source, name=f"{base}-{part}", digest=digest)._to_mlflow_entity()  # type: ignore[abstract]
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+            self._datasets[part] = (dataset.name, dataset.digest)
+        self.session.client.log_inputs(self.run_id, inputs)
 
     def logged_epochs(self) -> set[int]:
         return self.session.logged_epochs(self.run_id)
@@ -562,8 +643,21 @@ class RunWriter:
             self.session.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_final(self, metrics: dict) -> None:
-        ts = int(1000 * time.time())
-        self.session.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+        """The result metrics, kept until the model they describe is logged: MLflow's
+        ``log_model`` copies the run's step-0 metrics onto its LoggedModel, without their
+        dataset; logged after it, once, they are the run's and the model's, each linked
+        to the part of the split it was measured on (the Models tab ranks by them). A run
+        whose model fails to log ends FAILED without them."""
+        self._final = (dict(metrics), int(1000 * time.time()))
+
+    def _log_final_of(self, model_id: str | None) -> None:
+        metrics, ts = self._final
+        batch = []
+        for key, value in metrics.items():
+            name, digest = self._datasets.get(measured_on(key) or "", (None, None))
+            batch.append(Metric(key, float(value), ts, 0, model_id=model_id, dataset_name=name, dataset_digest=digest))
+        if batch:  # a model logged without results (a test's, a benchmark's)
+            self.session.client.log_batch(self.run_id, metrics=batch)
 
     def log_model(self, model, example) -> None:
         """The model as an MLflow model (pt2: torch.export, loads without pickle) with a
@@ -580,7 +674,7 @@ class RunWriter:
         previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
         try:
-            watched(
+            info = watched(
                 "log model",
                 lambda: mlflow.pytorch.log_model(
                     model,
@@ -601,6 +695,7 @@ class RunWriter:
                 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
             else:
                 os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+        self._log_final_of(info.model_id)
         self.log_weights(model.state_dict())
 
     def log_weights(self, state_dict: dict) -> None:
@@ -630,7 +725,24 @@ class RunWriter:
         )
 
     def end(self, status: str = "FINISHED") -> None:
+        stop_system_metrics(self._system)
         self.session.client.set_terminated(self.run_id, status)
+
+
+def logged_model_of(session: Session, run_id: str) -> str | None:
+    """The id of the LoggedModel a run selected (RunWriter.log_model's, named "model"),
+    or None for a run logged before models were (the registry's source for a version:
+    ``models:/<id>``)."""
+    found = watched(
+        "search logged models",
+        lambda: mlflow.search_logged_models(
+            experiment_ids=[session.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            output_format="list",
+        ),
+    )
+    return found[0].model_id if found else None
 
 
 @functools.cache
@@ -892,6 +1004,22 @@ def json_list(values) -> str:
     import json
 
     return json.dumps([str(v) for v in values], separators=(",", ":"))
+
+
+# MLflow's UI (3.x) opens the experiment page in the view this tag holds (plus the key)
+# for a link with ?viewStateShareKey=KEY (kd_mlflow.view).
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+
+
+def share_view(session: Session, key: str, state: str) -> bool:
+    """Save a view of the experiment under ``key``; False (said in one line) where it
+    cannot be written: the user may only read, or the server is away."""
+    try:
+        session.client.set_experiment_tag(session.experiment_id, SHARED_VIEW_PREFIX + key, state)
+    except (TrackingRefused, TrackingUnavailable, MlflowException) as e:
+        print(f"note: the experiment's view was not saved ({one_line(str(e), 200)})", file=sys.stderr)
+        return False
+    return True
 
 
 # --- the model registry ---------------------------------------------------------

@@ -1,0 +1,185 @@
+"""MLflow's own features for training runs, on a real server: the machine's metrics on
+every run (System metrics tab), the selected model as a LoggedModel with its result
+metrics (Models tab), the split's parts as dataset inputs, and the shared view the
+printed link opens, read back as MLflow's UI reads it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import mlflow
+import pytest
+from conftest import invoke, run_cli
+
+from kd_mlflow import schema, tracking, view
+
+pytestmark = pytest.mark.e2e  # a real server
+
+CPU, MEMORY = "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"
+
+
+@pytest.fixture(scope="module")
+def trained(server, cache_dir):
+    """One smoke training run, through the CLI as a user runs it, in its own experiment."""
+    env = {
+        "MLFLOW_TRACKING_URI": server.uri,
+        "KD_MLFLOW_CACHE": str(cache_dir),
+        "MLFLOW_EXPERIMENT_NAME": "native-train",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"):
+            mp.delenv(key, raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mlflow.set_tracking_uri(server.uri)
+        res = invoke("train", "--seed", "0", "--preset", "smoke")
+        assert res.exit_code == 0, res.output[-3000:]
+        client = mlflow.MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("native-train")
+        (run,) = client.search_runs([exp.experiment_id])
+        yield run, client
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_training_run_has_the_machines_metrics(trained):
+    run, client = trained
+    for key in (CPU, MEMORY):
+        assert key in run.data.metrics, sorted(k for k in run.data.metrics if k.startswith("system/"))
+    memory = client.get_metric_history(run.info.run_id, MEMORY)
+    assert all(m.value > 0 for m in memory)
+
+
+def test_the_runs_model_is_a_logged_model_with_its_result_metrics(trained):
+    run, _ = trained
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id='{run.info.run_id}'",
+        output_format="list",
+    )
+    assert len(found) == 1, found
+    session = tracking.connect("native-train", create=False)
+    assert tracking.logged_model_of(session, run.info.run_id) == found[0].model_id  # what the registry registers
+    by_key = {m.key: m for m in found[0].metrics}
+    digest = run.data.tags[schema.SPLIT_DIGEST]
+    for key, part in ((schema.FINAL_TEST_ACC, "test"), (schema.FINAL_VAL_ACC, "validation"), ("test_nll", "test")):
+        assert by_key[key].value == run.data.metrics[key], key
+        assert (by_key[key].dataset_name, by_key[key].dataset_digest) == (f"digits-{part}", digest), key
+    # The run's own result is logged once, not once more for the model.
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, schema.FINAL_TEST_ACC)) == 1
+
+
+def test_the_splits_parts_are_the_runs_inputs(trained):
+    run, _ = trained
+    inputs = {
+        i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+        for i in run.inputs.dataset_inputs
+    }
+    digest = run.data.tags[schema.SPLIT_DIGEST]
+    assert inputs == {
+        "digits-train": (digest, "training"),
+        "digits-validation": (digest, "validation"),
+        "digits-test": (digest, "testing"),
+    }
+
+
+def _writer_life(session, run_id, status):
+    writer = tracking.RunWriter(session, run_id, "system-metrics")
+    writer.end(status)
+    return writer.run_id
+
+
+def test_a_resumed_run_continues_its_system_metrics(tracked):
+    session = tracking.connect()
+    run_id = _writer_life(session, None, "KILLED")  # a first life, cut short
+    _writer_life(session, run_id, "FINISHED")  # resumed: RunWriter given the run
+    steps = [m.step for m in tracked.client.get_metric_history(run_id, CPU)]
+    assert sorted(steps) == list(range(len(steps))) and len(steps) >= 2, steps
+
+
+def test_mlflows_switch_turns_them_off(tracked, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    run_id = _writer_life(tracking.connect(), None, "FINISHED")
+    assert not [k for k in tracked.client.get_run(run_id).data.metrics if k.startswith("system/")]
+
+
+def test_without_psutil_a_run_says_so_in_one_line_and_finishes(tracked, tmp_path):
+    shadow = tmp_path / "no-psutil"
+    shadow.mkdir()
+    (shadow / "psutil.py").write_text("raise ImportError(\"No module named 'psutil'\")\n")
+    proc = run_cli("train", "--seed", "1", "--preset", "smoke", env={**tracked.env, "PYTHONPATH": str(shadow)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("no system metrics") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (run,) = tracked.runs()
+    assert run.info.status == "FINISHED" and not [k for k in run.data.metrics if k.startswith("system/")]
+
+
+# --- the shared view, read as MLflow's UI reads it -----------------------------------
+
+
+def _ui_bundle() -> str:
+    """MLflow's UI code as installed (minified): the rules are read from it, so that a
+    change of MLflow's format fails here rather than in a user's browser."""
+    js = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    return "".join(p.read_text(errors="replace") for p in sorted(js.glob("*.js")))
+
+
+def _ui_list(bundle: str, first: str, second: str) -> list[str]:
+    """A string array literal of the bundle, found by its first two items."""
+    found = re.search(r'\["' + first + '","' + second + r'"(?:,"[A-Za-z]+")*\]', bundle)
+    assert found, f"MLflow's UI has no list starting {first}, {second}: its format changed"
+    return json.loads(found.group())
+
+
+def read_as_the_ui(tags: dict, key: str, bundle: str) -> tuple[dict, dict]:
+    """(search facets, UI state) as MLflow 3.17's useSharedViewState hook takes them: the
+    tag named by its prefix and the key, parsed as JSON, the facet keys and the UI-state
+    keys picked (less those never shared); anything else is dropped."""
+    prefix = re.search(r'"(mlflow\.sharedViewState\.)"', bundle).group(1)
+    value = json.loads(tags[prefix + key])
+    facets = _ui_list(bundle, "searchFilter", "orderByKey")
+    ui_keys = _ui_list(bundle, "selectedColumns", "columnOrder")
+    unshared = _ui_list(bundle, "runsExpanded", "runsPinned")
+    assert set(value) <= set(facets) | set(ui_keys), f"keys the UI drops: {set(value) - set(facets) - set(ui_keys)}"
+    return {k: value[k] for k in facets if k in value}, {
+        k: value[k] for k in ui_keys if k in value and k not in unshared
+    }
+
+
+def _named(column: str) -> tuple[str, str]:
+    kind, name = re.fullmatch(r"(metrics|params|tags|attributes)\.`(.+)`", column).groups()
+    return kind, name
+
+
+def test_the_view_reads_as_the_ui_reads_it_and_names_what_exists(trained):
+    run, client = trained
+    session = tracking.connect("native-train", create=False)
+    link = view.link(session)
+    query = parse_qs(urlsplit(urlsplit(link).fragment).query)
+    bundle = _ui_bundle()
+    # A facet in the link's query makes the UI ignore the shared view.
+    assert not set(query) & set(_ui_list(bundle, "searchFilter", "orderByKey")), query
+    assert query["compareRunsMode"] == ["CHART"]
+    (key,) = query["viewStateShareKey"]
+    facets, ui = read_as_the_ui(client.get_experiment(session.experiment_id).tags, key, bundle)
+
+    metrics, tags = run.data.metrics, run.data.tags
+    assert _named(facets["orderByKey"]) == ("metrics", schema.FINAL_TEST_ACC) and facets["orderByAsc"] is False
+    columns = [_named(c) for c in ui["selectedColumns"]]
+    assert columns == [("metrics", k) for k in view.COLUMNS] and all(k in metrics for _, k in columns)
+    group = ui["groupBy"]
+    assert group["aggregateFunction"] in ("min", "average", "max")
+    assert [(g["mode"], g["groupByData"]) for g in group["groupByKeys"]] == [
+        ("tag", schema.GROUP_LABEL),
+        ("tag", schema.ROLE),
+    ]
+    assert all(g["groupByData"] in tags for g in group["groupByKeys"])
+    sections = {s["uuid"] for s in ui["compareRunSections"]}
+    for chart in ui["compareRunCharts"]:
+        assert chart["type"] == "LINE" and chart["metricSectionId"] in sections
+        history = client.get_metric_history(run.info.run_id, chart["metricKey"])
+        # test_acc: a curve only where the recipe tests each epoch (not smoke's)
+        assert history or chart["metricKey"] == "test_acc", chart["metricKey"]
+    assert len(view.encoded()) < 5000  # well inside an experiment tag (MLflow: 20,000 characters)
