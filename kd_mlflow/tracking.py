@@ -730,19 +730,14 @@ class RunWriter:
 
 
 def logged_model_of(session: Session, run_id: str) -> str | None:
-    """The id of the LoggedModel a run selected (RunWriter.log_model's, named "model"),
-    or None for a run logged before models were (the registry's source for a version:
-    ``models:/<id>``)."""
-    found = watched(
-        "search logged models",
-        lambda: mlflow.search_logged_models(
-            experiment_ids=[session.experiment_id],
-            filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
-            order_by=[{"field_name": "creation_time", "ascending": False}],
-            output_format="list",
-        ),
-    )
-    return found[0].model_id if found else None
+    """The id of the LoggedModel a run selected (RunWriter.log_model's), or None for a run
+    logged before models were (the registry's source for a version: ``models:/<id>``)."""
+    return _model_id(watched("get run", lambda: session.client.get_run(run_id)))
+
+
+def _model_id(run) -> str | None:
+    ids = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
+    return ids[-1] if ids else None
 
 
 @functools.cache
@@ -1058,11 +1053,9 @@ def _new_version(session: Session, run_id: str, name: str, tags: dict) -> str:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     run = c.get_run(run_id)
-    model_ids = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
-    if model_ids:
-        source, model_id = f"models:/{model_ids[-1]}", model_ids[-1]
-    else:  # a model logged before MLflow 3: under the run's own artifacts
-        source, model_id = f"{run.info.artifact_uri.rstrip('/')}/model", None
+    model_id = _model_id(run)
+    # A model logged before MLflow 3: under the run's own artifacts.
+    source = f"models:/{model_id}" if model_id else f"{run.info.artifact_uri.rstrip('/')}/model"
     return c.create_model_version(
         name, source, run_id=run_id, tags=tags, await_creation_for=60, model_id=model_id
     ).version
