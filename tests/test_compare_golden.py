@@ -11,6 +11,7 @@ import json
 import statistics
 import types
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -766,3 +767,42 @@ def test_each_row_carries_its_own_roles_recipe():
     assert "temperature" not in doc["seeds"][0]["recipe"] and "temperature" in doc["kd"][0]["recipe"]
     summary = {r["row"]: r for r in doc["summary"]}
     assert summary["SD ensemble"]["gain_over"] == "ensemble"  # one ensemble: no "(mean)"
+
+
+def _hand_predictions(seed: int, n: int = 40, classes: int = 3):
+    """Random probabilities of ``n`` test images (their classes stored) and the test
+    accuracy they give, as a run would log it."""
+    from kd_mlflow.predictions import Predictions, labels_digest
+
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(classes), size=n).astype(np.float16)
+    labels = (np.arange(n) % classes).astype(np.int16)
+    pred = probs.astype(np.float64).argmax(axis=1).astype(np.int16)
+    digest = labels_digest(labels)
+    p = Predictions(probs, probs, labels, labels, digest, digest, classes, pred, pred)
+    return p, 100 * float((pred == labels).mean())
+
+
+def test_the_sd_rows_nll_gain_is_over_each_students_own_teacher():
+    """Issue 29, finding 9: the calibration table gave no NLL gain for the SD students; it
+    is each student's teacher's NLL minus its own, averaged over the pairs, with its
+    paired bootstrap interval (the same images drawn for both sides)."""
+    from kd_mlflow import calibration, stats
+
+    preds, recs = {}, []
+    for s in (0, 1):
+        preds[f"t{s}"], acc = _hand_predictions(s)
+        recs.append(_smoke(f"t{s}", "train", (acc, acc), seed=s, config_hash=f"t{s}"))
+    for s, teacher in ((10, "t0"), (11, "t1")):
+        preds[f"sd{s}"], acc = _hand_predictions(s)
+        sd = {"method": "sd", "seed": s, "teacher_run_id": teacher, "teacher_seeds": teacher[1:], "generation": 1}
+        recs.append(_smoke(f"sd{s}", "student", (acc, acc), group="s1", config_hash=f"sd{s}", **sd))
+    (t,) = compare.build_tables(records_frame(recs), predictions=preds)
+    row = t.calibration.set_index("row").loc["SD students (mean)"]
+
+    def nll(names):
+        return np.stack([calibration.nll_per_image(preds[n].probs(), preds[n].labels()) for n in names])
+
+    want = stats.paired_bootstrap_values(nll(["sd10", "sd11"]), nll(["t0", "t1"]))
+    assert (row.nll_gain, row.nll_gain_lo, row.nll_gain_hi) == pytest.approx((want.estimate, want.lo, want.hi))
+    assert want.estimate == pytest.approx((nll(["t0", "t1"]) - nll(["sd10", "sd11"])).mean())
