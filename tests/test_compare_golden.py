@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_mlflow import compare, config
+from kd_mlflow import compare, config, schema
 from kd_mlflow import gains as gains_mod
 from kd_mlflow.runs import RunRecord, records_frame
 
@@ -806,3 +806,49 @@ def test_the_sd_rows_nll_gain_is_over_each_students_own_teacher():
     want = stats.paired_bootstrap_values(nll(["sd10", "sd11"]), nll(["t0", "t1"]))
     assert (row.nll_gain, row.nll_gain_lo, row.nll_gain_hi) == pytest.approx((want.estimate, want.lo, want.hi))
     assert want.estimate == pytest.approx((nll(["t0", "t1"]) - nll(["sd10", "sd11"])).mean())
+
+
+def _logged_run(client, exp_id, name, role, seed, *, status="FINISHED", acc=None, tags=None, parent=None):
+    """A run on the real server as a kd-mlflow step leaves it: its tags, its recipe's
+    params, its final metrics, its status."""
+    from mlflow.entities import Metric, Param
+
+    base = {schema.ROLE: role, schema.PRESET: "smoke", schema.DATASET: "digits", schema.GROUP: "g1"}
+    base |= {schema.GROUP_LABEL: "smoke", schema.SEED: str(seed), schema.CONFIG_HASH: name}
+    base |= {"mlflow.parentRunId": parent} if parent else {}
+    run = client.create_run(exp_id, run_name=name, tags={**base, **(tags or {})})
+    rid = run.info.run_id
+    params = [Param(k, v) for k, v in _params("smoke", role).items()]
+    metrics = [
+        Metric(k, v, 0, 0) for k, v in zip((schema.FINAL_VAL_ACC, schema.FINAL_TEST_ACC), acc or (), strict=False)
+    ]
+    client.log_batch(rid, metrics=metrics, params=params)
+    if status != "RUNNING":
+        client.set_terminated(rid, status)
+    return rid
+
+
+@pytest.mark.e2e
+def test_compare_on_a_server_names_runs_not_finished_and_gathers_a_sweep(tracked):
+    """Through runs.results_frame's one search on a real server: a RUNNING run (its last
+    metric's time read back), a KILLED one, and a sweep's nested students as one table."""
+    from conftest import invoke
+
+    c = tracked.client
+    exp = c.create_experiment(tracked.experiment)
+    t0 = _logged_run(c, exp, "train-seed-0", "train", 0, acc=(80.0, 81.0))
+    running = _logged_run(c, exp, "train-seed-1", "train", 1, status="RUNNING")
+    c.log_metric(running, "val_acc", 50.0, step=1)
+    killed = _logged_run(c, exp, "train-seed-2", "train", 2, status="KILLED")
+    sweep = c.create_run(exp, run_name="sweep-sd", tags={schema.SWEEP: "true", schema.PRESET: "smoke"}).info.run_id
+    sd = {schema.METHOD: "sd", schema.TEACHER_RUN_ID: t0, schema.GROUP: "s1"}
+    for seed, acc in ((10, (82.0, 83.0)), (11, (84.0, 85.0))):
+        _logged_run(c, exp, f"sd-{seed}", "student", seed, acc=acc, tags=sd, parent=sweep)
+    c.set_terminated(sweep, "FINISHED")
+    out = invoke("compare", "--no-intervals")
+    assert out.exit_code == 0, out.output
+    md = out.stdout
+    assert "| RUNNING | train | train-seed-1 | last metric " in md and f"| {running} |" in md
+    assert "| KILLED | train | train-seed-2 | ended " in md and f"| {killed} |" in md
+    assert "### Sweep sweep-sd (chosen on validation; test of the chosen only)" in md
+    assert sum(line.startswith("## ") for line in md.splitlines()) == 1  # the sweep's settings are rows
