@@ -226,9 +226,8 @@ def _identity(r, alias: dict) -> str:
     if r.role in ("student", "ensemble") and r.recipe is not None:
         digest_role = "student" if "student" in (r.role, r.member_role) else "train"
         recipe = r.recipe.digest(digest_role)
-        return "|".join(
-            map(str, (r.role, r.group, r.method, r.member_role, r.combine, r.seed, r.split_digest, recipe, *made))
-        )
+        # Not its group tag: a process may have derived it from its own copy of the teacher.
+        return "|".join(map(str, (r.role, r.method, r.member_role, r.combine, r.seed, r.split_digest, recipe, *made)))
     if pd.notna(r.config_hash):
         return str(r.config_hash)
     return "|".join(map(str, (r.role, r.group, r.method, r.member_role, r.seed, r.member_seeds, *made)))

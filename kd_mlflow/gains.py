@@ -317,7 +317,9 @@ def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
     (the estimates), its interval over resampled images; and the rescued images."""
     gain = {(r.kind, r.run_id): r.estimate for r in est.itertuples()}
     out = []
+    several = len(tables.ensembles) > 1  # then each figure names the ensemble it is of
     for e in tables.ensembles.itertuples():
+        of = f" (ensemble of {seeds_of(e.members)})" if several else ""
         c_e = _correct(preds, [e.run_id])
         for k in tables.kd.itertuples():
             c_kd = _correct(preds, [k.run_id])
@@ -327,7 +329,7 @@ def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
             ratio = gain[("kd", k.run_id)] / gain[("ensemble", e.run_id)] if gain[("ensemble", e.run_id)] else math.nan
             out.append(
                 _figure(
-                    f"KD student {k.seed}: share of the ensemble's gain it keeps",
+                    f"KD student {k.seed}{of}: share of the ensemble's gain it keeps",
                     ratio,
                     len(c_single),
                     "(KD - mean single) / (ensemble - mean single)",
@@ -345,7 +347,11 @@ def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
             value = 100 * res.share if res.n_images else math.nan
             out.append(
                 _figure(
-                    f"KD student {k.seed}: right on images the ensemble rescues", value, res.n_images, detail, k.run_id
+                    f"KD student {k.seed}{of}: right on images the ensemble rescues",
+                    value,
+                    res.n_images,
+                    detail,
+                    k.run_id,
                 )
             )
     return out
