@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pandas as pd
 
@@ -37,6 +38,8 @@ TABLES = (
     "figure1",
     "calibration",
     "ensemble_size",
+    "unfinished",
+    "sweeps",
 )
 _ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id", "member_run_ids"]
 COLUMNS = {
@@ -67,7 +70,21 @@ COLUMNS = {
     ],
     "sd_ensembles": _ENSEMBLE_COLUMNS,
     "joint": _ENSEMBLE_COLUMNS,
-    "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std", "gain", "gain_over", "run_ids"],
+    "unfinished": ["status", "role", "name", "since", "run_id"],
+    "sweeps": [
+        "sweep",
+        "setting",
+        "n",
+        "val_mean",
+        "val_std",
+        "test_mean",
+        "test_std",
+        "chosen",
+        "label",
+        "run_ids",
+        "sweep_run_id",
+    ],
+    "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std", "gain", "gain_over", "seeds", "run_ids"],
 }
 _MISSING = {
     "seeds": "no finished train runs",
@@ -92,7 +109,7 @@ class StudyTables:
     dataset: str
     label: str  # the preset and what differs from it: "smoke · epochs=1"
     group_id: str  # the train runs' kd.group, plus the variant
-    recipe: dict  # the group's full recipe, as its runs logged it
+    recipe: dict  # the train runs' recipe, as they logged it
     seeds: pd.DataFrame
     ensembles: pd.DataFrame
     kd: pd.DataFrame
@@ -112,15 +129,28 @@ class StudyTables:
     ensemble_size: pd.DataFrame = dataclasses.field(
         default_factory=lambda: pd.DataFrame(columns=measures.ENSEMBLE_SIZE_COLUMNS)
     )
+    student_recipe: dict = dataclasses.field(default_factory=dict)  # its students' recipe, if any
+    # Runs of the group that are not FINISHED: RUNNING (still going, or dead without a
+    # word: how long since its last metric says which), FAILED and KILLED. One line each.
+    unfinished: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["unfinished"]))
+    # The sweeps whose students learned from this table's teachers: one row per setting.
+    sweeps: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["sweeps"]))
+    setting_of: str | None = None  # the sweep whose one setting this table holds: shown on --group only
 
 
 # --- the records ------------------------------------------------------------
+
+
+_OPTIONAL = {"parent_run_id": None, "sweep": False, "last_seen": 0, "end_time": 0}
 
 
 def _tidy(records: pd.DataFrame) -> pd.DataFrame:
     """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2"), a
     group for runs logged before groups existed."""
     out = records.rename(columns={"final_val_acc": "val_acc", "final_test_acc": "test_acc"})
+    for column, default in _OPTIONAL.items():  # runs.results_frame adds them; hand-made records may not
+        if column not in out:
+            out = out.assign(**{column: default})
     return out.assign(
         seed=pd.to_numeric(out["seed"]).astype("Int64"),
         val_acc=out["val_acc"].astype(float),
@@ -152,21 +182,63 @@ def _results(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def _dedupe(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Keep the latest run per identity: a rerun supersedes, it adds no seed. Returns the
-    kept rows and, per kept run, the notes on the runs it superseded."""
-    # Without a config hash, what makes a result the same is who it is.
-    who = rows[["role", "group", "method", "member_role", "seed", "teacher_run_id", "member_seeds"]]
-    identity = pd.Series(["|".join(map(str, r)) for r in who.itertuples(index=False)], index=rows.index)
-    rows = rows.assign(key=rows["config_hash"].where(rows["config_hash"].notna(), identity))
-    ordered = rows.sort_values(["start_time", "run_id"], ascending=False)
-    winner = ordered.drop_duplicates("key").set_index("key")["run_id"]
+    """Keep the latest run per identity: a rerun supersedes, it adds no seed, and a
+    duplicate (two processes that made one configuration twice) is counted once. Returns
+    the kept rows and, per kept run, the notes on the runs it superseded.
+
+    A run's identity is its config hash; a student's or ensemble's is that of what it was
+    made from, read through the duplicates found so far: two KD students of one seed
+    taught by two duplicate ensembles (each process made its own) are one identity,
+    though their hashes name different teacher runs. Repeated until nothing changes (a
+    generation per pass)."""
+    alias: dict[str, str] = {}  # a superseded run id -> the run kept for its identity
+    while True:
+        keys = pd.Series([_identity(r, alias) for r in rows.itertuples(index=False)], index=rows.index)
+        ordered = rows.assign(key=keys).sort_values(["start_time", "run_id"], ascending=False)
+        winner = ordered.drop_duplicates("key").set_index("key")["run_id"]
+        found = {r.run_id: winner[r.key] for r in ordered[ordered.duplicated("key")].itertuples()}
+        if found == alias:
+            break
+        alias = found
     notes: dict[str, list[str]] = {}
+    by_id = rows.set_index("run_id")
     for r in ordered[ordered.duplicated("key")].itertuples():
-        same = "config_hash" if pd.notna(r.config_hash) else "role, seed and teacher/members"
-        notes.setdefault(winner[r.key], []).append(
-            f"run {r.run_id} superseded by {winner[r.key]} (same {same}, later start)"
+        kept = winner[r.key]
+        notes.setdefault(kept, []).append(
+            f"run {r.run_id} superseded by {kept} (same {_same(r, by_id.loc[kept])}, later start): counted once"
         )
-    return rows[rows["run_id"].isin(winner)].drop(columns="key"), notes
+    return rows[~rows["run_id"].isin(alias)], notes
+
+
+def _made_from(r, alias: dict) -> tuple:
+    """The runs a run was made from (its teacher, its members), each read as the run kept
+    for its identity."""
+    return (alias.get(r.teacher_run_id, r.teacher_run_id), *sorted(alias.get(m, m) for m in r.member_run_ids))
+
+
+def _identity(r, alias: dict) -> str:
+    """What makes a result the same. A train or joint run: its config hash. A student or
+    an ensemble: what its hash holds (role, seed, combine, recipe, split), with its
+    teacher and members read through ``alias``, so that one made from a superseded run is
+    the same as one made from its kept twin. Without a hash or a recipe (hand-made
+    records), who it is."""
+    made = _made_from(r, alias)
+    if r.role in ("student", "ensemble") and r.recipe is not None:
+        digest_role = "student" if "student" in (r.role, r.member_role) else "train"
+        recipe = r.recipe.digest(digest_role)
+        # Not its group tag: a process may have derived it from its own copy of the teacher.
+        return "|".join(map(str, (r.role, r.method, r.member_role, r.combine, r.seed, r.split_digest, recipe, *made)))
+    if pd.notna(r.config_hash):
+        return str(r.config_hash)
+    return "|".join(map(str, (r.role, r.group, r.method, r.member_role, r.seed, r.member_seeds, *made)))
+
+
+def _same(r, kept: pd.Series) -> str:
+    if pd.notna(r.config_hash) and r.config_hash == kept["config_hash"]:
+        return "config_hash"
+    if pd.notna(r.config_hash):
+        return "role, seed, recipe and teacher/members, whose duplicates count once"
+    return "role, seed and teacher/members"
 
 
 # --- lineage: where each run is listed, computed once --------------------------
@@ -364,8 +436,10 @@ def _self_distillation(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame
     return out.reset_index(drop=True)
 
 
-def _stat(row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series, gain=float("nan"), gain_over=None) -> dict:
-    """One summary row: mean and sample std (NaN below two runs)."""
+def _stat(
+    row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series, gain=float("nan"), gain_over=None, seeds=None
+) -> dict:
+    """One summary row: mean and sample std (NaN below two runs), and the seeds of its runs."""
     return {
         "row": row,
         "n": len(run_ids),
@@ -375,6 +449,7 @@ def _stat(row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series, gain=fl
         "test_std": test.std(ddof=1),
         "gain": gain,
         "gain_over": gain_over,
+        "seeds": None if seeds is None or not len(seeds) else "; ".join(map(str, seeds)),
         "run_ids": list(run_ids),
     }
 
@@ -388,10 +463,16 @@ def counted(tables: dict, run_ids: set) -> dict:
     return out
 
 
+def _mean_of(n: int, what: str) -> str:
+    """ "ensemble (mean)" over several runs, "ensemble" over one: no mean of one number."""
+    return what if n == 1 else f"{what} (mean)"
+
+
 def _summary(rows: dict) -> pd.DataFrame:
     """Means per kind of model over the counted ``rows``; each gain (test) sits on the row
     it describes and is the mean of the gains table's estimates for it
-    (:func:`kd_mlflow.gains.estimates`: one source for both)."""
+    (:func:`kd_mlflow.gains.estimates`: one source for both). Joint runs have one row per
+    size and member seeds, never a mean across them."""
     est = gains_mod.estimates(**rows)
 
     def gain(kind: str) -> float:
@@ -399,29 +480,65 @@ def _summary(rows: dict) -> pd.DataFrame:
 
     ens, kd, sd, sde = rows["ensembles"], rows["kd"], rows["self_distillation"], rows["sd_ensembles"]
     seeds = rows["seeds"]
-    return pd.DataFrame(
-        [
-            _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"]),
-            _stat("ensemble", ens["val_acc"], ens["test_acc"], ens["run_id"], gain("ensemble"), "single models (mean)"),
-            _stat("KD students", kd["val_acc"], kd["test_acc"], kd["run_id"], gain("kd"), "single models (mean)"),
-            _stat(
-                "SD students",
-                sd["student_val_acc"],
-                sd["student_test_acc"],
-                sd["run_id"],
-                gain("sd_mean"),
-                "own teacher (mean of differences)",
-            ),
-            _stat(
-                "SD ensemble",
-                sde["val_acc"],
-                sde["test_acc"],
-                sde["run_id"],
-                gain("sd_ensemble"),
-                "ensemble (mean)",
-            ),
-        ],
-        columns=COLUMNS["summary"],
+    stats = [
+        _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"], seeds=_seeds_of(seeds["seed"])),
+        _stat(
+            "ensemble",
+            ens["val_acc"],
+            ens["test_acc"],
+            ens["run_id"],
+            gain("ensemble"),
+            "single models (mean)",
+            ens["members"],
+        ),
+        _stat(
+            "KD students",
+            kd["val_acc"],
+            kd["test_acc"],
+            kd["run_id"],
+            gain("kd"),
+            "single models (mean)",
+            _seeds_of(kd["seed"]),
+        ),
+        _stat(
+            "SD students",
+            sd["student_val_acc"],
+            sd["student_test_acc"],
+            sd["run_id"],
+            gain("sd_mean"),
+            "own teacher (mean of differences)",
+            _seeds_of(sd["student_seed"]),
+        ),
+        _stat(
+            "SD ensemble",
+            sde["val_acc"],
+            sde["test_acc"],
+            sde["run_id"],
+            gain("sd_ensemble"),
+            _mean_of(len(ens), "ensemble"),
+            sde["members"],
+        ),
+    ]
+    stats += [
+        _joint_stat(title, runs, rows["seeds"], gain(f"joint:{title}"))
+        for title, runs in gains_mod.joint_entries(rows["joint"]).items()
+    ]
+    return pd.DataFrame(stats, columns=COLUMNS["summary"])
+
+
+def _seeds_of(seeds: pd.Series) -> list:
+    return [_fmt(s, "d") for s in seeds]
+
+
+def _joint_stat(title: str, runs: pd.DataFrame, seeds: pd.DataFrame, gain: float) -> dict:
+    over = gains_mod.same_seeds(seeds, runs["members"].iloc[0])
+    what = (
+        "single models"
+        if len(over) == len(seeds)
+        else f"single models of {gains_mod.seeds_of(runs['members'].iloc[0])}"
+    )
+    return _stat(
+        title, runs["val_acc"], runs["test_acc"], runs["run_id"], gain, _mean_of(len(over), what), runs["members"]
     )
 
 
@@ -467,11 +584,11 @@ def _label(base: str, p: Place, arrow: str | None = None) -> str:
     return " · ".join(parts)
 
 
-def _table_places(rows: pd.DataFrame, at: dict, shared: pd.Series, groups: list) -> list[Place]:
+def _table_places(rows: pd.DataFrame, at: dict, shared: pd.Series, groups: list, homes: set) -> list[Place]:
     """Every table's place, each train group's in order (the preset's own settings first):
     the places of its runs, and one per combine mode of its ensembles (or one, for the
     train runs alone) where no run of its own is listed with them."""
-    own = {at[r] for r in rows.loc[~shared, "run_id"]}
+    own = {at[r] for r in rows.loc[~shared, "run_id"]} | homes  # a sweep's home: its teacher's place
     out = []
     for g in groups:
         mine = {p for p in own if p.group == g}
@@ -481,9 +598,11 @@ def _table_places(rows: pd.DataFrame, at: dict, shared: pd.Series, groups: list)
     return out
 
 
-def _partition(part: pd.DataFrame) -> list[StudyTables]:
+def _partition(part: pd.DataFrame, sweeps: pd.DataFrame) -> list[StudyTables]:
     """The tables of one (preset, dataset): one per place, then the runs listed apart and,
-    where several train groups leave no one table for them, the unattached ones."""
+    where several train groups leave no one table for them, the unattached ones. A table
+    of one setting of a sweep (``sweeps``: the sweep parents) is marked, and the sweep is
+    one table under its teacher's (:func:`_with_sweeps`)."""
     preset, dataset = part["preset"].iloc[0], part["dataset"].iloc[0]
     part = part.drop_duplicates("run_id")
     at, why = places(part)
@@ -499,19 +618,16 @@ def _partition(part: pd.DataFrame) -> list[StudyTables]:
     labels = trains.groupby("group")["group_label"].first()
     lines = set(rows["group_of_line"]) - {APART.group, UNATTACHED.group}
     groups = sorted(lines, key=lambda g: (labels.get(g) not in (None, preset), str(labels.get(g)), g)) or [NO_GROUP]
-    table_places = _table_places(rows, at, shared, groups)
+    kids = _sweep_kids(rows, sweeps)
+    homes = {at[t] for t in rows.loc[kids, "teacher_run_id"] if t in at} - {APART, UNATTACHED}
+    table_places = _table_places(rows, at, shared, groups, homes)
     # With one train group, a run whose teacher or member is not here is listed in its
     # first table, with a note, as before groups existed.
     home = {UNATTACHED: table_places[0]} if len(groups) == 1 else {}
     listed_at = rows["run_id"].map(lambda r: home.get(at[r], at[r]))
     lookup = part.set_index("run_id")
-    out = []
-    for p in [*table_places, APART, UNATTACHED]:
-        mine = rows[listed_at.map(p.__eq__) & ~shared]
-        if p in (APART, UNATTACHED):
-            if len(mine):
-                out.append(_apart(preset, dataset, p, mine, lookup, why, superseded))
-            continue
+
+    def table(p: Place, mine: pd.DataFrame) -> StudyTables:
         line = rows[shared & (rows["group_of_line"] == p.group)]
         line = line[(line["role"] == "train") | (line["combine"] == p.combine)]
         listed = pd.concat([line, mine])
@@ -522,11 +638,121 @@ def _partition(part: pd.DataFrame) -> list[StudyTables]:
             "dataset": dataset,
             "label": _label(base, p, _arrow(line, mine)),
             "group_id": p.group if p == Place(p.group) else f"{p.group}/{p.combine}/{','.join(p.settings)}",
-            "recipe": _recipe(line, mine),
+            "recipe": _recipe(line),
+            "student_recipe": _student_recipe(mine),
         }
         notes = _notes(listed, superseded) + [f"{why[r]}; listed but counted in no mean or gain" for r in sorted(lost)]
-        out.append(_study(head, listed, lookup, set(listed["run_id"]) - lost, notes))
-    return out
+        return _study(head, listed, lookup, set(listed["run_id"]) - lost, notes)
+
+    out: list[StudyTables] = []
+    placed: list[Place | None] = []  # each table's place; None: a sweep setting's
+    for p in [*table_places, APART, UNATTACHED]:
+        mine = rows[listed_at.map(p.__eq__) & ~shared]
+        if p in (APART, UNATTACHED):
+            if len(mine):
+                out.append(_apart(preset, dataset, p, mine, lookup, why, superseded))
+                placed.append(p)
+            continue
+        swept = kids[mine.index]
+        if swept.any():  # a sweep's setting: its full tables on --group only
+            t = table(p, mine)
+            sweep = str(mine.loc[swept, "parent_run_id"].iloc[0])
+            out.append(dataclasses.replace(t, label=t.label + SETTING, setting_of=sweep))
+            placed.append(None)
+            if swept.all() and p not in homes:
+                continue
+        out.append(table(p, mine[~swept]))
+        placed.append(p)
+    out = _with_sweeps(out, placed, rows, at, sweeps)
+    return [_point_to_students(t, out) for t in out]
+
+
+SETTING = " · sweep setting"  # the label of a table of one setting of a sweep
+
+
+def _sweep_kids(rows: pd.DataFrame, sweeps: pd.DataFrame) -> pd.Series:
+    """The students nested under a sweep's parent, but for a study's KD student (the
+    choice it reused, kd.sweep_kd_choice): one row each of their sweep's table."""
+    return rows["parent_run_id"].isin(sweeps["run_id"]) & rows["sweep_kd_choice"].isna()
+
+
+def _with_sweeps(tables: list[StudyTables], placed: list, rows: pd.DataFrame, at: dict, sweeps) -> list:
+    """Each sweep as one table of its settings, under the table of its teacher's place
+    (the first table where that is not one)."""
+    found: dict[int, list] = {}
+    for s in sweeps.itertuples():
+        kids = rows[rows["parent_run_id"] == s.run_id]
+        if kids.empty:
+            continue
+        teacher = at.get(kids["teacher_run_id"].iloc[0])
+        i = placed.index(teacher) if teacher in placed else next(i for i, p in enumerate(placed) if p is not None)
+        labels = {r.run_id: t.label for t in tables for r in t.kd.itertuples()}
+        labels |= {r.run_id: t.label for t in tables for r in t.self_distillation.itertuples()}
+        found.setdefault(i, []).append(_sweep_rows(s, kids, at, teacher, labels))
+    return [
+        dataclasses.replace(t, sweeps=pd.concat(found[i], ignore_index=True)) if i in found else t
+        for i, t in enumerate(tables)
+    ]
+
+
+def _value(v) -> str:
+    """A recipe value as a setting names it: 2.0 -> "2"."""
+    return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def _sweep_rows(s, kids: pd.DataFrame, at: dict, home, labels: dict) -> pd.DataFrame:
+    """One row per setting (sweep.select: the sweep's own rule of choice, on validation);
+    a test accuracy for the chosen setting only."""
+    from kd_mlflow import sweep
+
+    inherited = set(home.settings) if isinstance(home, Place) else set()
+    own = {r.run_id: [x for x in at[r.run_id].settings if x not in inherited] for r in kids.itertuples()}
+    names = sorted({x.split("=")[0] for xs in own.values() for x in xs}, key=lambda n: (n not in sweep.TIE_ORDER, n))
+    names = names or ["setting"]
+    per_run = pd.DataFrame(
+        [
+            {
+                **{n: getattr(r.recipe, n, "-") for n in names},
+                "seed": r.seed,
+                "val_acc": r.val_acc,
+                "test_acc": r.test_acc,
+                "run_id": r.run_id,
+            }
+            for r in kids.itertuples()
+        ]
+    )
+    table = sweep.select(per_run, names)
+    table = table.assign(
+        sweep=s.name or s.run_id,
+        setting=[", ".join(f"{n}={_value(getattr(r, n))}" for n in names) for r in table.itertuples()],
+        test_mean=table["test_mean"].where(table["chosen"]),
+        test_std=table["test_std"].where(table["chosen"]),
+        label=[labels.get(ids[0]) for ids in table["run_ids"]],
+        sweep_run_id=s.run_id,
+    )
+    return table[COLUMNS["sweeps"]]
+
+
+def _point_to_students(t: StudyTables, tables: list[StudyTables]) -> StudyTables:
+    """A table without KD (or SD) students whose train group has them in another table
+    (another student architecture, other settings) says which tables hold them."""
+    group = t.group_id.split("/")[0]
+    notes = []
+    for note in t.notes:
+        kind = next((k for k in ("kd", "self_distillation") if note == _MISSING[k]), None)
+        there = [
+            f'"{o.label}"'
+            for o in tables
+            if kind
+            and o is not t
+            and o.setting_of is None
+            and o.group_id.split("/")[0] == group
+            and len(getattr(o, kind))
+        ]
+        notes.append(
+            f"{note.removesuffix(' yet')} in this table: this group's are in {', '.join(there)}" if there else note
+        )
+    return dataclasses.replace(t, notes=notes)
 
 
 def _arrow(line: pd.DataFrame, mine: pd.DataFrame) -> str | None:
@@ -537,12 +763,17 @@ def _arrow(line: pd.DataFrame, mine: pd.DataFrame) -> str | None:
     return f"{'+'.join(sorted(own))} -> {'+'.join(sorted(archs))}" if own and archs and archs != own else None
 
 
-def _recipe(line: pd.DataFrame, mine: pd.DataFrame) -> dict:
-    """The table's full recipe as its runs logged it: the train runs', with a student's
-    settings where the table has its own."""
-    recipe = dict(line.loc[line["role"] == "train", "params"].iloc[-1]) if (line["role"] == "train").any() else {}
+def _recipe(line: pd.DataFrame) -> dict:
+    """The train runs' recipe as they logged it: the recipe of the single models' rows."""
+    trains = line[line["role"] == "train"]
+    return dict(trains["params"].iloc[-1]) if len(trains) else {}
+
+
+def _student_recipe(mine: pd.DataFrame) -> dict:
+    """The students' recipe as they logged it (their distillation settings), where the
+    table has students: the recipe of the student rows."""
     students = mine[mine["role"] == "student"]
-    return {**recipe, **(students["params"].iloc[-1] if len(students) else {})}
+    return dict(students["params"].iloc[-1]) if len(students) else {}
 
 
 def _notes(listed: pd.DataFrame, superseded: dict) -> list[str]:
@@ -552,6 +783,7 @@ def _notes(listed: pd.DataFrame, superseded: dict) -> list[str]:
 def _apart(preset, dataset, p: Place, rows, lookup, why: dict, superseded: dict) -> StudyTables:
     """The runs listed apart (mixed) or unattached: each with the reason, in no mean."""
     head = {"preset": preset, "dataset": dataset, "label": f"{preset} · {p.group}", "group_id": p.group, "recipe": {}}
+    head["student_recipe"] = {}
     reasons = [
         f"{r.role} {r.run_id}: {why[r.run_id]}; listed here, in no group's mean or gain" for r in rows.itertuples()
     ]
@@ -564,28 +796,111 @@ def build_tables(
     dataset: str | None = None,
     group: str | None = None,
     predictions: dict | None = None,
+    now: float | None = None,
 ) -> list[StudyTables]:
     """One StudyTables per group of comparable runs, optionally filtered; ``runs`` as
     :func:`kd_mlflow.runs.records_frame` makes it.
 
     Only FINISHED runs with a kd.role and without kd.duplicate_of or kd.study are
-    results; [] when none is left. ``group`` keeps the groups whose label or id starts
-    with it. With ``predictions`` (run id -> predictions.Predictions), every gain gets
-    its intervals and the mechanism figures are filled in (:mod:`kd_mlflow.gains`).
+    results; [] when none is left and no run is unfinished. ``group`` keeps the groups
+    whose label or id starts with it. With ``predictions`` (run id -> predictions.Predictions),
+    every gain gets its intervals and the mechanism figures are filled in
+    (:mod:`kd_mlflow.gains`). Runs not finished are listed in the table of their group
+    (``now``: seconds since the epoch, for how long ago; the clock's by default).
     """
     if runs.empty:
         return []
-    rows = _results(_tidy(runs))
-    if preset is not None:
-        rows = rows[rows["preset"] == preset]
-    if dataset is not None:
-        rows = rows[rows["dataset"] == dataset]
-    tables = [t for _, part in rows.groupby(["preset", "dataset"], sort=True) for t in _partition(part)]
-    if group is not None:
-        tables = [t for t in tables if t.label.startswith(group) or t.group_id.startswith(group)]
+    tidy = _tidy(runs)
+    rows = _results(tidy)
+    left = tidy[tidy["status"].isin(UNFINISHED)]
+    for column, value in (("preset", preset), ("dataset", dataset)):
+        if value is not None:
+            rows, left = rows[rows[column] == value], left[left[column] == value]
+    sweeps = tidy[tidy["sweep"].astype(bool) & (tidy["status"] == "FINISHED")]
+    tables = [t for _, part in rows.groupby(["preset", "dataset"], sort=True) for t in _partition(part, sweeps)]
+    tables = _with_unfinished(tables, left, time.time() if now is None else now)
+    if group is None:  # a sweep's setting is a row of its sweep's table; its own tables on --group
+        tables = [t for t in tables if t.setting_of is None]
+    else:
+        tables = [t for t in tables if _matches(t, group)]
     if predictions is not None:
         tables = [with_intervals(t, predictions) for t in tables]
     return tables
+
+
+UNFINISHED = ("RUNNING", "FAILED", "KILLED")
+
+
+def _matches(t: StudyTables, group: str) -> bool:
+    """--group: a prefix of a table's label or id; a sweep setting's table by its whole
+    label (a prefix such as the preset's name does not bring back every setting)."""
+    if t.setting_of is not None:
+        return t.label == group or t.group_id.startswith(group)
+    return t.label.startswith(group) or t.group_id.startswith(group)
+
+
+def _with_unfinished(tables: list[StudyTables], left: pd.DataFrame, now: float) -> list[StudyTables]:
+    """Each run not finished in the table of its group (its kd.group, or the table that
+    lists its teacher or a member), else the first table of its preset and dataset, else
+    the first table; a table of its own where there is none."""
+    homes: dict[int, list] = {}
+    for r in left.itertuples(index=False):
+        i = _home(tables, r)
+        if i is None:
+            tables = [*tables, _empty(r.preset, r.dataset, left.iloc[:0])]
+            i = len(tables) - 1
+        homes.setdefault(i, []).append(_unfinished_row(r, now))
+    return [
+        dataclasses.replace(t, unfinished=pd.DataFrame(homes[i], columns=COLUMNS["unfinished"])) if i in homes else t
+        for i, t in enumerate(tables)
+    ]
+
+
+def _home(tables: list[StudyTables], r) -> int | None:
+    ids = {r.teacher_run_id, *r.member_run_ids} - {None}
+    # (not a sweep setting's table: it is shown on --group only)
+    same = [i for i, t in enumerate(tables) if (t.preset, t.dataset) == (r.preset, r.dataset) and not t.setting_of]
+    for i in same:
+        if tables[i].group_id.split("/")[0] == r.group or ids & set(run_ids([tables[i]])):
+            return i
+    if same:
+        return same[0]
+    visible = [i for i, t in enumerate(tables) if not t.setting_of]
+    return visible[0] if visible and pd.isna(r.preset) else None
+
+
+def _empty(preset, dataset, none: pd.DataFrame) -> StudyTables:
+    """A table for runs not finished of a preset and dataset with no finished result."""
+    preset, dataset = (x if isinstance(x, str) else NO_GROUP for x in (preset, dataset))
+    head = {"preset": preset, "dataset": dataset, "label": f"{preset} (no finished runs)", "group_id": NO_GROUP}
+    return _study({**head, "recipe": {}}, none, none.set_index("run_id"), None, [])
+
+
+def _unfinished_row(r, now: float) -> dict:
+    role = r.role if isinstance(r.role, str) else ("study" if r.study else "-")
+    return {"status": r.status, "role": role, "name": r.name, "since": _since(r, now), "run_id": r.run_id}
+
+
+def _since(r, now: float) -> str:
+    """How long a run has been silent: its last metric (or start) for a RUNNING run, its
+    end for a FAILED or KILLED one."""
+    start, seen = r.start_time / 1000, getattr(r, "last_seen", r.start_time) / 1000
+    end = getattr(r, "end_time", 0) / 1000
+    if r.status != "RUNNING":
+        return f"ended {_ago(now - end)} ago" if end else f"started {_ago(now - start)} ago"
+    if seen > start:
+        return f"last metric {_ago(now - seen)} ago (started {_ago(now - start)} ago)"
+    return f"no metric yet, started {_ago(now - start)} ago"
+
+
+def _ago(seconds: float) -> str:
+    """ "45 s", "12 min", "3.5 h", "2.0 days"."""
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} days"
 
 
 def with_intervals(t: StudyTables, predictions: dict) -> StudyTables:
@@ -665,6 +980,7 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
             _fmt(r.test_std),
             _fmt(r.gain, "+.2f"),
             _fmt(r.gain_over),
+            _fmt(r.seeds),
         ]
         for r in t.summary.itertuples()
     ]
@@ -678,10 +994,36 @@ def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
         (
             "Summary (gain: test accuracy)",
             _md_table(
-                ["", "n", "validation mean", "validation std", "test mean", "test std", "gain", "gain over"], summary
+                ["", "n", "validation mean", "validation std", "test mean", "test std", "gain", "gain over", "seeds"],
+                summary,
             ),
         ),
     ]
+
+
+def _md_sweeps(t: StudyTables) -> list[tuple[str, str]]:
+    """One table per sweep: its settings, chosen on validation; the test accuracy of the
+    chosen setting only (a setting's full tables: compare --group LABEL)."""
+    out = []
+    for name, sweep in t.sweeps.groupby("sweep", sort=False):
+        rows = [
+            [
+                r.setting,
+                str(r.n),
+                _pm(r.val_mean, r.val_std),
+                _pm(r.test_mean, r.test_std) if r.chosen else "·",
+                "chosen" if r.chosen else "",
+                f"`{r.label}`" if isinstance(r.label, str) else "-",
+            ]
+            for r in sweep.itertuples()
+        ]
+        header = ["setting", "n", "validation (mean ± std)", "test (mean ± std)", "", "its tables: compare --group"]
+        out.append((f"Sweep {name} (chosen on validation; test of the chosen only)", _md_table(header, rows)))
+    return out
+
+
+def _pm(mean, std) -> str:
+    return _fmt(mean) + ("" if pd.isna(std) else f" ± {std:.2f}")
 
 
 def _arch_note(students: pd.DataFrame) -> str:
@@ -757,7 +1099,7 @@ def _md_figure1(t: StudyTables) -> list[tuple[str, str]]:
         ):
             if t.figure1[source].notna().any():
                 rows.append([what, *(_fmt(getattr(r, source)) for r in cols)])
-        titles = [title for _, title, _ in measures.FIGURE1]
+        titles = list(t.figure1["title"])
         out.append(("Figure 1 (test accuracy, %; Allen-Zhu and Li, ICLR 2023)", _md_table(["", *titles], rows)))
     if not t.calibration.empty:
         rows = [
@@ -777,7 +1119,7 @@ def _md_figure1(t: StudyTables) -> list[tuple[str, str]]:
             "NLL (nats)",
             "ECE (15 bins)",
             "Brier",
-            "NLL gain: mean single - this [95% paired bootstrap]",
+            "NLL gain: mean single (SD: own teacher) - this [95% paired bootstrap]",
         ]
         out.append(("Calibration (test set; means over runs)", _md_table(header, rows)))
     if not t.ensemble_size.empty:
@@ -802,7 +1144,14 @@ def _markdown(tables: list[StudyTables]) -> str:
     parts = []
     for t in tables:
         parts.append(f"## {t.label} ({t.dataset})\n\ngroup `{t.group_id}`")
+        if not t.unfinished.empty:
+            rows = [[r.status, r.role, r.name or "-", r.since, r.run_id] for r in t.unfinished.itertuples()]
+            parts.append(f"### Runs not finished\n\n{_md_table(['status', 'role', 'run', 'since', 'run id'], rows)}")
+        if all(getattr(t, name).empty for name in ("seeds", "ensembles", "kd", "self_distillation", "joint")):
+            if not t.unfinished.empty:
+                continue  # a table of runs not finished alone
         parts += [f"### {title}\n\n{table}" for title, table in _md_sections(t)]
+        parts += [f"### {title}\n\n{table}" for title, table in _md_sweeps(t)]
         parts += [f"### {title}\n\n{table}" for title, table in _md_uncertainty(t) + _md_figure1(t)]
         if t.notes:
             parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in t.notes))
@@ -818,14 +1167,20 @@ def _native(value):
     return value.item() if hasattr(value, "item") else value
 
 
+# The tables whose rows are students (or made of students): their rows carry the
+# students' recipe; every other row the train runs'.
+_STUDENT_TABLES = ("kd", "self_distillation", "sd_ensembles")
+
+
 def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
     """Every table as row dicts tagged with preset and dataset; keys TABLES + notes."""
     out: dict[str, list[dict]] = {name: [] for name in (*TABLES, "notes")}
     for t in tables:
         group = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset, "recipe": t.recipe}
         for name in TABLES:
+            recipe = t.student_recipe if name in _STUDENT_TABLES and t.student_recipe else t.recipe
             records = getattr(t, name).to_dict("records")
-            out[name] += [{**group, **{k: _native(v) for k, v in r.items()}} for r in records]
+            out[name] += [{**group, "recipe": recipe, **{k: _native(v) for k, v in r.items()}} for r in records]
         out["notes"] += [{**group, "note": n} for n in t.notes]
     return out
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import schema, stats
 
 GAIN_COLUMNS = [
     "gain",
@@ -44,22 +44,54 @@ MECHANISM_COLUMNS = ["figure", "value", "lo", "hi", "n", "detail", "run_id"]
 
 
 # The tables whose rows have gains, in their StudyTables names.
-ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles")
+ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "joint")
 ESTIMATE_COLUMNS = ["kind", "gain", "estimate", "n", "run_id", "run_ids", "over_run_ids"]
 
 
-def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataFrame:
+def seeds_of(members) -> str:
+    """ "0,1,2,3,4" -> "seeds 0-4": what names a run made of members."""
+    return "seeds " + schema.seed_label(str(members).split(",")) if isinstance(members, str) and members else "no seeds"
+
+
+def joint_entries(joint: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The joint runs by their members: one entry per size and member seeds, never a mean
+    across them (a 5-network and a 3-network model are different models). Title ->
+    its runs; the title names the seeds only when there are several entries."""
+    keys = joint["members"].fillna("").astype(str)
+    several = keys.nunique() > 1
+    return {
+        ("training the average" + (f" ({seeds_of(k)})" if several else "")): joint[keys == k]
+        for k in sorted(keys.unique(), key=lambda k: (len(k.split(",")), k))
+    }
+
+
+def same_seeds(seeds: pd.DataFrame, members) -> pd.DataFrame:
+    """The single models of a joint run's seeds where all of them are here, else all the
+    single models (the gain is then over the mean single, as for an ensemble)."""
+    want = {s for s in str(members or "").split(",") if s}
+    mine = seeds[seeds["seed"].astype(str).isin(want)]
+    return mine if want and set(mine["seed"].astype(str)) == want else seeds
+
+
+def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None) -> pd.DataFrame:
     """Every gain of one group from its runs' logged test accuracies (points): the
     estimates of the gains table, and (their means per ``kind``) the summary's gains,
     so that the two are one number. One row per gain: ``run_ids`` minus ``over_run_ids``
     (each side the mean of its runs), ``run_id`` the run it describes. The inputs are the
-    rows a summary counts (:func:`kd_mlflow.compare.counted`)."""
+    rows a summary counts (:func:`kd_mlflow.compare.counted`). Where several runs fill a
+    role, each row names its run (seed or members), so no label repeats."""
     singles = list(seeds["run_id"])
     single = seeds["test_acc"].mean()
     rows = []
-    for kind, name, frame in (("ensemble", "ensemble - mean single", ensembles), ("kd", "KD - mean single", kd)):
-        for r in frame.itertuples():
-            rows.append((kind, name, r.test_acc - single, len(singles), r.run_id, [r.run_id], singles))
+    several_ens, several_kd = len(ensembles) > 1, len(kd) > 1
+    for r in ensembles.itertuples():
+        name = f"ensemble ({seeds_of(r.members)})" if several_ens else "ensemble"
+        rows.append(
+            ("ensemble", f"{name} - mean single", r.test_acc - single, len(singles), r.run_id, [r.run_id], singles)
+        )
+    for r in kd.itertuples():
+        name = f"KD student {_seed(r.seed)}" if several_kd else "KD"
+        rows.append(("kd", f"{name} - mean single", r.test_acc - single, len(singles), r.run_id, [r.run_id], singles))
     sd = self_distillation
     for r in sd.itertuples():
         name = f"SD student {r.student_seed} - teacher {r.teacher_seed}"
@@ -69,10 +101,43 @@ def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles) -> pd.DataF
         rows.append(("sd_mean", name, sd["gain"].mean(), len(sd), None, list(sd["run_id"]), list(sd["teacher_run_id"])))
     for r in sd_ensembles.itertuples():
         for e in ensembles.itertuples():
+            left = f"SD ensemble ({seeds_of(r.members)})" if len(sd_ensembles) > 1 else "SD ensemble"
+            right = f"ensemble ({seeds_of(e.members)})" if several_ens else "ensemble"
             rows.append(
-                ("sd_ensemble", "SD ensemble - ensemble", r.test_acc - e.test_acc, 1, r.run_id, [r.run_id], [e.run_id])
+                ("sd_ensemble", f"{left} - {right}", r.test_acc - e.test_acc, 1, r.run_id, [r.run_id], [e.run_id])
             )
-    return pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)
+    if joint is not None:
+        rows += _joint_estimates(seeds, joint)
+    return _unique(pd.DataFrame(rows, columns=ESTIMATE_COLUMNS))
+
+
+def _seed(seed) -> str:
+    return "-" if seed is None or pd.isna(seed) else str(int(seed))
+
+
+def _joint_estimates(seeds: pd.DataFrame, joint: pd.DataFrame) -> list[tuple]:
+    """Each joint run minus the mean of the single models of its own seeds (kind
+    ``joint:<title>``: the summary's entry of its size)."""
+    rows = []
+    for title, runs in joint_entries(joint).items():
+        for r in runs.itertuples():
+            over = same_seeds(seeds, r.members)
+            what = "mean single" if len(over) == len(seeds) else f"mean single of {seeds_of(r.members)}"
+            acc = r.test_acc - over["test_acc"].mean()
+            rows.append(
+                (f"joint:{title}", f"{title} - {what}", acc, len(over), r.run_id, [r.run_id], list(over["run_id"]))
+            )
+    return rows
+
+
+def _unique(est: pd.DataFrame) -> pd.DataFrame:
+    """A label that still repeats (two runs of one seed, e.g. duplicates of different
+    teachers) gets its run id: every row of the gains table names what it is."""
+    repeated = est["gain"].duplicated(keep=False)
+    tagged = [
+        f"{g} [run {r}]" if rep and r else g for g, r, rep in zip(est["gain"], est["run_id"], repeated, strict=True)
+    ]
+    return est.assign(gain=tagged)
 
 
 def _counted(tables) -> dict:
@@ -223,7 +288,8 @@ def _mechanism(tables, preds, est, c_single, singles, n_resamples, seed) -> list
         out.append(_figure("members: mean pairwise disagreement", 100 * d.pairwise, d.n_members, "% of test images"))
     follows = [(r.run_id, r.teacher_run_id, f"KD student {r.seed}") for r in tables.kd.itertuples()]
     follows += [
-        (r.run_id, r.teacher_run_id, f"SD student {r.student_seed}") for r in tables.self_distillation.itertuples()
+        (r.run_id, r.teacher_run_id, f"SD student {r.student_seed} of teacher {_seed(r.teacher_seed)}")
+        for r in tables.self_distillation.itertuples()
     ]
     for student, teacher, label in follows:
         if preds.get(student) is None or preds.get(teacher) is None:
@@ -236,7 +302,14 @@ def _mechanism(tables, preds, est, c_single, singles, n_resamples, seed) -> list
         out.append(_figure(f"{label}: mean KL(teacher || student)", kl, n, "nats", student))
     if c_single is not None:
         out += _kept_by_kd(tables, preds, est, c_single, n_resamples, seed)
-    return out
+    return _unique_figures(out)
+
+
+def _unique_figures(rows: list[dict]) -> list[dict]:
+    """A figure's label that still repeats (two KD students of one seed, of two
+    ensembles) gets its run id, as a gain's does."""
+    seen = [r["figure"] for r in rows]
+    return [{**r, "figure": f"{r['figure']} [run {r['run_id']}]"} if seen.count(r["figure"]) > 1 else r for r in rows]
 
 
 def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
@@ -244,7 +317,9 @@ def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
     (the estimates), its interval over resampled images; and the rescued images."""
     gain = {(r.kind, r.run_id): r.estimate for r in est.itertuples()}
     out = []
+    several = len(tables.ensembles) > 1  # then each figure names the ensemble it is of
     for e in tables.ensembles.itertuples():
+        of = f" (ensemble of {seeds_of(e.members)})" if several else ""
         c_e = _correct(preds, [e.run_id])
         for k in tables.kd.itertuples():
             c_kd = _correct(preds, [k.run_id])
@@ -254,7 +329,7 @@ def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
             ratio = gain[("kd", k.run_id)] / gain[("ensemble", e.run_id)] if gain[("ensemble", e.run_id)] else math.nan
             out.append(
                 _figure(
-                    f"KD student {k.seed}: share of the ensemble's gain it keeps",
+                    f"KD student {k.seed}{of}: share of the ensemble's gain it keeps",
                     ratio,
                     len(c_single),
                     "(KD - mean single) / (ensemble - mean single)",
@@ -272,7 +347,11 @@ def _kept_by_kd(tables, preds, est, c_single, n_resamples, seed) -> list[dict]:
             value = 100 * res.share if res.n_images else math.nan
             out.append(
                 _figure(
-                    f"KD student {k.seed}: right on images the ensemble rescues", value, res.n_images, detail, k.run_id
+                    f"KD student {k.seed}{of}: right on images the ensemble rescues",
+                    value,
+                    res.n_images,
+                    detail,
+                    k.run_id,
                 )
             )
     return out

@@ -22,6 +22,7 @@ from . import gains as gains_mod
 
 FIGURE1_COLUMNS = [
     "column",
+    "title",
     "n",
     "test_acc",
     "test_std",
@@ -33,6 +34,7 @@ FIGURE1_COLUMNS = [
     "report",
     "paper",
     "run_ids",
+    "over_run_ids",
 ]
 CALIBRATION_COLUMNS = ["row", "n", "nll", "ece", "brier", "nll_gain", "nll_gain_lo", "nll_gain_hi", "run_ids"]
 ENSEMBLE_SIZE_COLUMNS = [
@@ -99,39 +101,66 @@ _ACCURACY = {
 }
 
 
+JOINT_ROW = "training the average"  # the summary's joint rows start with it, one per size
+
+
+def _columns(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(column, title, summary row): the four fixed columns, then one joint column per
+    joint entry of the summary (per size and member seeds: never one mean of several)."""
+    fixed = [(name, title, row) for name, title, row in FIGURE1 if row is not None]
+    joints = [r for r in summary["row"] if str(r).startswith(JOINT_ROW)]
+    if not joints:
+        return [*fixed, ("joint", JOINT_ROW, "")]
+    if len(joints) == 1:
+        return [*fixed, ("joint", JOINT_ROW, joints[0])]
+    return fixed + [(f"joint{r[len(JOINT_ROW) :]}", r, r) for r in joints]
+
+
 def figure1(head: dict, summary: pd.DataFrame, tables: dict) -> pd.DataFrame:
-    """The five columns: the runs the summary counts (and, for the joint column, the
-    counted joint runs in ``tables["joint"]``), their mean logged test accuracy, its gain
-    over the mean single model and, with one run per seed, a t-interval over seeds; the
-    gains' bootstrap intervals come with the predictions (:func:`compute`)."""
+    """The columns: the runs the summary counts, their mean logged test accuracy, its gain
+    over the mean single model (a joint column: over the single models of its own seeds,
+    as its summary row) and, with one run per seed, a t-interval over seeds; the gains'
+    bootstrap intervals come with the predictions (:func:`compute`)."""
     rows = summary.set_index("row")
     refs = references(head["preset"], head["dataset"], head["label"])
+    singles = list(rows.loc["single models", "run_ids"])
     out = []
-    for name, _title, row in FIGURE1:
-        frame, column = _ACCURACY[name]
-        ids = list(tables[frame]["run_id"]) if row is None else list(rows.loc[row, "run_ids"])
+    for name, title, row in _columns(summary):
+        frame, column = _ACCURACY["joint" if name.startswith("joint") else name]
+        ids = list(rows.loc[row, "run_ids"]) if row in rows.index else []
         accs = tables[frame].set_index("run_id").loc[ids, column].astype(float).dropna()
         over_seeds = stats.seed_interval(accs.to_numpy()) if name in ("single", "sd") and len(accs) >= 2 else None
+        joint = name.startswith("joint") and row in rows.index
         out.append(
             {
                 "column": name,
+                "title": title,
                 "n": len(ids),
                 "test_acc": accs.mean() if len(accs) else NAN,
                 "test_std": accs.std(ddof=1) if len(accs) >= 2 else NAN,
                 "seed_lo": over_seeds.lo if over_seeds else NAN,
                 "seed_hi": over_seeds.hi if over_seeds else NAN,
-                "gain": NAN,
+                "gain": rows.loc[row, "gain"] if joint else NAN,
                 "gain_lo": NAN,
                 "gain_hi": NAN,
                 "report": refs.get("report", {}).get(name),
                 "paper": refs.get("paper", {}).get(name),
                 "run_ids": ids,
+                "over_run_ids": _over(tables["seeds"], singles, ids, tables["joint"]) if joint else singles,
             }
         )
     fig = pd.DataFrame(out, columns=FIGURE1_COLUMNS)
     single = fig.loc[fig["column"] == "single", "test_acc"].iloc[0]
-    fig.loc[fig["column"] != "single", "gain"] = fig["test_acc"] - single
+    plain = ~fig["column"].str.startswith("joint") & (fig["column"] != "single")
+    fig.loc[plain, "gain"] = fig["test_acc"] - single
     return fig
+
+
+def _over(seeds: pd.DataFrame, singles: list, ids: list, joint: pd.DataFrame) -> list:
+    """The single models a joint column's gain is over: those of its seeds."""
+    members = joint.set_index("run_id").loc[ids, "members"].iloc[0]
+    counted = seeds[seeds["run_id"].isin(singles)]
+    return list(gains_mod.same_seeds(counted, members)["run_id"])
 
 
 def compute(t, preds: dict, n_resamples: int = 10_000, seed: int = 0):
@@ -145,13 +174,14 @@ def compute(t, preds: dict, n_resamples: int = 10_000, seed: int = 0):
     if t.figure1.empty:
         return empty
     runs = _runs_of(t)
+    teachers = _sd_teachers(t, runs["sd"])
     ids = [r for ids in runs.values() for r in ids] + [m for ms in t.ensembles["member_run_ids"] for m in ms]
-    preds, _notes = gains_mod.usable(t, preds, ids)  # gains.compute notes what is left out
+    preds, _notes = gains_mod.usable(t, preds, ids + teachers)  # gains.compute notes what is left out
     if len({p.digest("test") for p in preds.values()}) > 1:
         return empty  # gains.compute notes it
     return (
         _figure1_intervals(t.figure1, preds, n_resamples, seed),
-        _calibration(runs, preds, n_resamples, seed),
+        _calibration(t.figure1, runs, teachers, preds, n_resamples, seed),
         _ensemble_size(t, runs["ensemble"], preds),
     )
 
@@ -164,38 +194,59 @@ def _runs_of(t) -> dict:
     return out
 
 
+def _sd_teachers(t, students: list) -> list:
+    """Each counted SD student's teacher, in the students' order (a teacher of two
+    students twice): the pairs of the SD row's NLL gain."""
+    teacher = t.self_distillation.set_index("run_id")["teacher_run_id"]
+    return [teacher[s] for s in students]
+
+
 def _all(preds: dict, ids) -> list | None:
     got = [preds.get(r) for r in ids]
     return got if got and all(p is not None for p in got) else None
 
 
 def _figure1_intervals(fig: pd.DataFrame, preds: dict, n_resamples: int, seed: int) -> pd.DataFrame:
-    singles = _all(preds, fig.loc[fig["column"] == "single", "run_ids"].iloc[0])
     out = fig.copy()
     for i, r in fig.iterrows():
-        side = _all(preds, r["run_ids"])
-        if r["column"] == "single" or singles is None or side is None:
+        over, side = _all(preds, r["over_run_ids"]), _all(preds, r["run_ids"])
+        if r["column"] == "single" or over is None or side is None:
             continue
-        c_single = np.stack([p.correct("test") for p in singles])
+        c_over = np.stack([p.correct("test") for p in over])
         c_side = np.stack([p.correct("test") for p in side])
-        interval = stats.paired_bootstrap(c_single, c_side, n_resamples=n_resamples, seed=seed)
+        interval = stats.paired_bootstrap(c_over, c_side, n_resamples=n_resamples, seed=seed)
         out.loc[i, ["gain_lo", "gain_hi"]] = [interval.lo, interval.hi]
     return out
 
 
-def _calibration(runs: dict, preds: dict, n_resamples: int, seed: int) -> pd.DataFrame:
-    singles = _all(preds, runs["single"])
-    single_nll = None if singles is None else np.stack([_nll(p) for p in singles])
-    rows = []
+def _calibration_rows(fig: pd.DataFrame) -> list[tuple[str, str, str | None]]:
+    """(title, Figure 1 column or summary row, what its NLL gain is over: "single", "sd"
+    (each student's own teacher) or None), the joint rows one per Figure 1 joint column."""
+    out = []
     for title, key, with_gain in CALIBRATION:
+        if key != "joint":
+            out.append((title, key, "sd" if key == "sd" else "single" if with_gain else None))
+            continue
+        out += [(r.title, r.column, "single") for r in fig.itertuples() if str(r.column).startswith("joint")]
+    return out
+
+
+def _calibration(fig: pd.DataFrame, runs: dict, teachers: list, preds: dict, n_resamples: int, seed: int):
+    overs = dict(zip(fig["column"], fig["over_run_ids"], strict=True))
+    rows = []
+    for title, key, over in _calibration_rows(fig):
         got = _all(preds, runs.get(key, []))
         if got is None:
             continue
         measured = [calibration.measure(p.probs("test"), p.labels("test"), p.top1("test")) for p in got]
+        base = _all(preds, teachers if over == "sd" else overs.get(key, runs["single"])) if over else None
         gain = lo = hi = NAN
-        if with_gain and single_nll is not None:
+        if base is not None:
             interval = stats.paired_bootstrap_values(
-                np.stack([_nll(p) for p in got]), single_nll, n_resamples=n_resamples, seed=seed
+                np.stack([_nll(p) for p in got]),
+                np.stack([_nll(p) for p in base]),
+                n_resamples=n_resamples,
+                seed=seed,
             )
             gain, lo, hi = interval.estimate, interval.lo, interval.hi
         rows.append(

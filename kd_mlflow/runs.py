@@ -288,11 +288,33 @@ def experiments_with_results(session) -> list[str]:
     return tracking.experiments_with_tag(session, schema.ROLE)
 
 
+UNFINISHED = ("RUNNING", "FAILED", "KILLED")  # compare names these, one line each
+_ENTRY_POINT = "mlflow.project.entryPoint"
+_PARENT = "mlflow.parentRunId"
+
+
 def results_frame(session, preset: str | None = None) -> pd.DataFrame:
-    """Every FINISHED run of the experiment (of one preset, filtered on the server), in one
-    search query, read as RunRecords: compare's input (:func:`records_frame`)."""
-    found = session.finished_runs(f"tags.`{schema.PRESET}` = '{preset}'" if preset else "")
-    return records_frame(record_of(run) for run in found)
+    """Every run of the experiment (of one preset, filtered on the server) that is
+    FINISHED, RUNNING, FAILED or KILLED, in one search query, read as RunRecords:
+    compare's input (:func:`records_frame`). Beside the records' fields, ``last_seen``
+    (ms: the run's latest metric, else its start) and ``end_time`` (ms, 0 while it runs),
+    so that compare can say how long a run not finished has been silent; ``parent_run_id``
+    and ``sweep`` (a sweep's parent run), so that it can gather a sweep's students."""
+    where = f"tags.`{schema.PRESET}` = '{preset}'" if preset else ""
+    found = session.search(where, statuses=("FINISHED", *UNFINISHED), max_results=50_000)
+    # A compare run under `mlflow run -e compare` is RUNNING while it reads: not a result.
+    found = [r for r in found if r.info.status == "FINISHED" or r.data.tags.get(_ENTRY_POINT) != "compare"]
+    frame = records_frame(record_of(run) for run in found)
+    # The latest metric's timestamp: MLflow's search returns each metric's last value
+    # with its timestamp (RunData keeps the Metric objects; it has no public accessor).
+    last = [max([m.timestamp for m in getattr(r.data, "_metric_objs", ())] + [r.info.start_time or 0]) for r in found]
+    return frame.assign(
+        last_seen=last,
+        end_time=[r.info.end_time or 0 for r in found],
+        # A sweep's students are nested under its parent: compare reports them as one table.
+        parent_run_id=[r.data.tags.get(_PARENT) for r in found],
+        sweep=[schema.SWEEP in r.data.tags for r in found],
+    )
 
 
 def register(session, run_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:

@@ -35,6 +35,7 @@ SEARCH = "kd.search"  # a sweep's parent run: grid | optuna
 SWEEP_KD_CHOICE = "kd.sweep_kd_choice"  # a study's parent and its KD student: the setting a
 # sweep chose on validation ("temperature=2, alpha=1 chosen on validation over 6 settings")
 STUDY = "kd.study"  # a study's parent run: "true"
+SUMMARY_RUN_IDS = "kd.summary_run_ids"  # a study's parent: the runs its summary metrics are of
 COMPARE = "kd.compare"  # a run that only holds compare's tables: "true"
 MIXED = "kd.mixed"  # an ensemble of members of different groups (--allow-mixed): "true"
 STUDY_RUN_ID = "kd.study_run_id"  # registered model versions: the study that made them

@@ -571,6 +571,10 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
             if metric and g.lo == g.lo:
                 summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
         summary.update(_measure_metrics(t))
+    # The parent's figures are of this study's own runs; compare's group may hold more
+    # (another study's KD student): the tag says which runs these are.
+    covered = sorted({rid for t in tables for ids in t.summary["run_ids"] for rid in ids})
+    tracking.set_tags(session, parent, {schema.SUMMARY_RUN_IDS: ",".join(covered)})
     roles = {  # solid lines: networks trained from their initialisation (a joint model too)
         name: ("teacher" if name.startswith(("train-", "joint-")) else "student")
         for name in result.runs

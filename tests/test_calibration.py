@@ -366,12 +366,13 @@ def test_figure1_plot_draws_each_kind_of_interval_as_what_it_is():
 
     nan = float("nan")
     rows = [
-        # column, n, test_acc, test_std, seed_lo, seed_hi, gain, gain_lo, gain_hi, report, paper, run_ids
-        ("single", 3, 50.0, 1.0, 47.5, 52.5, nan, nan, nan, "85.46-86.39", None, ""),
-        ("ensemble", 1, 56.0, nan, nan, nan, 6.0, 5.5, 6.6, "89.07", None, ""),
-        ("kd", 1, 54.0, nan, nan, nan, 4.0, nan, nan, "87.00", None, ""),
-        ("sd", 0, nan, nan, nan, nan, nan, nan, nan, None, None, ""),
+        # column, n, test_acc, test_std, seed_lo, seed_hi, gain, gain_lo, gain_hi, report, paper
+        ("single", 3, 50.0, 1.0, 47.5, 52.5, nan, nan, nan, "85.46-86.39", None),
+        ("ensemble", 1, 56.0, nan, nan, nan, 6.0, 5.5, 6.6, "89.07", None),
+        ("kd", 1, 54.0, nan, nan, nan, 4.0, nan, nan, "87.00", None),
+        ("sd", 0, nan, nan, nan, nan, nan, nan, nan, None, None),
     ]
+    rows = [(r[0], r[0], *r[1:], [], []) for r in rows]  # its title, run_ids and over_run_ids
     table = pd.DataFrame(rows, columns=measures.FIGURE1_COLUMNS)
     points = {p["column"]: p for p in plots.figure1_points(table)}
     assert set(points) == {"single", "ensemble", "kd"}

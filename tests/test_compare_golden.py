@@ -11,10 +11,12 @@ import json
 import statistics
 import types
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from kd_mlflow import compare, config
+from kd_mlflow import compare, config, schema
+from kd_mlflow import gains as gains_mod
 from kd_mlflow.runs import RunRecord, records_frame
 
 PRESET, DATASET = "seed-report", "cifar10"
@@ -564,3 +566,289 @@ def test_csv_of_several_groups_has_every_group_and_its_gains(mixed):
     for i, t in enumerate(tables):
         mine = frame[(frame["group_id"] == t.group_id) & (frame["section"] == "seeds")].set_index("run_id")
         assert mine.loc[t.seeds["run_id"].iloc[0], "gain"] == pytest.approx(1.0 + i)
+
+
+# --- issue 29: tables a user can trust (several joint sizes, duplicates, sweeps, ...) ---
+
+SMOKE_TRAIN = {0: (80.0, 81.0), 1: (82.0, 83.0), 2: (84.0, 85.0), 3: (86.0, 87.0), 4: (88.0, 89.0)}
+SMOKE = {"preset": "smoke", "dataset": "digits", "group_label": "smoke"}
+
+
+def _smoke(run_id, role, acc, **fields):
+    """A smoke run of group g1 (its train runs') unless ``group`` says otherwise."""
+    fields.setdefault("params", _params("smoke", "student" if role == "student" else "train"))
+    return _record(run_id, role, acc, **{"group": "g1", **SMOKE, **fields})
+
+
+def _smoke_trains(seeds=SMOKE_TRAIN):
+    return [_smoke(f"t{s}", "train", acc, seed=s, config_hash=f"t{s}") for s, acc in seeds.items()]
+
+
+def _smoke_ensemble(run_id, seeds, config_hash=None, **fields):
+    members = {"member_role": "train", "member_seeds": tuple(map(str, seeds))}
+    members["member_run_ids"] = tuple(f"t{s}" for s in seeds)
+    return _smoke(
+        run_id,
+        "ensemble",
+        fields.pop("acc", (90.0, 91.0)),
+        group="e1",
+        combine="prob",
+        **members,
+        config_hash=config_hash or run_id,
+        **fields,
+    )
+
+
+def _kd(run_id, seed, teacher, acc, config_hash=None, **fields):
+    kd = {"method": "kd", "seed": seed, "teacher_run_id": teacher, "teacher_seeds": "0,1,2,3,4", "generation": 1}
+    return _smoke(run_id, "student", acc, group="k1", config_hash=config_hash or run_id, **kd, **fields)
+
+
+def _joint(run_id, seeds, test):
+    members = {"member_seeds": tuple(map(str, seeds)), "params": _params("smoke", "train")}
+    return _smoke(run_id, "joint", (test - 1, test), config_hash=run_id, **members)
+
+
+def _estimates(t):
+    """The gains of a table's counted rows (the summary's runs), as its gains table has them."""
+    counted = {rid for ids in t.summary["run_ids"] for rid in ids}
+    return gains_mod.estimates(**compare.counted({k: getattr(t, k) for k in gains_mod.ESTIMATED}, counted))
+
+
+def _labels_repeat(md: str) -> list[str]:
+    """Row labels (the first cell of a table whose first column names its rows: the
+    summary, gains, Figure 1, calibration) that repeat within one markdown table."""
+    repeats = []
+    for block in md.split("\n\n"):
+        if not block.startswith(("|  |", "| gain |", "| figure |")):
+            continue
+        rows = [line.split(" | ")[0] for line in block.splitlines()[2:] if line.startswith("| ")]
+        rows = [r for r in rows if r != "| -"]
+        repeats += sorted({r for r in rows if rows.count(r) > 1})
+    return repeats
+
+
+def test_joint_runs_of_two_sizes_are_two_entries_each_with_its_own_gain():
+    """Issue 29, finding 2: `joint --seeds 0-4` (91.09) and `joint --seeds 0-2` (83.57) in
+    one group were one Figure 1 column, 87.33 ± 5.32 over runs 2; each is now its own
+    column and summary row, its gain over the single models of its own seeds."""
+    recs = [*_smoke_trains(), _joint("j5", range(5), 91.09), _joint("j3", range(3), 83.57)]
+    (t,) = compare.build_tables(records_frame(recs))
+    fig = t.figure1.set_index("title")
+    five, three = "training the average (seeds 0-4)", "training the average (seeds 0-2)"
+    assert fig.loc[[three, five], "n"].tolist() == [1, 1]
+    assert fig.loc[[three, five], "test_acc"].tolist() == [83.57, 91.09]
+    assert fig.loc[five, "gain"] == pytest.approx(91.09 - 85.0)  # the mean single of seeds 0-4
+    assert fig.loc[three, "gain"] == pytest.approx(83.57 - 83.0)  # of seeds 0-2
+    assert fig.loc[three, "over_run_ids"] == ["t0", "t1", "t2"]
+    s = t.summary.set_index("row")
+    assert s.loc[three, "gain"] == pytest.approx(83.57 - 83.0) and s.loc[three, "run_ids"] == ["j3"]
+    assert s.loc[three, "gain_over"] == "single models of seeds 0-2 (mean)"
+    assert s.loc[five, "gain_over"] == "single models (mean)" and s.loc[five, "n"] == 1
+    est = _estimates(t)
+    joint = est[est["kind"].str.startswith("joint")].set_index("run_id")
+    assert joint.loc["j3", "over_run_ids"] == ["t0", "t1", "t2"] and joint.loc["j5", "n"] == 5
+    md = compare.render([t], "markdown")
+    assert "87.33" not in md and "| runs | 5 | 0 | 0 | 0 | 1 | 1 |" in md
+    assert "| training the average (seeds 0-2) | 1 | 82.57 | - | 83.57 | - | +0.57 |" in md
+
+
+def test_rows_that_more_than_one_run_fills_name_their_runs():
+    """Issue 29, finding 3: with two KD students the gains had two rows `KD - mean single`;
+    each row now names its student, and the summary names the seeds it averages."""
+    recs = [*_smoke_trains(), _smoke_ensemble("ens", range(5))]
+    recs += [_kd("kd100", 100, "ens", (86.0, 86.5)), _kd("kd101", 101, "ens", (85.0, 84.0))]
+    (t,) = compare.build_tables(records_frame(recs))
+    est = _estimates(t)
+    assert sorted(est.loc[est["kind"] == "kd", "gain"]) == [
+        "KD student 100 - mean single",
+        "KD student 101 - mean single",
+    ]
+    assert not est["gain"].duplicated().any()
+    assert t.summary.set_index("row").loc["KD students", "seeds"] == "100; 101"
+    assert _labels_repeat(compare.render([t], "markdown")) == []
+
+
+def test_a_duplicate_identity_from_two_processes_is_counted_once_and_said():
+    """Issue 29, finding 1: two identical studies at once made two ensembles of the same
+    members (one config hash) and a KD student of seed 100 under each (two hashes: each
+    names its own teacher). compare listed and counted the student twice (n 2, std 0.00);
+    they are one identity, counted once, with a note."""
+    recs = [*_smoke_trains(), _smoke_ensemble("ens-a", range(5), "ens")]
+    recs += [_smoke_ensemble("ens-b", range(5), "ens"), _kd("kd-a", 100, "ens-a", (86.0, 86.5))]
+    recs.append(_kd("kd-b", 100, "ens-b", (86.0, 86.5)))
+    (t,) = compare.build_tables(records_frame(recs))
+    assert t.kd["run_id"].tolist() == ["kd-b"] and t.ensembles["run_id"].tolist() == ["ens-b"]
+    assert t.summary.set_index("row").loc["KD students", "n"] == 1
+    assert t.figure1.set_index("column").loc["kd", "n"] == 1
+    notes = "\n".join(t.notes)
+    assert "run kd-a superseded by kd-b" in notes and "counted once" in notes
+    assert "run ens-a superseded by ens-b (same config_hash" in notes
+
+
+def test_the_missing_kd_student_note_points_to_its_architecture_table():
+    """Issue 29, finding 4: a KD student of another architecture sits in its own table; the
+    main table's "no KD student" note names it."""
+    student = _params("smoke", "student", model="resnet8")
+    recs = [*_smoke_trains(), _smoke_ensemble("ens", range(5)), _kd("kd8", 100, "ens", (70.0, 71.0), params=student)]
+    sd = {"method": "sd", "seed": 10, "teacher_run_id": "t0", "teacher_seeds": "0", "generation": 1}
+    recs.append(_smoke("sd10", "student", (81.0, 82.0), group="s1", config_hash="sd10", **sd))  # the study's own
+    main, other = compare.build_tables(records_frame(recs))
+    assert other.kd["run_id"].tolist() == ["kd8"] and main.kd.empty
+    (note,) = [n for n in main.notes if n.startswith("no KD student")]
+    assert f'"{other.label}"' in note and "->" in other.label
+
+
+def _swept(tidy_only=False):
+    """A KD sweep of 3 temperatures x 2 seeds nested under its parent run, besides the study's runs."""
+    recs = [*_smoke_trains(), _smoke_ensemble("ens", range(5))]
+    parent = _record("sweep", None, None, name="sweep-kd-ens-temperature=1,2,4", **SMOKE)
+    vals = {1.0: (80.0, 81.0), 2.0: (85.0, 82.0), 4.0: (83.0, 93.5)}  # the best test is not chosen
+    kids = []
+    for temp, (val, test) in vals.items():
+        for seed in (100, 101):
+            params = _params("smoke", "student", temperature=temp)
+            kids.append(_kd(f"kd-{temp:g}-{seed}", seed, "ens", (val + seed - 100, test), params=params))
+    runs = records_frame([*recs, parent, *kids])
+    nested = runs["run_id"].isin([k.run_id for k in kids])
+    return runs.assign(
+        parent_run_id=runs["run_id"].where(~nested, "sweep").where(nested), sweep=runs["run_id"] == "sweep"
+    )
+
+
+def test_a_sweep_is_one_table_under_its_teachers_group():
+    """Issue 29, finding 5: each setting of a sweep was a full group (its single, ensemble
+    and Figure 1 tables again); the sweep is now one table of its settings under the group
+    of its teacher, chosen on validation, the test accuracy of the chosen setting only."""
+    (t,) = compare.build_tables(_swept())
+    sweep = t.sweeps.set_index("setting")
+    assert list(sweep.index) == ["temperature=1", "temperature=2", "temperature=4"]
+    assert sweep["n"].tolist() == [2, 2, 2] and sweep["val_mean"].tolist() == [80.5, 85.5, 83.5]
+    assert sweep["chosen"].tolist() == [False, True, False]
+    assert sweep.loc["temperature=2", "test_mean"] == 82.0 and sweep["test_mean"].isna().sum() == 2
+    md = compare.render([t], "markdown")
+    assert sum(line.startswith("## ") for line in md.splitlines()) == 1
+    assert "| temperature=2 | 2 | 85.50 ± 0.71 | 82.00 ± 0.00 | chosen |" in md
+    assert "93.50" not in md  # a setting not chosen shows no test accuracy
+    # One setting's full tables on request, by the label its row gives.
+    label = sweep.loc["temperature=4", "label"]
+    (one,) = compare.build_tables(_swept(), group=label)
+    assert one.kd["run_id"].tolist() == ["kd-4-100", "kd-4-101"]
+
+
+def test_runs_not_finished_are_named_with_how_long_they_have_been_silent():
+    """Issue 29, finding 8: RUNNING, FAILED and KILLED runs were dropped silently; each is
+    now one line in its group's table, a RUNNING one with the time since its last metric."""
+    recs = [*_smoke_trains({0: (80.0, 81.0)})]
+    recs.append(_smoke("t1", "train", None, seed=1, config_hash="t1", status="RUNNING", name="train-seed-1"))
+    recs.append(_smoke("t2", "train", None, seed=2, config_hash="t2", status="FAILED", name="train-seed-2"))
+    runs = records_frame(recs)
+    started = runs.set_index("run_id")["start_time"]["t1"]
+    runs = runs.assign(last_seen=runs["start_time"], end_time=0)
+    runs.loc[runs["run_id"] == "t1", "last_seen"] = started + 55 * 60_000  # its last metric
+    now = started / 1000 + 3600
+    (t,) = compare.build_tables(runs, now=now)
+    u = t.unfinished.set_index("run_id")
+    assert u["status"].to_dict() == {"t1": "RUNNING", "t2": "FAILED"}
+    assert u.loc["t1", "since"] == "last metric 5 min ago (started 60 min ago)"
+    assert t.seeds["run_id"].tolist() == ["t0"]
+    md = compare.render([t], "markdown")
+    assert "### Runs not finished" in md and "| RUNNING | train | train-seed-1 |" in md
+    # An experiment with nothing finished still shows what is running.
+    (alone,) = compare.build_tables(records_frame(recs[1:2]), now=now)
+    assert alone.unfinished["run_id"].tolist() == ["t1"] and "no metric yet" in alone.unfinished["since"].iloc[0]
+
+
+def test_each_row_carries_its_own_roles_recipe():
+    """Issue 29, finding 9: the JSON recipe of a train group's single-models row carried a
+    student's seed and distillation settings; it is the train runs' recipe."""
+    recs = [*_smoke_trains(), _smoke_ensemble("ens", range(5)), _kd("kd100", 100, "ens", (86.0, 86.5))]
+    doc = json.loads(compare.render(compare.build_tables(records_frame(recs)), "json"))
+    assert "temperature" not in doc["seeds"][0]["recipe"] and "temperature" in doc["kd"][0]["recipe"]
+    summary = {r["row"]: r for r in doc["summary"]}
+    assert summary["SD ensemble"]["gain_over"] == "ensemble"  # one ensemble: no "(mean)"
+
+
+def _hand_predictions(seed: int, n: int = 40, classes: int = 3):
+    """Random probabilities of ``n`` test images (their classes stored) and the test
+    accuracy they give, as a run would log it."""
+    from kd_mlflow.predictions import Predictions, labels_digest
+
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(classes), size=n).astype(np.float16)
+    labels = (np.arange(n) % classes).astype(np.int16)
+    pred = probs.astype(np.float64).argmax(axis=1).astype(np.int16)
+    digest = labels_digest(labels)
+    p = Predictions(probs, probs, labels, labels, digest, digest, classes, pred, pred)
+    return p, 100 * float((pred == labels).mean())
+
+
+def test_the_sd_rows_nll_gain_is_over_each_students_own_teacher():
+    """Issue 29, finding 9: the calibration table gave no NLL gain for the SD students; it
+    is each student's teacher's NLL minus its own, averaged over the pairs, with its
+    paired bootstrap interval (the same images drawn for both sides)."""
+    from kd_mlflow import calibration, stats
+
+    preds, recs = {}, []
+    for s in (0, 1):
+        preds[f"t{s}"], acc = _hand_predictions(s)
+        recs.append(_smoke(f"t{s}", "train", (acc, acc), seed=s, config_hash=f"t{s}"))
+    for s, teacher in ((10, "t0"), (11, "t1")):
+        preds[f"sd{s}"], acc = _hand_predictions(s)
+        sd = {"method": "sd", "seed": s, "teacher_run_id": teacher, "teacher_seeds": teacher[1:], "generation": 1}
+        recs.append(_smoke(f"sd{s}", "student", (acc, acc), group="s1", config_hash=f"sd{s}", **sd))
+    (t,) = compare.build_tables(records_frame(recs), predictions=preds)
+    row = t.calibration.set_index("row").loc["SD students (mean)"]
+
+    def nll(names):
+        return np.stack([calibration.nll_per_image(preds[n].probs(), preds[n].labels()) for n in names])
+
+    want = stats.paired_bootstrap_values(nll(["sd10", "sd11"]), nll(["t0", "t1"]))
+    assert (row.nll_gain, row.nll_gain_lo, row.nll_gain_hi) == pytest.approx((want.estimate, want.lo, want.hi))
+    assert want.estimate == pytest.approx((nll(["t0", "t1"]) - nll(["sd10", "sd11"])).mean())
+
+
+def _logged_run(client, exp_id, name, role, seed, *, status="FINISHED", acc=None, tags=None, parent=None):
+    """A run on the real server as a kd-mlflow step leaves it: its tags, its recipe's
+    params, its final metrics, its status."""
+    from mlflow.entities import Metric, Param
+
+    base = {schema.ROLE: role, schema.PRESET: "smoke", schema.DATASET: "digits", schema.GROUP: "g1"}
+    base |= {schema.GROUP_LABEL: "smoke", schema.SEED: str(seed), schema.CONFIG_HASH: name}
+    base |= {"mlflow.parentRunId": parent} if parent else {}
+    run = client.create_run(exp_id, run_name=name, tags={**base, **(tags or {})})
+    rid = run.info.run_id
+    params = [Param(k, v) for k, v in _params("smoke", role).items()]
+    metrics = [
+        Metric(k, v, 0, 0) for k, v in zip((schema.FINAL_VAL_ACC, schema.FINAL_TEST_ACC), acc or (), strict=False)
+    ]
+    client.log_batch(rid, metrics=metrics, params=params)
+    if status != "RUNNING":
+        client.set_terminated(rid, status)
+    return rid
+
+
+@pytest.mark.e2e
+def test_compare_on_a_server_names_runs_not_finished_and_gathers_a_sweep(tracked):
+    """Through runs.results_frame's one search on a real server: a RUNNING run (its last
+    metric's time read back), a KILLED one, and a sweep's nested students as one table."""
+    from conftest import invoke
+
+    c = tracked.client
+    exp = c.create_experiment(tracked.experiment)
+    t0 = _logged_run(c, exp, "train-seed-0", "train", 0, acc=(80.0, 81.0))
+    running = _logged_run(c, exp, "train-seed-1", "train", 1, status="RUNNING")
+    c.log_metric(running, "val_acc", 50.0, step=1)
+    killed = _logged_run(c, exp, "train-seed-2", "train", 2, status="KILLED")
+    sweep = c.create_run(exp, run_name="sweep-sd", tags={schema.SWEEP: "true", schema.PRESET: "smoke"}).info.run_id
+    sd = {schema.METHOD: "sd", schema.TEACHER_RUN_ID: t0, schema.GROUP: "s1"}
+    for seed, acc in ((10, (82.0, 83.0)), (11, (84.0, 85.0))):
+        _logged_run(c, exp, f"sd-{seed}", "student", seed, acc=acc, tags=sd, parent=sweep)
+    c.set_terminated(sweep, "FINISHED")
+    out = invoke("compare", "--no-intervals")
+    assert out.exit_code == 0, out.output
+    md = out.stdout
+    assert "| RUNNING | train | train-seed-1 | last metric " in md and f"| {running} |" in md
+    assert "| KILLED | train | train-seed-2 | ended " in md and f"| {killed} |" in md
+    assert "### Sweep sweep-sd (chosen on validation; test of the chosen only)" in md
+    assert sum(line.startswith("## ") for line in md.splitlines()) == 1  # the sweep's settings are rows

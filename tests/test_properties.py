@@ -1,9 +1,12 @@
 """Properties of compare and of the one reading of a run, on random inputs (hypothesis).
 
 Experiments: several train groups, ensembles (prob and logit, of one group or mixed),
-KD and SD students of every group with and without their own settings, ensembles of
-students, superseded, FAILED and KILLED runs, pointers, a study parent, a teacher that
-is gone, and synthetic predictions (some missing) that agree with the runs' metrics.
+KD and SD students of every group with and without their own settings (another
+architecture among them), ensembles of students, superseded, FAILED and KILLED runs,
+pointers, a study parent, a teacher that is gone, duplicates that two processes made at
+once (an ensemble twice, a student under each copy), joint runs of several sizes, a sweep
+of nested students, and synthetic predictions (some missing) that agree with the runs'
+metrics.
 They go in as RunRecords, through runs.records_frame, into compare.build_tables: no
 server, compare is pure. Failures hypothesis found and shrank are kept as @example.
 """
@@ -25,7 +28,8 @@ from kd_mlflow.runs import RunRecord, records_frame
 
 SMOKE = config.preset("smoke")
 TRAIN_RECIPES = (SMOKE, SMOKE.replace(epochs=1), SMOKE.replace(lr=0.005))
-STUDENT_SETTINGS = ({}, {"temperature": 2.0}, {"lr": 0.02})  # none, distillation, a training override
+# none, distillation, a training override, another architecture
+STUDENT_SETTINGS = ({}, {"temperature": 2.0}, {"lr": 0.02}, {"model": "resnet8"})
 N_IMAGES, N_CLASSES = 24, 3
 LABELS = np.arange(N_IMAGES) % N_CLASSES
 
@@ -35,6 +39,15 @@ class Experiment:
     records: tuple  # RunRecords, in the order they were logged
     correct: dict  # run id -> per test image, right or wrong (its predictions agree with its metric)
     no_predictions: frozenset = frozenset()
+    parents: tuple = ()  # (run id, its parent run id): a sweep's students
+    sweeps: frozenset = frozenset()  # the sweeps' parent runs
+
+    def frame(self) -> pd.DataFrame:
+        """compare's input as runs.results_frame makes it: the records, with each run's
+        parent and whether it is a sweep's parent."""
+        runs = records_frame(self.records)
+        parents = dict(self.parents)
+        return runs.assign(parent_run_id=runs["run_id"].map(parents), sweep=runs["run_id"].isin(self.sweeps))
 
     def predictions(self) -> dict:
         return {rid: _predictions(c) for rid, c in self.correct.items() if rid not in self.no_predictions}
@@ -117,8 +130,66 @@ def experiments(draw) -> Experiment:
     if trains and draw(st.booleans()):  # a pointer (`mlflow run` of a finished configuration) and a study parent
         log.add("train", SMOKE, draw(acc), seed=trains[0].seed, duplicate_of=trains[0].run_id)
         log.add("train", SMOKE, draw(acc), seed=9, study=True)
+    if ensembles and draw(st.booleans()):
+        _concurrent_twin(log, draw(st.sampled_from(ensembles)), draw(acc))
+    for _ in range(draw(st.integers(0, 3))) if trains else ():
+        _joint(draw, log, trains, draw(acc))
+    parents, sweeps = _sweep(draw, log, ensembles, draw(acc)) if ensembles and draw(st.booleans()) else ((), ())
     no_predictions = draw(st.sets(st.sampled_from(sorted(log.correct)), max_size=2))
-    return Experiment(tuple(log.records), log.correct, frozenset(no_predictions))
+    return Experiment(tuple(log.records), log.correct, frozenset(no_predictions), parents, frozenset(sweeps))
+
+
+def _copy(log, rec: RunRecord, acc_seed, **changes) -> RunRecord:
+    """``rec`` logged again by another process (a later start, its own accuracy)."""
+    fields = {k: v for k, v in dataclasses.asdict(rec).items() if k not in _LOGGED}
+    return log.add(rec.role, _recipe_of(rec), acc_seed, **{**fields, **changes})
+
+
+_LOGGED = ("run_id", "name", "status", "role", "preset", "dataset", "start_time", "params", "group_label")
+_LOGGED += ("final_val_acc", "final_test_acc")
+
+
+def _concurrent_twin(log, ensemble: RunRecord, acc_seed) -> None:
+    """Two processes made one ensemble (one config hash, two runs) and each its own KD
+    students: a student's copy names the other ensemble, so its hash differs."""
+    twin = _copy(log, ensemble, acc_seed, params={"combine": ensemble.combine})
+    for s in [r for r in log.records if r.teacher_run_id == ensemble.run_id and r.status == "FINISHED"]:
+        _copy(log, s, acc_seed + 1, teacher_run_id=twin.run_id, config_hash=f"{s.config_hash}-{twin.run_id}")
+
+
+def _joint(draw, log, trains, acc_seed) -> None:
+    """A joint run of some of a group's seeds: sizes differ from one to the next."""
+    group = draw(st.sampled_from(sorted({t.group for t in trains})))
+    seeds = sorted({t.seed for t in trains if t.group == group})
+    members = tuple(str(s) for s in seeds[: draw(st.integers(1, len(seeds)))])
+    recipe = _recipe_of(next(t for t in trains if t.group == group))
+    log.add("joint", recipe, acc_seed, member_seeds=members, group=group, config_hash=f"joint-{group}-{members}")
+
+
+def _sweep(draw, log, ensembles, acc_seed) -> tuple:
+    """A KD sweep of one ensemble: two or three temperatures, one or two seeds each,
+    nested under its parent run."""
+    teacher = draw(st.sampled_from(ensembles))
+    parent = log.add(None, SMOKE, 0)  # a sweep's parent: no role, not a result
+    nested = []
+    for temperature in draw(st.lists(st.sampled_from([1.0, 2.0, 4.0]), min_size=2, max_size=3, unique=True)):
+        for seed in range(draw(st.integers(1, 2))):
+            own = {"temperature": temperature}
+            recipe = _recipe_of(teacher).replace(**{**{k: getattr(SMOKE, k) for k in config.STUDENT_FIELDS}, **own})
+            rec = log.add(
+                "student",
+                recipe,
+                acc_seed + seed + int(temperature),
+                method="kd",
+                seed=20 + seed,
+                teacher_run_id=teacher.run_id,
+                teacher_seeds=",".join(teacher.member_seeds),
+                generation=1,
+                group=f"s-kd-{teacher.run_id}-{temperature}",
+                config_hash=f"sweep-{teacher.run_id}-{seed}-{temperature}",
+            )
+            nested.append((rec.run_id, parent.run_id))
+    return tuple(nested), (parent.run_id,)
 
 
 def _ensemble(draw, log, pool, member_role, acc_seed, status):
@@ -280,9 +351,22 @@ def _one_place_per_run(tables, by_id: dict) -> None:
 def _nothing_dropped_silently(tables, records) -> None:
     text = "\n".join(n for t in tables for n in t.notes)
     listed = {rid for t in tables for rid in _listed(t)}
+    listed |= {rid for t in tables for ids in t.sweeps["run_ids"] for rid in ids}  # a sweep's students
     for rec in records:
-        if rec.status == "FINISHED" and not rec.duplicate_of and not rec.study:
+        if rec.status == "FINISHED" and not rec.duplicate_of and not rec.study and rec.role:
             assert rec.run_id in listed or f"run {rec.run_id} superseded by" in text, rec
+        elif rec.status != "FINISHED" and not rec.duplicate_of:  # named, one line each
+            assert sum(rec.run_id in set(t.unfinished["run_id"]) for t in tables) == 1, rec
+
+
+_ROWS = ("single models", "ensemble", "KD students", "SD students", "SD ensemble")
+
+
+def _frame_of_row(t, row: str):
+    """The table a summary row counts the runs of (a joint row: the joint runs)."""
+    if row.startswith("training the average"):
+        return t.joint
+    return dict(zip(_ROWS, [t.seeds, t.ensembles, t.kd, t.self_distillation, t.sd_ensembles], strict=True))[row]
 
 
 def _summary_counts_its_rows(t) -> None:
@@ -290,43 +374,85 @@ def _summary_counts_its_rows(t) -> None:
     if t.group_id in ("mixed", "unattached"):
         assert t.summary.empty
         return
-    tables = dict(
-        zip(
-            ("single models", "ensemble", "KD students", "SD students", "SD ensemble"), _frames(t).values(), strict=True
-        )
-    )
     notes = "\n".join(t.notes)
+    joint = [r for r in t.summary["row"] if r.startswith("training the average")]
+    counted_joint = {rid for r in t.summary.to_dict("records") if r["row"] in joint for rid in r["run_ids"]}
     for row in t.summary.to_dict("records"):
-        rows = set(tables[row["row"]]["run_id"])
+        rows = set(_frame_of_row(t, row["row"])["run_id"])
         assert row["n"] == len(row["run_ids"]) and set(row["run_ids"]) <= rows
-        for rid in rows - set(row["run_ids"]):
+        for rid in rows - set(row["run_ids"]) - (counted_joint if row["row"] in joint else set()):
             assert f" {rid} " in notes and "counted in no mean or gain" in notes, (rid, row["row"])
 
 
 def _gains_are_the_summarys(t, by_id: dict) -> None:
-    """Each gain in the gains table is the one its runs' metrics give, and the summary's
-    is their mean: one number, wherever it is shown."""
+    """Each gain in the gains table is the one its runs' metrics give (its run minus the
+    mean of the runs it is over), and the summary's is their mean: one number, wherever
+    it is shown."""
     assert not any("left out of the intervals" in n for n in t.notes)  # predictions agree with metrics
     summary = t.summary.set_index("row") if not t.summary.empty else None
-    single = t.seeds["test_acc"].mean()
     for g in t.gains.to_dict("records"):
-        if g["gain"] in ("ensemble - mean single", "KD - mean single"):
-            want = by_id[g["run_id"]].final_test_acc - single
-        elif g["gain"] == "SD - teacher (mean over pairs)":
+        if pd.isna(g["run_id"]):  # SD - teacher (mean over pairs)
             want = summary.loc["SD students", "gain"]
-        else:  # a student or an SD ensemble over the one run it is compared with
-            want = by_id[g["run_id"]].final_test_acc - by_id[g["over_run_ids"][0]].final_test_acc
+        else:
+            want = by_id[g["run_id"]].final_test_acc - np.mean([by_id[r].final_test_acc for r in g["over_run_ids"]])
         assert g["estimate"] == pytest.approx(want, abs=1e-9), g
-    rows = {
-        "ensemble": "ensemble - mean single",
-        "KD students": "KD - mean single",
-        "SD ensemble": "SD ensemble - ensemble",
-    }
-    for row, name in rows.items():
-        estimates = t.gains.loc[t.gains["gain"] == name, "estimate"]
-        n = summary.loc[row, "n"] * (len(t.ensembles) if row == "SD ensemble" else 1) if summary is not None else 0
-        if len(estimates) and len(estimates) == n:  # every run of the row has predictions
+    for row in [] if summary is None else summary.index:
+        ids = set(summary.loc[row, "run_ids"])
+        estimates = t.gains.loc[t.gains["run_id"].isin(ids), "estimate"]
+        n = len(ids) * (len(t.ensembles) if row == "SD ensemble" else 1)
+        if row not in ("single models", "SD students") and len(estimates) and len(estimates) == n:
             assert summary.loc[row, "gain"] == pytest.approx(estimates.mean(), abs=1e-12), row
+
+
+def _no_label_repeats(t) -> None:
+    """Every row names what it is: no label twice within a table."""
+    for name, column in (
+        ("summary", "row"),
+        ("gains", "gain"),
+        ("figure1", "title"),
+        ("calibration", "row"),
+        ("mechanism", "figure"),
+    ):
+        labels = getattr(t, name)[column]
+        assert not labels.duplicated().any(), (name, list(labels[labels.duplicated()]))
+    for _, sweep in t.sweeps.groupby("sweep_run_id"):
+        assert not sweep["setting"].duplicated().any()
+
+
+def _identity(rid: str, by_id: dict, twins: dict) -> tuple:
+    """A run's identity as its maker meant it: a train or joint run's hash; an ensemble's
+    combine and members, a student's method, seed, recipe and teacher, each read as an
+    identity (two processes' copies of one run are one)."""
+    rec = by_id[rid]
+    if rec.role in ("train", "joint") or rec.role is None:
+        return (rec.config_hash,)
+    if rec.role == "ensemble":
+        return ("ensemble", rec.combine, tuple(sorted(_identity(m, by_id, twins) for m in rec.member_run_ids)))
+    teacher = _identity(rec.teacher_run_id, by_id, twins) if rec.teacher_run_id in by_id else (rec.teacher_run_id,)
+    return ("student", rec.method, rec.seed, _recipe_of(rec).digest("student"), teacher)
+
+
+def _one_identity_per_row(t, by_id: dict) -> None:
+    """A summary row is a mean over runs of one class (a joint row: of one size and
+    member seeds), each identity in it once: a duplicate is counted once."""
+    for row in t.summary.to_dict("records"):
+        ids = [_identity(rid, by_id, {}) for rid in row["run_ids"]]
+        assert len(set(ids)) == len(ids), row
+        if row["row"].startswith("training the average"):
+            assert len({by_id[rid].member_seeds for rid in row["run_ids"]}) <= 1, row
+    for fig in t.figure1.to_dict("records"):
+        if fig["column"].startswith("joint"):
+            assert len({by_id[rid].member_seeds for rid in fig["run_ids"]}) <= 1, fig
+
+
+def _sweep_rows_are_their_runs(t, by_id: dict) -> None:
+    """A sweep's row: the mean validation accuracy of its runs; a test accuracy only on
+    the chosen row, the best validation mean."""
+    for _, sweep in t.sweeps.groupby("sweep_run_id"):
+        for r in sweep.to_dict("records"):
+            assert r["val_mean"] == pytest.approx(np.mean([by_id[x].final_val_acc for x in r["run_ids"]]))
+            assert pd.isna(r["test_mean"]) != r["chosen"]
+        assert sweep.loc[sweep["chosen"], "val_mean"].iloc[0] == sweep["val_mean"].max()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -337,13 +463,16 @@ def _gains_are_the_summarys(t, by_id: dict) -> None:
 @given(experiments())
 def test_tables_cannot_contradict_themselves(experiment):
     by_id = {r.run_id: r for r in experiment.records}
-    tables = compare.build_tables(records_frame(experiment.records), predictions=experiment.predictions())
+    tables = compare.build_tables(experiment.frame(), predictions=experiment.predictions())
     _nothing_dropped_silently(tables, experiment.records)
     _one_place_per_run(tables, by_id)
     for t in tables:
         _every_number_is_its_runs_metric(t, by_id)
         _summary_counts_its_rows(t)
         _gains_are_the_summarys(t, by_id)
+        _no_label_repeats(t)
+        _one_identity_per_row(t, by_id)
+        _sweep_rows_are_their_runs(t, by_id)
 
 
 def test_a_student_is_never_averaged_with_students_of_another_recipe():

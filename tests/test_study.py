@@ -197,3 +197,13 @@ def test_compare_intervals_contain_their_gains_and_come_from_the_artifacts(study
     assert any(m["figure"].startswith("members: images where") for m in doc["mechanism"])
     md = _compare(study, monkeypatch)
     assert "### Gains with 95% intervals" in md and " [" in md.split("### Gains")[1]
+
+
+def test_the_parent_names_the_runs_its_figures_cover(study):
+    """Issue 29, finding 3: the parent's kd_gain (its own KD student's) silently differed
+    from compare's once another KD student joined the group; its tag names the runs its
+    summary metrics are of: every step that has a result, none other."""
+    r = study["by_name"]
+    parent = r["study-smoke-digits-seeds=0-1"]
+    covered = parent.data.tags[schema.SUMMARY_RUN_IDS].split(",")
+    assert covered == sorted(run.info.run_id for name, run in r.items() if not name.startswith("study-"))
