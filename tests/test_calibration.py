@@ -117,12 +117,19 @@ def test_ensemble_size_ends_at_the_mean_single_and_the_ensemble():
     assert all(r["acc_min"] <= r["acc_mean"] <= r["acc_max"] for r in curve)
 
 
-def test_paired_bootstrap_of_values_is_the_accuracy_bootstrap_on_zero_one_values():
+def test_paired_bootstrap_of_values_is_the_direct_paired_resampling():
+    """paired_bootstrap_values against its definition, written here one resample at a
+    time from the same seeded stream (one draw of every resample's images): on real
+    values (NLL-like) of a group of three runs and of one run, each resample takes the
+    same images for both sides, a side is the mean of its runs' means, the gain is b's
+    minus a's, the interval the 2.5th and 97.5th percentiles of the gains."""
     rng = np.random.default_rng(5)
-    a, b = rng.random((3, 400)) < 0.6, rng.random(400) < 0.7
-    acc = stats.paired_bootstrap(a, b, n_resamples=500, seed=2)
-    values = stats.paired_bootstrap_values(a.astype(float), b.astype(float), n_resamples=500, seed=2)
-    assert (100 * values.estimate, 100 * values.lo, 100 * values.hi) == pytest.approx((acc.estimate, acc.lo, acc.hi))
+    a, b = rng.exponential(1.0, (3, 50)), rng.exponential(0.8, 50)
+    got = stats.paired_bootstrap_values(a, b, n_resamples=300, seed=2)
+    images = np.random.default_rng(2).integers(0, 50, size=(300, 50))
+    gains = [np.mean([b[i] for i in r]) - np.mean([np.mean([run[i] for i in r]) for run in a]) for r in images]
+    assert (got.lo, got.hi) == pytest.approx(tuple(np.percentile(gains, [2.5, 97.5])), abs=1e-12)
+    assert got.estimate == pytest.approx(b.mean() - a.mean(), abs=1e-12) and got.n_resamples == 300
 
 
 def _records(joint_recipe: dict):

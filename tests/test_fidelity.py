@@ -16,6 +16,7 @@ The report's facts, as this file uses them:
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 import tarfile
 from pathlib import Path
@@ -65,17 +66,36 @@ def _source(train_x, train_y, test_x=None, test_y=None) -> data.Source:
 
 
 @pytest.fixture(scope="module")
-def jpegs():
-    if not JPEG_ARCHIVE.is_file():
-        pytest.skip(f"{JPEG_ARCHIVE} not present")
-    return read_jpegs()
+def jpegs(tmp_path_factory):
+    """The shared archive's images where it is present, else a synthetic archive's."""
+    archive = JPEG_ARCHIVE if JPEG_ARCHIVE.is_file() else synthetic_archive(tmp_path_factory.mktemp("jpegs"))
+    return read_jpegs(archive)
 
 
-def read_jpegs():
-    """256 real CIFAR-10 training images (JPEG copy), 25 or 26 per class, as uint8
-    (N, 32, 32, 3) arrays read straight out of the archive, and their labels."""
+def synthetic_archive(folder: Path) -> Path:
+    """A stand-in for the shared archive in its layout (train/<class>/NNNN.jpg, 10
+    classes, JPEG quality 75 as its copy was encoded): 26 random 32x32 RGB images per
+    class, seeded. The tests that read it compare two pipelines on the same pixels, so
+    any pixels serve; random ones use every grey level."""
+    rng = np.random.default_rng(0)
+    path = folder / "cifar10-jpeg.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for cls in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+            for i in range(26):
+                jpeg = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg, "JPEG", quality=75)
+                info = tarfile.TarInfo(f"train/{cls}/{i:04d}.jpg")
+                info.size = jpeg.tell()
+                jpeg.seek(0)
+                tar.addfile(info, jpeg)
+    return path
+
+
+def read_jpegs(archive: Path):
+    """256 training images of ``archive`` (the CIFAR-10 JPEG copy's layout), 25 or 26 per
+    class, as uint8 (N, 32, 32, 3) arrays read straight out of it, and their labels."""
     per_class: dict[str, list] = {}
-    with tarfile.open(JPEG_ARCHIVE) as tar:
+    with tarfile.open(archive) as tar:
         for member in tar:
             parts = member.name.split("/")
             if not member.isfile() or len(parts) != 3 or parts[0] != "train":

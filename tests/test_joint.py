@@ -160,6 +160,7 @@ def test_a_joint_run_is_placed_with_the_train_runs_of_its_group():
     (table,) = compare.build_tables(runs.records_frame(records))
     assert table.group_id == "g1"
     assert list(table.seeds["run_id"]) == ["t0", "t1"]
+    assert list(table.joint["run_id"]) == ["j"] and list(table.joint["test_acc"]) == [79.0]
     assert not any("j" in note.split() for note in table.notes), table.notes
     assert not pd.isna(table.summary.set_index("row").loc["single models", "test_mean"])
 

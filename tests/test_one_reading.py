@@ -199,8 +199,9 @@ def test_a_student_of_another_recipe_is_listed_with_its_teachers_group(lab):
     assert t.label.startswith("smoke · epochs=1") and t.seeds["run_id"].tolist() == [lab["t2"]]
     assert t.sd_ensembles.empty and t.ensembles.empty
     student = config.recipe_from_params(runs.get(lab["session"], lab["s12"], "run").params)
-    if student.epochs != 1:  # its recipe differs from its teacher's: the label says so
-        assert f"students: epochs={student.epochs}" in t.label
+    assert student.epochs == 2  # its own override (distill --epochs 2), not its teacher's 1
+    # Its recipe differs from its teacher's: the label says so.
+    assert t.label == "smoke · epochs=1 · students: epochs=2"
 
 
 def test_a_students_own_override_is_its_own_variant_never_averaged_with_the_plain_ones(lab):

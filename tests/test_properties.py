@@ -289,6 +289,20 @@ def _student_overriding_its_teachers_recipe() -> Experiment:
     return Experiment(tuple(log.records), log.correct)
 
 
+def _sd_pairs_of_two_gains_and_a_kd_student_without_predictions() -> Experiment:
+    """Two SD pairs with different gains (their mean is not any one of them), and a KD
+    student whose predictions are missing: its gain has no interval, and is still the
+    summary's."""
+    log = _Log()
+    r0, r1 = (log.add("train", SMOKE, s, seed=s, group="g0", config_hash=f"g0-{s}") for s in (0, 1))
+    members = {"member_run_ids": (r0.run_id, r1.run_id), "member_seeds": ("0", "1"), "member_role": "train"}
+    ens = log.add("ensemble", SMOKE, 2, combine="prob", config_hash="ens", params={"combine": "prob"}, **members)
+    kd = log.add("student", SMOKE, 3, method="kd", seed=100, teacher_run_id=ens.run_id, config_hash="kd-100")
+    log.add("student", SMOKE, 5, method="sd", seed=10, teacher_run_id=r0.run_id, config_hash="sd-10")  # +12.5
+    log.add("student", SMOKE, 4, method="sd", seed=11, teacher_run_id=r1.run_id, config_hash="sd-11")  # -29.2
+    return Experiment(tuple(log.records), log.correct, frozenset({kd.run_id}))
+
+
 # --- the properties ------------------------------------------------------------------
 
 
@@ -385,23 +399,44 @@ def _summary_counts_its_rows(t) -> None:
 
 
 def _gains_are_the_summarys(t, by_id: dict) -> None:
-    """Each gain in the gains table is the one its runs' metrics give (its run minus the
-    mean of the runs it is over), and the summary's is their mean: one number, wherever
-    it is shown."""
+    """Each gain, in the gains table and on the summary's rows, is the one its runs'
+    logged metrics give, computed here from the runs (never from gains.estimates, the
+    product's one source for both): a gain-table row is its run minus the mean of the runs
+    it is over; the summary's gains on every row, whether or not its runs have
+    predictions."""
     assert not any("left out of the intervals" in n for n in t.notes)  # predictions agree with metrics
     summary = t.summary.set_index("row") if not t.summary.empty else None
     for g in t.gains.to_dict("records"):
         if pd.isna(g["run_id"]):  # SD - teacher (mean over pairs)
-            want = summary.loc["SD students", "gain"]
+            want_gain = _summary_gains(summary, by_id)["SD students"]
         else:
-            want = by_id[g["run_id"]].final_test_acc - np.mean([by_id[r].final_test_acc for r in g["over_run_ids"]])
-        assert g["estimate"] == pytest.approx(want, abs=1e-9), g
-    for row in [] if summary is None else summary.index:
-        ids = set(summary.loc[row, "run_ids"])
-        estimates = t.gains.loc[t.gains["run_id"].isin(ids), "estimate"]
-        n = len(ids) * (len(t.ensembles) if row == "SD ensemble" else 1)
-        if row not in ("single models", "SD students") and len(estimates) and len(estimates) == n:
-            assert summary.loc[row, "gain"] == pytest.approx(estimates.mean(), abs=1e-12), row
+            want_gain = by_id[g["run_id"]].final_test_acc - _mean_acc(g["over_run_ids"], by_id)
+        assert g["estimate"] == pytest.approx(want_gain, abs=1e-9), g
+    if summary is None:
+        return
+    for row, gain in _summary_gains(summary, by_id).items():
+        got = summary.loc[row, "gain"]
+        assert (pd.isna(got) and np.isnan(gain)) or got == pytest.approx(gain, abs=1e-9), (row, got, gain)
+
+
+def _mean_acc(run_ids, by_id: dict) -> float:
+    return float(np.mean([by_id[r].final_test_acc for r in run_ids])) if len(run_ids) else np.nan
+
+
+def _summary_gains(summary: pd.DataFrame, by_id: dict) -> dict:
+    """The summary's gains from the runs its rows count: a row's mean over the singles'
+    mean, each SD student over its own teacher (mean of the differences), the SD
+    ensembles' mean over the ensembles' mean (the mean over every pair)."""
+    acc = {row: _mean_acc(summary.loc[row, "run_ids"], by_id) for row in summary.index}
+    sd = summary.loc["SD students", "run_ids"]
+    pairs = [by_id[r].final_test_acc - by_id[by_id[r].teacher_run_id].final_test_acc for r in sd]
+    return {
+        "single models": np.nan,
+        "ensemble": acc["ensemble"] - acc["single models"],
+        "KD students": acc["KD students"] - acc["single models"],
+        "SD students": float(np.mean(pairs)) if pairs else np.nan,
+        "SD ensemble": acc["SD ensemble"] - acc["ensemble"],
+    }
 
 
 def _no_label_repeats(t) -> None:
@@ -460,6 +495,7 @@ def _sweep_rows_are_their_runs(t, by_id: dict) -> None:
 @example(_ensemble_of_students_of_two_settings_dropped())
 @example(_sd_gain_from_float16_ties())
 @example(_student_overriding_its_teachers_recipe())
+@example(_sd_pairs_of_two_gains_and_a_kd_student_without_predictions())
 @given(experiments())
 def test_tables_cannot_contradict_themselves(experiment):
     by_id = {r.run_id: r for r in experiment.records}
@@ -554,7 +590,14 @@ def typed_recipes(draw) -> tuple:
 @settings(max_examples=200, deadline=None)
 @given(recipes)
 def test_a_recipe_reads_back_from_its_params(recipe):
-    assert config.recipe_from_params(recipe.as_params()) == recipe
+    """A student's params hold every field but the joint model's, which a joint run's hold."""
+    assert config.recipe_from_params(recipe.as_params()) == _of_a_student(recipe)
+    assert config.recipe_from_params(recipe.as_params("joint")).joint_grad == recipe.joint_grad
+
+
+def _of_a_student(recipe):
+    """The recipe a student's params give back: the joint-only fields at their default."""
+    return recipe.replace(**{f: config.LATER_FIELDS[f] for f in config.JOINT_FIELDS})
 
 
 _AUGMENTED = SMOKE.replace(augment=True)
@@ -566,4 +609,4 @@ _AUGMENTED = SMOKE.replace(augment=True)
 @given(typed_recipes())
 def test_a_recipe_reads_back_from_whatever_mlflow_run_typed(typed):
     recipe, params = typed
-    assert config.recipe_from_params(params) == recipe
+    assert config.recipe_from_params(params) == _of_a_student(recipe)

@@ -46,8 +46,15 @@ def test_the_choice_is_the_best_validation_mean_never_the_best_test():
 
 
 def test_ties_go_to_the_smaller_temperature_then_the_smaller_alpha():
-    rows = _rows([(4.0, 0.5, 100, 80.0, 1.0), (2.0, 1.0, 100, 80.0, 2.0), (2.0, 0.5, 100, 80.0, 3.0)])
-    assert tuple(sweep.chosen(sweep.select(rows, ["alpha", "temperature"]))[["temperature", "alpha"]]) == (2.0, 0.5)
+    """Each tie is one the other order (alpha first, larger first, or the grid's own
+    order, alpha listed first) breaks the other way."""
+
+    def choice(points):
+        table = sweep.select(_rows([(t, a, 100, v, 0.0) for t, a, v in points]), ["alpha", "temperature"])
+        return tuple(sweep.chosen(table)[["temperature", "alpha"]])
+
+    assert choice([(4.0, 0.5, 80.0), (2.0, 1.0, 80.0), (1.0, 0.25, 79.0)]) == (2.0, 1.0)  # temperature first
+    assert choice([(2.0, 1.0, 80.0), (2.0, 0.5, 80.0), (4.0, 0.25, 79.0)]) == (2.0, 0.5)  # then alpha
 
 
 def test_a_grid_is_typed_and_checked_before_anything_runs():
@@ -126,8 +133,11 @@ def test_a_sweep_is_one_parent_with_its_grid_nested_and_chosen_on_validation(swe
 def test_a_rerun_trains_nothing_and_keeps_one_parent(swept):
     c = swept["client"]
     assert swept["again"][1] == swept["first"][1]
+    # The grid's students, each once; an Optuna search of this file may add others.
+    grid = {(t, a) for t in ("1.0", "4.0") for a in ("0.5", "1.0")}
     students = c.search_runs([swept["exp"]], f"tags.`{schema.ROLE}` = 'student'")
-    assert len(students) == 4
+    mine = [r for r in students if (r.data.params["temperature"], r.data.params["alpha"]) in grid]
+    assert len(mine) == 4
 
 
 @pytest.mark.e2e
