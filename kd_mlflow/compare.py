@@ -701,13 +701,12 @@ def _value(v) -> str:
 
 
 def _sweep_rows(s, kids: pd.DataFrame, at: dict, home, labels: dict) -> pd.DataFrame:
-    """One row per setting (sweep.select: the sweep's own rule of choice, on validation);
+    """One row per setting (select: the sweep's own rule of choice, on validation);
     a test accuracy for the chosen setting only."""
-    from kd_mlflow import sweep
 
     inherited = set(home.settings) if isinstance(home, Place) else set()
     own = {r.run_id: [x for x in at[r.run_id].settings if x not in inherited] for r in kids.itertuples()}
-    names = sorted({x.split("=")[0] for xs in own.values() for x in xs}, key=lambda n: (n not in sweep.TIE_ORDER, n))
+    names = sorted({x.split("=")[0] for xs in own.values() for x in xs}, key=lambda n: (n not in TIE_ORDER, n))
     names = names or ["setting"]
     per_run = pd.DataFrame(
         [
@@ -721,7 +720,7 @@ def _sweep_rows(s, kids: pd.DataFrame, at: dict, home, labels: dict) -> pd.DataF
             for r in kids.itertuples()
         ]
     )
-    table = sweep.select(per_run, names)
+    table = select(per_run, names)
     table = table.assign(
         sweep=s.name or s.run_id,
         setting=[", ".join(f"{n}={_value(getattr(r, n))}" for n in names) for r in table.itertuples()],
@@ -1317,3 +1316,35 @@ def render(tables: list[StudyTables], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(table_rows(tables), indent=2, allow_nan=False) + "\n"
     raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+# --- a sweep's choice, on validation only (the sweep command's and these tables') ---
+
+TIE_ORDER = ("temperature", "alpha")  # smaller first, on equal validation means
+
+
+def select(rows: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """One row per setting, from one row per child run (columns: the grid's fields,
+    ``seed``, ``val_acc``, ``test_acc``, ``run_id``): n, validation and test mean and
+    std, the run ids, and ``chosen`` on the setting of highest mean validation accuracy.
+    Test accuracy never takes part in the choice."""
+    table = (
+        rows.groupby(names, sort=True)
+        .agg(
+            n=("run_id", "size"),
+            val_mean=("val_acc", "mean"),
+            val_std=("val_acc", "std"),
+            test_mean=("test_acc", "mean"),
+            test_std=("test_acc", "std"),
+            run_ids=("run_id", list),
+        )
+        .reset_index()
+    )
+    order = [n for n in TIE_ORDER if n in names] + [n for n in names if n not in TIE_ORDER]
+    ranked = table.sort_values(["val_mean", *order], ascending=[False] + [True] * len(order), kind="mergesort")
+    table["chosen"] = table.index == ranked.index[0]
+    return table
+
+
+def chosen(table: pd.DataFrame) -> pd.Series:
+    return table[table["chosen"]].iloc[0]

@@ -56,13 +56,14 @@ _said = False
 
 
 def busy_note() -> str | None:
-    """Once per process, on a busy machine (a load average of at least its CPUs): one line
-    saying how torch's threads wait. They keep torch's count (one per core: a count that
-    followed the load would change results, and measured slower than passive threads)
-    and sleep at barriers (kd_mlflow/__init__.py sets OMP_WAIT_POLICY)."""
+    """Once per process, on a busy machine (a load average of at least its CPUs) where the
+    user has not chosen the thread count: one line saying how torch's threads wait. They
+    keep torch's count (one per core: a count that followed the load would change
+    results, and measured slower than passive threads) and sleep at barriers
+    (kd_mlflow/__init__.py sets OMP_WAIT_POLICY)."""
     global _said
     cpus, load = _cpus(), _load()
-    if _said or load < cpus:
+    if _said or load < cpus or os.environ.get("KD_MLFLOW_THREADS"):  # chosen: nothing to say
         return None
     _said = True
     return thread_note(cpus, load, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"))

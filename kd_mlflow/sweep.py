@@ -34,10 +34,10 @@ from dataclasses import dataclass, field, fields, replace
 
 import pandas as pd
 
+from .compare import chosen, select
 from .config import ConfigError, Recipe, field_value
 from .errors import MissingExtra
 
-TIE_ORDER = ("temperature", "alpha")  # smaller first, on equal validation means
 SIGNIFICANT = 3  # digits a searched float keeps (differences below it are below seed noise)
 
 
@@ -132,33 +132,6 @@ def _typed(name: str, text: str):
 
 
 # --- selection -----------------------------------------------------------------
-
-
-def select(rows: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """One row per setting, from one row per child run (columns: the grid's fields,
-    ``seed``, ``val_acc``, ``test_acc``, ``run_id``): n, validation and test mean and
-    std, the run ids, and ``chosen`` on the setting of highest mean validation accuracy.
-    Test accuracy never takes part in the choice."""
-    table = (
-        rows.groupby(names, sort=True)
-        .agg(
-            n=("run_id", "size"),
-            val_mean=("val_acc", "mean"),
-            val_std=("val_acc", "std"),
-            test_mean=("test_acc", "mean"),
-            test_std=("test_acc", "std"),
-            run_ids=("run_id", list),
-        )
-        .reset_index()
-    )
-    order = [n for n in TIE_ORDER if n in names] + [n for n in names if n not in TIE_ORDER]
-    ranked = table.sort_values(["val_mean", *order], ascending=[False] + [True] * len(order), kind="mergesort")
-    table["chosen"] = table.index == ranked.index[0]
-    return table
-
-
-def chosen(table: pd.DataFrame) -> pd.Series:
-    return table[table["chosen"]].iloc[0]
 
 
 def render(table: pd.DataFrame, names: list[str], show_test: bool, interval: tuple | None = None) -> str:

@@ -51,7 +51,6 @@ def plan_run(recipe: Recipe, preset: str, device: str = "auto") -> Recipe:
     machine.check_device(device)
     if torch.device(_pick_device() if device == "auto" else device).type != "cpu":
         return recipe
-    _say_threads()
     return cpu_precision(preset, recipe, machine.native_bf16())
 
 

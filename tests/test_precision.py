@@ -151,6 +151,9 @@ def test_a_busy_machine_is_said_once_with_its_threads_and_wait_policy(monkeypatc
     monkeypatch.setattr(machine, "_said", False)
     monkeypatch.setattr(machine, "_load", lambda: 9.5)
     monkeypatch.setattr(machine, "_cpus", lambda: 2)
+    monkeypatch.setenv("KD_MLFLOW_THREADS", "1")  # a count the user chose: nothing to say
+    assert machine.busy_note() is None
+    monkeypatch.delenv("KD_MLFLOW_THREADS")
     note = machine.busy_note()
     assert note is not None and "\n" not in note
     assert f"{torch.get_num_threads()} torch thread(s)" in note and "load 9.5 on 2 CPUs" in note
