@@ -420,7 +420,9 @@ def record(
     FINISHED result (then reuse it). One process at a time, on any machine that shares the
     tracking server, makes a configuration's run (:func:`_claimed`): a second one waits,
     then reuses the first one's result. With ``checkpoint_root`` the run is resumable: an
-    unfinished run of the same configuration is continued from its local checkpoint."""
+    unfinished run of the same configuration is continued from its newest checkpoint, on
+    local disk or, from any machine, on the tracking server; the server's copy is deleted
+    once the run is FINISHED."""
     if not force:
         existing = result_for(session, spec)
         if existing:
