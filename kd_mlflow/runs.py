@@ -442,7 +442,9 @@ def record(
     FINISHED result (then reuse it). One process at a time, on any machine that shares the
     tracking server, makes a configuration's run (:func:`_claimed`): a second one waits,
     then reuses the first one's result. With ``checkpoint_root`` the run is resumable: an
-    unfinished run of the same configuration is continued from its local checkpoint."""
+    unfinished run of the same configuration is continued from its newest checkpoint, on
+    local disk or, from any machine, on the tracking server; the server's copy is deleted
+    once the run is FINISHED."""
     if not force:
         existing = result_for(session, spec)
         if existing:
@@ -454,14 +456,23 @@ def record(
             return reuse(session, existing)
         if checkpoint_root is None:
             return _record(session, spec, body, None, parent_run_id)
-        from .checkpoint import CheckpointStore  # torch: loaded only by what trains
-
-        store = CheckpointStore(_checkpoint_dir(session, spec.config_hash, checkpoint_root))
+        store = _store(session, spec.config_hash, checkpoint_root)
         if force:
             store.clear()
         out = _record(session, spec, body, store, parent_run_id)
-    store.clear()
+    store.finish()
     return out
+
+
+def _store(session, key: str, checkpoint_root: Path):
+    """The checkpoints of the training ``key`` names: on local disk under
+    ``checkpoint_root``, copied to the run's artifacts ($KD_MLFLOW_CHECKPOINT_EVERY)."""
+    from .checkpoint import CheckpointStore, cadence  # torch: loaded only by what trains
+
+    every = cadence()
+    return CheckpointStore(
+        _checkpoint_dir(session, key, checkpoint_root), remote=tracking.ServerCheckpoints(session), every=every
+    )
 
 
 @contextlib.contextmanager
@@ -484,21 +495,29 @@ def _running(session, spec: RunSpec):
     return run_id
 
 
-def _continuing(session, config_hash: str, store, owned: dict) -> tuple[RunRecord | None, RunRecord | None]:
-    """(the unfinished run to continue, the unfinished run to supersede). Checkpoints
-    record the run they belong to (``owned``, from :func:`_owned_runs`): that run, and no
-    other, continues from them. Without a checkpoint here, an unfinished run that has
-    logged no epoch yet is taken over; one that has came from a training this process
-    cannot continue (another machine, a cleared cache, a lone run now in a packed wave, or
-    the other way round): a new run starts, so that no run's curves mix two trainings."""
+def _continuing(session, store, hashes: list[str]) -> list[tuple[RunRecord | None, RunRecord | None]]:
+    """Per configuration hash, (the unfinished run to continue, the unfinished run to
+    supersede). Checkpoints record the runs they belong to: those runs, and no others,
+    continue from them, from the newest checkpoint here or on the tracking server
+    (:meth:`kd_mlflow.checkpoint.CheckpointStore.pull`). Without one, an unfinished run
+    that has logged no epoch yet is taken over; one that has came from a training that
+    cannot be continued (its checkpoint was never uploaded, or it was a lone run now in a
+    packed wave, or the other way round): a new run starts, so that no run's curves mix
+    two trainings."""
     if store is None:
-        return None, None
-    if config_hash in owned:
-        return owned[config_hash], None
-    rec = find_resumable(session, config_hash)
-    if rec is None or not session.logged_epochs(rec.run_id):
-        return rec, None
-    return None, rec
+        return [(None, None)] * len(hashes)
+    owned = _owned_runs(session, store, hashes)
+    found = owned or {h: find_resumable(session, h) for h in hashes}
+    if owned or all(found.values()):
+        owners = {h: r.run_id for h, r in found.items() if r}
+        if store.pull(owners):
+            return [(found[h], None) for h in hashes]
+    out: list[tuple[RunRecord | None, RunRecord | None]] = []
+    for h in hashes:
+        rec = found.get(h)
+        fresh = rec is None or not session.logged_epochs(rec.run_id)
+        out.append((rec, None) if fresh else (None, rec))
+    return out
 
 
 def _owned_runs(session, store, hashes: list[str]) -> dict:
@@ -540,7 +559,7 @@ def _unfinished_run(session, run_id: str, config_hash: str) -> RunRecord | None:
 def _supersede(old: RunRecord | None, new_run_id: str) -> None:
     if old is not None:
         print(
-            f"note: run {old.run_id} ({old.status}) has no checkpoint here to continue from; "
+            f"note: run {old.run_id} ({old.status}) has no checkpoint to continue from, here or on the server; "
             f"training anew in run {new_run_id}",
             file=sys.stderr,
         )
@@ -548,8 +567,7 @@ def _supersede(old: RunRecord | None, new_run_id: str) -> None:
 
 
 def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
-    owned = _owned_runs(session, store, [spec.config_hash])
-    resumable, stale = _continuing(session, spec.config_hash, store, owned)
+    ((resumable, stale),) = _continuing(session, store, [spec.config_hash])
     writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
     _supersede(stale, writer.run_id)
     if store is not None:
@@ -622,20 +640,16 @@ def record_wave(
             return outs
         if checkpoint_root is None:
             return _record_wave(session, specs, todo, outs, body, None, parent_run_id)
-        from .checkpoint import CheckpointStore  # torch: loaded only by what trains
-
-        key = digest("wave", *(specs[i].config_hash for i in todo))
-        store = CheckpointStore(_checkpoint_dir(session, key, checkpoint_root))
+        store = _store(session, digest("wave", *(specs[i].config_hash for i in todo)), checkpoint_root)
         if force:
             store.clear()
         out = _record_wave(session, specs, todo, outs, body, store, parent_run_id)
-    store.clear()
+    store.finish()
     return out
 
 
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
-    owned = _owned_runs(session, store, [specs[i].config_hash for i in todo])
-    continuing = [_continuing(session, specs[i].config_hash, store, owned) for i in todo]
+    continuing = _continuing(session, store, [specs[i].config_hash for i in todo])
     writers = [
         tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
         for i, (r, _) in zip(todo, continuing, strict=True)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -1082,6 +1083,41 @@ def load_predictions(run_id: str):
     from . import predictions
 
     return predictions.load(download(run_id, schema.PREDICTIONS_PATH))
+
+
+# --- checkpoints that travel with their run ----------------------------------------
+
+CHECKPOINT_FOLDER = "checkpoint"
+
+
+@dataclass(frozen=True)
+class ServerCheckpoints:
+    """A run's resumable checkpoints as its artifacts, ``checkpoint/<name>``: what a
+    rerun on another machine continues from (:class:`kd_mlflow.checkpoint.CheckpointStore`
+    decides what to put there and when)."""
+
+    session: Session
+
+    def upload(self, run_id: str, path: Path, name: str) -> None:
+        """``path`` as ``checkpoint/<name>``, replacing one of that name (the artifact
+        store's put). Without waiting for a restarting server: the local copy keeps the
+        state and training goes on."""
+        with tempfile.TemporaryDirectory() as tmp, impatient():
+            named = Path(tmp) / name
+            shutil.copyfile(path, named)
+            self.session.client.log_artifact(run_id, str(named), CHECKPOINT_FOLDER)
+
+    def download(self, run_id: str) -> list[Path]:
+        """The run's checkpoints, each downloaded as :func:`download` does it; [] if none."""
+        names = self.session.artifact_paths(run_id, CHECKPOINT_FOLDER)
+        return [Path(download(run_id, name)) for name in sorted(names)]
+
+    def delete(self, run_id: str) -> None:
+        """The run's checkpoints gone from its artifact store (its result is logged)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        where = self.session.client.get_run(run_id).info.artifact_uri
+        watched("delete artifacts", lambda: get_artifact_repository(where).delete_artifacts(CHECKPOINT_FOLDER))
 
 
 # --- claims: one process makes a configuration's run, across machines --------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,24 +108,88 @@ def test_kill_9_then_rerun_resumes_the_same_run_bitwise(tracked, tmp_path, refer
     _assert_same_result(tracked, killed.info.run_id, reference)
 
 
-def test_a_run_with_epochs_but_no_checkpoint_here_is_superseded_not_mixed(tracked, tmp_path, reference):
-    """Killed on one machine, rerun where its checkpoint is not (another cache): its
-    logged epochs cannot be continued, so a new run trains and the old one ends FAILED
-    saying why; no run's curves mix two trainings."""
-    proc = _start(TRAIN, _env(tracked, tmp_path / "cache-a"))
-    _wait_for_line(proc, "epoch 2/6")
-    proc.kill()
+def _killed_at(args, env, needle):
+    """Start ``args`` and kill -9 it once stderr shows ``needle``."""
+    proc = _start(args, env)
+    _wait_for_line(proc, needle)
+    proc.kill()  # SIGKILL: no handler runs
     proc.wait()
+    return proc
+
+
+def _checkpoint_artifacts(client, run_id):
+    return [f.path for f in client.list_artifacts(run_id, "checkpoint")]
+
+
+def test_kill_9_then_rerun_on_another_machine_continues_from_the_servers_checkpoint(tracked, tmp_path, reference):
+    """Killed on machine A, whose checkpoints are then lost; rerun on machine B (another
+    checkpoint dir): B fetches the run's checkpoint from the server and continues the
+    same run, as if never interrupted; at the end the server keeps no checkpoint."""
+    _killed_at(TRAIN, _env(tracked, tmp_path / "cache-a"), "epoch 2/6")
     (killed,) = tracked.runs()
+    assert killed.info.status == "RUNNING"
+    assert _checkpoint_artifacts(tracked.client, killed.info.run_id)  # uploaded by A
+    shutil.rmtree(tmp_path / "cache-a")  # machine A is gone, and its disk with it
+
+    again = _finish([*TRAIN, "--cache-dir", str(tmp_path / "cache-b")], _env(tracked, tmp_path / "unused"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "from the tracking server" in again.stderr and "resuming after epoch" in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == killed.info.run_id
+    assert len(tracked.runs()) == 1
+    _assert_same_result(tracked, killed.info.run_id, reference)
+    assert _checkpoint_artifacts(tracked.client, killed.info.run_id) == []  # finished: storage does not grow
+
+
+def test_a_run_with_epochs_but_no_checkpoint_anywhere_is_superseded_not_mixed(tracked, tmp_path, reference):
+    """Killed on one machine with uploads off, rerun where its checkpoint is not (another
+    cache): its logged epochs cannot be continued, so a new run trains and the old one
+    ends FAILED saying why; no run's curves mix two trainings."""
+    _killed_at(TRAIN, _env(tracked, tmp_path / "cache-a", KD_MLFLOW_CHECKPOINT_EVERY="0"), "epoch 2/6")
+    (killed,) = tracked.runs()
+    assert _checkpoint_artifacts(tracked.client, killed.info.run_id) == []
 
     again = _finish(TRAIN, _env(tracked, tmp_path / "cache-b"))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "has no checkpoint here to continue from" in again.stderr
+    assert "has no checkpoint to continue from, here or on the server" in again.stderr
     new_id = again.stdout.strip().splitlines()[-1]
     assert new_id != killed.info.run_id
     old = tracked.client.get_run(killed.info.run_id)
     assert old.info.status == "FAILED" and new_id in old.data.tags[schema.FAILURE]
     _assert_same_result(tracked, new_id, reference)
+
+
+def test_kill_9_a_packed_wave_then_rerun_elsewhere_continues_its_runs(tracked, tmp_path):
+    """A packed wave's one checkpoint is on the server with the first of its runs: a rerun
+    with another checkpoint dir continues both runs."""
+    wave = ["train", "--seeds", "3-4", "--pack", "--preset", "smoke", "--epochs", "6"]
+    _killed_at(wave, _env(tracked, tmp_path / "cache-a"), "epoch 3/6")
+    killed = {r.info.run_name: r.info.run_id for r in tracked.runs()}
+    assert sorted(killed) == ["train-seed-3", "train-seed-4"]
+
+    again = _finish(wave, _env(tracked, tmp_path / "cache-b"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "from the tracking server" in again.stderr and "resuming after epoch" in again.stderr
+    runs = tracked.runs()
+    assert {r.info.run_name: r.info.run_id for r in runs} == killed  # the same two runs, finished
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert _checkpoint_artifacts(tracked.client, r.info.run_id) == []
+        for key in schema.EPOCH_METRICS:
+            assert _steps(tracked.client, r.info.run_id, key) == [1, 2, 3, 4, 5, 6], key  # each epoch once
+
+
+def test_a_bad_checkpoint_cadence_is_refused_before_any_run(tracked, tmp_path):
+    out = _finish(TRAIN, _env(tracked, tmp_path / "cache", KD_MLFLOW_CHECKPOINT_EVERY="often"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "invalid value for KD_MLFLOW_CHECKPOINT_EVERY: 'often' "
+            "(a number of epochs >= 0 (0: never), or of minutes > 0 such as 30m)"
+        )
+    )
+    assert "Traceback" not in out.stderr and tracked.runs() == []
 
 
 def test_kill_9_a_packed_wave_then_rerun_resumes_its_runs(tracked, tmp_path):
