@@ -600,10 +600,10 @@ def ensemble(
     for rid in ids or ():
         _check_run_id("members", rid)
     wanted = config.parse_seeds(seeds) if seeds else None
-    from . import runs, steps, tracking
+    from . import steps, tracking
 
     tracking.check_write_access(experiment)  # refused here: before any data or training
-    session = runs.connect(experiment)
+    session = tracking.connect(experiment)
     ids = ids or steps.members_for_seeds(wanted or [], preset, dataset, session=session)
     out = steps.ensemble(
         ids,
