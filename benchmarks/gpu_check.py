@@ -36,7 +36,7 @@ import train_bench  # noqa: E402
 from kd_mlflow import data  # noqa: E402
 from kd_mlflow.config import PRESETS  # noqa: E402
 from kd_mlflow.objectives import CrossEntropy  # noqa: E402
-from kd_mlflow.train import _train_epoch, evaluate, make_runtime  # noqa: E402
+from kd_mlflow.train import _train_epoch, evaluate_all, make_runtime  # noqa: E402
 
 # The seed-report study: 11 trainings (5 seeds, 1 KD student, 5 SD students) of
 # 100 epochs on 45,000 images, each epoch evaluating 5,000 val + 10,000 test images.
@@ -148,14 +148,14 @@ def epoch_of(b: train_bench.Bench, epoch, warmup_steps: int):
 
 
 def eval_images_per_second(c: Check, recipe) -> dict:
-    """train.evaluate (val or test) at the preset's eval batch size."""
+    """fit's validation pass (train.evaluate_all, no test) at the preset's eval batch size."""
     n = c.sizes.eval_batches * recipe.eval_batch_size
     b = c.bench(recipe, 1, eval_images=n)
     model = train_bench.fresh_model(b)
-    evaluate(model, b.dd, "val", b.recipe, b.rt)  # warm-up
+    evaluate_all(model, b.dd, b.recipe, b.rt, test=False)  # warm-up
     _reset_peak(b.rt.device)
     with harness.Timer(b.rt.device) as t:
-        evaluate(model, b.dd, "val", b.recipe, b.rt)
+        evaluate_all(model, b.dd, b.recipe, b.rt, test=False)
     return {
         "images_per_second": n / t.seconds,
         "seconds": t.seconds,

@@ -21,7 +21,7 @@ from kd_mlflow.data import DeviceData
 from kd_mlflow.ensemble import Ensemble
 from kd_mlflow.objectives import CachedTeacher, CrossEntropy, Distillation, OnlineTeacher, teacher_table
 from kd_mlflow.runs import EpochSink
-from kd_mlflow.train import Runtime, evaluate, fit, make_optimizer
+from kd_mlflow.train import Runtime, evaluate_all, fit, make_optimizer
 
 
 @dataclass
@@ -109,8 +109,7 @@ def eval_seconds(b: Bench, dd_eval: DeviceData) -> float:
     itself runs on tiny val/test sets so that this cost does not hide in its figure."""
     model = fresh_model(b)
     with Timer(b.rt.device) as t:
-        for which in ("val", "test"):
-            evaluate(model, dd_eval, which, b.recipe, b.rt)
+        evaluate_all(model, dd_eval, b.recipe, b.rt)
     return t.seconds
 
 

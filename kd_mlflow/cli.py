@@ -40,16 +40,24 @@ class _Optional(click.ParamType):
         return self.inner.convert(value, param, ctx) if isinstance(self.inner, click.ParamType) else self.inner(value)
 
 
-class _YesNo(click.ParamType):
-    name = "boolean"
+class _Parsed(click.ParamType):
+    """A value read by config's own parser, ``parse(name, text)``: one reading of a value
+    whether typed here or logged by a run; its refusal in click's words."""
+
+    def __init__(self, parse, name: str):
+        self.parse, self.name = parse, name
 
     def convert(self, value, param, ctx):
-        if isinstance(value, bool):
+        if not isinstance(value, str):  # already read (a default, or click's second pass)
             return value
         try:
-            return config.YES_NO[str(value).strip().lower()]
-        except KeyError:
-            self.fail(f"{value!r} is not true or false", param, ctx)
+            return self.parse(param.name if param else self.name, value)
+        except ConfigError as e:
+            self.fail(f"{value!r} is {e.reason}", param, ctx)
+
+
+def _yes_no():
+    return _Parsed(config.yes_no, "boolean")
 
 
 class _Number(click.ParamType):
@@ -88,23 +96,6 @@ class _ModelName(click.ParamType):
         return str(value)
 
 
-def _triple(text: str):
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not three comma-separated numbers") from None
-    if len(values) != 3:
-        raise click.BadParameter(f"{text!r} is not three comma-separated numbers")
-    return values
-
-
-def _ints(text: str):
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not comma-separated integers, e.g. 60,120,160") from None
-
-
 class _Model(click.ParamType):
     """A model registry name: config.MODELS, or any wrn-D-K."""
 
@@ -132,7 +123,7 @@ def _recipe_options(func):
             opt = click.option(
                 *flags,
                 f.name,
-                type=_Optional(_YesNo()),
+                type=_Optional(_yes_no()),
                 is_flag=False,
                 flag_value="true",
                 default=None,
@@ -142,11 +133,9 @@ def _recipe_options(func):
             inner = (
                 _Model()
                 if f.name == "model"
-                else _ints
-                if f.name in config.INT_TUPLES
                 else click.Choice(config.CHOICES[f.name])
                 if f.name in config.CHOICES
-                else _triple
+                else _Parsed(config.field_value, "value")
                 if isinstance(default, tuple)
                 else click.INT
                 if isinstance(default, int)
@@ -577,7 +566,7 @@ def distill(
     "--allow-mixed",
     "--allow_mixed",
     "allow_mixed",
-    type=_YesNo(),
+    type=_yes_no(),
     is_flag=False,
     flag_value="true",
     default="false",
@@ -611,10 +600,10 @@ def ensemble(
     for rid in ids or ():
         _check_run_id("members", rid)
     wanted = config.parse_seeds(seeds) if seeds else None
-    from . import runs, steps, tracking
+    from . import steps, tracking
 
     tracking.check_write_access(experiment)  # refused here: before any data or training
-    session = runs.connect(experiment)
+    session = tracking.connect(experiment)
     ids = ids or steps.members_for_seeds(wanted or [], preset, dataset, session=session)
     out = steps.ensemble(
         ids,
@@ -769,7 +758,7 @@ def _check_writable(option: str, path: Path) -> None:
 @click.option(
     "--joint",
     "joint_step",
-    type=_YesNo(),
+    type=_yes_no(),
     is_flag=False,
     flag_value="true",
     default="false",

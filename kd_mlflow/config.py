@@ -575,17 +575,32 @@ def yes_no(name: str, text) -> bool:
 
 def field_value(name: str, text: str):
     """One recipe field from its logged text, as kd-mlflow wrote it ("True", "0.001") or as
-    `mlflow run -P` typed it ("true", "1e-3"); the CLI has already refused any other."""
+    `mlflow run -P` typed it ("true", "1e-3"). The CLI reads typed flags and tuples here."""
     default = getattr(Recipe, name)
     if isinstance(default, bool):  # before int: a bool is an int
         return yes_no(name, text)
+    if isinstance(default, tuple):
+        return numbers(name, text)
     try:
-        if isinstance(default, tuple):  # empty text: no values (milestones of another schedule)
-            kind = int if name in INT_TUPLES else float
-            return tuple(kind(x) for x in text.split(",") if x.strip())
         return type(default)(text)
     except ValueError:
         raise ConfigError(name, text, f"not a {type(default).__name__}") from None
+
+
+def numbers(name: str, text: str) -> tuple:
+    """A tuple field: comma-separated integers (INT_TUPLES), else three numbers (mean,
+    std). Empty text is no values: the milestones another schedule logged."""
+    if not text:
+        return ()
+    ints = name in INT_TUPLES
+    reason = "not comma-separated integers, e.g. 60,120,160" if ints else "not three comma-separated numbers"
+    try:
+        values = tuple((int if ints else float)(x) for x in str(text).split(","))
+    except ValueError:
+        raise ConfigError(name, text, reason) from None
+    if not ints and len(values) != 3:
+        raise ConfigError(name, text, reason)
+    return values
 
 
 def recipe_from_params(params: dict) -> Recipe:

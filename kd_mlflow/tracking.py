@@ -670,34 +670,31 @@ class RunWriter:
         with torch.no_grad():
             out = model(example).numpy()
         x = example.numpy()
-        # MLflow 3 files a logged model under the fluent API's experiment unless told:
-        # this run's, for the length of the call (restored after).
-        previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
-        os.environ["MLFLOW_EXPERIMENT_ID"] = self.session.experiment_id
-        try:
-            info = watched(
-                "log model",
-                lambda: mlflow.pytorch.log_model(
-                    model,
-                    name="model",
-                    signature=infer_signature(x, out),
-                    input_example=x,
-                    serialization_format="pt2",
-                    pip_requirements=model_requirements(),
-                    # MLflow would load the model back and predict the example: the
-                    # same forward pass as above, at 0.5 s of CPU per model.
-                    validate_serving_input=False,
-                    run_id=self.run_id,
-                ),
-                transfer=True,
-            )
-        finally:
-            if previous is None:
-                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-            else:
-                os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+        info = watched("log model", lambda: self._log_pt2(model, infer_signature(x, out), x), transfer=True)
         self._log_final_of(info.model_id)
         self.log_weights(model.state_dict())
+
+    def _log_pt2(self, model, signature, x):
+        # MLflow 3 files a new LoggedModel under the fluent API's experiment (the
+        # environment's, else Default), not its run's: made here, in the run's experiment
+        # with the run's params (as log_model would), and handed to log_model by id.
+        params = self.session.client.get_run(self.run_id).data.params
+        logged = mlflow.initialize_logged_model(
+            name="model", source_run_id=self.run_id, params=params, experiment_id=self.session.experiment_id
+        )
+        return mlflow.pytorch.log_model(
+            model,
+            name="model",
+            model_id=logged.model_id,
+            signature=signature,
+            input_example=x,
+            serialization_format="pt2",
+            pip_requirements=model_requirements(),
+            # MLflow would load the model back and predict the example: the same forward
+            # pass as log_model's caller made, at 0.5 s of CPU per model.
+            validate_serving_input=False,
+            run_id=self.run_id,
+        )
 
     def log_weights(self, state_dict: dict) -> None:
         import torch
@@ -928,10 +925,6 @@ def experiment_name(session: Session) -> str:
 def set_tags(session: Session, run_id: str, tags: dict) -> None:
     for key, value in tags.items():
         session.client.set_tag(run_id, key, str(value))
-
-
-def note(session: Session, run_id: str, text: str) -> None:
-    session.client.set_tag(run_id, "mlflow.note.content", text)
 
 
 def log_params(session: Session, run_id: str, params: dict) -> None:

@@ -287,15 +287,9 @@ def _progress_bar(batches, total: int, log, epoch: int, epochs: int):
 
 
 @torch.no_grad()
-def evaluate(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in percent) of one network on ``which`` ("val" or "test")."""
-    loss, acc = evaluate_stacked(model, data, which, recipe, rt)
-    return loss.item(), acc.item()
-
-
-@torch.no_grad()
 def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
-    """:func:`evaluate` of each of the model's K networks: (K,) CPU tensors."""
+    """(mean cross-entropy, accuracy in percent) on ``which`` ("val" or "test") of each of
+    the model's K networks: (K,) CPU tensors."""
     model.eval()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
@@ -315,7 +309,7 @@ def evaluate_stacked(model, data, which: str, recipe: Recipe, rt: Runtime):
 def predict(model, data, which: str, recipe: Recipe, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax probabilities, predicted classes) on ``which`` ("val" or "test"), in the
     data's order, on the CPU. The classes are the argmax of the float32 logits, as
-    :func:`evaluate` counts them: the stored probabilities' float16 copy may tie."""
+    :func:`evaluate_stacked` counts them: the stored probabilities' float16 copy may tie."""
     model.eval()
     probs, classes = [], []
     for batch in data.eval_batches(which, recipe.eval_batch_size):

@@ -5,8 +5,8 @@ experiment per test.
 Two tiers: a test that needs a tracking server, a subprocess or a study is ``e2e``; the
 rest are unit tests, `pytest -m "not e2e"`, under a minute. A test is e2e when the
 fixtures it really uses reach a root of E2E_ROOTS (a fixture that starts a server or
-a process), when its code calls one of PROCESS_CALLS (itself or through a helper of
-its module), or when its module says so. Training in tests uses one thread, in this
+a process), or when it says so: `@pytest.mark.e2e`, or `pytestmark = pytest.mark.e2e`
+where its whole module starts processes. Training in tests uses one thread, in this
 process and in the commands it starts (KD_MLFLOW_THREADS), so results do not depend on
 how busy the machine is."""
 
@@ -45,13 +45,11 @@ SMOKE_EXPERIMENT = "study-smoke"
 # is no root. Fixtures built on these (tracked, smoke_study, crafted, ...) reach them.
 E2E_ROOTS = {
     ("server", "conftest.py"),  # the session's `mlflow server`
+    ("git", "test_packaging.py"),  # a git checkout made with `git`
     ("own_server", "test_faults.py"),  # a server a test stops and starts
     ("stack", "test_stack.py"),  # PostgreSQL and the authenticated server
     ("restarted_once", "test_load.py"),  # the same stack, under load
 }
-# Names that start a process when a test's code (or a function of its module that it
-# calls) uses them.
-PROCESS_CALLS = {"run_cli", "mlflow_run", "subprocess", "Popen", "MlflowServer"}
 
 os.environ["KD_MLFLOW_THREADS"] = "1"
 
@@ -60,16 +58,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: needs a tracking server, a subprocess or a whole study")
 
 
-E2E_REASONS: dict[str, str | None] = {}  # every collected test's, before -m or -k deselect any
+E2E_REASONS: dict[str, str | None] = {}  # every collected test's root fixture, before -m or -k deselect any
 
 
 def pytest_collection_modifyitems(config, items):
-    e2e = []
     for item in items:
         E2E_REASONS[item.nodeid] = reason = e2e_reason(item)
         if reason:
             item.add_marker(pytest.mark.e2e)
-            e2e.append(item)
+    e2e = [item for item in items if item.get_closest_marker("e2e")]
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: say where each test runs
         _group_for_xdist(config, items, e2e)
 
@@ -146,48 +143,14 @@ def pytest_unconfigure(config):
 
 
 def e2e_reason(item) -> str | None:
-    """Why ``item`` is e2e (a root fixture, a process started by one of its fixtures or
-    by its own code), or None."""
+    """The root fixture that makes ``item`` e2e, or None (its own mark may still)."""
     # item.fixturenames is the whole closure: the fixtures' own fixtures, transitively.
     info = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):
         fixturedefs = info.name2fixturedefs.get(name) if info else None
-        if not fixturedefs:
-            continue
-        func = fixturedefs[-1].func  # the definition closest to the test: the one it gets
-        if (name, Path(inspect.getfile(func)).name) in E2E_ROOTS:
+        # The definition closest to the test (the one it gets) names its file.
+        if fixturedefs and (name, Path(inspect.getfile(fixturedefs[-1].func)).name) in E2E_ROOTS:
             return f"fixture {name}"
-        called = process_calls(func.__code__, vars(sys.modules[func.__module__]))
-        if called:
-            return f"fixture {name} calls {called}"
-    function = getattr(item, "function", None)
-    if function is not None:
-        called = process_calls(function.__code__, vars(sys.modules[function.__module__]))
-        if called:
-            return f"calls {called}"
-    return None
-
-
-def process_calls(code: types.CodeType, module: dict, seen=None) -> str | None:
-    """The first name of PROCESS_CALLS that ``code`` uses, itself, in its nested
-    functions or in the functions of its module that it names."""
-    seen = set() if seen is None else seen
-    if code in seen:
-        return None
-    seen.add(code)
-    hit = PROCESS_CALLS.intersection(code.co_names)
-    if hit:
-        return sorted(hit)[0]
-    inner = [c for c in code.co_consts if isinstance(c, types.CodeType)]
-    helpers = [
-        f.__code__
-        for name in code.co_names
-        if inspect.isfunction(f := module.get(name)) and f.__module__ == module.get("__name__")
-    ]
-    for sub in inner + helpers:
-        hit_name = process_calls(sub, module, seen)
-        if hit_name:
-            return hit_name
     return None
 
 

@@ -174,6 +174,7 @@ def test_a_joint_run_is_the_fifth_column_of_its_train_recipes_figure1():
     assert 'joint,smoke,joint,,,"0,1",70.0,79.0,,,,,j,' in compare.render([t], "csv")
 
 
+@pytest.mark.e2e  # a fresh interpreter
 def test_compare_and_its_measures_load_no_torch():
     code = "import sys, kd_mlflow.compare; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
     repo = str(Path(__file__).resolve().parent.parent)

@@ -786,6 +786,7 @@ def test_fuzz_every_command_never_a_traceback_and_the_code_by_the_rule(unreachab
         assert res.exit_code == 2, (argv, res.exit_code, line)
 
 
+@pytest.mark.e2e  # the command under setsid
 def test_the_traceback_switch_shows_an_internal_error_and_no_signal_under_setsid(unreachable):
     """KD_MLFLOW_TRACEBACK=1 used to re-raise an internal error through click, whose main
     takes an EOFError for Ctrl-C: "interrupted (SIGINT)", exit 130, with no signal sent

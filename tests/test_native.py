@@ -6,7 +6,9 @@ printed link opens, read back as MLflow's UI reads it."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -69,6 +71,46 @@ def test_the_runs_model_is_a_logged_model_with_its_result_metrics(trained):
         assert (by_key[key].dataset_name, by_key[key].dataset_digest) == (f"digits-{part}", digest), key
     # The run's own result is logged once, not once more for the model.
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, schema.FINAL_TEST_ACC)) == 1
+
+
+def test_a_model_goes_to_its_runs_experiment_with_the_environment_left_alone(tracked, monkeypatch):
+    """MLflow 3 files a LoggedModel under the fluent API's experiment (here: Default):
+    log_model names its run's, with the run's params and the pinned requirements, and
+    neither sets nor restores an MLflow variable of the process's environment, which
+    another thread (MLflow's own, a user's) would see change under it. (torch.export sets
+    TORCHINDUCTOR_CACHE_DIR once, for good: torch's, not watched.)"""
+    import torch
+
+    session = tracking.connect()
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")  # the fluent API's experiment is now Default
+    writer = tracking.RunWriter(session, None, "tiny")
+    tracking.log_params(session, writer.run_id, {"seed": 7})
+
+    def mlflows():
+        return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+    before, changed, done = mlflows(), set(), threading.Event()
+
+    def watch():  # the whole call long: logging a model takes hundreds of milliseconds
+        while not done.wait(0.001):
+            now = mlflows()
+            changed.update(k for k in before.keys() | now.keys() if now.get(k) != before.get(k))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        writer.log_model(torch.nn.Linear(4, 2), torch.zeros(2, 4))
+    finally:
+        done.set()
+        watcher.join()
+    writer.end()
+    assert not changed and mlflows() == before, changed
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[session.experiment_id], filter_string=f"source_run_id='{writer.run_id}'", output_format="list"
+    )
+    assert model.params == {"seed": "7"} and model.status == "READY"
+    path = mlflow.artifacts.download_artifacts(run_id=writer.run_id, artifact_path="model/requirements.txt")
+    assert set(tracking.model_requirements()) <= set(Path(path).read_text().split())
 
 
 def test_the_splits_parts_are_the_runs_inputs(trained):

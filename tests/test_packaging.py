@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import E2E_REASONS, REPO, process_calls
+from conftest import E2E_REASONS, REPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -282,32 +282,13 @@ def test_pre_commit_runs_what_ci_runs_with_the_same_tools():
 # --- the tiers --------------------------------------------------------------------
 
 
-def _starts_a_process_through_a_helper():
-    return _helper_that_runs_git()
-
-
-def _helper_that_runs_git():
-    return subprocess.run(["git", "--version"], check=False)
-
-
-def _pure():
-    return sorted([3, 1, 2])
-
-
-def test_a_test_that_starts_a_process_is_found_through_its_helpers():
-    module = vars(sys.modules[__name__])
-    assert process_calls(_starts_a_process_through_a_helper.__code__, module) == "subprocess"
-    assert process_calls((lambda: [_pure() for _ in range(2)]).__code__, module) is None
-    assert process_calls(test_ci_and_the_training_image_install_the_same_torch.__code__, module) is None
-
-
 def test_the_tiers_follow_the_fixtures_a_test_really_uses(request):
     """This session's own tests (all collected, whatever -m or -k then selected): a test
     reaching a server, a process or a study is e2e; one whose cheap fixture only shares
     a name with an expensive one is not."""
     mine = {n.split("::")[1]: r for n, r in E2E_REASONS.items() if n.startswith("tests/test_packaging.py::")}
-    assert mine["test_every_run_of_a_study_records_the_code_that_made_it"] == "fixture smoke_study calls run_cli"
-    assert mine["test_an_install_inside_another_repository_records_no_commit"] == "fixture git calls subprocess"
+    assert mine["test_every_run_of_a_study_records_the_code_that_made_it"] == "fixture server"  # through smoke_study
+    assert mine["test_an_install_inside_another_repository_records_no_commit"] == "fixture git"
     assert mine["test_source_digest_names_the_source_and_changes_with_one_byte"] is None
     assert mine["test_the_tiers_follow_the_fixtures_a_test_really_uses"] is None
     assert request.node.get_closest_marker("e2e") is None
@@ -330,9 +311,10 @@ def made(tmp_path_factory):
     with open(os.environ["SAMPLE_LOG"], "a") as f:
         f.write(f"fixture {os.environ['PYTEST_XDIST_WORKER']}\\n")
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("i", range(6))
 def test_uses_the_module_fixture(made, i):
-    subprocess.run(["true"], check=True)  # starts a process: e2e
+    subprocess.run(["true"], check=True)
     with open(os.environ["SAMPLE_LOG"], "a") as f:
         f.write(f"test {os.environ['PYTEST_XDIST_WORKER']}\\n")
 '''
@@ -346,6 +328,7 @@ def test_unit(i=0):
 """
 
 
+@pytest.mark.e2e  # pytest -n 2 in its own process
 def test_under_xdist_an_e2e_module_runs_whole_on_one_worker(tmp_path):
     """conftest's scheduler, run as `pytest -n 2` runs it, on a module whose six e2e tests
     share a module fixture, beside unit tests: the fixture is made once, and its tests run

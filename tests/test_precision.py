@@ -160,6 +160,7 @@ def test_a_busy_machine_is_said_once_with_its_threads_and_wait_policy(monkeypatc
     assert machine.busy_note() is None  # once per process
 
 
+@pytest.mark.e2e  # a fresh interpreter
 def test_kd_mlflow_sets_a_passive_wait_policy_before_torch_loads():
     """OpenMP reads it once, at load: the package sets it on import, the user's kept."""
     import subprocess

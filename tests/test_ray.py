@@ -24,6 +24,8 @@ from conftest import invoke, run_cli, silent_socket
 
 from kd_mlflow import schema
 
+pytestmark = pytest.mark.e2e  # studies and commands in their own processes
+
 
 def _compare(env, experiment):
     out = run_cli("compare", "--experiment", experiment, "--format", "json", env=env)

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # `kd-mlflow compare` in its own process
+
 WARNING = "warning: MLFLOW_TRACKING_PASSWORD is sent in clear"
 
 

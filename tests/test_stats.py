@@ -513,6 +513,7 @@ def test_save_refuses_what_is_not_probabilities(tmp_path, probs, labels, match):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.e2e  # a fresh interpreter
 def test_the_modules_are_pure_numpy():
     code = (
         "import sys, kd_mlflow.stats, kd_mlflow.predictions, kd_mlflow.calibration; "

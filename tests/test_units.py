@@ -525,3 +525,24 @@ def test_a_bad_or_contradicting_boolean_is_a_usage_error():
     assert res.exit_code == 2 and "'maybe'" in res.stderr and "Traceback" not in res.stderr
     res = invoke("train", "--seed", "0", "--preset", "smoke", "--augment", "--no-augment")
     assert res.exit_code == 2 and "--augment and --no-augment contradict" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "text"),
+    [
+        ("--augment", "maybe"),
+        ("--mean", "0.5,0.5"),
+        ("--std", "a,b,c"),
+        ("--milestones", "60,,120"),
+        ("--milestones", "5.5"),
+    ],
+)
+def test_a_typed_value_is_refused_for_the_reason_its_logged_text_would_be(flag, text):
+    """One reading per value (config's): the CLI refuses a flag's text for the reason
+    config gives that field's text logged by a run, exit 2."""
+    from conftest import invoke
+
+    with pytest.raises(config.ConfigError) as refused:
+        config.field_value(flag[2:], text)
+    res = invoke("train", "--seed", "0", "--preset", "smoke", flag, text)
+    assert res.exit_code == 2 and res.stderr.strip().endswith(f"{text!r} is {refused.value.reason}"), res.stderr
