@@ -24,7 +24,6 @@ from kd_mlflow import config, measures
 from kd_mlflow import gains as gains_mod
 from kd_mlflow import schema as S
 
-FORMATS = ("markdown", "csv", "json")
 TABLES = (
     "seeds",
     "ensembles",
@@ -1315,7 +1314,7 @@ def render(tables: list[StudyTables], fmt: str) -> str:
         return _csv(tables)
     if fmt == "json":
         return json.dumps(table_rows(tables), indent=2, allow_nan=False) + "\n"
-    raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(config.FORMATS)}")
 
 
 # --- a sweep's choice, on validation only (the sweep command's and these tables') ---

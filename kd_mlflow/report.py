@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from . import runs, steps
+from . import runs, steps, tracking
 from .calibration import measure
 from .config import ConfigError
 from .runs import RunRecord
@@ -32,7 +32,7 @@ def compare(
     runs' logged predictions."""
     from . import compare as tables
 
-    session = runs.connect(experiment, create=False)
+    session = tracking.connect(experiment, create=False)
     built = tables.build_tables(runs.results_frame(session, preset), preset, dataset, group)
     if built:
         recs = [runs.get(session, rid, "run") for rid in tables.run_ids(built)]
@@ -66,7 +66,7 @@ def _nothing_matched(session, tables, *, preset, dataset, group) -> None:
     an experiment without results says where results are, if anywhere (exit 0, empty
     tables: nothing yet is an answer)."""
     here = tables.build_tables(runs.results_frame(session)) if (preset or dataset or group) else []
-    name = runs.experiment_name(session)
+    name = tracking.experiment_name(session)
     if here:
         for option, value, values in (
             ("preset", preset, sorted({t.preset for t in here})),
@@ -110,7 +110,7 @@ def _note_lacking(session, recs: list[RunRecord]) -> None:
             shown = ", ".join(i[:8] for i in ids[:6]) + (", ..." if len(ids) > 6 else "")
             parts.append(f"{len(ids)} run(s) lack {what}: {shown}")
     if parts:
-        name = runs.experiment_name(session)
+        name = tracking.experiment_name(session)
         print(
             f"note: {'; '.join(parts)}; `kd-mlflow backfill --experiment {name}` adds them (needs write access)",
             file=sys.stderr,
@@ -123,7 +123,7 @@ def backfill(experiment: str | None) -> list[str]:
     got something; none when every run has both (a second backfill adds nothing)."""
     from . import compare as tables
 
-    session = runs.connect(experiment, create=False)
+    session = tracking.connect(experiment, create=False)
     return backfill_runs(session, tables.run_ids(tables.build_tables(runs.results_frame(session))))
 
 

@@ -24,13 +24,6 @@ from . import schema, tracking
 from .config import ConfigError, Recipe, recipe_from_params
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 
-connect = tracking.connect
-run_link = tracking.run_link
-compare_link = tracking.compare_link
-experiment_link = tracking.experiment_link
-experiment_name = tracking.experiment_name
-
-
 # --- plain records ---------------------------------------------------------
 
 

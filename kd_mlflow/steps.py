@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import runs, schema
+from . import runs, schema, tracking
 from .config import (
     PRESETS,
     STUDENT_FIELDS,
@@ -70,7 +70,7 @@ def train(
     check_device(ex)
     source, split = load_data(recipe, data_dir, ex)
     check_schedule(recipe, len(split.train_idx))
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     spec = _train_spec(seed, recipe, preset, source, split)
     from .objectives import CrossEntropy
 
@@ -102,7 +102,7 @@ def distill(
     """A student of a train run or another student (SD when that network's architecture
     is the student's, KD otherwise) or of an ensemble run (KD)."""
     check_device(ex)
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     plan = _student_plan(session, teacher_run_id, seed, preset, overrides or {}, data_dir, ex)
     existing = None if ex.force else runs.result_for(session, plan.spec)
     if existing:
@@ -242,7 +242,7 @@ def train_wave(
     """Train runs of these seeds, the missing ones packed (kd_mlflow.pack): each is its
     own run with the identity it would have alone, so lone and packed runs reuse each other."""
     source, split = _packed_inputs(seeds, recipe, data_dir, ex)
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     specs = [_train_spec(seed, recipe, preset, source, split) for seed in seeds]
 
     def objective(dd, rt, i):
@@ -285,7 +285,7 @@ def distill_wave(
     recipe and one split for all; each keeps its own distillation settings (temperature,
     alpha, loss), which only its objective sees."""
     check_device(ex)
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     plans = [_student_plan(session, t, seed, preset, over, data_dir, ex) for t, seed, over in students]
     if len({(tuple(sorted(p.recipe.fields_for("train").items())), p.split.digest) for p in plans}) > 1:
         ids = ",".join(t for t, _, _ in students)
@@ -386,7 +386,7 @@ def joint(
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError("seeds", ",".join(map(str, seeds)), "a joint model needs at least two distinct seeds")
     source, split = _packed_inputs(seeds, recipe, data_dir, ex, JOINT_PACKS)
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     member_seeds = ",".join(map(str, seeds))
     spec = _spec(
         "joint",
@@ -465,7 +465,7 @@ def ensemble(
     if len(member_run_ids) < 2 or len(set(member_run_ids)) != len(member_run_ids):
         raise ConfigError("members", ",".join(member_run_ids), "need at least two distinct runs")
     check_device(ex)
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     members = [runs.finished(session, rid, "members") for rid in member_run_ids]
     for m in members:
         if m.role not in ("train", "student"):
@@ -546,7 +546,7 @@ def ensemble(
 def members_for_seeds(
     seeds: list[int], preset: str | None, dataset: str | None, experiment: str | None = None, session=None
 ) -> list[str]:
-    session = session or runs.connect(experiment)
+    session = session or tracking.connect(experiment)
     return [r.run_id for r in runs.train_runs_for_seeds(session, seeds, preset, dataset)]
 
 

@@ -429,14 +429,14 @@ def test_artifacts_behind_an_unreachable_store_are_a_network_failure(unreachable
     (`mlflow server --artifacts-only`) and it does not answer: the download's failure is
     the network's (exit 1), named with that host; never "weights refused" (exit 2), nor
     MLflow's "Failed to download artifacts ... ensure that the path is correct"."""
-    from kd_mlflow import runs
+    from kd_mlflow import runs, tracking
 
     uri = f"sqlite:///{unreachable / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)
     exp_id = client.create_experiment("stored", artifact_location=f"{CLOSED}/api/2.0/mlflow-artifacts/artifacts/x")
     rid = client.create_run(exp_id, tags={schema.PREDICTIONS: schema.PREDICTIONS_PATH}).info.run_id
-    session = runs.connect("stored")
+    session = tracking.connect("stored")
     rec = runs.get(session, rid, "teacher")
     with pytest.raises(errors.TrackingUnavailable) as caught:
         if artifact == "weights":

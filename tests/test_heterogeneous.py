@@ -13,7 +13,7 @@ import uuid
 import mlflow
 import pytest
 
-from kd_mlflow import compare, config, runs, schema, steps, study
+from kd_mlflow import compare, config, runs, schema, steps, study, tracking
 from kd_mlflow.config import ConfigError
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +77,7 @@ def test_compare_never_puts_another_architecture_in_an_sd_mean(lab):
     ids = lab["ids"]
     # The fixture's runs only: the tests after this one add their own (a mixed ensemble,
     # a study), in whatever order they run.
-    frame = runs.results_frame(runs.connect(lab["name"]))
+    frame = runs.results_frame(tracking.connect(lab["name"]))
     tables = compare.build_tables(frame[frame["run_id"].isin(set(ids.values()))])
     sd_tables = [t for t in tables if not t.self_distillation.empty]
     assert len(sd_tables) == 1

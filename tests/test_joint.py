@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import invoke, run_cli
 
-from kd_mlflow import cli, compare, config, data, models, runs, schema, steps, study
+from kd_mlflow import cli, compare, config, data, models, runs, schema, steps, study, tracking
 from kd_mlflow.objectives import CrossEntropy
 from kd_mlflow.runs import Outcome, RunRecord
 from kd_mlflow.train import fit, make_runtime
@@ -236,7 +236,7 @@ def test_joint_run_end_to_end_and_a_rerun_reuses_it(tracked):
     assert [m.step for m in history] == [1] and metrics[schema.BEST_EPOCH] == 1
     assert metrics[schema.FINAL_VAL_ACC] == pytest.approx(history[0].value)
 
-    preds = runs.predictions_of(None, runs.get(runs.connect(tracked.experiment), run_id, "run"))
+    preds = runs.predictions_of(None, runs.get(tracking.connect(tracked.experiment), run_id, "run"))
     argmax_acc = 100.0 * float(np.mean(np.argmax(preds.probs_test, 1) == preds.labels_test))
     assert argmax_acc == pytest.approx(metrics[schema.FINAL_TEST_ACC], abs=1e-9)
     logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")  # the joint model, whole

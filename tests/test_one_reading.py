@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from mlflow.entities import Param
 
-from kd_mlflow import compare, config, report, runs, schema, steps, study
+from kd_mlflow import compare, config, report, runs, schema, steps, study, tracking
 
 pytestmark = pytest.mark.e2e
 SMOKE = config.preset("smoke")
@@ -113,7 +113,7 @@ def lab(server, cache_dir):
         mp.setenv("KD_MLFLOW_CACHE", str(cache_dir))
         mlflow.set_tracking_uri(server.uri)
         done = study.reproduce(study.Plan("smoke", SMOKE, {}, [0, 1]), experiment=name, ex=ex)
-        session = runs.connect(name)
+        session = tracking.connect(name)
         where = {"session": session, "ex": ex}
         t2 = steps.train(2, SMOKE.replace(epochs=1), "smoke", **where).run_id
         s12 = steps.distill(t2, 12, overrides={"epochs": 2}, **where).run_id

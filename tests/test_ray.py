@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import invoke, run_cli, silent_socket
 
-from kd_mlflow import schema
+from kd_mlflow import schema, tracking
 
 pytestmark = pytest.mark.e2e  # studies and commands in their own processes
 
@@ -137,12 +137,12 @@ def test_a_ray_worker_killed_mid_training_is_retried_and_continues_its_run(ray, 
     """Ray retries a task whose worker died (its max_retries); the retry, with the node's
     checkpoints gone, continues the same run from the server's checkpoint and ends with
     the uninterrupted run's weights and metrics, each epoch logged once."""
-    from kd_mlflow import executors, runs
+    from kd_mlflow import executors
     from kd_mlflow.steps import Execution
     from kd_mlflow.study import Context, Progress, TrainStep
 
     epochs = 8
-    session = runs.connect(tracked.experiment)
+    session = tracking.connect(tracked.experiment)
     parent = session.client.create_run(session.experiment_id, run_name="ray-retry").info.run_id
     # A plan with what a train step's command line reads: one step, not a whole study.
     plan = types.SimpleNamespace(preset="smoke", overrides={"epochs": epochs}, data_dir=None)

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from kd_mlflow import runs, tracking
+from kd_mlflow import tracking
 from kd_mlflow.checkpoint import SLOTS, Cadence, CheckpointStore, cadence
 from kd_mlflow.config import ConfigError
 
@@ -20,7 +20,7 @@ def _store(session, directory, **kw):
 @pytest.fixture
 def trained(tracked, tmp_path):
     """A run whose epochs 1-3 were checkpointed on machine A (uploaded every epoch)."""
-    session = runs.connect(tracked.experiment)
+    session = tracking.connect(tracked.experiment)
     run_id = session.client.create_run(session.experiment_id).info.run_id
     owners = {"hash": run_id}
     a = _store(session, tmp_path / "a")
