@@ -906,6 +906,7 @@ def _ago(seconds: float) -> str:
 def with_intervals(t: StudyTables, predictions: dict) -> StudyTables:
     g, m, notes = gains_mod.compute(t, predictions)
     figure1, calibration, size = measures.compute(t, predictions)
+    notes += measures.floored(calibration, predictions)
     return dataclasses.replace(
         t, gains=g, mechanism=m, figure1=figure1, calibration=calibration, ensemble_size=size, notes=t.notes + notes
     )
@@ -1041,7 +1042,7 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
     for r in t.gains.itertuples():
         p = "-" if pd.isna(r.p_value) else f"{r.p_value:.3g} ({int(r.b)}/{int(r.c)})"
         seed = "-" if pd.isna(r.seed_lo) else fmt_interval(r.estimate, r.seed_lo, r.seed_hi)
-        rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), seed, p])
+        rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), r.interval, seed, p])
     mech = []
     for r in t.mechanism.itertuples():
         spec = ".3f" if r.detail == "nats" else ".2f"
@@ -1055,8 +1056,9 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
                 _md_table(
                     [
                         "gain",
-                        "estimate [95% paired bootstrap over test images]",
-                        "[95% t over pairs]",
+                        "estimate [95% bootstrap]",
+                        "resampled",
+                        "[95% t over pairs or KD seeds]",
                         "McNemar p (teacher-only / student-only right)",
                     ],
                     rows,

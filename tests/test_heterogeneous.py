@@ -126,7 +126,7 @@ def test_a_study_with_a_kd_student_of_another_architecture(lab):
         R20,
         {"model": "resnet20", "width": 16},
         [0, 1],
-        kd_seed=100,
+        kd_seeds=(100,),
         student_model="resnet18-cifar",
         student_width=16,  # the teachers' width: as distill --model made it
     )
