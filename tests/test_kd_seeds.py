@@ -1,0 +1,106 @@
+"""Several KD students of one ensemble, on hand-made runs and predictions: the gains
+table gives their mean a seeds × images interval, the one that
+stats.hierarchical_bootstrap gives the same correctness, and keeps the paired image
+bootstrap where one side is one run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_properties import SMOKE, Experiment, _Log
+
+from kd_mlflow import compare, config, stats
+from kd_mlflow import gains as gains_mod
+
+
+def _kd_study(kd_seeds=(100, 101, 102)) -> Experiment:
+    """Two single models, their ensemble, its KD students and two SD students."""
+    log = _Log()
+    t0, t1 = (log.add("train", SMOKE, 11 + s, seed=s, group="g0", config_hash=f"g0-{s}") for s in range(2))
+    ens = log.add(
+        "ensemble",
+        SMOKE,
+        21,
+        member_role="train",
+        member_run_ids=(t0.run_id, t1.run_id),
+        member_seeds=("0", "1"),
+        combine="prob",
+        group="e-prob-g0",
+        config_hash="ens",
+        params={"combine": "prob"},
+    )
+    student = SMOKE.replace(**{k: getattr(SMOKE, k) for k in config.STUDENT_FIELDS})
+    for method, teachers, seeds in (("kd", [ens] * len(kd_seeds), kd_seeds), ("sd", [t0, t1], (10, 11))):
+        for teacher, seed in zip(teachers, seeds, strict=True):
+            log.add(
+                "student",
+                student,
+                seed,
+                method=method,
+                seed=seed,
+                teacher_run_id=teacher.run_id,
+                teacher_seeds=",".join(teacher.member_seeds) or str(teacher.seed),
+                generation=1,
+                group=f"s-{method}",
+                config_hash=f"{method}-{seed}",
+            )
+    return Experiment(tuple(log.records), log.correct)
+
+
+def _tables(exp: Experiment):
+    (t,) = compare.build_tables(exp.frame(), predictions=exp.predictions())
+    return t
+
+
+def _correct(exp: Experiment, run_ids) -> np.ndarray:
+    return np.stack([np.array(exp.correct[r]) for r in run_ids])
+
+
+def test_the_mean_of_several_kd_students_has_the_seeds_and_images_interval():
+    exp = _kd_study()
+    t = _tables(exp)
+    gains = t.gains.set_index("gain")
+    row = gains.loc[gains_mod.KD_MEAN]
+    kd, singles = list(t.kd["run_id"]), list(t.seeds["run_id"])
+    want = stats.hierarchical_bootstrap(
+        _correct(exp, singles), _correct(exp, kd), paired=False, scale=100.0, n_resamples=10_000, seed=0
+    )
+    assert row["interval"] == gains_mod.SEEDS_AND_IMAGES
+    assert (row["lo"], row["hi"]) == pytest.approx((want.lo, want.hi))
+    assert row["estimate"] == pytest.approx(t.kd["test_acc"].mean() - t.seeds["test_acc"].mean())
+    per_seed = t.kd["test_acc"].to_numpy() - t.seeds["test_acc"].mean()
+    over_seeds = stats.seed_interval(per_seed)
+    assert (row["seed_lo"], row["seed_hi"]) == pytest.approx((over_seeds.lo, over_seeds.hi))
+    summary = t.summary.set_index("row")
+    assert summary.loc["KD students", "n"] == 3
+
+
+def test_sd_pairs_are_resampled_together_and_one_run_keeps_the_image_bootstrap():
+    exp = _kd_study()
+    t = _tables(exp)
+    gains = t.gains.set_index("gain")
+    sd = t.self_distillation
+    pairs = gains.loc["SD - teacher (mean over pairs)"]
+    want = stats.hierarchical_bootstrap(
+        _correct(exp, sd["teacher_run_id"]), _correct(exp, sd["run_id"]), paired=True, scale=100.0
+    )
+    assert pairs["interval"] == gains_mod.SEEDS_AND_IMAGES
+    assert (pairs["lo"], pairs["hi"]) == pytest.approx((want.lo, want.hi))
+    ens = gains.loc["ensemble - mean single"]
+    images = stats.paired_bootstrap(_correct(exp, t.seeds["run_id"]), _correct(exp, t.ensembles["run_id"]))
+    assert ens["interval"] == gains_mod.IMAGES
+    assert (ens["lo"], ens["hi"]) == pytest.approx((images.lo, images.hi))
+    assert set(gains.loc[gains.index.str.startswith("KD student "), "interval"]) == {gains_mod.IMAGES}
+
+
+def test_figure1_gives_the_kd_students_a_t_interval_over_their_seeds():
+    t = _tables(_kd_study())
+    kd = t.figure1.set_index("column").loc["kd"]
+    want = stats.seed_interval(t.kd["test_acc"].to_numpy())
+    assert kd["n"] == 3 and (kd["seed_lo"], kd["seed_hi"]) == pytest.approx((want.lo, want.hi))
+    assert "seeds × images" in compare.render([t], "markdown")
+
+
+def test_one_kd_student_has_no_mean_row():
+    t = _tables(_kd_study(kd_seeds=(100,)))
+    assert gains_mod.KD_MEAN not in set(t.gains["gain"]) and "KD - mean single" in set(t.gains["gain"])
