@@ -5,11 +5,14 @@ bootstrap where one side is one run."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from conftest import run_cli
 from test_properties import SMOKE, Experiment, _Log
 
-from kd_mlflow import compare, config, stats
+from kd_mlflow import compare, config, schema, stats
 from kd_mlflow import gains as gains_mod
 
 
@@ -104,3 +107,28 @@ def test_figure1_gives_the_kd_students_a_t_interval_over_their_seeds():
 def test_one_kd_student_has_no_mean_row():
     t = _tables(_kd_study(kd_seeds=(100,)))
     assert gains_mod.KD_MEAN not in set(t.gains["gain"]) and "KD - mean single" in set(t.gains["gain"])
+
+
+@pytest.mark.e2e
+def test_a_study_with_three_kd_seeds_shows_their_mean_and_a_rerun_trains_nothing(tracked):
+    """`reproduce --kd-seeds 100-102` (smoke, two teacher seeds, one epoch, as a process):
+    three KD students of the one ensemble; compare's KD row has n = 3, their std and a t
+    interval over the seeds; the parent's kd_test_acc is their mean; a rerun reuses all."""
+    args = ("reproduce", "--preset", "smoke", "--seeds", "0-1", "--epochs", "1", "--kd-seeds", "100-102")
+    first = run_cli(*args, "--no-register", env=tracked.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    by_name = {r.info.run_name: r for r in tracked.runs()}
+    kd = [by_name[f"kd-seed-{s}"] for s in (100, 101, 102)]
+    assert {r.data.tags[schema.TEACHER_RUN_ID] for r in kd} == {by_name["ensemble-seeds-0-1"].info.run_id}
+    accs = np.array([r.data.metrics[schema.FINAL_TEST_ACC] for r in kd])
+    doc = json.loads(run_cli("compare", "--format", "json", env=tracked.env).stdout)
+    row = next(r for r in doc["summary"] if r["row"] == "KD students")
+    assert row["n"] == 3 and row["test_std"] == pytest.approx(accs.std(ddof=1))
+    column = next(r for r in doc["figure1"] if r["column"] == "kd")
+    want = stats.seed_interval(accs)
+    assert (column["seed_lo"], column["seed_hi"]) == pytest.approx((want.lo, want.hi))
+    parent = next(r for n, r in by_name.items() if n.startswith("study-"))
+    assert parent.data.metrics["kd_test_acc"] == pytest.approx(accs.mean())
+    again = run_cli(*args, "--no-register", env=tracked.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 step(s) ran" in again.stderr
