@@ -122,6 +122,9 @@ class StudyTables:
         default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS)
     )
     joint: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=_ENSEMBLE_COLUMNS))
+    # A table of KD students of another architecture: that network trained alone (train
+    # runs of the students' training recipe and split), the baseline of what KD did.
+    alone: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["seeds"]))
     figure1: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=measures.FIGURE1_COLUMNS))
     calibration: pd.DataFrame = dataclasses.field(
         default_factory=lambda: pd.DataFrame(columns=measures.CALIBRATION_COLUMNS)
@@ -479,7 +482,7 @@ def _summary(rows: dict) -> pd.DataFrame:
         return est.loc[est["kind"] == kind, "estimate"].mean()
 
     ens, kd, sd, sde = rows["ensembles"], rows["kd"], rows["self_distillation"], rows["sd_ensembles"]
-    seeds = rows["seeds"]
+    seeds, alone = rows["seeds"], rows["alone"]
     stats = [
         _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"], seeds=_seeds_of(seeds["seed"])),
         _stat(
@@ -519,6 +522,18 @@ def _summary(rows: dict) -> pd.DataFrame:
             sde["members"],
         ),
     ]
+    if len(alone):  # only where there is one: the tables of a study of one architecture keep their rows
+        stats.append(
+            _stat(
+                gains_mod.ALONE,
+                alone["val_acc"],
+                alone["test_acc"],
+                alone["run_id"],
+                gain("alone"),
+                "single models (mean)",
+                _seeds_of(alone["seed"]),
+            )
+        )
     stats += [
         _joint_stat(title, runs, rows["seeds"], gain(f"joint:{title}"))
         for title, runs in gains_mod.joint_entries(rows["joint"]).items()
@@ -542,10 +557,14 @@ def _joint_stat(title: str, runs: pd.DataFrame, seeds: pd.DataFrame, gain: float
     )
 
 
-def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | None, notes: list) -> StudyTables:
+def _study(
+    head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | None, notes: list, alone=None
+) -> StudyTables:
     """One table set. ``in_line``: the listed runs that belong to this table's line (the
     others are listed with a note, counted in no mean or gain); None for a table of runs
-    listed apart, which has no summary."""
+    listed apart, which has no summary. ``alone``: the students' network trained alone."""
+    alone = rows.iloc[:0] if alone is None else alone
+    in_line = None if in_line is None else in_line | set(alone["run_id"])
     tables = {
         "seeds": _seeds(rows),
         "ensembles": _ensembles(rows, of_students=False),
@@ -553,6 +572,7 @@ def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | 
         "self_distillation": _self_distillation(rows, lookup),
         "sd_ensembles": _ensembles(rows, of_students=True),
         "joint": _of_members(rows[rows["role"] == S.JOINT]),
+        "alone": _seeds(alone),
     }
     kd = rows[rows["run_id"].isin(tables["kd"]["run_id"])]
     notes = notes + [f"KD: {c}" for c in kd.get("sweep_kd_choice", pd.Series(dtype=object)).dropna()]
@@ -642,7 +662,8 @@ def _partition(part: pd.DataFrame, sweeps: pd.DataFrame) -> list[StudyTables]:
             "student_recipe": _student_recipe(mine),
         }
         notes = _notes(listed, superseded) + [f"{why[r]}; listed but counted in no mean or gain" for r in sorted(lost)]
-        return _study(head, listed, lookup, set(listed["run_id"]) - lost, notes)
+        alone = _alone(rows, mine) if _arrow(line, mine) else None
+        return _study(head, listed, lookup, set(listed["run_id"]) - lost, notes, alone)
 
     out: list[StudyTables] = []
     placed: list[Place | None] = []  # each table's place; None: a sweep setting's
@@ -753,6 +774,16 @@ def _point_to_students(t: StudyTables, tables: list[StudyTables]) -> StudyTables
             f"{note.removesuffix(' yet')} in this table: this group's are in {', '.join(there)}" if there else note
         )
     return dataclasses.replace(t, notes=notes)
+
+
+def _alone(rows: pd.DataFrame, mine: pd.DataFrame) -> pd.DataFrame:
+    """The train runs of the KD students' own training recipe and split (``reproduce
+    --student-model`` trains them): their network without distillation."""
+    kd = mine[(mine["role"] == "student") & (mine["method"] == "kd")]
+    want = {(r.recipe.digest("train"), r.split_digest) for r in kd.itertuples() if r.recipe is not None}
+    trains = rows[rows["role"] == "train"]
+    found = [r.recipe is not None and (r.recipe.digest("train"), r.split_digest) in want for r in trains.itertuples()]
+    return trains[found]
 
 
 def _arrow(line: pd.DataFrame, mine: pd.DataFrame) -> str | None:

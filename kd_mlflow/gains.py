@@ -54,11 +54,13 @@ MECHANISM_COLUMNS = ["figure", "value", "lo", "hi", "n", "detail", "run_id"]
 
 
 # The tables whose rows have gains, in their StudyTables names.
-ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "joint")
+ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "joint", "alone")
 ESTIMATE_COLUMNS = ["kind", "gain", "estimate", "n", "run_id", "run_ids", "over_run_ids"]
 
 
 KD_MEAN = "KD - mean single (mean over KD seeds)"
+ALONE = "student's network alone"  # a KD student's architecture trained without KD (its summary row)
+KD_OVER_ALONE = f"KD - {ALONE}"  # what distillation did, the network held fixed
 IMAGES, SEEDS_AND_IMAGES = "images", "seeds × images"  # the interval column's values
 
 
@@ -87,7 +89,7 @@ def same_seeds(seeds: pd.DataFrame, members) -> pd.DataFrame:
     return mine if want and set(mine["seed"].astype(str)) == want else seeds
 
 
-def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None) -> pd.DataFrame:
+def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None, alone=None) -> pd.DataFrame:
     """Every gain of one group from its runs' logged test accuracies (points): the
     estimates of the gains table, and (their means per ``kind``) the summary's gains,
     so that the two are one number. One row per gain: ``run_ids`` minus ``over_run_ids``
@@ -124,7 +126,29 @@ def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None)
             )
     if joint is not None:
         rows += _joint_estimates(seeds, joint)
+    if alone is not None and len(alone):
+        rows += _alone_estimates(seeds, kd, alone)
     return _unique(pd.DataFrame(rows, columns=ESTIMATE_COLUMNS))
+
+
+def _alone_estimates(seeds: pd.DataFrame, kd: pd.DataFrame, alone: pd.DataFrame) -> list[tuple]:
+    """The KD students' network alone minus the mean single model (what the smaller
+    network costs without KD), and the KD students minus it (what KD did)."""
+    on_own, ids = alone["test_acc"].mean(), list(alone["run_id"])
+    rows = [
+        (
+            "alone",
+            f"{ALONE} - mean single",
+            on_own - seeds["test_acc"].mean(),
+            len(alone),
+            None,
+            ids,
+            list(seeds["run_id"]),
+        )
+    ]
+    if len(kd):
+        rows.append(("kd_alone", KD_OVER_ALONE, kd["test_acc"].mean() - on_own, len(kd), None, list(kd["run_id"]), ids))
+    return rows
 
 
 def _seed(seed) -> str:
@@ -169,6 +193,7 @@ def _logged(tables) -> dict:
         *(zip(t["run_id"], t["test_acc"], strict=True) for t in (tables.seeds, tables.ensembles, tables.kd)),
         zip(tables.sd_ensembles["run_id"], tables.sd_ensembles["test_acc"], strict=True),
         zip(tables.joint["run_id"], tables.joint["test_acc"], strict=True),
+        zip(tables.alone["run_id"], tables.alone["test_acc"], strict=True),
         zip(sd["run_id"], sd["student_test_acc"], strict=True),
         zip(sd["teacher_run_id"], sd["teacher_test_acc"], strict=True),
         zip(tables.kd["teacher_run_id"], tables.kd["teacher_test_acc"], strict=True),
@@ -268,6 +293,7 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
         + list(tables.self_distillation["teacher_run_id"].dropna())
         + list(tables.sd_ensembles["run_id"])
         + list(tables.joint["run_id"])
+        + list(tables.alone["run_id"])
     )
     missing = sorted({r for r in ids if preds.get(r) is None})
     notes = []

@@ -556,6 +556,8 @@ SUMMARY_METRICS = {
     ("SD students", "gain"): "sd_gain_mean",
     ("SD ensemble", "test_mean"): "sd_ensemble_test_acc",
     ("SD ensemble", "gain"): "sd_ensemble_gain",
+    ("student's network alone", "test_mean"): "alone_test_acc",
+    ("student's network alone", "gain"): "alone_gain",
 }
 
 
@@ -566,6 +568,7 @@ GAIN_METRICS = {
     "KD - mean single (mean over KD seeds)": "kd_gain",  # several KD students: their mean's interval
     "SD - teacher (mean over pairs)": "sd_gain_mean",
     "SD ensemble - ensemble": "sd_ensemble_gain",
+    "KD - student's network alone": "kd_over_alone_gain",  # its estimate too: no summary row has it
 }
 
 
@@ -601,6 +604,8 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
                 summary[key] = float(value)
         for g in t.gains.itertuples():
             metric = GAIN_METRICS.get(g.gain)
+            if metric == "kd_over_alone_gain":
+                summary[metric] = float(g.estimate)
             if metric and g.lo == g.lo:
                 summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
         summary.update(_measure_metrics(t))
