@@ -132,3 +132,41 @@ def test_a_study_with_three_kd_seeds_shows_their_mean_and_a_rerun_trains_nothing
     again = run_cli(*args, "--no-register", env=tracked.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 step(s) ran" in again.stderr
+
+
+def test_the_waves_hold_one_kd_step_per_seed_and_the_students_network_alone():
+    """Planned, not run: three KD students of the one ensemble; with a KD student of
+    another architecture, that network trained alone on each teacher seed, by a command
+    line (--jobs) that trains exactly it."""
+    from test_joint import _Recorded
+
+    from kd_mlflow import cli, steps, study
+
+    plan = study.Plan("smoke", config.preset("smoke"), {}, [0, 1], kd_seeds=(100, 101, 102), student_model="resnet8")
+    ctx = study.Context(plan, steps.Execution(), "parent")
+    executor = _Recorded()
+    study._waves(plan, ctx, executor, study.StudyResult("parent"), study.Progress(plan.n_steps, plan.n_trainings))
+    assert sum(len(w) for w in executor.waves) == plan.n_steps == 2 + 1 + 3 + 2 + 1 + 2
+    (kd_wave,) = [w for w in executor.waves if isinstance(w[0], study.DistillStep) and w[0].method == "kd"]
+    assert [s.seed for s in kd_wave] == [100, 101, 102] and len({s.teacher for s in kd_wave}) == 1
+    alone = executor.waves[-1]
+    assert [s.name for s in alone] == ["train-seed-0-model=resnet8-width=64", "train-seed-1-model=resnet8-width=64"]
+    parsed = cli.main.commands["train"].make_context("train", alone[1].argv(ctx)[1:]).params
+    assert (parsed["seed"], parsed["model"], parsed["width"]) == (1, "resnet8", 64)
+    assert alone[1].recipe(ctx) == plan.recipe.replace(model="resnet8", width=64)
+    same = study.Plan("smoke", config.preset("smoke"), {}, [0, 1], kd_seeds=(100,))
+    assert not same.alone and same.n_steps == 7  # a study of one architecture: the steps it had
+
+
+@pytest.mark.parametrize("given", [["--kd-seed", "7"], ["--kd_seeds", "7"], ["--kd-seeds", "7"]])
+def test_kd_seed_is_the_one_seed_spelling_of_kd_seeds(given):
+    from kd_mlflow import cli
+
+    assert cli.main.commands["reproduce"].make_context("reproduce", given).params["kd_seeds"] == "7"
+
+
+@pytest.mark.parametrize("bad", ["100,100", "x"])
+def test_bad_kd_seeds_are_refused_with_exit_2(tracked, bad):
+    proc = run_cli("reproduce", "--preset", "smoke", "--kd-seeds", bad, env=tracked.env)
+    assert proc.returncode == 2 and "kd_seeds" in proc.stderr and "Traceback" not in proc.stderr
+    assert tracked.runs() == []
