@@ -170,3 +170,13 @@ def test_bad_kd_seeds_are_refused_with_exit_2(tracked, bad):
     proc = run_cli("reproduce", "--preset", "smoke", "--kd-seeds", bad, env=tracked.env)
     assert proc.returncode == 2 and "kd_seeds" in proc.stderr and "Traceback" not in proc.stderr
     assert tracked.runs() == []
+
+
+def test_the_calibration_notes_name_the_runs_whose_nll_is_floored():
+    """Predictions without float32 log-probabilities (files before format 3, as these
+    hand-made ones are): their NLL is floored, and the notes say which runs."""
+    exp = _kd_study(kd_seeds=(100,))
+    t = _tables(exp)
+    (note,) = [n for n in t.notes if n.startswith("calibration:")]
+    counted = {r for ids in t.calibration["run_ids"] for r in ids}
+    assert f"the NLL of {len(counted)} run(s)" in note and sorted(counted)[0] in note
