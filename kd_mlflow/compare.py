@@ -1124,7 +1124,11 @@ def _md_figure1(t: StudyTables) -> list[tuple[str, str]]:
         rows = [
             ["runs", *(str(r.n) for r in cols)],
             ["test accuracy (mean ± std [95% t over seeds])", *(_acc_cell(r) for r in cols)],
-            ["gain over mean single [95% paired bootstrap]", *(_gain_cell(r.gain, r.gain_lo, r.gain_hi) for r in cols)],
+            [
+                # the gains table's interval: seeds × images where both sides are several runs
+                "gain over mean single [95% bootstrap: images; seeds × images for several runs]",
+                *(_gain_cell(r.gain, r.gain_lo, r.gain_hi) for r in cols),
+            ],
         ]
         for source, what in (
             ("report", "the report (ResNet-18, CIFAR-10)"),
