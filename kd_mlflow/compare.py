@@ -121,6 +121,9 @@ class StudyTables:
         default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS)
     )
     joint: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=_ENSEMBLE_COLUMNS))
+    # A table of KD students of another architecture: that network trained alone (train
+    # runs of the students' training recipe and split), the baseline of what KD did.
+    alone: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["seeds"]))
     figure1: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=measures.FIGURE1_COLUMNS))
     calibration: pd.DataFrame = dataclasses.field(
         default_factory=lambda: pd.DataFrame(columns=measures.CALIBRATION_COLUMNS)
@@ -478,7 +481,7 @@ def _summary(rows: dict) -> pd.DataFrame:
         return est.loc[est["kind"] == kind, "estimate"].mean()
 
     ens, kd, sd, sde = rows["ensembles"], rows["kd"], rows["self_distillation"], rows["sd_ensembles"]
-    seeds = rows["seeds"]
+    seeds, alone = rows["seeds"], rows["alone"]
     stats = [
         _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"], seeds=_seeds_of(seeds["seed"])),
         _stat(
@@ -518,6 +521,18 @@ def _summary(rows: dict) -> pd.DataFrame:
             sde["members"],
         ),
     ]
+    if len(alone):  # only where there is one: the tables of a study of one architecture keep their rows
+        stats.append(
+            _stat(
+                gains_mod.ALONE,
+                alone["val_acc"],
+                alone["test_acc"],
+                alone["run_id"],
+                gain("alone"),
+                "single models (mean)",
+                _seeds_of(alone["seed"]),
+            )
+        )
     stats += [
         _joint_stat(title, runs, rows["seeds"], gain(f"joint:{title}"))
         for title, runs in gains_mod.joint_entries(rows["joint"]).items()
@@ -541,10 +556,14 @@ def _joint_stat(title: str, runs: pd.DataFrame, seeds: pd.DataFrame, gain: float
     )
 
 
-def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | None, notes: list) -> StudyTables:
+def _study(
+    head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | None, notes: list, alone=None
+) -> StudyTables:
     """One table set. ``in_line``: the listed runs that belong to this table's line (the
     others are listed with a note, counted in no mean or gain); None for a table of runs
-    listed apart, which has no summary."""
+    listed apart, which has no summary. ``alone``: the students' network trained alone."""
+    alone = rows.iloc[:0] if alone is None else alone
+    in_line = None if in_line is None else in_line | set(alone["run_id"])
     tables = {
         "seeds": _seeds(rows),
         "ensembles": _ensembles(rows, of_students=False),
@@ -552,6 +571,7 @@ def _study(head: dict, rows: pd.DataFrame, lookup: pd.DataFrame, in_line: set | 
         "self_distillation": _self_distillation(rows, lookup),
         "sd_ensembles": _ensembles(rows, of_students=True),
         "joint": _of_members(rows[rows["role"] == S.JOINT]),
+        "alone": _seeds(alone),
     }
     kd = rows[rows["run_id"].isin(tables["kd"]["run_id"])]
     notes = notes + [f"KD: {c}" for c in kd.get("sweep_kd_choice", pd.Series(dtype=object)).dropna()]
@@ -641,7 +661,8 @@ def _partition(part: pd.DataFrame, sweeps: pd.DataFrame) -> list[StudyTables]:
             "student_recipe": _student_recipe(mine),
         }
         notes = _notes(listed, superseded) + [f"{why[r]}; listed but counted in no mean or gain" for r in sorted(lost)]
-        return _study(head, listed, lookup, set(listed["run_id"]) - lost, notes)
+        alone = _alone(rows, mine) if _arrow(line, mine) else None
+        return _study(head, listed, lookup, set(listed["run_id"]) - lost, notes, alone)
 
     out: list[StudyTables] = []
     placed: list[Place | None] = []  # each table's place; None: a sweep setting's
@@ -751,6 +772,16 @@ def _point_to_students(t: StudyTables, tables: list[StudyTables]) -> StudyTables
             f"{note.removesuffix(' yet')} in this table: this group's are in {', '.join(there)}" if there else note
         )
     return dataclasses.replace(t, notes=notes)
+
+
+def _alone(rows: pd.DataFrame, mine: pd.DataFrame) -> pd.DataFrame:
+    """The train runs of the KD students' own training recipe and split (``reproduce
+    --student-model`` trains them): their network without distillation."""
+    kd = mine[(mine["role"] == "student") & (mine["method"] == "kd")]
+    want = {(r.recipe.digest("train"), r.split_digest) for r in kd.itertuples() if r.recipe is not None}
+    trains = rows[rows["role"] == "train"]
+    found = [r.recipe is not None and (r.recipe.digest("train"), r.split_digest) in want for r in trains.itertuples()]
+    return trains[found]
 
 
 def _arrow(line: pd.DataFrame, mine: pd.DataFrame) -> str | None:
@@ -904,6 +935,7 @@ def _ago(seconds: float) -> str:
 def with_intervals(t: StudyTables, predictions: dict) -> StudyTables:
     g, m, notes = gains_mod.compute(t, predictions)
     figure1, calibration, size = measures.compute(t, predictions)
+    notes += measures.floored(calibration, predictions)
     return dataclasses.replace(
         t, gains=g, mechanism=m, figure1=figure1, calibration=calibration, ensemble_size=size, notes=t.notes + notes
     )
@@ -1039,7 +1071,7 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
     for r in t.gains.itertuples():
         p = "-" if pd.isna(r.p_value) else f"{r.p_value:.3g} ({int(r.b)}/{int(r.c)})"
         seed = "-" if pd.isna(r.seed_lo) else fmt_interval(r.estimate, r.seed_lo, r.seed_hi)
-        rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), seed, p])
+        rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), r.interval, seed, p])
     mech = []
     for r in t.mechanism.itertuples():
         spec = ".3f" if r.detail == "nats" else ".2f"
@@ -1053,8 +1085,9 @@ def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
                 _md_table(
                     [
                         "gain",
-                        "estimate [95% paired bootstrap over test images]",
-                        "[95% t over pairs]",
+                        "estimate [95% bootstrap]",
+                        "resampled",
+                        "[95% t over pairs or KD seeds]",
                         "McNemar p (teacher-only / student-only right)",
                     ],
                     rows,
@@ -1089,7 +1122,11 @@ def _md_figure1(t: StudyTables) -> list[tuple[str, str]]:
         rows = [
             ["runs", *(str(r.n) for r in cols)],
             ["test accuracy (mean ± std [95% t over seeds])", *(_acc_cell(r) for r in cols)],
-            ["gain over mean single [95% paired bootstrap]", *(_gain_cell(r.gain, r.gain_lo, r.gain_hi) for r in cols)],
+            [
+                # the gains table's interval: seeds × images where both sides are several runs
+                "gain over mean single [95% bootstrap: images; seeds × images for several runs]",
+                *(_gain_cell(r.gain, r.gain_lo, r.gain_hi) for r in cols),
+            ],
         ]
         for source, what in (
             ("report", "the report (ResNet-18, CIFAR-10)"),

@@ -2,14 +2,23 @@
 computed from the runs' logged test-set predictions (pure: numpy and pandas, no MLflow,
 no torch).
 
-Gains (test accuracy, percentage points), each with a 95% paired-bootstrap interval
-over test images (10,000 resamples, seed 0: the same runs give the same interval):
-the ensemble minus the mean single model, the KD student minus the mean single model,
-each SD student minus its teacher (with the exact McNemar p-value) and their mean (with
-a t-interval over the pairs as well), the SD ensemble minus the ensemble. The single
-models get a t-interval over seeds. Each estimate is computed once, from the runs'
-logged accuracies (:func:`estimates`), for this table and for the summary alike; the
-intervals come from the predictions' stored classes, whose accuracy is the logged one.
+Gains (test accuracy, percentage points), each with a 95% interval (10,000 resamples,
+seed 0: the same runs give the same interval): the ensemble minus the mean single model,
+each KD student minus the mean single model and, of several, their mean (with a
+t-interval over the KD seeds as well), each SD student minus its teacher (with the exact
+McNemar p-value) and their mean (with a t-interval over the pairs as well), the SD
+ensemble minus the ensemble. The single models get a t-interval over seeds.
+
+Which interval (the table's ``interval`` column): a gain between two GROUPS of runs
+(several runs on each side: the SD students and their teachers, paired; several KD
+students and the single models) resamples seeds, then test images
+(:func:`kd_mlflow.stats.hierarchical_bootstrap`, "seeds × images"): both sides vary
+with their seed. A side of one run (an ensemble, one KD student) holds that run fixed:
+the paired bootstrap over test images ("images"), the test set's sampling error alone.
+
+Each estimate is computed once, from the runs' logged accuracies (:func:`estimates`),
+for this table and for the summary alike; the intervals come from the predictions'
+stored classes, whose accuracy is the logged one.
 
 Mechanism: how much the members disagree; how closely each student follows its
 teacher (top-1 agreement, mean KL(teacher || student)); how much of the ensemble's gain
@@ -31,6 +40,7 @@ GAIN_COLUMNS = [
     "estimate",
     "lo",
     "hi",
+    "interval",
     "seed_lo",
     "seed_hi",
     "n",
@@ -44,8 +54,14 @@ MECHANISM_COLUMNS = ["figure", "value", "lo", "hi", "n", "detail", "run_id"]
 
 
 # The tables whose rows have gains, in their StudyTables names.
-ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "joint")
+ESTIMATED = ("seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "joint", "alone")
 ESTIMATE_COLUMNS = ["kind", "gain", "estimate", "n", "run_id", "run_ids", "over_run_ids"]
+
+
+KD_MEAN = "KD - mean single (mean over KD seeds)"
+ALONE = "student's network alone"  # a KD student's architecture trained without KD (its summary row)
+KD_OVER_ALONE = f"KD - {ALONE}"  # what distillation did, the network held fixed
+IMAGES, SEEDS_AND_IMAGES = "images", "seeds × images"  # the interval column's values
 
 
 def seeds_of(members) -> str:
@@ -73,7 +89,7 @@ def same_seeds(seeds: pd.DataFrame, members) -> pd.DataFrame:
     return mine if want and set(mine["seed"].astype(str)) == want else seeds
 
 
-def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None) -> pd.DataFrame:
+def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None, alone=None) -> pd.DataFrame:
     """Every gain of one group from its runs' logged test accuracies (points): the
     estimates of the gains table, and (their means per ``kind``) the summary's gains,
     so that the two are one number. One row per gain: ``run_ids`` minus ``over_run_ids``
@@ -92,6 +108,8 @@ def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None)
     for r in kd.itertuples():
         name = f"KD student {_seed(r.seed)}" if several_kd else "KD"
         rows.append(("kd", f"{name} - mean single", r.test_acc - single, len(singles), r.run_id, [r.run_id], singles))
+    if several_kd:
+        rows.append(("kd_mean", KD_MEAN, kd["test_acc"].mean() - single, len(kd), None, list(kd["run_id"]), singles))
     sd = self_distillation
     for r in sd.itertuples():
         name = f"SD student {r.student_seed} - teacher {r.teacher_seed}"
@@ -108,7 +126,29 @@ def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None)
             )
     if joint is not None:
         rows += _joint_estimates(seeds, joint)
+    if alone is not None and len(alone):
+        rows += _alone_estimates(seeds, kd, alone)
     return _unique(pd.DataFrame(rows, columns=ESTIMATE_COLUMNS))
+
+
+def _alone_estimates(seeds: pd.DataFrame, kd: pd.DataFrame, alone: pd.DataFrame) -> list[tuple]:
+    """The KD students' network alone minus the mean single model (what the smaller
+    network costs without KD), and the KD students minus it (what KD did)."""
+    on_own, ids = alone["test_acc"].mean(), list(alone["run_id"])
+    rows = [
+        (
+            "alone",
+            f"{ALONE} - mean single",
+            on_own - seeds["test_acc"].mean(),
+            len(alone),
+            None,
+            ids,
+            list(seeds["run_id"]),
+        )
+    ]
+    if len(kd):
+        rows.append(("kd_alone", KD_OVER_ALONE, kd["test_acc"].mean() - on_own, len(kd), None, list(kd["run_id"]), ids))
+    return rows
 
 
 def _seed(seed) -> str:
@@ -153,6 +193,7 @@ def _logged(tables) -> dict:
         *(zip(t["run_id"], t["test_acc"], strict=True) for t in (tables.seeds, tables.ensembles, tables.kd)),
         zip(tables.sd_ensembles["run_id"], tables.sd_ensembles["test_acc"], strict=True),
         zip(tables.joint["run_id"], tables.joint["test_acc"], strict=True),
+        zip(tables.alone["run_id"], tables.alone["test_acc"], strict=True),
         zip(sd["run_id"], sd["student_test_acc"], strict=True),
         zip(sd["teacher_run_id"], sd["teacher_test_acc"], strict=True),
         zip(tables.kd["teacher_run_id"], tables.kd["teacher_test_acc"], strict=True),
@@ -208,12 +249,25 @@ def _same_images(preds: dict, run_ids) -> bool:
     return len(digests) <= 1
 
 
-def _row(r: dict, interval, seed=None, mcnemar=None) -> dict:
+def interval(a: np.ndarray, b: np.ndarray, paired: bool, n_resamples: int, seed: int):
+    """(the 95% interval of b's mean correctness minus a's, points; which it is): over
+    seeds and images where both sides are groups of runs, ``paired`` where row j of a
+    goes with row j of b; else over images, the one run fixed (see the module's text)."""
+    if len(a) >= 2 and len(b) >= 2:
+        return (
+            stats.hierarchical_bootstrap(a, b, paired=paired, scale=100.0, n_resamples=n_resamples, seed=seed),
+            SEEDS_AND_IMAGES,
+        )
+    return stats.paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed), IMAGES
+
+
+def _row(r: dict, interval, how: str, seed=None, mcnemar=None) -> dict:
     return {
         "gain": r["gain"],
         "estimate": r["estimate"],
         "lo": interval.lo,
         "hi": interval.hi,
+        "interval": how,
         "seed_lo": seed.lo if seed else math.nan,
         "seed_hi": seed.hi if seed else math.nan,
         "n": r["n"],
@@ -239,6 +293,7 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
         + list(tables.self_distillation["teacher_run_id"].dropna())
         + list(tables.sd_ensembles["run_id"])
         + list(tables.joint["run_id"])
+        + list(tables.alone["run_id"])
     )
     missing = sorted({r for r in ids if preds.get(r) is None})
     notes = []
@@ -253,18 +308,18 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
         notes.append("the runs' predictions are not on the same test images (labels digests differ): no intervals")
         return pd.DataFrame(columns=GAIN_COLUMNS), pd.DataFrame(columns=MECHANISM_COLUMNS), notes
 
-    def boot(a, b):
-        return stats.paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed)
-
-    pairs = est.loc[est["kind"] == "sd", "estimate"]
+    # the per-run gains a mean row's t-interval is over: SD pairs, KD seeds
+    per_run = {"sd_mean": est.loc[est["kind"] == "sd", "estimate"], "kd_mean": est.loc[est["kind"] == "kd", "estimate"]}
     gains = []
     for r in est.to_dict("records"):
         a, b = _correct(preds, r["over_run_ids"]), _correct(preds, r["run_ids"])
         if a is None or b is None:
             continue
         mcnemar = stats.mcnemar_exact(a[0], b[0]) if r["kind"] == "sd" else None
-        over_seeds = stats.seed_interval(pairs.to_numpy()) if r["kind"] == "sd_mean" and len(pairs) >= 2 else None
-        gains.append(_row(r, boot(a, b), over_seeds, mcnemar))
+        over = per_run.get(r["kind"])
+        over_seeds = stats.seed_interval(over.to_numpy()) if over is not None and len(over) >= 2 else None
+        boot, how = interval(a, b, r["kind"] == "sd_mean", n_resamples, seed)
+        gains.append(_row(r, boot, how, over_seeds, mcnemar))
     mech = _mechanism(tables, preds, est, _correct(preds, singles), singles, n_resamples, seed)
     return pd.DataFrame(gains, columns=GAIN_COLUMNS), pd.DataFrame(mech, columns=MECHANISM_COLUMNS), notes
 

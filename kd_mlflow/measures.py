@@ -129,7 +129,7 @@ def figure1(head: dict, summary: pd.DataFrame, tables: dict) -> pd.DataFrame:
         frame, column = _ACCURACY["joint" if name.startswith("joint") else name]
         ids = list(rows.loc[row, "run_ids"]) if row in rows.index else []
         accs = tables[frame].set_index("run_id").loc[ids, column].astype(float).dropna()
-        over_seeds = stats.seed_interval(accs.to_numpy()) if name in ("single", "sd") and len(accs) >= 2 else None
+        over_seeds = stats.seed_interval(accs.to_numpy()) if name in ("single", "kd", "sd") and len(accs) >= 2 else None
         joint = name.startswith("joint") and row in rows.index
         out.append(
             {
@@ -180,7 +180,7 @@ def compute(t, preds: dict, n_resamples: int = 10_000, seed: int = 0):
     if len({p.digest("test") for p in preds.values()}) > 1:
         return empty  # gains.compute notes it
     return (
-        _figure1_intervals(t.figure1, preds, n_resamples, seed),
+        _figure1_intervals(t.figure1, preds, teachers, n_resamples, seed),
         _calibration(t.figure1, runs, teachers, preds, n_resamples, seed),
         _ensemble_size(t, runs["ensemble"], preds),
     )
@@ -206,15 +206,18 @@ def _all(preds: dict, ids) -> list | None:
     return got if got and all(p is not None for p in got) else None
 
 
-def _figure1_intervals(fig: pd.DataFrame, preds: dict, n_resamples: int, seed: int) -> pd.DataFrame:
+def _figure1_intervals(fig: pd.DataFrame, preds: dict, teachers: list, n_resamples: int, seed: int) -> pd.DataFrame:
+    """Each column's gain interval, the gains table's for the same runs: the SD students'
+    paired with their own teachers (the mean over pairs)."""
     out = fig.copy()
     for i, r in fig.iterrows():
-        over, side = _all(preds, r["over_run_ids"]), _all(preds, r["run_ids"])
+        paired = r["column"] == "sd" and len(teachers) == len(r["run_ids"])
+        over, side = _all(preds, teachers if paired else r["over_run_ids"]), _all(preds, r["run_ids"])
         if r["column"] == "single" or over is None or side is None:
             continue
         c_over = np.stack([p.correct("test") for p in over])
         c_side = np.stack([p.correct("test") for p in side])
-        interval = stats.paired_bootstrap(c_over, c_side, n_resamples=n_resamples, seed=seed)
+        interval, _how = gains_mod.interval(c_over, c_side, paired, n_resamples, seed)
         out.loc[i, ["gain_lo", "gain_hi"]] = [interval.lo, interval.hi]
     return out
 
@@ -238,13 +241,13 @@ def _calibration(fig: pd.DataFrame, runs: dict, teachers: list, preds: dict, n_r
         got = _all(preds, runs.get(key, []))
         if got is None:
             continue
-        measured = [calibration.measure(p.probs("test"), p.labels("test"), p.top1("test")) for p in got]
+        measured = [calibration.measure_of(p) for p in got]
         base = _all(preds, teachers if over == "sd" else overs.get(key, runs["single"])) if over else None
         gain = lo = hi = NAN
         if base is not None:
             interval = stats.paired_bootstrap_values(
-                np.stack([_nll(p) for p in got]),
-                np.stack([_nll(p) for p in base]),
+                np.stack([calibration.nll_of(p) for p in got]),
+                np.stack([calibration.nll_of(p) for p in base]),
                 n_resamples=n_resamples,
                 seed=seed,
             )
@@ -265,8 +268,17 @@ def _calibration(fig: pd.DataFrame, runs: dict, teachers: list, preds: dict, n_r
     return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)
 
 
-def _nll(p) -> np.ndarray:
-    return calibration.nll_per_image(p.probs("test"), p.labels("test"))
+def floored(table: pd.DataFrame, preds: dict) -> list[str]:
+    """A note naming the calibration table's runs whose NLL is floored: predictions of a
+    format before 3, without float32 log-probabilities."""
+    ids = sorted({r for run_ids in table["run_ids"] for r in run_ids if r in preds and not preds[r].has_log_probs})
+    if not ids:
+        return []
+    return [
+        f"calibration: the NLL of {len(ids)} run(s) ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}) is "
+        f"floored at -ln {calibration.NLL_EPS:g} per image: their predictions hold no float32 log-probabilities "
+        "(a file before format 3), so a confidently wrong image counts at most 16.1 nats"
+    ]
 
 
 def _ensemble_size(t, counted: list, preds: dict) -> pd.DataFrame:
@@ -275,10 +287,12 @@ def _ensemble_size(t, counted: list, preds: dict) -> pd.DataFrame:
         members = _all(preds, e.member_run_ids)
         if members is None:
             continue
+        exact = all(p.has_log_probs for p in members)  # else every subset's NLL is floored alike
         curve = calibration.ensemble_size(
             np.stack([p.probs("test") for p in members]),
             members[0].labels("test"),
             np.stack([p.top1("test") for p in members]),
+            member_logp_label=np.stack([p.logp_label("test") for p in members]) if exact else None,
         )
         rows += [{"members": e.members, **point, "run_id": e.run_id} for point in curve]
     return pd.DataFrame(rows, columns=ENSEMBLE_SIZE_COLUMNS)

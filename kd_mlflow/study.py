@@ -1,8 +1,9 @@
 """The whole study, planned as typed steps and recorded as one parent run.
 
-Waves: the seeds; their ensemble; the KD student of the ensemble and the SD students
-(teacher seed i -> student seed i + offset); the ensemble of the SD students; with
-``joint``, the seeds' networks trained as one averaged model; then the
+Waves: the seeds; their ensemble; the KD students of the ensemble (one per KD seed) and
+the SD students (teacher seed i -> student seed i + offset); the ensemble of the SD
+students; with a KD student of another architecture, that architecture trained alone on
+the teachers' seeds; with ``joint``, the seeds' networks trained as one averaged model; then the
 tables, summary metrics and plots, logged on the parent. Each step knows its run name,
 how to run in this process and its command line; an executor
 (:mod:`kd_mlflow.executors`) only chooses where it runs. Every step goes through the
@@ -53,7 +54,7 @@ class Plan:
     overrides: dict
     seeds: list
     student_seed_offset: int = 10
-    kd_seed: int = 100
+    kd_seeds: tuple = (100,)  # one KD student per seed, all of the one ensemble
     data_dir: str | None = None
     student_model: str | None = None  # the KD student's architecture [the preset's, else its teachers']
     # The KD student's width [a --student-model's published one, else the teachers'];
@@ -77,7 +78,9 @@ class Plan:
             raise ConfigError("student_seed_offset", self.student_seed_offset, "must be >= 1")
         if len(self.seeds) < 2:
             raise ConfigError("seeds", ",".join(map(str, self.seeds)), "a study needs at least two seeds")
-        clash = set(self.seeds) & ({s + self.student_seed_offset for s in self.seeds} | {self.kd_seed})
+        if not self.kd_seeds or len(set(self.kd_seeds)) != len(self.kd_seeds):
+            raise ConfigError("kd_seeds", ",".join(map(str, self.kd_seeds)), "expected distinct seeds")
+        clash = set(self.seeds) & ({s + self.student_seed_offset for s in self.seeds} | set(self.kd_seeds))
         if clash:
             raise ConfigError(
                 "student_seed_offset",
@@ -99,6 +102,18 @@ class Plan:
         return label
 
     @property
+    def kd_seed(self) -> int:
+        """The first KD seed: the student a --sweep-kd chooses at and the one registered
+        (the student a one-seed study of these seeds had)."""
+        return self.kd_seeds[0]
+
+    @property
+    def alone(self) -> bool:
+        """Whether the KD student's network is not its teachers': then it is also trained
+        alone on the teachers' seeds, so its KD gain can be told from its size."""
+        return bool(self.student_overrides) and self.recipe.replace(**self.student_overrides) != self.recipe
+
+    @property
     def student_overrides(self) -> dict:
         """What the KD student (and a --sweep-kd's students) trains with beyond the plan's
         overrides: its architecture and width, where they are not its teachers'."""
@@ -117,11 +132,11 @@ class Plan:
 
     @property
     def n_steps(self) -> int:
-        return 2 * len(self.seeds) + 3 + self.joint
+        return self.n_trainings + 2  # and the two ensembles
 
     @property
     def n_trainings(self) -> int:
-        return 2 * len(self.seeds) + 1 + self.joint
+        return (2 + self.alone) * len(self.seeds) + len(self.kd_seeds) + self.joint
 
 
 class StepPlan(Protocol):
@@ -185,17 +200,22 @@ def _study(ctx: Context) -> Plan:
 class TrainStep:
     seed: int
     trains: bool = True
+    network: tuple = ()  # (field, value) pairs over the study's recipe: the KD student's network, alone
 
     @property
     def name(self) -> str:
-        return schema.train_name(self.seed)
+        return schema.train_name(self.seed) + schema.settings(dict(self.network))
+
+    def recipe(self, ctx: Context) -> Recipe:
+        return _study(ctx).recipe.replace(**dict(self.network))
 
     def run_here(self, ctx: Context) -> Outcome:
-        return steps.train(self.seed, _study(ctx).recipe, ctx.plan.preset, **ctx.where())
+        return steps.train(self.seed, self.recipe(ctx), ctx.plan.preset, **ctx.where())
 
     @staticmethod
     def run_packed(items: list[TrainStep], ctx: Context) -> list[Outcome]:
-        return steps.train_wave([s.seed for s in items], _study(ctx).recipe, ctx.plan.preset, **ctx.where())
+        recipe = items[0].recipe(ctx)  # a wave is of one network
+        return steps.train_wave([s.seed for s in items], recipe, ctx.plan.preset, **ctx.where())
 
     def argv(self, ctx: Context) -> list[str]:
         return [
@@ -204,7 +224,7 @@ class TrainStep:
             str(self.seed),
             "--preset",
             ctx.plan.preset,
-            *_override_argv(ctx.plan.overrides),
+            *_override_argv({**ctx.plan.overrides, **dict(self.network)}),
             *_common_argv(ctx),
         ]
 
@@ -392,9 +412,8 @@ def reproduce(
     progress = Progress(plan.n_steps, plan.n_trainings)
     try:
         _waves(plan, ctx, executor, result, progress)
-        if result.kd_choice:  # said by the study's parent, and by its KD student for compare
-            kd = result.runs[schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))]
-            for run_id in (parent, kd):
+        if result.kd_choice:  # said by the study's parent, and by its KD students for compare
+            for run_id in (parent, *_kd_runs(plan, result)):
                 tracking.set_tags(session, run_id, {schema.SWEEP_KD_CHOICE: result.kd_choice})
         result.tables, result.summary = _report(session, parent, plan, result)
         if register_as:
@@ -432,17 +451,18 @@ def _end_parent(session, parent: str, e: BaseException) -> None:
 
 def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, name: str) -> None:
     """The KD student is the single model that carries the ensemble's gain: registered,
-    with tags that point back at the study. The alias champion belongs to the preset's
+    with tags that point back at the study. Of several KD seeds, the first's: the seed
+    the preset names, chosen before any result (never the best on test), and the student
+    a --sweep-kd chose. The alias champion belongs to the preset's
     own recipe: a study of another recipe (``--epochs 3``) adds a version tagged with its
     recipe and leaves the alias where it is."""
     from . import runs
 
-    kd = schema.student_name("kd", plan.kd_seed, ",".join(map(str, plan.seeds)))
     name = name.replace("{experiment}", tracking.experiment_name(session))
     alias = "champion" if plan.own_recipe else None
     runs.register(
         session,
-        result.runs[kd],
+        _kd_runs(plan, result)[0],
         name,
         alias=alias,
         tags={
@@ -461,6 +481,12 @@ def _register_kd_student(session, parent: str, plan: Plan, result: StudyResult, 
         )
 
 
+def _kd_runs(plan: Plan, result: StudyResult) -> list[str]:
+    """The KD students' run ids, in the order of ``plan.kd_seeds``."""
+    of = ",".join(map(str, plan.seeds))
+    return [result.runs[schema.student_name("kd", k, of)] for k in plan.kd_seeds]
+
+
 def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Progress) -> None:
     seeds, off = plan.seeds, plan.student_seed_offset
 
@@ -477,10 +503,15 @@ def _waves(plan: Plan, ctx: Context, executor, result: StudyResult, progress: Pr
     best: tuple = ()
     if plan.sweep_kd is not None:  # the KD row is then the chosen sweep student, reused
         best, result.kd_choice = plan.sweep_kd.choose(plan, ctx, ens, executor)
-    kd_seeds = ",".join(map(str, seeds))
-    wave([DistillStep(ens, plan.kd_seed, "kd", kd_seeds, best, model=plan.student_model, width=plan.student_width)])
+    of = ",".join(map(str, seeds))
+    kd = [
+        DistillStep(ens, k, "kd", of, best, model=plan.student_model, width=plan.student_width) for k in plan.kd_seeds
+    ]
+    wave(kd)
     sd = wave([DistillStep(t, s + off, "sd", str(s)) for t, s in zip(teachers, seeds, strict=True)])
     wave([EnsembleStep(tuple(sd), tuple(s + off for s in seeds), "student")])
+    if plan.alone:  # the KD student's network without KD: what distillation did, apart from its size
+        wave([TrainStep(s, network=tuple(plan.student_overrides.items())) for s in seeds])
     if plan.joint:
         wave([JointStep(tuple(seeds))])
 
@@ -503,7 +534,8 @@ def _study_tags(plan: Plan, split_digest: str) -> dict:
             split_digest,
             plan.seeds,
             plan.student_seed_offset,
-            plan.kd_seed,
+            # one seed as the int studies hashed before: they are found and reused
+            plan.kd_seeds[0] if len(plan.kd_seeds) == 1 else list(plan.kd_seeds),
             *([plan.student_model] if plan.student_model else []),  # none: the hash studies had before
             *([f"student_width={plan.student_width}"] if plan.student_width is not None else []),
             *([f"sweep_kd={plan.sweep_kd.label()}"] if plan.sweep_kd else []),
@@ -524,6 +556,8 @@ SUMMARY_METRICS = {
     ("SD students", "gain"): "sd_gain_mean",
     ("SD ensemble", "test_mean"): "sd_ensemble_test_acc",
     ("SD ensemble", "gain"): "sd_ensemble_gain",
+    ("student's network alone", "test_mean"): "alone_test_acc",
+    ("student's network alone", "gain"): "alone_gain",
 }
 
 
@@ -531,8 +565,10 @@ SUMMARY_METRICS = {
 GAIN_METRICS = {
     "ensemble - mean single": "ensemble_gain",
     "KD - mean single": "kd_gain",
+    "KD - mean single (mean over KD seeds)": "kd_gain",  # several KD students: their mean's interval
     "SD - teacher (mean over pairs)": "sd_gain_mean",
     "SD ensemble - ensemble": "sd_ensemble_gain",
+    "KD - student's network alone": "kd_over_alone_gain",  # its estimate too: no summary row has it
 }
 
 
@@ -568,6 +604,8 @@ def _report(session, parent: str, plan: Plan, result: StudyResult) -> tuple[str,
                 summary[key] = float(value)
         for g in t.gains.itertuples():
             metric = GAIN_METRICS.get(g.gain)
+            if metric == "kd_over_alone_gain":
+                summary[metric] = float(g.estimate)
             if metric and g.lo == g.lo:
                 summary.update({f"{metric}_lo": float(g.lo), f"{metric}_hi": float(g.hi)})
         summary.update(_measure_metrics(t))

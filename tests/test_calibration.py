@@ -40,6 +40,13 @@ def _nll_by_definition(probs, labels) -> float:
     return float(torch.nn.functional.nll_loss(p.log(), torch.tensor(np.asarray(labels, dtype=np.int64))))
 
 
+def _exact_nll(p) -> np.ndarray:
+    """Each test image's NLL from the float32 log-probability of its label that the
+    predictions file keeps beside the float16 probabilities (format 3)."""
+    assert p.has_log_probs
+    return -p.logp_label("test").astype(np.float64)
+
+
 def _brier_by_definition(probs, labels) -> float:
     p = torch.tensor(np.asarray(probs, dtype=np.float64))
     onehot = torch.nn.functional.one_hot(torch.tensor(np.asarray(labels, dtype=np.int64)), p.shape[1])
@@ -207,7 +214,7 @@ def test_every_new_figure_is_recomputed_from_the_artifacts(smoke_study, tmp_path
     for name, run in steps.items():
         p = preds[name]
         assert run.data.metrics["test_ece"] == pytest.approx(_torchmetrics_ece(p.probs(), p.labels()), abs=1e-6)
-        assert run.data.metrics["test_nll"] == pytest.approx(_nll_by_definition(p.probs(), p.labels()), rel=1e-9)
+        assert run.data.metrics["test_nll"] == pytest.approx(_exact_nll(p).mean(), rel=1e-6)
         assert run.data.metrics["test_brier"] == pytest.approx(_brier_by_definition(p.probs(), p.labels()), rel=1e-9)
 
     singles, ens, kd = ["train-seed-0", "train-seed-1"], "ensemble-seeds-0-1", "kd-seed-100"
@@ -220,7 +227,10 @@ def test_every_new_figure_is_recomputed_from_the_artifacts(smoke_study, tmp_path
     for column, names in (("single", singles), ("ensemble", [ens]), ("kd", [kd]), ("sd", sds)):
         assert fig[column]["test_acc"] == pytest.approx(np.mean([acc[n] for n in names]))
         assert fig[column]["run_ids"] == [steps[n].info.run_id for n in names]
-        if column != "single":
+        if column == "sd":  # each student paired with its teacher, over seeds and images
+            side = np.stack([preds[n].correct() for n in names])
+            again = stats.hierarchical_bootstrap(correct, side, paired=True, scale=100.0)
+        elif column != "single":
             again = stats.paired_bootstrap(correct, np.stack([preds[n].correct() for n in names]))
             assert fig[column]["gain"] == pytest.approx(fig[column]["test_acc"] - mean_single)
             assert (fig[column]["gain_lo"], fig[column]["gain_hi"]) == pytest.approx((again.lo, again.hi))
@@ -231,19 +241,12 @@ def test_every_new_figure_is_recomputed_from_the_artifacts(smoke_study, tmp_path
 
     cal = {r["row"]: r for r in _group(doc, "calibration")}
     for row, names in (("single models (mean)", singles), ("ensemble", [ens]), ("KD students", [kd])):
-        for key, reference in (
-            ("ece", _torchmetrics_ece),
-            ("nll", _nll_by_definition),
-            ("brier", _brier_by_definition),
-        ):
+        for key, reference in (("ece", _torchmetrics_ece), ("brier", _brier_by_definition)):
             want = np.mean([reference(preds[n].probs(), preds[n].labels()) for n in names])
             assert cal[row][key] == pytest.approx(want, abs=1e-6), (row, key)
-    nll = {
-        n: -np.log(
-            np.maximum(preds[n].probs().astype(np.float64)[np.arange(len(preds[n].labels())), preds[n].labels()], 1e-7)
-        )
-        for n in preds
-    }
+        want = np.mean([_exact_nll(preds[n]).mean() for n in names])  # not the float16 probabilities' floored one
+        assert cal[row]["nll"] == pytest.approx(want, abs=1e-6), row
+    nll = {n: _exact_nll(preds[n]) for n in preds}
     for row, name in (("ensemble", ens), ("KD students", kd)):
         again = stats.paired_bootstrap_values(nll[name], np.stack([nll[s] for s in singles]))
         assert (cal[row]["nll_gain"], cal[row]["nll_gain_lo"], cal[row]["nll_gain_hi"]) == pytest.approx(
@@ -255,8 +258,8 @@ def test_every_new_figure_is_recomputed_from_the_artifacts(smoke_study, tmp_path
     assert sorted(size) == [1, 2] and [size[k]["n_subsets"] for k in (1, 2)] == [2, 1]
     assert size[1]["acc_mean"] == pytest.approx(mean_single)
     assert size[2]["acc_mean"] == pytest.approx(acc[ens])
-    average = np.mean([preds[s].probs().astype(np.float64) for s in singles], axis=0)
-    assert size[2]["nll_mean"] == pytest.approx(_nll_by_definition(average, preds[ens].labels()))
+    logp = [preds[s].logp_label("test").astype(np.float64) for s in singles]  # the mean of the members' p(label)
+    assert size[2]["nll_mean"] == pytest.approx(-(np.logaddexp(*logp) - np.log(2)).mean())
 
     metrics = parent.data.metrics
     assert metrics["ensemble_nll"] == cal["ensemble"]["nll"] and metrics["kd_nll"] == cal["KD students"]["nll"]
@@ -339,7 +342,8 @@ def test_the_joint_column_reads_a_joint_run(smoke_study, tracked, tmp_path):
     assert (fig["joint"]["gain_lo"], fig["joint"]["gain_hi"]) == pytest.approx((again.lo, again.hi))
     (row,) = [r for r in doc["calibration"] if r["row"] == "training the average"]
     stored = predictions.stored(probs_test)
-    assert row["nll"] == pytest.approx(_nll_by_definition(stored, labels_test))
+    # exact: the file keeps the float32 log of the float64 probabilities it was given
+    assert row["nll"] == pytest.approx(_nll_by_definition(probs_test, labels_test))
     assert row["ece"] == pytest.approx(_torchmetrics_ece(stored, labels_test), abs=1e-6)
     assert [r["run_id"] for r in doc["joint"]] == [rid]
 

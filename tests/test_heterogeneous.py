@@ -128,7 +128,7 @@ def test_a_study_with_a_kd_student_of_another_architecture(lab):
         R20,
         {"model": "resnet20", "width": 16},
         [0, 1],
-        kd_seed=100,
+        kd_seeds=(100,),
         student_model="resnet18-cifar",
         student_width=16,  # the teachers' width: as distill --model made it
     )
@@ -144,6 +144,17 @@ def test_a_study_with_a_kd_student_of_another_architecture(lab):
     kd = c.get_run(ids["kd"]).data.metrics[schema.FINAL_TEST_ACC]
     assert parent.data.metrics["kd_test_acc"] == pytest.approx(kd)
     assert f"{A20} -> {A18}" in result.tables
+    # The KD student's network alone, on the teachers' seeds: seed 0 is the lab's r18, reused.
+    alone = [result.runs[f"train-seed-{s}-model=resnet18-cifar"] for s in (0, 1)]
+    assert alone[0] == ids["r18"] and "train-seed-1-model=resnet18-cifar" in result.trained
+    own = [c.get_run(r).data.metrics[schema.FINAL_TEST_ACC] for r in alone]
+    singles = [c.get_run(ids[t]).data.metrics[schema.FINAL_TEST_ACC] for t in ("t0", "t1")]
+    m = parent.data.metrics
+    assert m["alone_test_acc"] == pytest.approx(sum(own) / 2)
+    assert m["kd_over_alone_gain"] == pytest.approx(kd - sum(own) / 2)  # what KD did
+    assert m["alone_gain"] == pytest.approx((sum(own) - sum(singles)) / 2)  # what the network costs
+    assert m["kd_gain"] == pytest.approx(kd - sum(singles) / 2)
+    assert "| KD - student's network alone |" in result.tables and "student's network alone" in result.tables
 
 
 @pytest.mark.parametrize("width", [None, 32])

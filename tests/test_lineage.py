@@ -91,7 +91,7 @@ def test_a_study_of_another_recipe_is_named_for_it_and_leaves_champion_alone(lab
     registry = f"{lab['name']}-kd-student"
 
     def run(recipe, overrides):
-        plan = study.Plan("smoke", recipe, overrides, [0, 1], kd_seed=100)
+        plan = study.Plan("smoke", recipe, overrides, [0, 1], kd_seeds=(100,))
         return study.reproduce(plan, ex=lab["ex"], register_as=registry)
 
     own = run(SMOKE, {})

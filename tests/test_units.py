@@ -39,12 +39,12 @@ def test_presets_are_valid_and_seed_report_is_the_reports_recipe():
         "soft-ce",
         1,
     )
-    assert r == config.Recipe() and config.study_kd_seed("seed-report") == 42
+    assert r == config.Recipe() and config.study_kd_seeds("seed-report") == [42]
     # Every other preset keeps kd-mlflow's own mechanisms, so its results do not change.
     for name in ("standard", "cpu-demo", "smoke"):
         p = config.preset(name)
         assert {k: getattr(p, k) for k in config.OWN_MECHANISMS} == config.OWN_MECHANISMS, name
-        assert p.precision == "auto" and config.study_kd_seed(name) == 100
+        assert p.precision == "auto" and config.study_kd_seeds(name) == [100]
     digests = {config.preset(n).digest() for n in config.PRESETS}
     assert len(digests) == len(config.PRESETS)
     assert r.digest() != r.replace(resize="float").digest()
