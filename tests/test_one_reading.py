@@ -127,7 +127,9 @@ def lab(server, cache_dir):
         mp.delenv("MLFLOW_RUN_ID")
         members = [runs.get(session, rid, "run") for rid in (done.runs["train-seed-0"], t2)]
         mixed = _mixed_ensemble(session.client, session.experiment_id, members, tagged=True)
-        untagged = _mixed_ensemble(session.client, session.experiment_id, members, tagged=False)
+        # Other members: an ensemble of the same members is the same identity, counted once.
+        others = [runs.get(session, rid, "run") for rid in (done.runs["train-seed-1"], t2)]
+        untagged = _mixed_ensemble(session.client, session.experiment_id, others, tagged=False)
         yield {
             "session": session,
             "study": done,
