@@ -380,6 +380,8 @@ def _frame_of_row(t, row: str):
     """The table a summary row counts the runs of (a joint row: the joint runs)."""
     if row.startswith("training the average"):
         return t.joint
+    if row == gains_mod.ALONE:
+        return t.alone
     return dict(zip(_ROWS, [t.seeds, t.ensembles, t.kd, t.self_distillation, t.sd_ensembles], strict=True))[row]
 
 
@@ -407,8 +409,8 @@ def _gains_are_the_summarys(t, by_id: dict) -> None:
     assert not any("left out of the intervals" in n for n in t.notes)  # predictions agree with metrics
     summary = t.summary.set_index("row") if not t.summary.empty else None
     for g in t.gains.to_dict("records"):
-        if pd.isna(g["run_id"]):  # SD - teacher (mean over pairs)
-            want_gain = _summary_gains(summary, by_id)["SD students"]
+        if pd.isna(g["run_id"]):  # a gain of a group of runs: from the summary rows' runs
+            want_gain = _group_gain(g["gain"], summary, by_id)
         else:
             want_gain = by_id[g["run_id"]].final_test_acc - _mean_acc(g["over_run_ids"], by_id)
         assert g["estimate"] == pytest.approx(want_gain, abs=1e-9), g
@@ -417,6 +419,19 @@ def _gains_are_the_summarys(t, by_id: dict) -> None:
     for row, gain in _summary_gains(summary, by_id).items():
         got = summary.loc[row, "gain"]
         assert (pd.isna(got) and np.isnan(gain)) or got == pytest.approx(gain, abs=1e-9), (row, got, gain)
+
+
+def _group_gain(label: str, summary: pd.DataFrame, by_id: dict) -> float:
+    """A gains row of a group of runs (no one run): the SD students over their own
+    teachers, the KD students' mean, the students' network alone, and KD over it."""
+    if label == "SD - teacher (mean over pairs)":
+        return _summary_gains(summary, by_id)["SD students"]
+    mean = {row: _mean_acc(summary.loc[row, "run_ids"], by_id) for row in summary.index}
+    return {
+        gains_mod.KD_MEAN: mean["KD students"] - mean["single models"],
+        f"{gains_mod.ALONE} - mean single": mean.get(gains_mod.ALONE, np.nan) - mean["single models"],
+        gains_mod.KD_OVER_ALONE: mean["KD students"] - mean.get(gains_mod.ALONE, np.nan),
+    }[label]
 
 
 def _mean_acc(run_ids, by_id: dict) -> float:
