@@ -1122,18 +1122,7 @@ CLAIM_PREFIX = "kd-mlflow-claim"
 
 def lease() -> float:
     """The claims' lease, in seconds (``$KD_MLFLOW_CLAIM_LEASE``, else the default)."""
-    import math
-
-    text = os.environ.get(CLAIM_LEASE_ENV, "").strip()
-    if not text:
-        return DEFAULT_LEASE
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(CLAIM_LEASE_ENV, text, "a number of seconds > 0")
-    return value
+    return waits.seconds_from_env(CLAIM_LEASE_ENV, DEFAULT_LEASE)
 
 
 @contextlib.contextmanager

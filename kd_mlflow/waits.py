@@ -33,17 +33,23 @@ VOICE_AFTER = 10.0  # seconds of waiting before a wait says what it waits for
 
 def timeout() -> float:
     """The bound, in seconds (``$KD_MLFLOW_NETWORK_TIMEOUT``, else the default)."""
+    return seconds_from_env(ENV, DEFAULT_TIMEOUT)
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A number of seconds > 0 from the environment variable ``name``, else ``default``;
+    anything else is refused naming the variable (the network bound, the claims' lease)."""
     from .config import ConfigError
 
-    text = os.environ.get(ENV, "").strip()
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_TIMEOUT
+        return default
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(ENV, text, "a number of seconds > 0")
+        raise ConfigError(name, text, "a number of seconds > 0")
     return value
 
 
