@@ -559,9 +559,16 @@ def _supersede(old: RunRecord | None, new_run_id: str) -> None:
         tracking.fail_run_by_id(old.run_id, f"superseded by run {new_run_id}: no checkpoint to continue from")
 
 
+def _identity(spec: RunSpec) -> dict:
+    """What a new run is created with: its config hash, findable from its first moment."""
+    return {schema.CONFIG_HASH: spec.config_hash}
+
+
 def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
     ((resumable, stale),) = _continuing(session, store, [spec.config_hash])
-    writer = tracking.RunWriter(session, resumable.run_id if resumable else None, spec.name, parent_run_id)
+    writer = tracking.RunWriter(
+        session, resumable.run_id if resumable else None, spec.name, parent_run_id, _identity(spec)
+    )
     _supersede(stale, writer.run_id)
     if store is not None:
         store.bind({spec.config_hash: writer.run_id})
@@ -644,7 +651,7 @@ def record_wave(
 def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
     continuing = _continuing(session, store, [specs[i].config_hash for i in todo])
     writers = [
-        tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id)
+        tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id, _identity(specs[i]))
         for i, (r, _) in zip(todo, continuing, strict=True)
     ]
     for w, (_, stale) in zip(writers, continuing, strict=True):

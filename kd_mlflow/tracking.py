@@ -579,13 +579,15 @@ class RunWriter:
     """One run, written through the client by run id (never MLflow's fluent "active
     run"), so that several can be open at once and none depends on $MLFLOW_RUN_ID."""
 
-    def __init__(self, session: Session, run_id: str | None, name: str, parent_run_id=None):
+    def __init__(self, session: Session, run_id: str | None, name: str, parent_run_id=None, identity=None):
+        """``identity``: tags a new run is created with (its config hash), so that a process
+        killed before the header is logged leaves a run the next launch finds and continues."""
         self.session = session
         resumed = run_id is not None or session.adopted_run_id is not None
         if run_id is None and session.adopted_run_id:
             run_id = session.adopted_run_id
         if run_id is None:
-            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            tags = {**(identity or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
             run_id = session.client.create_run(session.experiment_id, run_name=name, tags=tags).info.run_id
         else:
             session.client.update_run(run_id, status="RUNNING", name=name)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, invoke, run_cli
 
-from kd_mlflow import config, schema, steps, tracking
+from kd_mlflow import config, runs, schema, steps, tracking
 
 LEASE = "2"  # seconds: a claim whose holder is gone is taken over this fast here
 
@@ -136,6 +136,20 @@ def test_a_claim_whose_holder_was_killed_is_taken_over_and_its_run_finishes_once
     statuses = Counter(r.info.status for r in tracked.runs())
     assert statuses["FINISHED"] == 1 and statuses["RUNNING"] == 0, statuses
     assert not _claims(tracked.client)
+
+
+def test_a_run_is_findable_by_its_configuration_from_its_first_moment(tracked):
+    """A process killed between creating its run and logging the header must leave a run
+    the next launch finds (and continues), not an orphan RUNNING forever: the config hash
+    goes with the run's creation."""
+    session = tracking.connect(tracked.experiment)
+    writer = tracking.RunWriter(session, None, "created", None, runs._identity(_SPEC))
+    found = runs.find_resumable(session, _SPEC.config_hash)
+    assert found is not None and found.run_id == writer.run_id
+    writer.end("KILLED")
+
+
+_SPEC = runs.RunSpec("created", "0123456789abcdef", {}, {}, ("digits", "", ""))
 
 
 def _tiny_run(session) -> str:
