@@ -16,8 +16,11 @@ Two kinds of uncertainty, kept apart:
   this gain hold on another 10,000 images from the same distribution?"
 * :func:`seed_interval` - the spread over training seeds, test set held fixed: "would
   it hold for another training run?"
+* :func:`hierarchical_bootstrap` - both at once, for a gain between two groups of runs:
+  the runs resampled, then the test images shared by all of them (what
+  :func:`kd_mlflow.gains.interval` gives a gain where both sides are several runs).
 
-The gains of the study, with ``C`` a (k, N) boolean matrix of the k single models'
+The image-only intervals of the study's gains, with ``C`` a (k, N) boolean matrix of the k single models'
 correctness and ``e``, ``kd`` (N,) vectors::
 
     ensemble minus mean single model     paired_bootstrap(C, e)
@@ -219,10 +222,16 @@ def paired_bootstrap_values(values_a, values_b, n_resamples: int = 10_000, seed:
     image's negative log-likelihood): the difference of the mean of b over a, no scaling,
     with the same paired resampling of the images (the same seed draws the same images).
     ``values_a`` and ``values_b`` are finite floats, (N,) or (k, N) (rows averaged)."""
+    a, b = _finite_rows(values_a, values_b)
+    return _paired(a, b, 1.0, n_resamples, seed, level)
+
+
+def _finite_rows(values_a, values_b) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides as float64 (rows, images) arrays of finite values, or ValueError."""
     a, b = (np.atleast_2d(np.asarray(v, dtype=np.float64)) for v in (values_a, values_b))
     if a.ndim != 2 or b.ndim != 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError(f"values must be finite (N,) or (k, N) arrays, got {a.shape} and {b.shape}")
-    return _paired(a, b, 1.0, n_resamples, seed, level)
+        raise ValueError(f"values must be finite (N,) or (runs, N) arrays, got {a.shape} and {b.shape}")
+    return a, b
 
 
 def _paired(a: np.ndarray, b: np.ndarray, scale: float, n_resamples: int, seed: int, level: float):
@@ -286,9 +295,7 @@ def hierarchical_bootstrap(
     Tibshirani 1993, ch. 13). Same inputs and seed, same interval.
     """
     _check_level(level)
-    a, b = (np.atleast_2d(np.asarray(v, dtype=np.float64)) for v in (values_a, values_b))
-    if a.ndim != 2 or b.ndim != 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError(f"values must be finite (runs, images) arrays, got {a.shape} and {b.shape}")
+    a, b = _finite_rows(values_a, values_b)
     n = _same_images(a=a, b=b)
     if paired and len(a) != len(b):
         raise ValueError(f"paired groups need as many runs each, got {len(a)} and {len(b)}")
