@@ -20,20 +20,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (torch threads, "cores" = torch's default; OMP_WAIT_POLICY, None = OpenMP's default)
+# name: (torch threads, "cores" = torch's default; OpenMP environment, {} = OpenMP's defaults)
 SETTINGS = {
-    "cores": ("cores", None),  # torch's own default before kd-mlflow chose one
-    "cores-passive": ("cores", "PASSIVE"),
-    "one": ("1", None),
-    "default": ("cores", None),  # as a training runs: kd_mlflow imported first (its policy)
+    "cores": ("cores", {}),  # torch's own default before kd-mlflow chose one
+    "cores-passive": ("cores", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "spin-1k": ("cores", {"GOMP_SPINCOUNT": "1000"}),
+    "spin-10k": ("cores", {"GOMP_SPINCOUNT": "10000"}),
+    "spin-100k": ("cores", {"GOMP_SPINCOUNT": "100000"}),
+    "one": ("1", {}),
+    "default": ("cores", {}),  # as a training runs: kd_mlflow imported first (its policy)
 }
 SECONDS = 6.0  # timed training per sample (at least one step, after a warm-up step)
-BATCH = 32  # images per step: a sample is seconds, not minutes, beside busy processes
+BATCH = int(os.environ.get("THREADS_BENCH_BATCH", "32"))  # images per step: seconds per sample beside busy processes
+BF16 = os.environ.get("THREADS_BENCH_BF16") == "1"  # bf16 autocast and channels-last, as a CPU preset trains
 TIMEOUT = 180  # seconds, start-up included: a setting that starves is recorded as 0 images/s
 
 
 def child(setting: str) -> None:
-    threads, _policy = SETTINGS[setting]
+    threads, _env = SETTINGS[setting]
     sys.path[:0] = [str(ROOT)]
     if setting == "default":  # as a training runs: kd_mlflow (its OpenMP policy) before torch
         import kd_mlflow  # noqa: F401
@@ -51,9 +55,13 @@ def child(setting: str) -> None:
     net = models.build(recipe, 10).net.train()
     opt = make_optimizer(recipe, net.parameters())
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    if BF16:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
 
     def step():
-        loss = F.cross_entropy(net(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,10 +77,8 @@ def child(setting: str) -> None:
 
 def sample(setting: str) -> dict:
     """One fresh process of ``setting``: its images/s (0 if it did not finish in TIMEOUT)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    policy = SETTINGS[setting][1]
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.update(SETTINGS[setting][1])
     argv = [sys.executable, __file__, "child", setting]
     try:
         out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=True)
@@ -121,9 +127,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--busy", default="0,2,4,8", help="numbers of busy processes, comma-separated")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    res = measure([int(n) for n in args.busy.split(",")], args.reps)
+    res = measure([int(n) for n in args.busy.split(",")], args.reps, tuple(args.settings.split(",")))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -2,12 +2,39 @@
 reproducible MLflow runs."""
 
 import os
+import time
 
-# OpenMP reads its wait policy once, when torch loads it, so it is set here, before any
-# import of torch. PASSIVE: a thread that waits at a barrier sleeps instead of spinning
-# on a core that a parked sibling needs; beside busy processes a spinning step of
-# cpu-converge's network ran 20x slower (README, "Threads on a shared machine").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _others_runnable(samples: int = 5, pause: float = 0.002) -> float:
+    """Processes other than this one ready to run right now (Linux's /proc/loadavg,
+    averaged over a few readings 2 ms apart): the load this process starts beside.
+    The 1-minute load average would still count a study that just ended."""
+    total = 0.0
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0  # not Linux: no reading, OpenMP's own default
+        total += max(running - 1, 0)  # the reader itself is running
+        if i + 1 < samples:
+            time.sleep(pause)
+    return total / samples
+
+
+def openmp_waits(others_runnable: float) -> dict:
+    """How torch's OpenMP threads wait at a barrier, decided before torch loads (OpenMP
+    reads it once) and only where the user has not chosen. Beside other runnable
+    processes: PASSIVE (sleep), since a spinning thread holds a core that a parked sibling
+    needs (an epoch ran 70x slower beside a dozen busy processes). On a quiet machine:
+    spin 10,000 rounds first, within 2% of OpenMP's default spinning where sleeping at
+    once lost 25% (benchmarks/threads_bench.py; docs/benchmarks.md). The policy changes
+    no result, only speed; the thread count, which changes results, is not touched."""
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if others_runnable >= 0.5 else {"GOMP_SPINCOUNT": "10000"}
+
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.update(openmp_waits(_others_runnable()))
 
 
 def _version() -> str:

@@ -36,6 +36,7 @@ def env_tags(device: torch.device | str | None = None) -> dict[str, str]:
         # Speed only, never results: a training at nice 15 (Ray's default for its
         # workers) gets a CPU only when nothing else wants it.
         "nice": str(os.nice(0)),
+        "openmp_waits": openmp_waits(),
     }
     return {ENV_PREFIX + k: (v or "unknown") for k, v in env.items()}
 
@@ -59,20 +60,27 @@ def busy_note() -> str | None:
     """Once per process, on a busy machine (a load average of at least its CPUs) where the
     user has not chosen the thread count: one line saying how torch's threads wait. They
     keep torch's count (one per core: a count that followed the load would change
-    results, and measured slower than passive threads) and sleep at barriers
-    (kd_mlflow/__init__.py sets OMP_WAIT_POLICY)."""
+    results, and measured slower than passive threads); how they wait at barriers was
+    decided before torch loaded (:func:`kd_mlflow.openmp_waits`)."""
     global _said
     cpus, load = _cpus(), _load()
     if _said or load < cpus or os.environ.get("KD_MLFLOW_THREADS"):  # chosen: nothing to say
         return None
     _said = True
-    return thread_note(cpus, load, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return thread_note(cpus, load, torch.get_num_threads(), openmp_waits())
+
+
+def openmp_waits() -> str:
+    """How OpenMP's threads wait, as the environment says (kd_mlflow/__init__.py chose it
+    where the user did not)."""
+    said = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+    return ", ".join(said) or "OpenMP's default"
 
 
 def thread_note(cpus: int, load: float, threads: int, policy: str) -> str:
     return (
         f"note: the machine is busy (load {load:.1f} on {cpus} CPUs): {threads} torch thread(s), "
-        f"OMP_WAIT_POLICY={policy}; set KD_MLFLOW_THREADS or OMP_WAIT_POLICY to choose"
+        f"{policy}; set KD_MLFLOW_THREADS or OMP_WAIT_POLICY to choose"
     )
 
 

@@ -668,7 +668,8 @@ class RunWriter:
         import torch
         from mlflow.models import infer_signature
 
-        model = model.to("cpu").eval()
+        # Plain layout: torch.export packs channels-last weights with a warning per tensor.
+        model = model.to("cpu", memory_format=torch.contiguous_format).eval()
         with torch.no_grad():
             out = model(example).numpy()
         x = example.numpy()

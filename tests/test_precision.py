@@ -160,19 +160,34 @@ def test_a_busy_machine_is_said_once_with_its_threads_and_wait_policy(monkeypatc
     assert machine.busy_note() is None  # once per process
 
 
-@pytest.mark.e2e  # a fresh interpreter
-def test_kd_mlflow_sets_a_passive_wait_policy_before_torch_loads():
-    """OpenMP reads it once, at load: the package sets it on import, the user's kept."""
+def test_threads_sleep_at_once_beside_runnable_processes_and_spin_briefly_on_a_quiet_machine():
+    import kd_mlflow
+
+    assert kd_mlflow.openmp_waits(0.0) == {"GOMP_SPINCOUNT": "10000"}
+    assert kd_mlflow.openmp_waits(0.4) == {"GOMP_SPINCOUNT": "10000"}  # a passing shell
+    assert kd_mlflow.openmp_waits(1.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.mark.e2e  # fresh interpreters, and processes that spin
+def test_kd_mlflow_decides_the_wait_policy_before_torch_loads_from_the_processes_beside_it():
+    """OpenMP reads it once, at load: the package decides it on import; beside busy
+    processes the threads sleep; the user's choice is kept."""
     import subprocess
     import sys
 
-    code = "import os, kd_mlflow, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
+    code = "import os, kd_mlflow, torch; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert out.stdout.split() == ["PASSIVE", "None"]
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
+    assert out.stdout.split() == ["ACTIVE", "None"]
 
 
 def test_a_study_of_a_cpu_preset_at_this_cpus_precision_runs_its_own_recipe(native):
