@@ -40,6 +40,8 @@ def _tags(preset: str, seed: int | None, role: str, **extra) -> dict:
         S.GIT_COMMIT: "f" * 40,
         S.DEVICE: "cuda",
         S.PRECISION_RESOLVED: "bf16",
+        S.GROUP: f"bench-{preset}",  # one recipe and split per preset, as a study tags its runs
+        S.GROUP_LABEL: preset,
         **extra,
     }
     if seed is not None:

@@ -666,7 +666,16 @@ def joint(
 @_experiment
 @click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
 @click.option(
-    "--output", type=_Optional(click.Path(dir_okay=False)), default=None, help="Write here instead of stdout."
+    "--output",
+    type=_Optional(click.Path()),
+    default=None,
+    help="Write here instead of stdout: a file, or for --format csv a folder of one file per table.",
+)
+@click.option(
+    "--table",
+    type=_Optional(click.STRING),
+    default=None,
+    help="With --format csv: this table only (runs, the default: every listed run once; seeds, summary, ...).",
 )
 @click.option("--preset", type=_Optional(click.STRING), default=None, help="Only this preset's runs.")
 @click.option("--dataset", type=_Optional(click.STRING), default=None, help="Only this dataset's runs.")
@@ -682,20 +691,30 @@ def joint(
     show_default=True,
     help="Every gain with its 95% intervals and the mechanism figures, from the runs' predictions.",
 )
-def compare(experiment, fmt, output, preset, dataset, group, intervals):
+def compare(experiment, fmt, output, table, preset, dataset, group, intervals):
     """Rebuild the report's tables from the tracking server."""
-    if output:
-        _check_writable("output", Path(output))  # before any wait on the server
-    from . import report
+    from . import report, tables
 
-    text = report.compare(experiment, fmt, preset=preset, dataset=dataset, group=group, intervals=intervals)
-    if output:
+    tables.check_table(fmt, table)
+    folder = Path(output) if output and fmt == "csv" else None  # one file per table in it
+    if output:  # refused before any wait on the server
+        out = Path(output)
+        if out.exists() and out.is_dir() != bool(folder):
+            raise config.ConfigError("output", output, "give a folder for --format csv, a file for markdown or json")
+        _check_writable("output", out / f"{tables.RUNS}.csv" if folder and out.is_dir() else out)
+    kw = {"preset": preset, "dataset": dataset, "group": group, "intervals": intervals}
+    texts = report.compare(experiment, fmt, table=table, every=bool(folder) and table is None, **kw)
+    if not output:
+        click.echo(texts[table])
+        return
+    if folder:
+        folder.mkdir(exist_ok=True)
+    for name, text in texts.items():
+        path = folder / f"{name or tables.RUNS}.csv" if folder else Path(output)
         try:
-            Path(output).write_text(text)
+            path.write_text(text)
         except OSError as e:  # a full disk: name the file (a failed write does not)
-            raise OSError(e.errno, e.strerror, output) from None
-    else:
-        click.echo(text)
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 @main.command()

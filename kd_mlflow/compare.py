@@ -15,7 +15,6 @@ table of their line lists them; every other run is listed in one table at most.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import pandas as pd
@@ -23,68 +22,11 @@ import pandas as pd
 from kd_mlflow import config, measures
 from kd_mlflow import gains as gains_mod
 from kd_mlflow import schema as S
+from kd_mlflow import tables as specs
+from kd_mlflow.tables import run_ids
 
-TABLES = (
-    "seeds",
-    "ensembles",
-    "kd",
-    "self_distillation",
-    "sd_ensembles",
-    "joint",
-    "summary",
-    "gains",
-    "mechanism",
-    "figure1",
-    "calibration",
-    "ensemble_size",
-    "unfinished",
-    "sweeps",
-)
-_ENSEMBLE_COLUMNS = ["members", "n_members", "val_acc", "test_acc", "run_id", "member_run_ids"]
-COLUMNS = {
-    "seeds": ["seed", "val_acc", "test_acc", "run_id"],
-    "ensembles": _ENSEMBLE_COLUMNS,
-    "kd": [
-        "seed",
-        "teacher_seeds",
-        "teacher_val_acc",
-        "teacher_test_acc",
-        "val_acc",
-        "test_acc",
-        "architectures",
-        "teacher_run_id",
-        "run_id",
-    ],
-    "self_distillation": [
-        "teacher_seed",
-        "teacher_val_acc",
-        "teacher_test_acc",
-        "student_seed",
-        "student_val_acc",
-        "student_test_acc",
-        "gain",
-        "architectures",
-        "teacher_run_id",
-        "run_id",
-    ],
-    "sd_ensembles": _ENSEMBLE_COLUMNS,
-    "joint": _ENSEMBLE_COLUMNS,
-    "unfinished": ["status", "role", "name", "since", "run_id"],
-    "sweeps": [
-        "sweep",
-        "setting",
-        "n",
-        "val_mean",
-        "val_std",
-        "test_mean",
-        "test_std",
-        "chosen",
-        "label",
-        "run_ids",
-        "sweep_run_id",
-    ],
-    "summary": ["row", "n", "val_mean", "val_std", "test_mean", "test_std", "gain", "gain_over", "seeds", "run_ids"],
-}
+TABLES = specs.TABLES
+COLUMNS = {name: spec.names for name, spec in specs.SPECS.items()}
 _MISSING = {
     "seeds": "no finished train runs",
     "ensembles": "no ensemble of train runs yet",
@@ -92,8 +34,12 @@ _MISSING = {
     "self_distillation": "no SD student (kd.method=sd) yet",
     "sd_ensembles": "no ensemble of SD students yet",
 }
-NO_GROUP = "-"  # runs logged before groups existed: grouped by preset and dataset alone
 PLAIN = config.COMBINES[0]  # the report's way of combining an ensemble
+
+
+def _empty_table(name: str) -> pd.DataFrame:
+    """An empty table of ``name``'s columns: what a group without it holds."""
+    return pd.DataFrame(columns=COLUMNS[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,27 +62,21 @@ class StudyTables:
     sd_ensembles: pd.DataFrame
     summary: pd.DataFrame
     notes: list[str]
-    gains: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=gains_mod.GAIN_COLUMNS))
-    mechanism: pd.DataFrame = dataclasses.field(
-        default_factory=lambda: pd.DataFrame(columns=gains_mod.MECHANISM_COLUMNS)
-    )
-    joint: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=_ENSEMBLE_COLUMNS))
+    gains: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("gains"))
+    mechanism: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("mechanism"))
+    joint: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("joint"))
     # A table of KD students of another architecture: that network trained alone (train
     # runs of the students' training recipe and split), the baseline of what KD did.
-    alone: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["seeds"]))
-    figure1: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=measures.FIGURE1_COLUMNS))
-    calibration: pd.DataFrame = dataclasses.field(
-        default_factory=lambda: pd.DataFrame(columns=measures.CALIBRATION_COLUMNS)
-    )
-    ensemble_size: pd.DataFrame = dataclasses.field(
-        default_factory=lambda: pd.DataFrame(columns=measures.ENSEMBLE_SIZE_COLUMNS)
-    )
+    alone: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("seeds"))
+    figure1: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("figure1"))
+    calibration: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("calibration"))
+    ensemble_size: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("ensemble_size"))
     student_recipe: dict = dataclasses.field(default_factory=dict)  # its students' recipe, if any
     # Runs of the group that are not FINISHED: RUNNING (still going, or dead without a
     # word: how long since its last metric says which), FAILED and KILLED. One line each.
-    unfinished: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["unfinished"]))
+    unfinished: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("unfinished"))
     # The sweeps whose students learned from this table's teachers: one row per setting.
-    sweeps: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=COLUMNS["sweeps"]))
+    sweeps: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty_table("sweeps"))
     setting_of: str | None = None  # the sweep whose one setting this table holds: shown on --group only
 
 
@@ -147,8 +87,7 @@ _OPTIONAL = {"parent_run_id": None, "sweep": False, "last_seen": 0, "end_time": 
 
 
 def _tidy(records: pd.DataFrame) -> pd.DataFrame:
-    """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2"), a
-    group for runs logged before groups existed."""
+    """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2")."""
     out = records.rename(columns={"final_val_acc": "val_acc", "final_test_acc": "test_acc"})
     for column, default in _OPTIONAL.items():  # runs.results_frame adds them; hand-made records may not
         if column not in out:
@@ -159,7 +98,6 @@ def _tidy(records: pd.DataFrame) -> pd.DataFrame:
         test_acc=out["test_acc"].astype(float),
         member_seeds=out["member_seeds"].map(lambda seeds: ",".join(seeds) or None),
         teacher_seeds=out["teacher_seeds"].map(lambda seeds: seeds or None),
-        group=out["group"].fillna(NO_GROUP),
         combine=out["combine"].fillna(PLAIN),
         model=[_architecture(r, p) for r, p in zip(out["recipe"], out["params"], strict=True)],
     )
@@ -171,7 +109,8 @@ def _architecture(recipe, params: dict) -> str | None:
 
 
 def _results(tidy: pd.DataFrame) -> pd.DataFrame:
-    """FINISHED kd-mlflow runs that are results, not pointers or study parents."""
+    """FINISHED kd-mlflow runs that are results, not pointers or study parents (a train
+    run names its group: the recipe and split its tables are of)."""
     keep = (
         (tidy["status"] == "FINISHED")
         & tidy["duplicate_of"].isna()
@@ -179,6 +118,7 @@ def _results(tidy: pd.DataFrame) -> pd.DataFrame:
         & tidy["role"].isin(S.ROLES)
         & tidy["preset"].notna()
         & tidy["dataset"].notna()
+        & ((tidy["role"] != "train") | tidy["group"].notna())
     )
     return tidy[keep]
 
@@ -377,7 +317,7 @@ def _of_members(t: pd.DataFrame) -> pd.DataFrame:
         n_members=_int(members.map(lambda m: None if not m else len(m.split(",")))),
         member_run_ids=t["member_run_ids"].map(list),
     )
-    out = out[_ENSEMBLE_COLUMNS].sort_values(["n_members", "members", "run_id"])
+    out = out[COLUMNS["ensembles"]].sort_values(["n_members", "members", "run_id"])
     return out.reset_index(drop=True)
 
 
@@ -438,31 +378,23 @@ def _self_distillation(rows: pd.DataFrame, lookup: pd.DataFrame) -> pd.DataFrame
     return out.reset_index(drop=True)
 
 
-def _stat(
-    row: str, val: pd.Series, test: pd.Series, run_ids: pd.Series, gain=float("nan"), gain_over=None, seeds=None
-) -> dict:
-    """One summary row: mean and sample std (NaN below two runs), and the seeds of its runs."""
+def _stat(row: str, frame: pd.DataFrame, table: str, gain: float, gain_over: str | None) -> dict:
+    """One summary row of a table's runs: mean and sample std (NaN below two runs), and
+    their seeds (or members' seeds), read where the table's declaration says."""
+    runs = specs.OF_RUNS[table]
+    seeds = [s if isinstance(s, str) else specs.fmt(s, "d") for s in frame[runs.seeds]]
     return {
         "row": row,
-        "n": len(run_ids),
-        "val_mean": val.mean(),
-        "val_std": val.std(ddof=1),
-        "test_mean": test.mean(),
-        "test_std": test.std(ddof=1),
+        "n": len(frame),
+        "val_mean": frame[runs.val].mean(),
+        "val_std": frame[runs.val].std(ddof=1),
+        "test_mean": frame[runs.test].mean(),
+        "test_std": frame[runs.test].std(ddof=1),
         "gain": gain,
         "gain_over": gain_over,
-        "seeds": None if seeds is None or not len(seeds) else "; ".join(map(str, seeds)),
-        "run_ids": list(run_ids),
+        "seeds": "; ".join(seeds) or None,
+        "run_ids": list(frame["run_id"]),
     }
-
-
-def counted(tables: dict, run_ids: set) -> dict:
-    """The rows a summary counts: ``run_ids`` (the runs of the table's own line), and of
-    the SD students those whose teacher's result is known."""
-    out = {k: tables[k][tables[k]["run_id"].isin(run_ids)] for k in gains_mod.ESTIMATED}
-    sd = out["self_distillation"]
-    out["self_distillation"] = sd[sd["teacher_test_acc"].notna()]
-    return out
 
 
 def _mean_of(n: int, what: str) -> str:
@@ -477,83 +409,26 @@ def _summary(rows: dict) -> pd.DataFrame:
     size and member seeds, never a mean across them."""
     est = gains_mod.estimates(**rows)
 
-    def gain(kind: str) -> float:
+    def gain(kind: str) -> float:  # NaN for a kind without estimates (the single models)
         return est.loc[est["kind"] == kind, "estimate"].mean()
 
-    ens, kd, sd, sde = rows["ensembles"], rows["kd"], rows["self_distillation"], rows["sd_ensembles"]
-    seeds, alone = rows["seeds"], rows["alone"]
-    stats = [
-        _stat("single models", seeds["val_acc"], seeds["test_acc"], seeds["run_id"], seeds=_seeds_of(seeds["seed"])),
-        _stat(
-            "ensemble",
-            ens["val_acc"],
-            ens["test_acc"],
-            ens["run_id"],
-            gain("ensemble"),
-            "single models (mean)",
-            ens["members"],
-        ),
-        _stat(
-            "KD students",
-            kd["val_acc"],
-            kd["test_acc"],
-            kd["run_id"],
-            gain("kd"),
-            "single models (mean)",
-            _seeds_of(kd["seed"]),
-        ),
-        _stat(
-            "SD students",
-            sd["student_val_acc"],
-            sd["student_test_acc"],
-            sd["run_id"],
-            gain("sd_mean"),
-            "own teacher (mean of differences)",
-            _seeds_of(sd["student_seed"]),
-        ),
-        _stat(
-            "SD ensemble",
-            sde["val_acc"],
-            sde["test_acc"],
-            sde["run_id"],
-            gain("sd_ensemble"),
-            _mean_of(len(ens), "ensemble"),
-            sde["members"],
-        ),
+    single = "single models (mean)"
+    lines = [  # (row, its table, its gains' kind, what they are over)
+        ("single models", "seeds", "single", None),
+        ("ensemble", "ensembles", "ensemble", single),
+        ("KD students", "kd", "kd", single),
+        ("SD students", "self_distillation", "sd_mean", "own teacher (mean of differences)"),
+        ("SD ensemble", "sd_ensembles", "sd_ensemble", _mean_of(len(rows["ensembles"]), "ensemble")),
+        # only where there is one: the tables of a study of one architecture keep their rows
+        *([(gains_mod.ALONE, "alone", "alone", single)] if len(rows["alone"]) else []),
     ]
-    if len(alone):  # only where there is one: the tables of a study of one architecture keep their rows
-        stats.append(
-            _stat(
-                gains_mod.ALONE,
-                alone["val_acc"],
-                alone["test_acc"],
-                alone["run_id"],
-                gain("alone"),
-                "single models (mean)",
-                _seeds_of(alone["seed"]),
-            )
-        )
-    stats += [
-        _joint_stat(title, runs, rows["seeds"], gain(f"joint:{title}"))
-        for title, runs in gains_mod.joint_entries(rows["joint"]).items()
-    ]
+    stats = [_stat(row, rows[table], table, gain(kind), over) for row, table, kind, over in lines]
+    for title, runs in gains_mod.joint_entries(rows["joint"]).items():
+        members = runs["members"].iloc[0]
+        over = gains_mod.same_seeds(rows["seeds"], members)
+        what = "single models" + ("" if len(over) == len(rows["seeds"]) else f" of {gains_mod.seeds_of(members)}")
+        stats.append(_stat(title, runs, "joint", gain(f"joint:{title}"), _mean_of(len(over), what)))
     return pd.DataFrame(stats, columns=COLUMNS["summary"])
-
-
-def _seeds_of(seeds: pd.Series) -> list:
-    return [_fmt(s, "d") for s in seeds]
-
-
-def _joint_stat(title: str, runs: pd.DataFrame, seeds: pd.DataFrame, gain: float) -> dict:
-    over = gains_mod.same_seeds(seeds, runs["members"].iloc[0])
-    what = (
-        "single models"
-        if len(over) == len(seeds)
-        else f"single models of {gains_mod.seeds_of(runs['members'].iloc[0])}"
-    )
-    return _stat(
-        title, runs["val_acc"], runs["test_acc"], runs["run_id"], gain, _mean_of(len(over), what), runs["members"]
-    )
 
 
 def _study(
@@ -577,7 +452,7 @@ def _study(
     notes = notes + [f"KD: {c}" for c in kd.get("sweep_kd_choice", pd.Series(dtype=object)).dropna()]
     if in_line is None:
         return StudyTables(**head, **tables, summary=pd.DataFrame(columns=COLUMNS["summary"]), notes=notes)
-    summary = _summary(counted(tables, in_line))
+    summary = _summary(gains_mod.counted(tables, in_line))
     notes = notes + [m for k, m in _MISSING.items() if tables[k].empty]
     counted_joint = tables["joint"][tables["joint"]["run_id"].isin(in_line)]
     figure1 = measures.figure1(head, summary, {**tables, "joint": counted_joint})
@@ -636,7 +511,7 @@ def _partition(part: pd.DataFrame, sweeps: pd.DataFrame) -> list[StudyTables]:
     trains = rows[rows["role"] == "train"]
     labels = trains.groupby("group")["group_label"].first()
     lines = set(rows["group_of_line"]) - {APART.group, UNATTACHED.group}
-    groups = sorted(lines, key=lambda g: (labels.get(g) not in (None, preset), str(labels.get(g)), g)) or [NO_GROUP]
+    groups = sorted(lines, key=lambda g: (labels.get(g) not in (None, preset), str(labels.get(g)), g))
     kids = _sweep_kids(rows, sweeps)
     homes = {at[t] for t in rows.loc[kids, "teacher_run_id"] if t in at} - {APART, UNATTACHED}
     table_places = _table_places(rows, at, shared, groups, homes)
@@ -900,8 +775,8 @@ def _home(tables: list[StudyTables], r) -> int | None:
 
 def _empty(preset, dataset, none: pd.DataFrame) -> StudyTables:
     """A table for runs not finished of a preset and dataset with no finished result."""
-    preset, dataset = (x if isinstance(x, str) else NO_GROUP for x in (preset, dataset))
-    head = {"preset": preset, "dataset": dataset, "label": f"{preset} (no finished runs)", "group_id": NO_GROUP}
+    preset, dataset = (x if isinstance(x, str) else "-" for x in (preset, dataset))
+    head = {"preset": preset, "dataset": dataset, "label": f"{preset} (no finished runs)", "group_id": "-"}
     return _study({**head, "recipe": {}}, none, none.set_index("run_id"), None, [])
 
 
@@ -941,416 +816,15 @@ def with_intervals(t: StudyTables, predictions: dict) -> StudyTables:
     )
 
 
-def run_ids(tables: list[StudyTables]) -> list[str]:
-    """Every run a set of tables names (for fetching their predictions)."""
-    ids = []
-    for t in tables:
-        ids += list(t.seeds["run_id"]) + list(t.ensembles["run_id"]) + list(t.kd["run_id"])
-        ids += list(t.self_distillation["run_id"]) + list(t.self_distillation["teacher_run_id"].dropna())
-        ids += list(t.sd_ensembles["run_id"]) + list(t.joint["run_id"])
-        ids += [m for members in t.ensembles["member_run_ids"] for m in members]
-    return list(dict.fromkeys(ids))
-
-
-# --- rendering ------------------------------------------------------------
-
-
-def _fmt(value, spec: str = ".2f") -> str:
-    """A cell: "-" for a missing value."""
-    if value is None or (not isinstance(value, (str, list)) and pd.isna(value)):
-        return "-"
-    return value if isinstance(value, str) else format(value, spec)
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    """A pipe table; a row of dashes stands for a piece not run yet."""
-    lines = [header, ["---"] * len(header), *(rows or [["-"] * len(header)])]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-_ACC = ["validation accuracy", "test accuracy"]
-
-
-def _ens(df: pd.DataFrame) -> list[list[str]]:
-    return [[_fmt(r.members), _fmt(r.val_acc), _fmt(r.test_acc)] for r in df.itertuples()]
-
-
-def _md_sections(t: StudyTables) -> list[tuple[str, str]]:
-    """(title, table) pairs in the report's order."""
-    seeds = [[_fmt(r.seed, "d"), _fmt(r.val_acc), _fmt(r.test_acc)] for r in t.seeds.itertuples()]
-    kd = [
-        [
-            _fmt(r.teacher_seeds),
-            _fmt(r.teacher_val_acc),
-            _fmt(r.teacher_test_acc),
-            _fmt(r.seed, "d"),
-            _fmt(r.val_acc),
-            _fmt(r.test_acc),
-        ]
-        for r in t.kd.itertuples()
-    ]
-    sd = [
-        [
-            _fmt(r.teacher_seed, "d"),
-            _fmt(r.teacher_val_acc),
-            _fmt(r.teacher_test_acc),
-            _fmt(r.student_seed, "d"),
-            _fmt(r.student_val_acc),
-            _fmt(r.student_test_acc),
-        ]
-        for r in t.self_distillation.itertuples()
-    ]
-    summary = [
-        [
-            r.row,
-            str(r.n),
-            _fmt(r.val_mean),
-            _fmt(r.val_std),
-            _fmt(r.test_mean),
-            _fmt(r.test_std),
-            _fmt(r.gain, "+.2f"),
-            _fmt(r.gain_over),
-            _fmt(r.seeds),
-        ]
-        for r in t.summary.itertuples()
-    ]
-    pair = ["seed", *_ACC, "seed", *_ACC]
-    return [
-        ("Single models", _md_table(["seed", *_ACC], seeds)),
-        ("Ensemble of single models", _md_table(["members", *_ACC], _ens(t.ensembles))),
-        ("Knowledge distillation (teacher left, student right)" + _arch_note(t.kd), _md_table(pair, kd)),
-        ("Self-distillation (teacher left, student right)" + _arch_note(t.self_distillation), _md_table(pair, sd)),
-        ("Ensemble of SD students", _md_table(["members", *_ACC], _ens(t.sd_ensembles))),
-        (
-            "Summary (gain: test accuracy)",
-            _md_table(
-                ["", "n", "validation mean", "validation std", "test mean", "test std", "gain", "gain over", "seeds"],
-                summary,
-            ),
-        ),
-    ]
-
-
-def _md_sweeps(t: StudyTables) -> list[tuple[str, str]]:
-    """One table per sweep: its settings, chosen on validation; the test accuracy of the
-    chosen setting only (a setting's full tables: compare --group LABEL)."""
-    out = []
-    for name, sweep in t.sweeps.groupby("sweep", sort=False):
-        rows = [
-            [
-                r.setting,
-                str(r.n),
-                _pm(r.val_mean, r.val_std),
-                _pm(r.test_mean, r.test_std) if r.chosen else "·",
-                "chosen" if r.chosen else "",
-                f"`{r.label}`" if isinstance(r.label, str) else "-",
-            ]
-            for r in sweep.itertuples()
-        ]
-        header = ["setting", "n", "validation (mean ± std)", "test (mean ± std)", "", "its tables: compare --group"]
-        out.append((f"Sweep {name} (chosen on validation; test of the chosen only)", _md_table(header, rows)))
-    return out
-
-
-def _pm(mean, std) -> str:
-    return _fmt(mean) + ("" if pd.isna(std) else f" ± {std:.2f}")
-
-
-def _arch_note(students: pd.DataFrame) -> str:
-    """The teacher -> student architectures for a table's title: ": resnet56 -> resnet20"."""
-    arrows = list(dict.fromkeys(students["architectures"].dropna()))
-    return f": {', '.join(arrows)}" if arrows else ""
-
-
-def _md_uncertainty(t: StudyTables) -> list[tuple[str, str]]:
-    if t.gains.empty and t.mechanism.empty:
-        return []
-    from kd_mlflow.stats import fmt_interval
-
-    rows = []
-    for r in t.gains.itertuples():
-        p = "-" if pd.isna(r.p_value) else f"{r.p_value:.3g} ({int(r.b)}/{int(r.c)})"
-        seed = "-" if pd.isna(r.seed_lo) else fmt_interval(r.estimate, r.seed_lo, r.seed_hi)
-        rows.append([r.gain, fmt_interval(r.estimate, r.lo, r.hi), r.interval, seed, p])
-    mech = []
-    for r in t.mechanism.itertuples():
-        spec = ".3f" if r.detail == "nats" else ".2f"
-        value = _fmt(r.value, spec) + ("" if pd.isna(r.lo) else f" [{r.lo:{spec}}, {r.hi:{spec}}]")
-        mech.append([r.figure, value, r.detail])
-    out = []
-    if rows:
-        out.append(
-            (
-                "Gains with 95% intervals (test accuracy, points)",
-                _md_table(
-                    [
-                        "gain",
-                        "estimate [95% bootstrap]",
-                        "resampled",
-                        "[95% t over pairs or KD seeds]",
-                        "McNemar p (teacher-only / student-only right)",
-                    ],
-                    rows,
-                ),
-            )
-        )
-    if mech:
-        out.append(("Mechanism (test set)", _md_table(["figure", "value", "unit"], mech)))
-    return out
-
-
-def _acc_cell(r) -> str:
-    """ "85.95 ± 0.37 [85.49, 86.41]": a column's mean, its std and t-interval over seeds."""
-    if pd.isna(r.test_acc):
-        return "-"
-    std = "" if pd.isna(r.test_std) else f" ± {r.test_std:.2f}"
-    seeds = "" if pd.isna(r.seed_lo) else f" [{r.seed_lo:.2f}, {r.seed_hi:.2f}]"
-    return f"{r.test_acc:.2f}{std}{seeds}"
-
-
-def _gain_cell(estimate, lo, hi, spec: str = "+.2f") -> str:
-    if pd.isna(estimate):
-        return "-"
-    return format(estimate, spec) + ("" if pd.isna(lo) else f" [{lo:{spec}}, {hi:{spec}}]")
-
-
-def _md_figure1(t: StudyTables) -> list[tuple[str, str]]:
-    """Figure 1 (five columns), calibration and ensemble size, where the group has them."""
-    out = []
-    if not t.figure1.empty:
-        cols = list(t.figure1.itertuples())
-        rows = [
-            ["runs", *(str(r.n) for r in cols)],
-            ["test accuracy (mean ± std [95% t over seeds])", *(_acc_cell(r) for r in cols)],
-            [
-                # the gains table's interval: seeds × images where both sides are several runs
-                "gain over mean single [95% bootstrap: images; seeds × images for several runs]",
-                *(_gain_cell(r.gain, r.gain_lo, r.gain_hi) for r in cols),
-            ],
-        ]
-        for source, what in (
-            ("report", "the report (ResNet-18, CIFAR-10)"),
-            ("paper", "the paper (WRN-28-10, CIFAR-10)"),
-        ):
-            if t.figure1[source].notna().any():
-                rows.append([what, *(_fmt(getattr(r, source)) for r in cols)])
-        titles = list(t.figure1["title"])
-        out.append(("Figure 1 (test accuracy, %; Allen-Zhu and Li, ICLR 2023)", _md_table(["", *titles], rows)))
-    if not t.calibration.empty:
-        rows = [
-            [
-                r.row,
-                str(r.n),
-                _fmt(r.nll, ".4f"),
-                _fmt(r.ece, ".4f"),
-                _fmt(r.brier, ".4f"),
-                _gain_cell(r.nll_gain, r.nll_gain_lo, r.nll_gain_hi, "+.4f"),
-            ]
-            for r in t.calibration.itertuples()
-        ]
-        header = [
-            "",
-            "n",
-            "NLL (nats)",
-            "ECE (15 bins)",
-            "Brier",
-            "NLL gain: mean single (SD: own teacher) - this [95% paired bootstrap]",
-        ]
-        out.append(("Calibration (test set; means over runs)", _md_table(header, rows)))
-    if not t.ensemble_size.empty:
-        rows = [
-            [
-                _fmt(r.members),
-                str(r.k),
-                str(r.n_subsets),
-                f"{r.acc_mean:.2f} [{r.acc_min:.2f}, {r.acc_max:.2f}]",
-                f"{r.nll_mean:.4f} [{r.nll_min:.4f}, {r.nll_max:.4f}]",
-            ]
-            for r in t.ensemble_size.itertuples()
-        ]
-        header = ["members", "k", "subsets", "test accuracy: mean [min, max]", "NLL: mean [min, max]"]
-        out.append(("Ensemble size (average of k members' probabilities)", _md_table(header, rows)))
-    return out
-
-
-def _markdown(tables: list[StudyTables]) -> str:
-    if not tables:
-        return "no finished runs\n"
-    parts = []
-    for t in tables:
-        parts.append(f"## {t.label} ({t.dataset})\n\ngroup `{t.group_id}`")
-        if not t.unfinished.empty:
-            rows = [[r.status, r.role, r.name or "-", r.since, r.run_id] for r in t.unfinished.itertuples()]
-            parts.append(f"### Runs not finished\n\n{_md_table(['status', 'role', 'run', 'since', 'run id'], rows)}")
-        if all(getattr(t, name).empty for name in ("seeds", "ensembles", "kd", "self_distillation", "joint")):
-            if not t.unfinished.empty:
-                continue  # a table of runs not finished alone
-        parts += [f"### {title}\n\n{table}" for title, table in _md_sections(t)]
-        parts += [f"### {title}\n\n{table}" for title, table in _md_sweeps(t)]
-        parts += [f"### {title}\n\n{table}" for title, table in _md_uncertainty(t) + _md_figure1(t)]
-        if t.notes:
-            parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in t.notes))
-    return "\n\n".join(parts) + "\n"
-
-
-def _native(value):
-    """A JSON-ready value: NaN and NA become None, numpy scalars Python ones."""
-    if isinstance(value, list):
-        return value
-    if value is None or pd.isna(value):
-        return None
-    return value.item() if hasattr(value, "item") else value
-
-
-# The tables whose rows are students (or made of students): their rows carry the
-# students' recipe; every other row the train runs'.
-_STUDENT_TABLES = ("kd", "self_distillation", "sd_ensembles")
-
-
-def table_rows(tables: list[StudyTables]) -> dict[str, list[dict]]:
-    """Every table as row dicts tagged with preset and dataset; keys TABLES + notes."""
-    out: dict[str, list[dict]] = {name: [] for name in (*TABLES, "notes")}
-    for t in tables:
-        group = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset, "recipe": t.recipe}
-        for name in TABLES:
-            recipe = t.student_recipe if name in _STUDENT_TABLES and t.student_recipe else t.recipe
-            records = getattr(t, name).to_dict("records")
-            out[name] += [{**group, "recipe": recipe, **{k: _native(v) for k, v in r.items()}} for r in records]
-        out["notes"] += [{**group, "note": n} for n in t.notes]
-    return out
-
-
-CSV_COLUMNS = [
-    "section",
-    "group",
-    "role",
-    "seed",
-    "teacher_seed",
-    "members",
-    "val_acc",
-    "test_acc",
-    "gain",
-    "gain_lo",
-    "gain_hi",
-    "mcnemar_p",
-    "run_id",
-    "group_id",
-    "preset",
-    "dataset",
-    "k",
-    "nll",
-    "ece",
-    "brier",
-    "nll_gain",
-    "nll_gain_lo",
-    "nll_gain_hi",
-]
-
-
-def _csv(tables: list[StudyTables]) -> str:
-    """Tidy: one row per run and table it appears in, so that ``pandas.read_csv`` gives
-    a frame ready to pivot (summaries and notes are in the markdown and JSON)."""
-    rows: list[dict] = []
-    for t in tables:
-        first = len(rows)  # this table's rows start here
-        g = {"group": t.label, "group_id": t.group_id, "preset": t.preset, "dataset": t.dataset}
-        for r in t.seeds.itertuples():
-            rows.append(
-                {
-                    **g,
-                    "section": "seeds",
-                    "role": "train",
-                    "seed": r.seed,
-                    "val_acc": r.val_acc,
-                    "test_acc": r.test_acc,
-                    "run_id": r.run_id,
-                }
-            )
-        for section, frame, role in (
-            ("ensembles", t.ensembles, "ensemble"),
-            ("sd_ensembles", t.sd_ensembles, "ensemble"),
-            ("joint", t.joint, S.JOINT),
-        ):
-            for r in frame.itertuples():
-                rows.append(
-                    {
-                        **g,
-                        "section": section,
-                        "role": role,
-                        "members": r.members,
-                        "val_acc": r.val_acc,
-                        "test_acc": r.test_acc,
-                        "run_id": r.run_id,
-                    }
-                )
-        for r in t.kd.itertuples():
-            rows.append(
-                {
-                    **g,
-                    "section": "kd",
-                    "role": "student",
-                    "seed": r.seed,
-                    "members": r.teacher_seeds,
-                    "val_acc": r.val_acc,
-                    "test_acc": r.test_acc,
-                    "run_id": r.run_id,
-                }
-            )
-        for r in t.self_distillation.itertuples():
-            rows.append(
-                {
-                    **g,
-                    "section": "self_distillation",
-                    "role": "student",
-                    "seed": r.student_seed,
-                    "teacher_seed": r.teacher_seed,
-                    "val_acc": r.student_val_acc,
-                    "test_acc": r.student_test_acc,
-                    "run_id": r.run_id,
-                }
-            )
-        for e in t.gains[t.gains["run_id"].notna()].itertuples():
-            for row in rows[first:]:  # (earlier tables' measure rows have no run id)
-                if row["run_id"] == e.run_id:
-                    row.update(
-                        gain=e.estimate, gain_lo=e.lo, gain_hi=e.hi, mcnemar_p=None if pd.isna(e.p_value) else e.p_value
-                    )
-        rows += _csv_measures(t, g)
-    frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    for col in ("seed", "teacher_seed", "k"):
-        frame[col] = pd.array(frame[col].map(lambda v: None if v is None or pd.isna(v) else int(v)), dtype="Int64")
-    return frame.to_csv(index=False)
-
-
-def _csv_measures(t: StudyTables, g: dict) -> list[dict]:
-    """Figure 1's columns (role: the column), the calibration rows (role: the row) and the
-    ensemble-size points (members, k; test_acc and nll their means over subsets)."""
-    rows = [
-        {**g, "section": "figure1", "role": r.column, "test_acc": r.test_acc}
-        | {"gain": r.gain, "gain_lo": r.gain_lo, "gain_hi": r.gain_hi}
-        for r in t.figure1.itertuples()
-    ]
-    rows += [
-        {**g, "section": "calibration", "role": r.row, "nll": r.nll, "ece": r.ece, "brier": r.brier}
-        | {"nll_gain": r.nll_gain, "nll_gain_lo": r.nll_gain_lo, "nll_gain_hi": r.nll_gain_hi}
-        for r in t.calibration.itertuples()
-    ]
-    rows += [
-        {**g, "section": "ensemble_size", "role": "ensemble", "members": r.members, "k": r.k}
-        | {"test_acc": r.acc_mean, "nll": r.nll_mean, "run_id": r.run_id}
-        for r in t.ensemble_size.itertuples()
-    ]
-    return rows
-
-
-def render(tables: list[StudyTables], fmt: str) -> str:
-    """The tables as ``markdown``, ``csv`` or ``json`` text."""
+def render(tables: list[StudyTables], fmt: str, table: str | None = None) -> str:
+    """The tables as ``markdown``, ``json`` or ``csv`` text; as CSV one table, ``table``
+    (by default the per-run table: :data:`kd_mlflow.tables.CSV_TABLES`)."""
     if fmt == "markdown":
-        return _markdown(tables)
+        return specs.markdown(tables)
     if fmt == "csv":
-        return _csv(tables)
+        return specs.csv(tables, table or specs.RUNS)
     if fmt == "json":
-        return json.dumps(table_rows(tables), indent=2, allow_nan=False) + "\n"
+        return specs.to_json(tables)
     raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(config.FORMATS)}")
 
 

@@ -34,23 +34,10 @@ import numpy as np
 import pandas as pd
 
 from . import schema, stats
+from . import tables as tables_mod
 
-GAIN_COLUMNS = [
-    "gain",
-    "estimate",
-    "lo",
-    "hi",
-    "interval",
-    "seed_lo",
-    "seed_hi",
-    "n",
-    "p_value",
-    "b",
-    "c",
-    "run_id",
-    "over_run_ids",
-]
-MECHANISM_COLUMNS = ["figure", "value", "lo", "hi", "n", "detail", "run_id"]
+GAIN_COLUMNS = tables_mod.GAINS.names
+MECHANISM_COLUMNS = tables_mod.MECHANISM.names
 
 
 # The tables whose rows have gains, in their StudyTables names.
@@ -94,7 +81,7 @@ def estimates(seeds, ensembles, kd, self_distillation, sd_ensembles, joint=None,
     estimates of the gains table, and (their means per ``kind``) the summary's gains,
     so that the two are one number. One row per gain: ``run_ids`` minus ``over_run_ids``
     (each side the mean of its runs), ``run_id`` the run it describes. The inputs are the
-    rows a summary counts (:func:`kd_mlflow.compare.counted`). Where several runs fill a
+    rows a summary counts (:func:`counted`). Where several runs fill a
     role, each row names its run (seed or members), so no label repeats."""
     singles = list(seeds["run_id"])
     single = seeds["test_acc"].mean()
@@ -180,31 +167,25 @@ def _unique(est: pd.DataFrame) -> pd.DataFrame:
     return est.assign(gain=tagged)
 
 
+def counted(tables: dict, run_ids: set) -> dict:
+    """The rows a summary counts: ``run_ids`` (the runs of the table's own line), and of
+    the SD students those whose teacher's result is known."""
+    out = {k: tables[k][tables[k]["run_id"].isin(run_ids)] for k in ESTIMATED}
+    sd = out["self_distillation"]
+    out["self_distillation"] = sd[sd["teacher_test_acc"].notna()]
+    return out
+
+
 def _counted(tables) -> dict:
     """The rows the group's summary counts (its run ids), per table."""
     ids = {rid for run_ids in tables.summary["run_ids"] for rid in run_ids}
-    return {k: getattr(tables, k)[getattr(tables, k)["run_id"].isin(ids)] for k in ESTIMATED}
-
-
-def _logged(tables) -> dict:
-    """Run id -> logged test accuracy, for every run the tables name (teachers too)."""
-    sd = tables.self_distillation
-    pairs = [
-        *(zip(t["run_id"], t["test_acc"], strict=True) for t in (tables.seeds, tables.ensembles, tables.kd)),
-        zip(tables.sd_ensembles["run_id"], tables.sd_ensembles["test_acc"], strict=True),
-        zip(tables.joint["run_id"], tables.joint["test_acc"], strict=True),
-        zip(tables.alone["run_id"], tables.alone["test_acc"], strict=True),
-        zip(sd["run_id"], sd["student_test_acc"], strict=True),
-        zip(sd["teacher_run_id"], sd["teacher_test_acc"], strict=True),
-        zip(tables.kd["teacher_run_id"], tables.kd["teacher_test_acc"], strict=True),
-    ]
-    return {rid: acc for pair in pairs for rid, acc in pair}
+    return counted({k: getattr(tables, k) for k in ESTIMATED}, ids)
 
 
 def usable(tables, preds: dict, run_ids) -> tuple[dict, list[str]]:
     """The predictions of ``run_ids`` whose test accuracy is their run's logged one, and
     notes on those left out (see :func:`_usable`)."""
-    return _usable(preds, run_ids, _logged(tables))
+    return _usable(preds, run_ids, tables_mod.logged(tables))
 
 
 def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
@@ -285,16 +266,7 @@ def compute(tables, preds: dict, n_resamples: int = 10_000, seed: int = 0) -> tu
     :func:`estimates` gives (the summary's); its interval is from the predictions."""
     est = estimates(**_counted(tables))
     singles = list(tables.seeds["run_id"])
-    ids = (
-        singles
-        + list(tables.ensembles["run_id"])
-        + list(tables.kd["run_id"])
-        + list(tables.self_distillation["run_id"])
-        + list(tables.self_distillation["teacher_run_id"].dropna())
-        + list(tables.sd_ensembles["run_id"])
-        + list(tables.joint["run_id"])
-        + list(tables.alone["run_id"])
-    )
+    ids = tables_mod.run_ids([tables])
     missing = sorted({r for r in ids if preds.get(r) is None})
     notes = []
     if missing:

@@ -19,36 +19,11 @@ import pandas as pd
 
 from . import calibration, stats
 from . import gains as gains_mod
+from . import tables as tables_mod
 
-FIGURE1_COLUMNS = [
-    "column",
-    "title",
-    "n",
-    "test_acc",
-    "test_std",
-    "seed_lo",
-    "seed_hi",
-    "gain",
-    "gain_lo",
-    "gain_hi",
-    "report",
-    "paper",
-    "run_ids",
-    "over_run_ids",
-]
-CALIBRATION_COLUMNS = ["row", "n", "nll", "ece", "brier", "nll_gain", "nll_gain_lo", "nll_gain_hi", "run_ids"]
-ENSEMBLE_SIZE_COLUMNS = [
-    "members",
-    "k",
-    "n_subsets",
-    "acc_mean",
-    "acc_min",
-    "acc_max",
-    "nll_mean",
-    "nll_min",
-    "nll_max",
-    "run_id",
-]
+FIGURE1_COLUMNS = tables_mod.FIGURE1.names
+CALIBRATION_COLUMNS = tables_mod.CALIBRATION.names
+ENSEMBLE_SIZE_COLUMNS = tables_mod.ENSEMBLE_SIZE.names
 # Figure 1's five columns: (name, title, the summary row it reads; None: the joint runs).
 FIGURE1 = (
     ("single", "single model", "single models"),
@@ -175,8 +150,7 @@ def compute(t, preds: dict, n_resamples: int = 10_000, seed: int = 0):
         return empty
     runs = _runs_of(t)
     teachers = _sd_teachers(t, runs["sd"])
-    ids = [r for ids in runs.values() for r in ids] + [m for ms in t.ensembles["member_run_ids"] for m in ms]
-    preds, _notes = gains_mod.usable(t, preds, ids + teachers)  # gains.compute notes what is left out
+    preds, _notes = gains_mod.usable(t, preds, tables_mod.run_ids([t]))  # gains.compute notes what is left out
     if len({p.digest("test") for p in preds.values()}) > 1:
         return empty  # gains.compute notes it
     return (

@@ -22,15 +22,19 @@ def compare(
     experiment: str | None,
     fmt: str,
     *,
+    table: str | None = None,
+    every: bool = False,
     preset: str | None = None,
     dataset: str | None = None,
     group: str | None = None,
     intervals: bool = True,
-) -> str:
-    """The report's tables from the experiment's finished runs, rendered as ``fmt``;
-    with ``intervals``, every gain's uncertainty and the mechanism figures, from the
-    runs' logged predictions."""
+) -> dict:
+    """The report's tables from the experiment's finished runs, rendered as ``fmt``:
+    {table name: text}, one entry (``table``: the CSV table it names, the per-run one by
+    default) or, with ``every``, one per CSV table. With ``intervals``, every gain's
+    uncertainty and the mechanism figures, from the runs' logged predictions."""
     from . import compare as tables
+    from .tables import CSV_TABLES
 
     session = tracking.connect(experiment, create=False)
     built = tables.build_tables(runs.results_frame(session, preset), preset, dataset, group)
@@ -42,7 +46,7 @@ def compare(
             built = [tables.with_intervals(t, preds) for t in built]
     if not built:
         _nothing_matched(session, tables, preset=preset, dataset=dataset, group=group)
-    text = tables.render(built, fmt)
+    texts = {name: tables.render(built, fmt, name) for name in (CSV_TABLES if every else (table,))}
     if session.adopted_run_id:
         # Under `mlflow run -e compare`: the tables and plot are that run's artifacts.
         from . import plots
@@ -58,7 +62,7 @@ def compare(
             figs,
         )
         plots.close(figs)
-    return text
+    return texts
 
 
 def _nothing_matched(session, tables, *, preset, dataset, group) -> None:

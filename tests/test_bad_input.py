@@ -108,6 +108,7 @@ CASES = [
     ("seeds-malformed", ["ensemble", "--seeds", "a-b"], "seeds"),
     ("combine-unknown", ["ensemble", "--seeds", "0,1", "--combine", "vote"], "--combine"),
     ("compare-format", ["compare", "--format", "xml"], "--format"),
+    ("compare-table", ["compare", "--format", "csv", "--table", "sumary"], "table"),
     ("compare-no-experiment", ["compare", "--experiment", "no-such-experiment-xyz"], "experiment"),
     ("study-one-seed", ["reproduce", *SMOKE, "--seeds", "0"], "seeds"),
     ("study-jobs-zero", ["reproduce", *SMOKE, "--jobs", "0"], "--jobs"),

@@ -5,6 +5,7 @@ The records go through ``runs.records_frame``, compare's one input; the path fro
 tracking server through ``record_of`` is tested in tests/test_one_reading.py.
 """
 
+import dataclasses
 import io
 import itertools
 import json
@@ -17,6 +18,7 @@ import pytest
 
 from kd_mlflow import compare, config, schema
 from kd_mlflow import gains as gains_mod
+from kd_mlflow import tables as specs
 from kd_mlflow.runs import RunRecord, records_frame
 
 PRESET, DATASET = "seed-report", "cifar10"
@@ -48,6 +50,7 @@ def _params(preset: str, role: str, **over) -> dict:
 def _record(run_id, role, acc=None, *, status="FINISHED", preset=PRESET, params=None, **fields) -> RunRecord:
     """A run as record_of reads it; ``acc``: (final_val_acc, final_test_acc)."""
     val, test = acc if acc is not None else (None, None)
+    fields.setdefault("group", "g")  # a train run's group: its recipe and split (kd.group)
     return RunRecord(
         run_id=run_id,
         status=status,
@@ -252,18 +255,65 @@ def test_json(study, report):
     assert mine["summary"][1]["test_std"] is None  # NaN -> null
 
 
-def test_csv_is_tidy_one_row_per_run(study):
+def test_csv_runs_table_is_one_row_per_run(study):
+    """``--format csv``: the per-run table, each run with its own columns only."""
     csv = pd.read_csv(io.StringIO(compare.render(list(study.tables.values()), "csv")))
-    assert list(csv.columns) == compare.CSV_COLUMNS
-    mine = csv[(csv["preset"] == PRESET) & (csv["section"] == "seeds")]
+    assert list(csv.columns) == [*specs.RUN_COLUMNS, *specs.GROUP]
+    mine = csv[(csv["preset"] == PRESET) & (csv["table"] == "seeds")]
     assert mine["test_acc"].tolist() == [te for _, te in TRAIN.values()]
     assert mine["run_id"].tolist() == [study.ids.train[s] for s in TRAIN]
-    assert set(csv["section"]) == {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles", "figure1"}
-    sd = csv[(csv["preset"] == PRESET) & (csv["section"] == "self_distillation")]
-    assert sd[["seed", "teacher_seed"]].values.tolist() == [[s, t] for s, (t, _, _) in SD.items()]
-    # Ready to pivot: one value per (section, seed) in a group.
-    wide = csv[csv["preset"] == PRESET].pivot_table(index="seed", columns="section", values="test_acc")
-    assert wide.loc[13, "self_distillation"] == 85.32 and wide.loc[0, "seeds"] == 86.01
+    assert set(csv["table"]) == {"seeds", "ensembles", "kd", "self_distillation", "sd_ensembles"}
+    sd = csv[(csv["preset"] == PRESET) & (csv["table"] == "self_distillation")]
+    assert sd[["seeds", "val_acc", "test_acc"]].values.tolist() == [[str(s), v, te] for s, (_, v, te) in SD.items()]
+    assert csv.loc[csv["run_id"] == study.ids.ensemble, "seeds"].tolist() == ["0,1,2,3,4"]
+    assert not csv.drop(columns="val_acc").isna().any().any()  # (the "other" preset's val is its own)
+
+
+def test_csv_runs_table_lists_a_run_once_however_many_tables_list_it(mixed):
+    """Train runs are every table of their line's baselines: in the per-run CSV, once."""
+    tables = list(mixed.tables.values())
+    listed = [r for t in tables for name in specs.OF_RUNS if name != "alone" for r in getattr(t, name)["run_id"]]
+    assert len(listed) > len(set(listed))  # the fixture lists some runs in several tables
+    csv = pd.read_csv(io.StringIO(compare.render(tables, "csv")))
+    assert sorted(csv["run_id"]) == sorted(set(listed))
+
+
+def test_csv_of_each_table_has_its_columns_and_rows(mixed):
+    """``--table NAME``: one table of every group, with the columns its declaration names
+    (no empty column of another table's) and the JSON's rows."""
+    tables = list(mixed.tables.values())
+    doc = json.loads(compare.render(tables, "json"))
+    assert set(specs.CSV_TABLES) == {specs.RUNS, *doc}
+    for name, spec in specs.SPECS.items():
+        frame = pd.read_csv(io.StringIO(compare.render(tables, "csv", name)), dtype=str, keep_default_na=False)
+        assert list(frame.columns) == [*spec.names, *specs.GROUP], name
+        assert frame["group_id"].tolist() == [r["group_id"] for r in doc[name]], name
+    summary = pd.read_csv(io.StringIO(compare.render(tables, "csv", "summary")))
+    want = [float("nan") if r["test_mean"] is None else r["test_mean"] for r in doc["summary"]]
+    assert summary["test_mean"].tolist() == pytest.approx(want, nan_ok=True)
+    assert summary["run_ids"].iloc[0].split(";") == doc["summary"][0]["run_ids"]
+
+
+def test_one_declaration_drives_markdown_csv_and_json(report, monkeypatch):
+    """A new column is one line in its table's declaration plus its value."""
+    seeds = specs.SPECS["seeds"]
+    wider = dataclasses.replace(seeds, columns=(*seeds.columns, specs.Col("twice", "twice test", ".1f")))
+    monkeypatch.setitem(specs.SPECS, "seeds", wider)
+    t = dataclasses.replace(report, seeds=report.seeds.assign(twice=2 * report.seeds["test_acc"]))
+    md = compare.render([t], "markdown")
+    assert "| seed | validation accuracy | test accuracy | twice test |\n| --- | --- | --- | --- |" in md
+    assert "| 0 | 86.66 | 86.01 | 172.0 |" in md
+    assert pd.read_csv(io.StringIO(compare.render([t], "csv", "seeds")))["twice"].iloc[0] == 172.02
+    assert json.loads(compare.render([t], "json"))["seeds"][0]["twice"] == 172.02
+
+
+def test_an_unknown_table_is_refused_with_the_names_there_are():
+    with pytest.raises(config.ConfigError) as e:
+        specs.check_table("csv", "sumary")
+    assert e.value.name == "table" and "'sumary'" in str(e.value) and "summary, " in str(e.value)
+    with pytest.raises(config.ConfigError):
+        specs.check_table("markdown", "summary")
+    specs.check_table("csv", "runs")
 
 
 def test_figure1_is_the_summary_beside_the_reports_numbers(study, report):
@@ -321,10 +371,11 @@ def test_missing_pieces_render_as_dashes(study):
 def test_hand_made_records_without_optional_fields():
     """No config hash, no val metric, no params: identity decides duplicates."""
     t0 = 1_704_067_200_000
+    common = {"role": "train", "preset": "p", "dataset": "d", "group": "g"}
     recs = [
-        RunRecord("a", role="train", preset="p", dataset="d", seed=0, start_time=t0, final_test_acc=50.0),
-        RunRecord("b", role="train", preset="p", dataset="d", seed=0, start_time=t0 + 1000, final_test_acc=51.0),
-        RunRecord("c", role="train", preset="p", dataset="d", seed=1, start_time=t0, final_test_acc=52.0),
+        RunRecord("a", seed=0, start_time=t0, final_test_acc=50.0, **common),
+        RunRecord("b", seed=0, start_time=t0 + 1000, final_test_acc=51.0, **common),
+        RunRecord("c", seed=1, start_time=t0, final_test_acc=52.0, **common),
     ]
     (tables,) = compare.build_tables(records_frame(recs))
     assert tables.seeds["run_id"].tolist() == ["b", "c"]
@@ -338,7 +389,7 @@ def test_empty_input():
     assert compare.build_tables(records_frame([])) == []
     assert compare.render([], "markdown") == "no finished runs\n"
     assert json.loads(compare.render([], "json"))["seeds"] == []
-    assert compare.render([], "csv").strip() == ",".join(compare.CSV_COLUMNS)
+    assert compare.render([], "csv").strip() == ",".join([*specs.RUN_COLUMNS, *specs.GROUP])
     with pytest.raises(ValueError):
         compare.render([], "html")
 
@@ -516,7 +567,7 @@ def test_mixed_json_rows_carry_label_and_recipe_and_group_filter(mixed):
 
 def test_a_student_without_its_teacher_is_listed_and_counted_in_neither():
     def rec(run_id, role, seed, acc, **fields):
-        return RunRecord(run_id, role=role, preset="p", dataset="d", seed=seed, final_test_acc=acc, **fields)
+        return RunRecord(run_id, role=role, preset="p", dataset="d", group="g", seed=seed, final_test_acc=acc, **fields)
 
     recs = [
         rec("a", "train", 0, 50.0),
@@ -548,11 +599,8 @@ def test_the_accuracy_plot_has_a_panel_for_every_group(mixed):
 
 
 def test_csv_of_several_groups_has_every_group_and_its_gains(mixed):
-    """Several groups in one CSV (a study with a student of another architecture): the
-    second group's gains were matched against the first group's measure rows (Figure 1,
-    calibration), which have no run id, and the CSV failed with a KeyError."""
-    import dataclasses
-
+    """Several groups in one CSV (a study with a student of another architecture): each
+    group's gains are rows of the gains table, under their group."""
     from kd_mlflow import gains
 
     tables = []
@@ -560,12 +608,11 @@ def test_csv_of_several_groups_has_every_group_and_its_gains(mixed):
         run_id = t.seeds["run_id"].iloc[0]
         row = dict.fromkeys(gains.GAIN_COLUMNS, None) | {"gain": "g", "estimate": 1.0 + i, "lo": 0.5, "hi": 2.5}
         tables.append(dataclasses.replace(t, gains=pd.DataFrame([row | {"run_id": run_id, "p_value": float("nan")}])))
-    assert len(tables) > 1 and not tables[0].figure1.empty  # measure rows come first
-    frame = pd.read_csv(io.StringIO(compare.render(tables, "csv")))
-    assert set(frame["group_id"]) == {t.group_id for t in tables}
-    for i, t in enumerate(tables):
-        mine = frame[(frame["group_id"] == t.group_id) & (frame["section"] == "seeds")].set_index("run_id")
-        assert mine.loc[t.seeds["run_id"].iloc[0], "gain"] == pytest.approx(1.0 + i)
+    assert len(tables) > 1
+    frame = pd.read_csv(io.StringIO(compare.render(tables, "csv", "gains")))
+    assert frame["group_id"].tolist() == [t.group_id for t in tables]
+    assert frame["estimate"].tolist() == [1.0 + i for i in range(len(tables))]
+    assert frame["run_id"].tolist() == [t.seeds["run_id"].iloc[0] for t in tables]
 
 
 # --- issue 29: tables a user can trust (several joint sizes, duplicates, sweeps, ...) ---
@@ -612,7 +659,7 @@ def _joint(run_id, seeds, test):
 def _estimates(t):
     """The gains of a table's counted rows (the summary's runs), as its gains table has them."""
     counted = {rid for ids in t.summary["run_ids"] for rid in ids}
-    return gains_mod.estimates(**compare.counted({k: getattr(t, k) for k in gains_mod.ESTIMATED}, counted))
+    return gains_mod.estimates(**gains_mod.counted({k: getattr(t, k) for k in gains_mod.ESTIMATED}, counted))
 
 
 def _labels_repeat(md: str) -> list[str]:

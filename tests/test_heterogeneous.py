@@ -7,6 +7,7 @@ another architecture never joins an SD mean."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -98,7 +99,7 @@ def test_compare_never_puts_another_architecture_in_an_sd_mean(lab):
     md = compare.render(tables, "markdown")
     assert f"### Knowledge distillation (teacher left, student right): {A20} -> {A18}" in md
     assert f"### Self-distillation (teacher left, student right): {A20} -> {A20}" in md
-    doc = compare.table_rows([kd])
+    doc = json.loads(compare.render([kd], "json"))
     assert {r["run_id"]: r["architectures"] for r in doc["kd"]} == {
         ids["kd"]: f"{A20} -> {A18}",
         ids["kd1"]: f"{A20} -> {A18}",

@@ -207,3 +207,19 @@ def test_the_parent_names_the_runs_its_figures_cover(study):
     parent = r["study-smoke-digits-seeds=0-1"]
     covered = parent.data.tags[schema.SUMMARY_RUN_IDS].split(",")
     assert covered == sorted(run.info.run_id for name, run in r.items() if not name.startswith("study-"))
+
+
+def test_compare_csv_is_one_file_per_table_or_the_one_named(study, monkeypatch, tmp_path):
+    """``--format csv --output DIR``: DIR/<table>.csv for every table; ``--table NAME``
+    prints that one alone; with neither, the per-run table (each run once)."""
+    from kd_mlflow import tables
+
+    _compare(study, monkeypatch, "--format", "csv", "--no-intervals", "--output", str(tmp_path / "csv"))
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == sorted(f"{n}.csv" for n in tables.CSV_TABLES)
+    summary = _compare(study, monkeypatch, "--format", "csv", "--no-intervals", "--table", "summary")
+    assert summary == (tmp_path / "csv" / "summary.csv").read_text() + "\n"  # (echo ends the text with a line)
+    per_run = _compare(study, monkeypatch, "--format", "csv", "--no-intervals")
+    assert per_run == (tmp_path / "csv" / "runs.csv").read_text() + "\n"
+    ids = [line.split(",")[0] for line in per_run.splitlines()[1:] if line]
+    named = {r.info.run_id for n, r in study["by_name"].items() if not n.startswith("study-")}
+    assert sorted(ids) == sorted(named)  # every result once; the study's parent is none
