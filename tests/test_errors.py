@@ -722,7 +722,7 @@ def _values(param) -> st.SearchStrategy:
 
     inner = getattr(param.type, "inner", param.type)
     good: list = []
-    if isinstance(inner, click.Choice):
+    if getattr(inner, "choices", ()):
         good = [c for c in inner.choices if c != "ray"]  # a local Ray instance is minutes, not a refusal
     elif getattr(inner, "name", "") in ("integer", "number") or inner in (click.INT, click.FLOAT):
         good = ["0", "1", "3", "0.5"]
