@@ -744,7 +744,7 @@ def _argv(command) -> st.SearchStrategy:
             return flag.map(lambda f: [f])
         return st.tuples(flag, _values(param)).map(list)
 
-    parts = st.lists(st.one_of(*[pick(p) for p in options]), max_size=5)
+    parts = st.lists(st.one_of(*[pick(p) for p in options]), max_size=5) if options else st.just([])  # _step: none
     stray = st.lists(st.sampled_from(["--help", "--nosuch", "extra", "--seed"]), max_size=1)
     return st.tuples(parts, stray).map(lambda x: [command.name] + [a for part in x[0] for a in part] + x[1])
 
