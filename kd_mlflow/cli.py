@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import traceback
@@ -30,22 +29,23 @@ class _Optional(click.ParamType):
         self.name = getattr(inner, "name", "value")
 
     def get_metavar(self, param, ctx=None):
-        if isinstance(self.inner, click.Choice):
-            return "[" + "|".join(self.inner.choices) + "]"
-        return None
+        return self.inner.get_metavar(param, ctx)
 
     def convert(self, value, param, ctx):
         if value is None or value == "":
             return None
-        return self.inner.convert(value, param, ctx) if isinstance(self.inner, click.ParamType) else self.inner(value)
+        return self.inner.convert(value, param, ctx)
 
 
 class _Parsed(click.ParamType):
     """A value read by config's own parser, ``parse(name, text)``: one reading of a value
     whether typed here or logged by a run; its refusal in click's words."""
 
-    def __init__(self, parse, name: str):
-        self.parse, self.name = parse, name
+    def __init__(self, parse, name: str, choices: tuple = ()):
+        self.parse, self.name, self.choices = parse, name, choices
+
+    def get_metavar(self, param, ctx=None):
+        return "[" + "|".join(self.choices) + "]" if self.choices else None
 
     def convert(self, value, param, ctx):
         if not isinstance(value, str):  # already read (a default, or click's second pass)
@@ -56,33 +56,20 @@ class _Parsed(click.ParamType):
             self.fail(f"{value!r} is {e.reason}", param, ctx)
 
 
-def _yes_no():
+def _yes_no() -> _Parsed:
     return _Parsed(config.yes_no, "boolean")
 
 
-class _Number(click.ParamType):
-    """An int or a float with a lower bound, in plain words ("'abc' is not an integer",
-    "-1 is not >= 0"), where click would say "not a valid integer range"."""
+def _number(kind: type = int, min=None, above=None) -> _Parsed:
+    """An int or a float with a bound, in plain words ("'abc' is not an integer")."""
+    return _Parsed(lambda name, text: config.number(name, text, kind, min, above), config.number_word(kind))
 
-    def __init__(self, kind=int, min=None, above=None):
-        self.kind, self.min, self.above = kind, min, above
-        self.name = "integer" if kind is int else "number"
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, self.kind) and not isinstance(value, bool):
-            number = value
-        else:
-            try:
-                number = self.kind(str(value).strip())
-            except ValueError:
-                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.min is not None and not number >= self.min:
-            self.fail(f"{number} is not >= {self.min}", param, ctx)
-        if self.above is not None and not number > self.above:
-            self.fail(f"{number} is not > {self.above}", param, ctx)
-        return number
+def _field(name: str) -> _Parsed:
+    """A recipe field's value, read as the run's logged param is (config.field_value)."""
+    kind = type(getattr(Recipe, name))
+    choices = config.CHOICES.get(name, ()) if name != "model" else ()  # a model may be any wrn-D-K too
+    return _Parsed(lambda _, text: config.field_value(name, text), config.number_word(kind) or name, choices)
 
 
 class _ModelName(click.ParamType):
@@ -96,110 +83,89 @@ class _ModelName(click.ParamType):
         return str(value)
 
 
-class _Model(click.ParamType):
-    """A model registry name: config.MODELS, or any wrn-D-K."""
+def _recipe_options(grid: bool = False):
+    """One --flag per Recipe field, generated from the recipe's field list: every preset
+    value can be overridden; ``grid``: a comma list of values to try instead (tuples,
+    such as --mean, cannot be swept)."""
 
-    name = "model"
+    def add(func):
+        for f in reversed(dataclasses.fields(Recipe)):
+            if grid and isinstance(f.default, tuple):
+                continue
+            text = f"Override the preset's {f.name}."
+            if grid:
+                text = f"Values of {f.name} to try, comma-separated."
+            elif isinstance(f.default, bool):  # and --no-augment, as --augment false
+                dashed = f.name.replace("_", "-")
+                func = click.option(f"--no-{dashed}", f"no_{f.name}", is_flag=True, help=f"Same as --{dashed} false.")(
+                    func
+                )
+                text = text[:-1] + " (true or false)."
+            elif f.name == "model":
+                text = text[:-1] + " (`kd-mlflow models` lists them; any wrn-D-K too)."
+            func = _opt(f.name, click.STRING if grid else _field(f.name), help=text)(func)
+        return func
 
-    def convert(self, value, param, ctx):
-        try:
-            return config.check_model(value)
-        except ConfigError as e:
-            self.fail(f"{value!r} is not a model: {e.reason}", param, ctx)
-
-
-def _recipe_options(func):
-    """One --flag per Recipe field: every preset value can be overridden."""
-    for f in reversed(dataclasses.fields(Recipe)):
-        default = getattr(Recipe, f.name)
-        flags = _spellings(f.name)
-        if isinstance(default, bool):
-            # --augment, --augment false (what `mlflow run -P augment=false` passes) and
-            # --no-augment.
-            dashed = f.name.replace("_", "-")
-            func = click.option(
-                f"--no-{dashed}", f"no_{f.name}", is_flag=True, default=False, help=f"Same as --{dashed} false."
-            )(func)
-            opt = click.option(
-                *flags,
-                f.name,
-                type=_Optional(_yes_no()),
-                is_flag=False,
-                flag_value="true",
-                default=None,
-                help=f"Override the preset's {f.name} (true or false).",
-            )
-        else:
-            inner = (
-                _Model()
-                if f.name == "model"
-                else click.Choice(config.CHOICES[f.name])
-                if f.name in config.CHOICES
-                else _Parsed(config.field_value, "value")
-                if isinstance(default, tuple)
-                else click.INT
-                if isinstance(default, int)
-                else click.FLOAT
-                if isinstance(default, float)
-                else click.STRING
-            )
-            more = " (`kd-mlflow models` lists them; any wrn-D-K too)" if f.name == "model" else ""
-            opt = click.option(
-                *flags, f.name, type=_Optional(inner), default=None, help=f"Override the preset's {f.name}{more}."
-            )
-        func = opt(func)
-    return func
+    return add
 
 
-def _spellings(name: str) -> list[str]:
-    """--batch-size, and --batch_size for MLflow's extra parameters."""
+def _opt(name: str, kind=click.STRING, param: str | None = None, **attrs):
+    """--batch-size (and --batch_size, for MLflow's extra parameters) for the parameter
+    ``name``; "" is not given (None). A yes/no option alone means true: --augment,
+    --augment false (what `mlflow run -P augment=false` passes)."""
     dashed = "--" + name.replace("_", "-")
-    return [dashed] if "_" not in name else [dashed, "--" + name]
+    spellings = [dashed] if "_" not in name else [dashed, "--" + name]
+    if kind.name == "boolean":
+        attrs.update(is_flag=False, flag_value="true")
+    return click.option(*spellings, param or name, type=_Optional(kind), **{"default": None, **attrs})
 
 
-def _overrides(kwargs: dict) -> dict:
+def _all(*options):
+    """Several options as one decorator, in the order --help lists them."""
+
+    def add(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return add
+
+
+def _overrides(kw: dict) -> dict:
     """The recipe fields given on the command line; ``--no-x`` is ``x`` false."""
-    bools = {f.name for f in dataclasses.fields(Recipe) if isinstance(f.default, bool)}
-    out = {k: v for k, v in kwargs.items() if v is not None and not (k.startswith("no_") and k[3:] in bools)}
-    for name in bools:
-        if kwargs.get(f"no_{name}"):
-            if out.get(name) is True:
-                dashed = name.replace("_", "-")
+    out = {}
+    for f in dataclasses.fields(Recipe):
+        if kw.get(f"no_{f.name}"):
+            if kw.get(f.name) is True:
+                dashed = f.name.replace("_", "-")
                 raise click.UsageError(f"--{dashed} and --no-{dashed} contradict each other")
-            out[name] = False
+            out[f.name] = False
+        elif kw.get(f.name) is not None:
+            out[f.name] = kw[f.name]
     return out
 
 
-def _execution_options(func):
-    func = click.option(
-        "--cache-dir",
-        "--cache_dir",
-        "cache_dir",
-        type=_Optional(click.Path(file_okay=False)),
-        default=None,
-        help="Decoded datasets and checkpoints [~/.cache/kd-mlflow or $KD_MLFLOW_CACHE].",
-    )(func)
-    func = click.option("--force", is_flag=True, help="Train anew even if a FINISHED run exists.")(func)
-    func = click.option("--deterministic", is_flag=True, help="No cudnn autotuning; deterministic kernels.")(func)
-    func = click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")(func)
-    func = click.option(
+# How a command runs, never what it computes: one entry per field of steps.Execution,
+# by its name (a command reads them back in _execution).
+_execution_options = _all(
+    click.option(
         "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
-    )(func)
-    return func
+    ),
+    click.option("--compile", "compile", is_flag=True, help="torch.compile the model."),
+    click.option("--deterministic", is_flag=True, help="No cudnn autotuning; deterministic kernels."),
+    click.option("--force", is_flag=True, help="Train anew even if a FINISHED run exists."),
+    _opt(
+        "cache_dir",
+        click.Path(file_okay=False, path_type=Path),
+        help="Decoded datasets and checkpoints [~/.cache/kd-mlflow or $KD_MLFLOW_CACHE].",
+    ),
+)
 
 
-def _step_options(func):
-    """Hidden options a study uses when it runs a step as a process."""
-    func = click.option(
-        "--outcome-json", is_flag=True, hidden=True, help="Print the outcome as JSON instead of the run id."
-    )(func)
-    return click.option(
-        "--parent-run",
-        type=_Optional(click.STRING),
-        default=None,
-        hidden=True,
-        help="Nest the run under this study run.",
-    )(func)
+def _execution(kw: dict):
+    from .steps import Execution
+
+    return Execution(**{f.name: kw[f.name] for f in dataclasses.fields(Execution)})
 
 
 def _network(func):
@@ -209,21 +175,15 @@ def _network(func):
         waits.set_timeout(value)
         waits.timeout()  # a bad $KD_MLFLOW_NETWORK_TIMEOUT is refused here, before any wait
 
-    return click.option(
-        "--network-timeout",
-        "--network_timeout",
-        type=_Optional(_Number(float, above=0)),
-        default=None,
+    return _opt(
+        "network_timeout",
+        _number(float, above=0),
         expose_value=False,
         callback=check,
         metavar="SECONDS",
         help=f"How long a wait on the network (the tracking server, a download) may last before it gives up "
         f"[${waits.ENV}, else {waits.DEFAULT_TIMEOUT:g}].",
     )(func)
-
-
-def _emit(out, as_json: bool) -> None:
-    click.echo(out.to_json() if as_json else out.run_id)
 
 
 _register = click.option(
@@ -240,88 +200,55 @@ _preset = click.option(
 )
 
 
-def _executor_options(func):
-    """Where a wave's steps run: --jobs N processes, --executor ray, or --pack."""
-    func = click.option(
-        "--pack",
-        is_flag=True,
-        help="Train the seeds, and the SD students, of a wave side by side as "
-        "one packed network (in this process; pays off on a GPU).",
-    )(func)
-    func = click.option(
-        "--ray-local-gpus",
-        "ray_local_gpus",
-        type=_Optional(_Number(int, min=0)),
-        default=None,
-        hidden=True,
-        help="GPUs to declare on a local Ray instance (tests scheduling without GPUs).",
-    )(func)
-    func = click.option(
-        "--gpus-per-run",
-        "--gpus_per_run",
-        "gpus_per_run",
-        type=_Optional(_Number(float, min=0)),
-        default=None,
-        help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0].",
-    )(func)
-    func = click.option(
-        "--ray-address",
-        "--ray_address",
-        "ray_address",
-        type=_Optional(click.STRING),
-        default=None,
-        help="An existing Ray cluster [a local instance].",
-    )(func)
-    func = click.option(
+# Where a wave's steps run: --jobs N processes, --executor ray, or --pack (read in _executor).
+_executor_options = _all(
+    click.option(
+        "--jobs",
+        type=_number(min=1),
+        default=1,
+        show_default=True,
+        help="Independent steps run concurrently, as separate processes (local executor).",
+    ),
+    click.option(
         "--executor",
         type=click.Choice(config.EXECUTORS),
         default="local",
         show_default=True,
         help="ray: each step is a Ray task (pip install 'kd-mlflow[ray]').",
-    )(func)
-    func = click.option(
-        "--jobs",
-        type=_Number(int, min=1),
-        default=1,
-        show_default=True,
-        help="Independent steps run concurrently, as separate processes (local executor).",
-    )(func)
-    return func
+    ),
+    _opt("ray_address", help="An existing Ray cluster [a local instance]."),
+    _opt(
+        "gpus_per_run", _number(float, min=0), help="GPUs each Ray task asks for [1 if the cluster has GPUs, else 0]."
+    ),
+    _opt("ray_local_gpus", _number(min=0), hidden=True, help="GPUs a local Ray instance declares (tests scheduling)."),
+    click.option(
+        "--pack",
+        is_flag=True,
+        help="Train the seeds, and the SD students, of a wave side by side as "
+        "one packed network (in this process; pays off on a GPU).",
+    ),
+)
 
 
-def _executor(jobs: int, executor: str, ray_address, gpus_per_run, ray_local_gpus, pack: bool):
+def _executor(kw: dict):
     from . import executors
 
-    if pack and (jobs > 1 or executor != "local"):
+    jobs, pack = kw["jobs"], kw["pack"]
+    if pack and (jobs > 1 or kw["executor"] != "local"):
         raise ConfigError(
             "pack", "--jobs/--executor", "a packed wave runs in this process: drop --jobs and --executor, or --pack"
         )
     runner: executors.Executor
-    if executor == "ray":
-        runner = executors.Ray(ray_address, gpus_per_run, ray_local_gpus)
+    if kw["executor"] == "ray":
+        runner = executors.Ray(kw["ray_address"], kw["gpus_per_run"], kw["ray_local_gpus"])
     else:
         runner = executors.InProcess() if jobs == 1 else executors.Processes(jobs)
     return executors.PackedWaves(runner) if pack else runner
 
 
-def _execution(device, compile_, deterministic, force, cache_dir):
-    from .steps import Execution
-
-    return Execution(device, compile_, deterministic, force, Path(cache_dir) if cache_dir else None)
-
-
-_experiment = click.option(
-    "--experiment",
-    type=_Optional(click.STRING),
-    default=None,
-    help="Experiment name [$MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID, or mysteries].",
-)
-_data_dir = click.option(
-    "--data-dir",
-    "--data_dir",
+_experiment = _opt("experiment", help="Experiment name [$MLFLOW_EXPERIMENT_NAME, $MLFLOW_EXPERIMENT_ID, or mysteries].")
+_data_dir = _opt(
     "data_dir",
-    type=_Optional(click.STRING),
-    default=None,
     help="cifar*: torchvision root (downloaded if missing); folder: an ImageFolder "
     "tree with train/ and test/, or a .tar.gz of one.",
 )
@@ -364,7 +291,8 @@ def _end(e: BaseException) -> int:
     ctx = getattr(e, "ctx", None)
     if isinstance(e, click.exceptions.NoArgsIsHelpError) and isinstance(ctx, click.Context):
         click.echo(ctx.get_help())  # the help on stdout; the one line says what is missing
-        code, line = errors.USER, f"error: give a command: {', '.join(main.list_commands(ctx))}"
+        names = [n for n in main.list_commands(ctx) if not main.commands[n].hidden]
+        code, line = errors.USER, f"error: give a command: {', '.join(names)}"
     elif isinstance(e, click.UsageError):
         code, line = errors.USER, f"error: {one_line(e.format_message())}"
     else:
@@ -418,13 +346,8 @@ def main():
 
 @main.command()
 @_network
-@click.option("--seed", type=_Optional(_Number(int, min=0)), default=None, help="Model seed: the initialisation only.")
-@click.option(
-    "--seeds",
-    type=_Optional(click.STRING),
-    default=None,
-    help="Several seeds (e.g. 0-4), one run each, instead of --seed.",
-)
+@_opt("seed", _number(min=0), help="Model seed: the initialisation only.")
+@_opt("seeds", help="Several seeds (e.g. 0-4), one run each, instead of --seed.")
 @click.option(
     "--pack",
     is_flag=True,
@@ -434,26 +357,9 @@ def main():
 @_data_dir
 @_experiment
 @_register
-@_recipe_options
+@_recipe_options()
 @_execution_options
-@_step_options
-def train(
-    seed,
-    seeds,
-    pack,
-    preset,
-    data_dir,
-    experiment,
-    register,
-    device,
-    compile_,
-    deterministic,
-    force,
-    cache_dir,
-    parent_run,
-    outcome_json,
-    **kw,
-):
+def train(seed, seeds, pack, preset, data_dir, experiment, register, **kw):
     """Train one model and log one MLflow run; prints its run id (one per line with --seeds)."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     if (seed is None) == (seeds is None):
@@ -465,11 +371,10 @@ def train(
 
     tracking.check_write_access(experiment)  # refused here: before any data or training
 
-    recipe = train.plan_run(recipe, preset, device)
-    ex = _execution(device, compile_, deterministic, force, cache_dir)
-    where = {"data_dir": data_dir, "experiment": experiment, "ex": ex, "parent_run_id": parent_run}
+    recipe = train.plan_run(recipe, preset, kw["device"])
+    where = {"data_dir": data_dir, "experiment": experiment, "ex": _execution(kw)}
     if wanted is None:
-        _emit(steps.train(seed, recipe, preset, register=register, **where), outcome_json)
+        click.echo(steps.train(seed, recipe, preset, register=register, **where).run_id)
         return
     if register:
         raise ConfigError("register", register, "register one run at a time (--seed)")
@@ -479,41 +384,20 @@ def train(
         else [steps.train(s, recipe, preset, **where) for s in wanted]
     )
     for out in outs:
-        _emit(out, outcome_json)
+        click.echo(out.run_id)
 
 
 @main.command()
 @_network
 @click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
-@click.option("--seed", type=_Number(int, min=0), required=True, help="The student's model seed.")
-@click.option(
-    "--preset",
-    type=_Optional(click.Choice(config.CHOICES["preset"])),
-    default=None,
-    help="The student's preset [the teacher's].",
-)
+@click.option("--seed", type=_number(min=0), required=True, help="The student's model seed.")
+@_opt("preset", click.Choice(config.CHOICES["preset"]), help="The student's preset [the teacher's].")
 @_data_dir
 @_experiment
 @_register
-@_recipe_options
+@_recipe_options()
 @_execution_options
-@_step_options
-def distill(
-    teacher,
-    seed,
-    preset,
-    data_dir,
-    experiment,
-    register,
-    device,
-    compile_,
-    deterministic,
-    force,
-    cache_dir,
-    parent_run,
-    outcome_json,
-    **kw,
-):
+def distill(teacher, seed, preset, data_dir, experiment, register, **kw):
     """Train a student on a teacher's probabilities (SD if the teacher is one network of
     the student's architecture, KD otherwise: an ensemble, or --model another); prints
     its run id."""
@@ -530,31 +414,18 @@ def distill(
         overrides=overrides,
         data_dir=data_dir,
         experiment=experiment,
-        ex=_execution(device, compile_, deterministic, force, cache_dir),
-        parent_run_id=parent_run,
+        ex=_execution(kw),
         register=register,
     )
-    _emit(out, outcome_json)
+    click.echo(out.run_id)
 
 
 @main.command()
 @_network
-@click.option("--members", type=_Optional(click.STRING), default=None, help="Comma-separated run ids.")
-@click.option(
-    "--seeds",
-    type=_Optional(click.STRING),
-    default=None,
-    help="Seeds of FINISHED train runs (e.g. 0-4 or 0,1,2), instead of --members.",
-)
-@click.option(
-    "--preset",
-    type=_Optional(click.Choice(config.CHOICES["preset"])),
-    default=None,
-    help="With --seeds: the members' preset.",
-)
-@click.option(
-    "--dataset", type=_Optional(click.Choice(config.DATASETS)), default=None, help="With --seeds: the members' dataset."
-)
+@_opt("members", help="Comma-separated run ids.")
+@_opt("seeds", help="Seeds of FINISHED train runs (e.g. 0-4 or 0,1,2), instead of --members.")
+@_opt("preset", click.Choice(config.CHOICES["preset"]), help="With --seeds: the members' preset.")
+@_opt("dataset", click.Choice(config.DATASETS), help="With --seeds: the members' dataset.")
 @click.option(
     "--combine",
     type=click.Choice(config.COMBINES),
@@ -562,37 +433,16 @@ def distill(
     show_default=True,
     help="Average probabilities (the report) or logits.",
 )
-@click.option(
-    "--allow-mixed",
-    "--allow_mixed",
+@_opt(
     "allow_mixed",
-    type=_yes_no(),
-    is_flag=False,
-    flag_value="true",
-    default="false",
+    _yes_no(),
+    default=False,
     help="Allow members of different recipes (the ensemble is then shown apart, in no group's mean).",
 )
 @_data_dir
 @_experiment
 @_execution_options
-@_step_options
-def ensemble(
-    members,
-    seeds,
-    preset,
-    dataset,
-    combine,
-    allow_mixed,
-    data_dir,
-    experiment,
-    device,
-    compile_,
-    deterministic,
-    force,
-    cache_dir,
-    parent_run,
-    outcome_json,
-):
+def ensemble(members, seeds, preset, dataset, combine, allow_mixed, data_dir, experiment, **kw):
     """Evaluate an ensemble of finished runs and log it as a run; prints its run id."""
     if bool(members) == bool(seeds):
         raise ConfigError("members", members or "", "give exactly one of --members and --seeds")
@@ -605,17 +455,9 @@ def ensemble(
     tracking.check_write_access(experiment)  # refused here: before any data or training
     session = tracking.connect(experiment)
     ids = ids or steps.members_for_seeds(wanted or [], preset, dataset, session=session)
-    out = steps.ensemble(
-        ids,
-        combine=combine,
-        data_dir=data_dir,
-        experiment=experiment,
-        ex=_execution(device, compile_, deterministic, force, cache_dir),
-        parent_run_id=parent_run,
-        session=session,
-        allow_mixed=allow_mixed,
-    )
-    _emit(out, outcome_json)
+    where = {"data_dir": data_dir, "experiment": experiment, "session": session}
+    out = steps.ensemble(ids, combine=combine, ex=_execution(kw), allow_mixed=bool(allow_mixed), **where)
+    click.echo(out.run_id)
 
 
 @main.command()
@@ -624,23 +466,9 @@ def ensemble(
 @_preset
 @_data_dir
 @_experiment
-@_recipe_options
+@_recipe_options()
 @_execution_options
-@_step_options
-def joint(
-    seeds,
-    preset,
-    data_dir,
-    experiment,
-    device,
-    compile_,
-    deterministic,
-    force,
-    cache_dir,
-    parent_run,
-    outcome_json,
-    **kw,
-):
+def joint(seeds, preset, data_dir, experiment, **kw):
     """Train the seeds' networks as one model whose logits are the mean of theirs (each
     initialised as its train run's, cross-entropy on the mean: Allen-Zhu and Li's
     "training the average directly"); logs one run, prints its run id."""
@@ -649,16 +477,21 @@ def joint(
     from . import steps, tracking, train
 
     tracking.check_write_access(experiment)  # refused here: before any data or training
-    out = steps.joint(
-        wanted,
-        train.plan_run(recipe, preset, device),
-        preset,
-        data_dir=data_dir,
-        experiment=experiment,
-        ex=_execution(device, compile_, deterministic, force, cache_dir),
-        parent_run_id=parent_run,
-    )
-    _emit(out, outcome_json)
+    recipe = train.plan_run(recipe, preset, kw["device"])
+    out = steps.joint(wanted, recipe, preset, data_dir=data_dir, experiment=experiment, ex=_execution(kw))
+    click.echo(out.run_id)
+
+
+@main.command("_step", hidden=True)
+@click.argument("job")
+def step(job):
+    """Run a study's step, serialised as JSON (kd_mlflow.study.Context.to_json), as a
+    process or a Ray task does; prints each outcome as JSON."""
+    from . import study
+
+    items, ctx = study.Context.from_json(job)
+    for out in ctx.run(items):
+        click.echo(out.to_json())
 
 
 @main.command()
@@ -750,7 +583,7 @@ def _check_writable(option: str, path: Path) -> None:
     "--student-seed-offset",
     "--student_seed_offset",
     "offset",
-    type=_Number(int, min=1),
+    type=_number(min=1),
     default=10,
     show_default=True,
     help="SD student of seed i has seed i + offset.",
@@ -766,40 +599,29 @@ def _check_writable(option: str, path: Path) -> None:
     "[the preset's: 42 for seed-report, else 100].",
 )
 @_executor_options
-@click.option(
-    "--register-as",
-    "--register_as",
+@_opt(
     "register_as",
-    type=_Optional(_ModelName()),
-    default=None,
+    _ModelName(),
     metavar="NAME",
     help="Register the KD student as NAME, alias champion [the experiment's name + -kd-student].",
 )
 @click.option("--no-register", is_flag=True, help="Do not register the KD student.")
-@click.option(
-    "--joint",
+@_opt(
+    "joint",
+    _yes_no(),
     "joint_step",
-    type=_yes_no(),
-    is_flag=False,
-    flag_value="true",
-    default="false",
+    default=False,
     help="Also train the seeds' networks as one averaged model (kd-mlflow joint): a step more.",
 )
-@click.option(
-    "--student-model",
-    "--student_model",
+@_opt(
     "student_model",
-    type=_Optional(_Model()),
-    default=None,
+    _field("model"),
     help="The KD student's architecture (only it) [the preset's: resnet20 for kd-pairs, "
     "resnet8 for cpu-pairs; else the teachers'], at its published width unless --student-width.",
 )
-@click.option(
-    "--student-width",
-    "--student_width",
+@_opt(
     "student_width",
-    type=_Optional(_Number(int, min=1)),
-    default=None,
+    _number(min=1),
     help="The KD student's width in 64ths of its published channels (64 = as published) "
     "[64 with --student-model; else the teachers'].",
 )
@@ -814,33 +636,10 @@ def _check_writable(option: str, path: Path) -> None:
 )
 @_data_dir
 @_experiment
-@_recipe_options
+@_recipe_options()
 @_execution_options
 def reproduce(
-    preset,
-    seeds,
-    offset,
-    kd_seeds,
-    jobs,
-    executor,
-    ray_address,
-    gpus_per_run,
-    ray_local_gpus,
-    register_as,
-    no_register,
-    joint_step,
-    student_model,
-    student_width,
-    sweep_kd,
-    pack,
-    data_dir,
-    experiment,
-    device,
-    compile_,
-    deterministic,
-    force,
-    cache_dir,
-    **kw,
+    preset, seeds, offset, kd_seeds, register_as, no_register, joint_step, sweep_kd, data_dir, experiment, **kw
 ):
     """Run the whole study (seeds, ensemble, KD, SD, SD ensemble; with --joint the joint
     model too) and print its tables.
@@ -853,26 +652,12 @@ def reproduce(
 
     tracking.check_write_access(experiment)  # refused here: before any data or training
 
-    plan = study.Plan(
-        preset,
-        train.plan_run(recipe, preset, device),
-        overrides,
-        config.parse_seeds(seeds),
-        offset,
-        tuple(kd_seeds),
-        data_dir,
-        student_model=student_model,
-        student_width=student_width,
-        sweep_kd=grid,
-        joint=joint_step,
-    )
-    runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
+    recipe, seeds, kd_seeds = train.plan_run(recipe, preset, kw["device"]), config.parse_seeds(seeds), tuple(kd_seeds)
+    more = {"student_model": kw["student_model"], "student_width": kw["student_width"], "joint": bool(joint_step)}
+    plan = study.Plan(preset, recipe, overrides, seeds, offset, kd_seeds, data_dir, sweep_kd=grid, **more)
+    register = None if no_register else (register_as or study.DEFAULT_REGISTRY)
     result = study.reproduce(
-        plan,
-        experiment=experiment,
-        ex=_execution(device, compile_, deterministic, force, cache_dir),
-        executor=runner,
-        register_as=None if no_register else (register_as or study.DEFAULT_REGISTRY),
+        plan, experiment=experiment, ex=_execution(kw), executor=_executor(kw), register_as=register
     )
     click.echo(result.tables)
     click.echo(
@@ -902,8 +687,8 @@ def _sweep_kd_grid(given: tuple):
 
 @main.command()
 @click.option("--format", "fmt", type=click.Choice(config.MODEL_FORMATS), default="table", show_default=True)
-@click.option("--width", type=click.IntRange(min=1), default=64, show_default=True, help="64 = as published.")
-@click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--width", type=_number(min=1), default=64, show_default=True, help="64 = as published.")
+@click.option("--classes", type=_number(min=1), default=10, show_default=True)
 @click.argument("names", nargs=-1)
 def models(fmt, width, classes, names):
     """List the model registry: each network's parameters and forward GFLOPs for one
@@ -933,21 +718,6 @@ def _check_run_id(option: str, run_id: str) -> None:
         raise ConfigError(option, run_id, "not an MLflow run id (32 hex digits)")
 
 
-def _grid_options(func):
-    """Every recipe field as a comma list of values (tuples, such as --mean, cannot be swept)."""
-    for f in reversed(dataclasses.fields(Recipe)):
-        if isinstance(getattr(Recipe, f.name), tuple):
-            continue
-        func = click.option(
-            *_spellings(f.name),
-            f.name,
-            type=_Optional(click.STRING),
-            default=None,
-            help=f"Values of {f.name} to try, comma-separated.",
-        )(func)
-    return func
-
-
 @main.command()
 @click.option("--teacher", required=True, help="Run id of the teacher: an ensemble run (KD) or a train run (SD).")
 @click.option("--seeds", default="100", show_default=True, help="Student seeds of every setting, e.g. 100-102.")
@@ -966,12 +736,12 @@ def _grid_options(func):
     help="grid: every combination of the lists; optuna: --trials settings asked of Optuna's TPE sampler, "
     "over ranges lo:hi (or lo:hi:log) and lists (needs the extra: pip install 'kd-mlflow[optuna]').",
 )
-@click.option("--trials", type=_Optional(_Number(int, min=1)), default=None, help="Settings an optuna search tries.")
+@_opt("trials", _number(min=1), help="Settings an optuna search tries.")
 @click.option(
     "--search-seed",
     "--search_seed",
     "search_seed",
-    type=_Number(int, min=0),
+    type=_number(min=0),
     default=0,
     show_default=True,
     help="Seed of the optuna search's sampler.",
@@ -979,30 +749,9 @@ def _grid_options(func):
 @_executor_options
 @_data_dir
 @_experiment
-@_grid_options
+@_recipe_options(grid=True)
 @_execution_options
-def sweep(
-    teacher,
-    seeds,
-    show_test,
-    search,
-    trials,
-    search_seed,
-    jobs,
-    executor,
-    ray_address,
-    gpus_per_run,
-    ray_local_gpus,
-    pack,
-    data_dir,
-    experiment,
-    device,
-    compile_,
-    deterministic,
-    force,
-    cache_dir,
-    **lists,
-):
+def sweep(teacher, seeds, show_test, search, trials, search_seed, data_dir, experiment, **kw):
     """Students of one teacher over a grid of settings, as runs nested under one sweep
     run; the setting of best mean validation accuracy is chosen and only its test
     accuracy reported. A search (--search optuna --trials N --temperature 1:8 --alpha
@@ -1011,7 +760,7 @@ def sweep(
     from . import sweep as sweep_mod
 
     optuna = search == "optuna"
-    lists = {k: v for k, v in lists.items() if v is not None}
+    lists = {f.name: kw[f.name] for f in dataclasses.fields(Recipe) if kw.get(f.name) is not None}
     grid = sweep_mod.parse_grid(lists, ranges=optuna)  # refused here, before imports
     if optuna != (trials is not None):
         raise ConfigError("trials", trials or "", "give --trials N with --search optuna, and only with it")
@@ -1021,19 +770,7 @@ def sweep(
     from . import tracking
 
     tracking.check_write_access(experiment)  # refused here: before any data or training
-    plan = sweep_mod.SweepPlan(
-        teacher,
-        config.parse_seeds(seeds),
-        grid,
-        data_dir=data_dir,
-        search=sweep_mod.Search(trials, search_seed) if optuna else None,
-    )
-    runner = _executor(jobs, executor, ray_address, gpus_per_run, ray_local_gpus, pack)
-    text, _ = sweep_mod.run(
-        plan,
-        experiment=experiment,
-        ex=_execution(device, compile_, deterministic, force, cache_dir),
-        executor=runner,
-        show_test=show_test,
-    )
+    search = sweep_mod.Search(trials, search_seed) if optuna else None
+    plan = sweep_mod.SweepPlan(teacher, config.parse_seeds(seeds), grid, data_dir=data_dir, search=search)
+    text, _ = sweep_mod.run(plan, experiment=experiment, ex=_execution(kw), executor=_executor(kw), show_test=show_test)
     click.echo(text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields
@@ -130,7 +131,7 @@ def _check(name, value, ok, reason):
 
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ConfigError(name, value, f"choose from {', '.join(choices)}")
+        raise ConfigError(name, value, f"not one of {', '.join(choices)}")
 
 
 def check_model(name) -> str:
@@ -138,7 +139,9 @@ def check_model(name) -> str:
     wrn = WRN_NAME.fullmatch(name) if isinstance(name, str) else None
     if name in MODELS or (wrn and int(wrn[1]) % 6 == 4 and int(wrn[1]) >= 10 and int(wrn[2]) >= 1):
         return name
-    raise ConfigError("model", name, f"choose from {', '.join(MODELS)}, or wrn-D-K with D = 6n + 4 (n >= 1), K >= 1")
+    raise ConfigError(
+        "model", name, f"not a model: choose from {', '.join(MODELS)}, or wrn-D-K with D = 6n + 4 (n >= 1), K >= 1"
+    )
 
 
 # A recipe's width that builds each model as published (its channels x 64/64): the
@@ -577,16 +580,40 @@ def yes_no(name: str, text) -> bool:
 
 def field_value(name: str, text: str):
     """One recipe field from its logged text, as kd-mlflow wrote it ("True", "0.001") or as
-    `mlflow run -P` typed it ("true", "1e-3"). The CLI reads typed flags and tuples here."""
+    `mlflow run -P` typed it ("true", "1e-3"). The CLI reads every recipe field here."""
     default = getattr(Recipe, name)
     if isinstance(default, bool):  # before int: a bool is an int
         return yes_no(name, text)
     if isinstance(default, tuple):
         return numbers(name, text)
+    if isinstance(default, (int, float)):
+        return number(name, text, type(default))
+    if name == "model":
+        return check_model(text)
+    if name in CHOICES:
+        _check_choice(name, text, CHOICES[name])
+    return text
+
+
+def number_word(kind: type) -> str:
+    """How a value of ``kind`` is named: "integer", "number", "boolean" ("" for text)."""
+    return {bool: "boolean", int: "integer", float: "number"}.get(kind, "")
+
+
+def number(name: str, text, kind: type = int, min=None, above=None):
+    """An int or a float, finite, with an optional bound, refused in plain words ("not an
+    integer", "not >= 0")."""
     try:
-        return type(default)(text)
+        value = kind(str(text).strip())
     except ValueError:
-        raise ConfigError(name, text, f"not a {type(default).__name__}") from None
+        raise ConfigError(name, text, f"not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise ConfigError(name, text, "not a finite number")
+    if min is not None and not value >= min:
+        raise ConfigError(name, text, f"not >= {min}")
+    if above is not None and not value > above:
+        raise ConfigError(name, text, f"not > {above}")
+    return value
 
 
 def numbers(name: str, text: str) -> tuple:

@@ -4,9 +4,10 @@ processes, or as Ray tasks.
 Every executor implements :class:`Executor`: ``run_wave(steps, ctx, progress)`` runs one
 wave of independent steps and returns their outcomes in order; ``close()`` releases what
 it started. The study never asks which executor it holds. An executor only chooses
-where; what a step is, its run name and its command line belong to the step
-(:mod:`kd_mlflow.study`). A step run as a process is the same `kd-mlflow` command a user
-would type, and hands its outcome back as JSON on stdout.
+where; what a step is, its run name and how it runs belong to the step
+(:mod:`kd_mlflow.study`). A step run here goes through ``ctx.run``; as a process (or a
+Ray task), the same step serialised once (``ctx.to_json``) is run by the one internal
+command, `kd-mlflow _step`, which hands its outcome back as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -36,17 +37,7 @@ class InProcess:
     """One step at a time in this process (no start-up cost per step)."""
 
     def run_wave(self, items, ctx, progress) -> list[Outcome]:
-        outcomes = []
-        for step in items:
-            progress.starting(step)
-            t0 = time.monotonic()
-            try:
-                out = step.run_here(ctx)
-            except ConfigError as e:
-                raise StepFailed(step.name, str(e), USER) from None
-            progress.finished(step, out, time.monotonic() - t0)
-            outcomes.append(out)
-        return outcomes
+        return [out for step in items for out in _here([step], ctx, progress)]
 
     def close(self) -> None:
         pass
@@ -64,26 +55,35 @@ class PackedWaves:
         kind = type(items[0])
         if len(items) < 2 or any(type(s) is not kind for s in items) or not hasattr(kind, "run_packed"):
             return self.inner.run_wave(items, ctx, progress)
-        for step in items:
-            progress.starting(step)
-        t0 = time.monotonic()
-        try:
-            outs = kind.run_packed(items, ctx)
-        except ConfigError as e:
-            raise StepFailed(",".join(s.name for s in items), str(e), USER) from None
-        for step, out in zip(items, outs, strict=True):
-            progress.finished(step, out, (time.monotonic() - t0) / len(items))
-        return outs
+        return _here(items, ctx, progress)
 
     def close(self) -> None:
         self.inner.close()
 
 
+def _here(items, ctx, progress) -> list[Outcome]:
+    """Steps run in this process (``ctx.run``): one, or a wave packed."""
+    for step in items:
+        progress.starting(step)
+    t0 = time.monotonic()
+    try:
+        outs = ctx.run(items)
+    except ConfigError as e:
+        raise StepFailed(",".join(s.name for s in items), str(e), USER) from None
+    return _ended(items, outs, progress, (time.monotonic() - t0) / len(items))
+
+
+def _ended(items, outcomes: list[Outcome], progress, seconds: float) -> list[Outcome]:
+    for step, out in zip(items, outcomes, strict=True):
+        progress.finished(step, out, seconds)
+    return outcomes
+
+
 class Processes:
-    """Independent steps as concurrent `kd-mlflow` processes, with the same seeds, split,
-    batch order and thread count as in-process, so results do not depend on --jobs.
-    (On a CPU, float results depend on the number of intra-op threads; it is recorded
-    as the tag kd.threads.)"""
+    """Independent steps as concurrent `kd-mlflow _step` processes, with the same seeds,
+    split, batch order and thread count as in-process, so results do not depend on
+    --jobs. (On a CPU, float results depend on the number of intra-op threads; it is
+    recorded as the tag kd.threads.)"""
 
     def __init__(self, jobs: int):
         if jobs < 1:
@@ -97,9 +97,7 @@ class Processes:
         with ThreadPoolExecutor(self.jobs) as pool:
             results = list(pool.map(lambda step: run_step_process(*command(step, ctx)), items))
         outcomes = [outcome(step.name, *res) for step, res in zip(items, results, strict=True)]
-        for step, out in zip(items, outcomes, strict=True):
-            progress.finished(step, out, (time.monotonic() - t0) * self.jobs / len(items))
-        return outcomes
+        return _ended(items, outcomes, progress, (time.monotonic() - t0) * self.jobs / len(items))
 
     def close(self) -> None:
         pass
@@ -154,9 +152,7 @@ class Ray:
         results = self.ray.get(refs)
         self._check_priority(max(r[3] for r in results))
         outcomes = [outcome(step.name, *res[:3]) for step, res in zip(items, results, strict=True)]
-        for step, out in zip(items, outcomes, strict=True):
-            progress.finished(step, out, time.monotonic() - t0)
-        return outcomes
+        return _ended(items, outcomes, progress, time.monotonic() - t0)
 
     def _check_priority(self, task_nice: int) -> None:
         mine = os.nice(0)
@@ -222,10 +218,10 @@ def _ray_step(argv, env):
 
 
 def command(step, ctx) -> tuple[list[str], dict]:
-    """The step's `kd-mlflow` command line, and the environment it runs in."""
+    """The step as a `kd-mlflow _step` command line, and the environment it runs in."""
     import torch
 
-    argv = [sys.executable, "-m", "kd_mlflow", *step.argv(ctx)]
+    argv = [sys.executable, "-m", "kd_mlflow", "_step", ctx.to_json([step])]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
     env["MLFLOW_EXPERIMENT_ID"] = ctx.session.experiment_id
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()

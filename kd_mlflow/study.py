@@ -4,18 +4,22 @@ Waves: the seeds; their ensemble; the KD students of the ensemble (one per KD se
 the SD students (teacher seed i -> student seed i + offset); the ensemble of the SD
 students; with a KD student of another architecture, that architecture trained alone on
 the teachers' seeds; with ``joint``, the seeds' networks trained as one averaged model; then the
-tables, summary metrics and plots, logged on the parent. Each step knows its run name,
-how to run in this process and its command line; an executor
-(:mod:`kd_mlflow.executors`) only chooses where it runs. Every step goes through the
-same idempotent functions as the single commands, so a rerun after an interruption
-does only what is missing and a rerun after success trains nothing.
+tables, summary metrics and plots, logged on the parent. Each step knows its run name
+and how to run in this process; serialised once (:meth:`Context.to_json`), it runs the
+same in `kd-mlflow _step`, and an executor (:mod:`kd_mlflow.executors`) only chooses
+where it runs. Every step goes through the same idempotent functions as the single
+commands, so a rerun after an interruption does only what is missing and a rerun after
+success trains nothing.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Protocol
 
 from . import executors, schema, steps, tracking, view
@@ -29,6 +33,7 @@ from .config import (
     cpu_precision,
     group_label,
     parse_seeds,
+    resolve,
     study_student_model,
 )
 from .config import preset as preset_recipe
@@ -140,7 +145,8 @@ class Plan:
 
 
 class StepPlan(Protocol):
-    """What the steps read of a plan: a study's :class:`Plan`, or a sweep's."""
+    """What the steps read of a plan: a study's :class:`Plan`, a sweep's, or a step
+    process's :class:`_Given`."""
 
     @property
     def preset(self) -> str: ...
@@ -154,46 +160,80 @@ class StepPlan(Protocol):
 
 @dataclass(frozen=True)
 class Context:
-    """What a step needs wherever it runs."""
+    """What a step needs wherever it runs. The steps of a wave run here (:meth:`run`), or
+    serialised (:meth:`to_json`) as `kd-mlflow _step` does, as a process or a Ray task:
+    one entry, so a step runs the same wherever the executor puts it."""
 
     plan: StepPlan
     ex: steps.Execution
-    parent: str
+    parent: str | None  # the study's (sweep's) run
     session: object = None  # in-process steps only
 
     def where(self) -> dict:
         """The keyword arguments every in-process step passes to :mod:`kd_mlflow.steps`."""
         return {"data_dir": self.plan.data_dir, "ex": self.ex, "parent_run_id": self.parent, "session": self.session}
 
+    def recipe(self) -> Recipe:
+        """The training recipe: a study's (a sweep trains only students)."""
+        recipe = getattr(self.plan, "recipe", None)
+        assert isinstance(recipe, Recipe), "a train step outside a study"
+        return recipe
+
+    def run(self, items: list) -> list[Outcome]:
+        """The steps, in this process: one, or a wave of one kind packed side by side."""
+        return type(items[0]).run_packed(items, self) if len(items) > 1 else [items[0].run_here(self)]
+
+    def to_json(self, items: list) -> str:
+        """The steps and all they need, serialised once: what `kd-mlflow _step` reads."""
+        p = self.plan
+        return json.dumps(
+            {
+                "steps": [{"kind": type(s).__name__, **asdict(s)} for s in items],
+                **{"preset": p.preset, "overrides": p.overrides, "data_dir": p.data_dir},
+                **{"ex": asdict(self.ex), "parent": self.parent},
+            },
+            default=str,  # a Path
+        )
+
+    @staticmethod
+    def from_json(text: str) -> tuple[list, Context]:
+        """What :meth:`to_json` wrote: the steps, and their context in this process."""
+        try:
+            d = _tuples(json.loads(text))  # JSON has no tuples: every list was one
+            items = [KINDS[s.pop("kind")](**s) for s in d["steps"]]
+            ex = steps.Execution(**{**d["ex"], "cache_dir": d["ex"]["cache_dir"] and Path(d["ex"]["cache_dir"])})
+            plan = _Given(d["preset"], d["overrides"], d["data_dir"], ex.device)
+            return items, Context(plan, ex, d["parent"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError("step", text[:80], "not a step kd-mlflow serialised") from None
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class _Given:
+    """A plan as a step process reads it: its recipe planned on this machine (a Ray
+    node's), as the step's own command plans it."""
+
+    preset: str
+    overrides: dict
+    data_dir: str | None
+    device: str = "auto"
+
+    @cached_property
+    def recipe(self) -> Recipe:
+        from .train import plan_run  # torch: not at import
+
+        return plan_run(resolve(self.preset, **self.overrides), self.preset, self.device)
+
 
 # --- the typed steps ---------------------------------------------------------
-
-
-def _common_argv(ctx: Context) -> list[str]:
-    p, ex = ctx.plan, ctx.ex
-    argv = ["--device", ex.device, "--parent-run", ctx.parent, "--outcome-json"]
-    argv += ["--data-dir", p.data_dir] if p.data_dir else []
-    argv += ["--cache-dir", str(ex.cache_dir)] if ex.cache_dir else []
-    argv += ["--deterministic"] if ex.deterministic else []
-    argv += ["--compile"] if ex.compile else []
-    return argv
-
-
-def _override_argv(overrides: dict) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else f"--no-{k.replace('_', '-')}")
-        else:
-            out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
-    return out
-
-
-def _study(ctx: Context) -> Plan:
-    """Teachers are trained by studies only (a sweep's plan has no training recipe)."""
-    assert isinstance(ctx.plan, Plan), "a train step outside a study"
-    return ctx.plan
 
 
 @dataclass(frozen=True)
@@ -207,7 +247,7 @@ class TrainStep:
         return schema.train_name(self.seed) + schema.settings(dict(self.network))
 
     def recipe(self, ctx: Context) -> Recipe:
-        return _study(ctx).recipe.replace(**dict(self.network))
+        return ctx.recipe().replace(**dict(self.network))
 
     def run_here(self, ctx: Context) -> Outcome:
         return steps.train(self.seed, self.recipe(ctx), ctx.plan.preset, **ctx.where())
@@ -216,17 +256,6 @@ class TrainStep:
     def run_packed(items: list[TrainStep], ctx: Context) -> list[Outcome]:
         recipe = items[0].recipe(ctx)  # a wave is of one network
         return steps.train_wave([s.seed for s in items], recipe, ctx.plan.preset, **ctx.where())
-
-    def argv(self, ctx: Context) -> list[str]:
-        return [
-            "train",
-            "--seed",
-            str(self.seed),
-            "--preset",
-            ctx.plan.preset,
-            *_override_argv({**ctx.plan.overrides, **dict(self.network)}),
-            *_common_argv(ctx),
-        ]
 
 
 @dataclass(frozen=True)
@@ -260,19 +289,6 @@ class DistillStep:
         students = [(s.teacher, s.seed, s.overrides(ctx)) for s in items]
         return steps.distill_wave(students, preset=ctx.plan.preset, **ctx.where())
 
-    def argv(self, ctx: Context) -> list[str]:
-        return [
-            "distill",
-            "--teacher",
-            self.teacher,
-            "--seed",
-            str(self.seed),
-            "--preset",
-            ctx.plan.preset,
-            *_override_argv(self.overrides(ctx)),
-            *_common_argv(ctx),
-        ]
-
 
 @dataclass(frozen=True)
 class EnsembleStep:
@@ -289,9 +305,6 @@ class EnsembleStep:
     def run_here(self, ctx: Context) -> Outcome:
         return steps.ensemble(list(self.members), combine=self.combine, **ctx.where())
 
-    def argv(self, ctx: Context) -> list[str]:
-        return ["ensemble", "--members", ",".join(self.members), "--combine", self.combine, *_common_argv(ctx)]
-
 
 @dataclass(frozen=True)
 class JointStep:
@@ -303,19 +316,10 @@ class JointStep:
         return schema.joint_name(self.seeds)
 
     def run_here(self, ctx: Context) -> Outcome:
-        return steps.joint(list(self.seeds), _study(ctx).recipe, ctx.plan.preset, **ctx.where())
+        return steps.joint(list(self.seeds), ctx.recipe(), ctx.plan.preset, **ctx.where())
 
-    def argv(self, ctx: Context) -> list[str]:
-        seeds = ",".join(map(str, self.seeds))
-        return [
-            "joint",
-            "--seeds",
-            seeds,
-            "--preset",
-            ctx.plan.preset,
-            *_override_argv(ctx.plan.overrides),
-            *_common_argv(ctx),
-        ]
+
+KINDS = {kind.__name__: kind for kind in (TrainStep, DistillStep, EnsembleStep, JointStep)}
 
 
 # --- progress ------------------------------------------------------------------

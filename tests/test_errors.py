@@ -722,7 +722,7 @@ def _values(param) -> st.SearchStrategy:
 
     inner = getattr(param.type, "inner", param.type)
     good: list = []
-    if isinstance(inner, click.Choice):
+    if getattr(inner, "choices", ()):
         good = [c for c in inner.choices if c != "ray"]  # a local Ray instance is minutes, not a refusal
     elif getattr(inner, "name", "") in ("integer", "number") or inner in (click.INT, click.FLOAT):
         good = ["0", "1", "3", "0.5"]
@@ -744,7 +744,7 @@ def _argv(command) -> st.SearchStrategy:
             return flag.map(lambda f: [f])
         return st.tuples(flag, _values(param)).map(list)
 
-    parts = st.lists(st.one_of(*[pick(p) for p in options]), max_size=5)
+    parts = st.lists(st.one_of(*[pick(p) for p in options]), max_size=5) if options else st.just([])  # _step: none
     stray = st.lists(st.sampled_from(["--help", "--nosuch", "extra", "--seed"]), max_size=1)
     return st.tuples(parts, stray).map(lambda x: [command.name] + [a for part in x[0] for a in part] + x[1])
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import invoke, run_cli
 
-from kd_mlflow import cli, compare, config, data, models, runs, schema, steps, study, tracking
+from kd_mlflow import compare, config, data, models, runs, schema, steps, study, tracking
 from kd_mlflow.objectives import CrossEntropy
 from kd_mlflow.runs import Outcome, RunRecord
 from kd_mlflow.train import fit, make_runtime
@@ -192,10 +192,9 @@ def test_a_study_of_ten_seeds_with_joint_ends_with_the_ten_member_joint_step():
     assert isinstance(last, study.JointStep) and last.name == "joint-seeds-0-9"
     assert sum(len(w) for w in executor.waves) == plan.n_steps == 24
     assert f"[step {plan.n_steps}/{plan.n_steps}] joint-seeds-0-9" in log.getvalue()
-    # The command line a --jobs study runs it with is the joint command's.
-    parsed = cli.main.commands["joint"].make_context("joint", last.argv(ctx)[1:]).params
-    assert config.parse_seeds(parsed["seeds"]) == list(range(10))
-    assert (parsed["preset"], parsed["parent_run"], parsed["outcome_json"]) == ("smoke", "parent", True)
+    # As a --jobs study runs it (`kd-mlflow _step`): the same step, under the same parent.
+    (again,), where = study.Context.from_json(ctx.to_json([last]))
+    assert again == last and (where.plan.preset, where.parent) == ("smoke", "parent")
     # Without --joint the study is the one it was.
     plain = study.Plan("smoke", config.preset("smoke"), {}, [0, 1])
     assert plain.n_steps == 7 and plain.n_trainings == 5

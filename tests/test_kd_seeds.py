@@ -140,7 +140,7 @@ def test_the_waves_hold_one_kd_step_per_seed_and_the_students_network_alone():
     line (--jobs) that trains exactly it."""
     from test_joint import _Recorded
 
-    from kd_mlflow import cli, steps, study
+    from kd_mlflow import steps, study
 
     plan = study.Plan("smoke", config.preset("smoke"), {}, [0, 1], kd_seeds=(100, 101, 102), student_model="resnet8")
     ctx = study.Context(plan, steps.Execution(), "parent")
@@ -151,8 +151,8 @@ def test_the_waves_hold_one_kd_step_per_seed_and_the_students_network_alone():
     assert [s.seed for s in kd_wave] == [100, 101, 102] and len({s.teacher for s in kd_wave}) == 1
     alone = executor.waves[-1]
     assert [s.name for s in alone] == ["train-seed-0-model=resnet8-width=64", "train-seed-1-model=resnet8-width=64"]
-    parsed = cli.main.commands["train"].make_context("train", alone[1].argv(ctx)[1:]).params
-    assert (parsed["seed"], parsed["model"], parsed["width"]) == (1, "resnet8", 64)
+    (again,), where = study.Context.from_json(ctx.to_json([alone[1]]))  # as `kd-mlflow _step` reads it
+    assert again == alone[1] and again.recipe(where) == alone[1].recipe(ctx)
     assert alone[1].recipe(ctx) == plan.recipe.replace(model="resnet8", width=64)
     same = study.Plan("smoke", config.preset("smoke"), {}, [0, 1], kd_seeds=(100,))
     assert not same.alone and same.n_steps == 7  # a study of one architecture: the steps it had

@@ -454,8 +454,11 @@ def test_a_study_takes_its_presets_kd_student_architecture():
     other = study.Plan("cpu-pairs", config.preset("cpu-pairs"), {}, [0, 1], student_model="resnet14")
     assert other.label == "cpu-pairs · student_model=resnet14" and not other.own_recipe
     assert study.Plan("smoke", config.preset("smoke"), {}, [0, 1]).student_model is None
-    # As a process (--jobs, Ray), the KD step asks for its architecture on the command line.
+    # As a process (--jobs, Ray), the KD step still asks for its architecture.
     ctx = study.Context(plan, steps.Execution(), "0" * 32)
-    argv = study.DistillStep("a" * 32, 100, "kd", "0,1", model=plan.student_model).argv(ctx)
-    assert argv[argv.index("--model") + 1] == "resnet8"
-    assert "--model" not in study.DistillStep("a" * 32, 10, "sd", "0").argv(ctx)
+    kd, sd = (
+        study.DistillStep("a" * 32, 100, "kd", "0,1", model=plan.student_model),
+        study.DistillStep("a" * 32, 10, "sd", "0"),
+    )
+    (kd, sd), where = study.Context.from_json(ctx.to_json([kd, sd]))
+    assert kd.overrides(where)["model"] == "resnet8" and "model" not in sd.overrides(where)

@@ -15,7 +15,7 @@ The mechanisms of every preset, at a tiny size on the 8x8 digits (no network):
 Each path is compared with (a), the lone network trained in this process: (b) packed
 with another network (K = 2); (c) interrupted after epoch 1's checkpoint and resumed
 from weights of another seed; (b') `train --seeds 0-1 --pack`, the command; (d) a
-`kd-mlflow train` process, what `reproduce --jobs N` starts; (e) `mlflow run . -e train
+train step in a `kd-mlflow _step` process, as `reproduce --jobs N` runs it; (e) `mlflow run . -e train
 --env-manager local`. Each gives every step's loss within 1e-4 of (a), the same selection
 and, where it logs a run, the lone run's identity.
 
@@ -34,6 +34,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 import uuid
 
 import pytest
@@ -193,8 +194,14 @@ def _env(tracked, experiment: str, losses) -> dict:
 
 
 def _process(tracked, experiment: str, losses) -> subprocess.Popen:
-    """(d): `kd-mlflow train`, as `reproduce --jobs N` starts it."""
-    cmd = [sys.executable, "-m", "kd_mlflow", "train", "--seed", "0", *_cli_args()]
+    """(d): a train step as `reproduce --jobs N` runs it: serialised, in `kd-mlflow _step`."""
+    from kd_mlflow import study
+    from kd_mlflow.steps import Execution
+
+    preset, overrides = MECHANISMS["seed-report"]
+    plan = types.SimpleNamespace(preset=preset, overrides=overrides, data_dir=None)
+    job = study.Context(plan, Execution(), None).to_json([study.TrainStep(0)])
+    cmd = [sys.executable, "-m", "kd_mlflow", "_step", job]
     return subprocess.Popen(cmd, env=_env(tracked, experiment, losses), cwd=REPO, stderr=subprocess.PIPE, text=True)
 
 

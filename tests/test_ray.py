@@ -106,7 +106,7 @@ def _trainings_of(parent: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"kd_mlflow" in argv and parent.encode() in argv:
+        if b"kd_mlflow" in argv and any(parent.encode() in a for a in argv):  # in its serialised step
             pids.append(int(entry))
     return pids
 

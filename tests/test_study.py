@@ -4,13 +4,16 @@ back, `compare` numbers traceable to runs, and a rerun that trains nothing."""
 from __future__ import annotations
 
 import json
+import types
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from conftest import invoke, run_cli
 
-from kd_mlflow import data, schema
+from kd_mlflow import data, schema, steps
+from kd_mlflow import study as study_mod
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +142,15 @@ def test_a_second_reproduce_trains_nothing(study):
     assert after == before
 
 
+def test_a_rerun_with_jobs_runs_each_step_as_a_process_that_finds_its_run(study):
+    """`--jobs 2` runs every step as a `kd-mlflow _step` process, the step serialised
+    once: each finds the run this study made in one process, so nothing trains."""
+    args = ("reproduce", "--experiment", "study-smoke", "--preset", "smoke", "--seeds", "0-1", "--jobs", "2")
+    proc = run_cli(*args, env=study["env"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 step(s) ran, 7 reused" in proc.stderr
+
+
 def test_compare_refuses_a_missing_experiment_without_creating_it(study, monkeypatch):
     for k, v in study["env"].items():
         monkeypatch.setenv(k, v)
@@ -223,3 +235,42 @@ def test_compare_csv_is_one_file_per_table_or_the_one_named(study, monkeypatch, 
     ids = [line.split(",")[0] for line in per_run.splitlines()[1:] if line]
     named = {r.info.run_id for n, r in study["by_name"].items() if not n.startswith("study-")}
     assert sorted(ids) == sorted(named)  # every result once; the study's parent is none
+
+
+# --- a step serialised once, run by one entry (issue 30) -------------------------------
+
+STEPS = [
+    study_mod.TrainStep(3, network=(("model", "resnet8"), ("width", 64))),
+    study_mod.DistillStep("a" * 32, 100, "kd", "0,1", (("temperature", 2.0), ("alpha", 0.5)), "-t", model="resnet8"),
+    study_mod.EnsembleStep(("a" * 32, "b" * 32), (0, 1), "train", "logit"),
+    study_mod.JointStep((0, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: type(s).__name__)
+def test_a_step_serialised_once_reads_back_as_itself_with_all_it_needs(step):
+    """What `kd-mlflow _step` reads (a --jobs process, a Ray task) is the step the study
+    planned, with its plan's preset, overrides (tuples too) and data, the execution
+    settings and the parent run."""
+    overrides = {"mean": (0.25, 0.5, 0.75), "milestones": (), "augment": True, "lr": 1e-3}
+    plan = types.SimpleNamespace(preset="smoke", overrides=overrides, data_dir="/data")
+    ex = steps.Execution(device="cpu", deterministic=True, force=True, cache_dir=Path("/tmp/cache"))
+    ctx = study_mod.Context(plan, ex, "f" * 32)
+    (again,), where = study_mod.Context.from_json(ctx.to_json([step]))
+    assert again == step and again.name == step.name
+    assert (where.plan.preset, where.plan.overrides, where.plan.data_dir) == ("smoke", overrides, "/data")
+    assert (where.ex, where.parent) == (ex, "f" * 32)
+
+
+@pytest.mark.parametrize("job", ["not json", "{}", "[1]", '{"steps": [{"kind": "Popen"}]}'])
+def test_the_step_command_refuses_what_kd_mlflow_did_not_serialise(job):
+    res = invoke("_step", job)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "not a step kd-mlflow serialised" in lines[0], res.stderr
+
+
+def test_the_step_command_is_not_offered_to_users():
+    """It is the executors' entry: neither the list of commands nor --help shows it."""
+    res = invoke()
+    assert res.exit_code == 2 and "give a command: backfill, compare," in res.stderr, res.stderr
+    assert "_step" not in res.output

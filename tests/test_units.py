@@ -527,9 +527,25 @@ def test_a_bad_or_contradicting_boolean_is_a_usage_error():
     assert res.exit_code == 2 and "--augment and --no-augment contradict" in res.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "distill", "joint", "reproduce"])
+def test_every_recipe_field_is_an_option_read_as_its_logged_param(command):
+    """The commands' recipe options are the recipe's fields (one declaration), each read
+    by config as a run's logged param is: a recipe's params typed as flags give it back."""
+    from kd_mlflow import cli
+
+    recipe = config.preset("cpu-pairs").replace(augment=True, mean=(0.25, 0.5, 0.75))
+    required = {"distill": ["--teacher", "a" * 32, "--seed", "0"], "joint": ["--seeds", "0-1"]}.get(command, [])
+    flags = [a for k, v in recipe.as_params().items() for a in (f"--{k.replace('_', '-')}", v)]
+    ctx = cli.main.commands[command].make_context(command, [*required, *flags])
+    assert config.Recipe(**cli._overrides(ctx.params)) == recipe
+
+
 @pytest.mark.parametrize(
     ("flag", "text"),
     [
+        ("--epochs", "two"),
+        ("--lr", "abc"),
+        ("--optimizer", "adamw"),
         ("--augment", "maybe"),
         ("--mean", "0.5,0.5"),
         ("--std", "a,b,c"),
