@@ -191,8 +191,7 @@ def usable(tables, preds: dict, run_ids) -> tuple[dict, list[str]]:
 def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
     """The predictions whose test accuracy is their run's logged one; the others are
     left out with a note (an interval around another number is not this gain's), as is
-    a run whose predictions are missing. A file without predicted classes is noted: its
-    classes are the argmax of float16 probabilities."""
+    a run whose predictions are missing."""
     out, notes = {}, []
     for rid in dict.fromkeys(run_ids):
         p = preds.get(rid)
@@ -201,19 +200,12 @@ def _usable(preds: dict, run_ids, logged: dict) -> tuple[dict, list[str]]:
         right, n = int(p.correct("test").sum()), len(p.labels("test"))
         acc = logged.get(rid)
         if acc is not None and not math.isnan(acc) and abs(acc * n / 100 - right) > 1e-6:
-            why = "" if p.has_classes else " (its file holds no predicted classes: float16 ties break to class 0)"
             notes.append(
                 f"run {rid}: its predictions give {100 * right / n:.2f}% test accuracy, its logged "
-                f"final_test_acc is {acc:.2f}%{why}: left out of the intervals"
+                f"final_test_acc is {acc:.2f}%: left out of the intervals"
             )
             continue
         out[rid] = p
-    old = sorted(rid for rid, p in out.items() if not p.has_classes)
-    if old:
-        notes.append(
-            f"predictions of {len(old)} run(s) ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) hold no "
-            "predicted classes (logged before they were): their top-1 is the argmax of float16 probabilities"
-        )
     return out, notes
 
 

@@ -23,14 +23,12 @@ float16 because 10,000 x 10 probabilities are 200 kB instead of 400 kB and the
 statistics need no more: a probability is kept to ~3 significant digits. That can tie
 two classes the full-precision outputs told apart, so the predicted class is stored
 beside them, computed with the logged accuracy: accuracy from the artifact is the
-run's logged accuracy. Files of format "kd-mlflow-predictions/1" (written before) have
-no ``pred_*``; their classes are the argmax of the float16 probabilities
-(:attr:`Predictions.has_classes` is False).
+run's logged accuracy.
 
 NLL needs more than float16: below ~6e-5 a float16 probability is subnormal and below
 ~3e-8 it is 0, so a confidently wrong image's -log p would be floored. Each image's
 log-probability of its label (and of its predicted class) is therefore kept in float32,
-taken from the full-precision outputs (:func:`log_probs_of`). Files of formats 1 and 2
+taken from the full-precision outputs (:func:`log_probs_of`). Files of format 2
 have none (:attr:`Predictions.has_log_probs` is False): their NLL is the floored one.
 
 The digest is what a reader compares to be sure that two runs' predictions are on the
@@ -50,16 +48,13 @@ import numpy as np
 
 FORMAT = "kd-mlflow-predictions/3"
 FORMAT_WITHOUT_LOG_PROBS = "kd-mlflow-predictions/2"
-FORMAT_WITHOUT_CLASSES = "kd-mlflow-predictions/1"
 SPLITS = ("val", "test")
-_KEYS_WITHOUT_CLASSES = frozenset(
-    {"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "labels", "digest") for s in SPLITS}
+_KEYS_WITHOUT_LOG_PROBS = frozenset(
+    {"format", "num_classes"} | {f"{k}_{s}" for k in ("probs", "pred", "labels", "digest") for s in SPLITS}
 )
-_KEYS_WITHOUT_LOG_PROBS = _KEYS_WITHOUT_CLASSES | {f"pred_{s}" for s in SPLITS}
 _KEYS = {
     FORMAT: _KEYS_WITHOUT_LOG_PROBS | {f"logp_{k}_{s}" for k in ("label", "pred") for s in SPLITS},
     FORMAT_WITHOUT_LOG_PROBS: _KEYS_WITHOUT_LOG_PROBS,
-    FORMAT_WITHOUT_CLASSES: _KEYS_WITHOUT_CLASSES,
 }
 _ROW_SUM_TOL = 1e-2  # rows of a softmax sum to 1; logits or log-probabilities do not
 
@@ -87,8 +82,8 @@ class Predictions:
     digest_val: str
     digest_test: str
     num_classes: int
-    pred_val: np.ndarray | None = None  # int16 (N_val,); None in a file without classes
-    pred_test: np.ndarray | None = None
+    pred_val: np.ndarray  # int16 (N_val,)
+    pred_test: np.ndarray
     logp_label_val: np.ndarray | None = None  # float32 (N_val,); None in a file before format 3
     logp_label_test: np.ndarray | None = None
     logp_pred_val: np.ndarray | None = None
@@ -104,12 +99,6 @@ class Predictions:
         """float32 log-probability of each image's label, or None (an older file)."""
         return getattr(self, f"logp_label_{_split(split)}")
 
-    @property
-    def has_classes(self) -> bool:
-        """Whether the file holds the predicted classes (else they are the argmax of the
-        float16 probabilities, which may break a tie another way than the model did)."""
-        return self.pred_test is not None
-
     def probs(self, split: str = "test") -> np.ndarray:
         return getattr(self, f"probs_{_split(split)}")
 
@@ -120,9 +109,9 @@ class Predictions:
         return getattr(self, f"digest_{_split(split)}")
 
     def top1(self, split: str = "test") -> np.ndarray:
-        """Predicted class per image: the stored one, else the probabilities' argmax."""
-        pred = getattr(self, f"pred_{_split(split)}")
-        return pred if pred is not None else self.probs(split).argmax(axis=1)
+        """Predicted class per image, from the full-precision outputs (the float16
+        probabilities' argmax may break a tie another way than the model did)."""
+        return getattr(self, f"pred_{_split(split)}")
 
     def correct(self, split: str = "test") -> np.ndarray:
         """Boolean per image: the top-1 prediction equals the label."""
@@ -242,8 +231,8 @@ def save(
 def load(path) -> Predictions:
     """Read a file written by :func:`save`, never unpickling anything.
 
-    Raises ValueError naming the file if it is not in this format (or the one without
-    classes): not an npz, other keys, another format string, wrong dtypes or shapes, an
+    Raises ValueError naming the file if it is not in this format (or format 2, without
+    log-probabilities): not an npz, other keys, another format string, wrong dtypes or shapes, an
     object (pickled) array, or labels that do not match their stored digest.
     """
     path = Path(path)
@@ -271,9 +260,7 @@ def load(path) -> Predictions:
 
 def _expected_keys(keys: set) -> frozenset | set:
     """The keys of the format a file's keys look like (its format string is checked after)."""
-    if {"logp_label_val", "logp_label_test"} & keys:
-        return _KEYS[FORMAT]
-    return _KEYS_WITHOUT_LOG_PROBS if {"pred_val", "pred_test"} & keys else _KEYS_WITHOUT_CLASSES
+    return _KEYS[FORMAT] if {"logp_label_val", "logp_label_test"} & keys else _KEYS_WITHOUT_LOG_PROBS
 
 
 def _text(a: np.ndarray, name: str) -> str:
@@ -299,14 +286,12 @@ def _validate(a: dict) -> Predictions:
         digest = _text(a[f"digest_{s}"], f"digest_{s}")
         if digest != labels_digest(y):
             raise ValueError(f"labels_{s} do not match their digest")
-        out.update({f"probs_{s}": p, f"labels_{s}": y, f"digest_{s}": digest})
-        if f"pred_{s}" in a:
-            c = a[f"pred_{s}"]
-            if c.dtype != np.int16 or c.shape != y.shape or (len(c) and (c.min() < 0 or c.max() >= int(nc))):
-                raise ValueError(
-                    f"pred_{s} must be int16 ({p.shape[0]},) classes in [0, {int(nc)}), got {c.dtype} {c.shape}"
-                )
-            out[f"pred_{s}"] = c
+        c = a[f"pred_{s}"]
+        if c.dtype != np.int16 or c.shape != y.shape or (len(c) and (c.min() < 0 or c.max() >= int(nc))):
+            raise ValueError(
+                f"pred_{s} must be int16 ({p.shape[0]},) classes in [0, {int(nc)}), got {c.dtype} {c.shape}"
+            )
+        out.update({f"probs_{s}": p, f"pred_{s}": c, f"labels_{s}": y, f"digest_{s}": digest})
         for k in ("label", "pred"):
             if f"logp_{k}_{s}" in a:
                 lp = a[f"logp_{k}_{s}"]

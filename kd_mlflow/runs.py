@@ -119,8 +119,7 @@ def record_of(run) -> RunRecord:
         member_run_ids=_ids(t.get(schema.MEMBER_RUN_IDS)),
         member_seeds=_ids(t.get(schema.MEMBER_SEEDS)),
         member_role=t.get(schema.MEMBER_ROLE),
-        # An ensemble logged before the combine mode existed averaged probabilities.
-        combine=p.get("combine") or ("prob" if role == "ensemble" else None),
+        combine=p.get("combine"),
         duplicate_of=t.get(schema.DUPLICATE_OF),
         study=schema.STUDY in t,
         mixed=t.get(schema.MIXED) == "true",
@@ -403,8 +402,8 @@ class Final:
 class Recording:
     """The run being written, as the body of :func:`record` sees it."""
 
-    def __init__(self, writer, store):
-        self.writer, self.store = writer, store
+    def __init__(self, writer):
+        self.writer = writer
         self.sink = EpochSink(writer)
 
     @property
@@ -420,41 +419,6 @@ class Recording:
         self.writer.log_predictions(
             probs_val, probs_test, labels_val, labels_test, pred_val=pred_val, pred_test=pred_test
         )
-
-
-def record(
-    session,
-    spec: RunSpec,
-    body: Callable[[Recording], Final],
-    *,
-    force: bool = False,
-    checkpoint_root: Path | None = None,
-    parent_run_id: str | None = None,
-) -> Outcome:
-    """Run ``body`` as the run ``spec`` describes, unless its configuration already has a
-    FINISHED result (then reuse it). One process at a time, on any machine that shares the
-    tracking server, makes a configuration's run (:func:`_claimed`): a second one waits,
-    then reuses the first one's result. With ``checkpoint_root`` the run is resumable: an
-    unfinished run of the same configuration is continued from its newest checkpoint, on
-    local disk or, from any machine, on the tracking server; the server's copy is deleted
-    once the run is FINISHED."""
-    if not force:
-        existing = result_for(session, spec)
-        if existing:
-            return reuse(session, existing)
-    with _claimed(session, [spec]):
-        # Another process may have finished it while we waited for the claim.
-        existing = None if force else result_for(session, spec)
-        if existing:
-            return reuse(session, existing)
-        if checkpoint_root is None:
-            return _record(session, spec, body, None, parent_run_id)
-        store = _store(session, spec.config_hash, checkpoint_root)
-        if force:
-            store.clear()
-        out = _record(session, spec, body, store, parent_run_id)
-    store.finish()
-    return out
 
 
 def _store(session, key: str, checkpoint_root: Path):
@@ -564,33 +528,6 @@ def _identity(spec: RunSpec) -> dict:
     return {schema.CONFIG_HASH: spec.config_hash}
 
 
-def _record(session, spec: RunSpec, body, store, parent_run_id) -> Outcome:
-    ((resumable, stale),) = _continuing(session, store, [spec.config_hash])
-    writer = tracking.RunWriter(
-        session, resumable.run_id if resumable else None, spec.name, parent_run_id, _identity(spec)
-    )
-    _supersede(stale, writer.run_id)
-    if store is not None:
-        store.bind({spec.config_hash: writer.run_id})
-    print(f"run {writer.run_id} ({spec.name}): {tracking.run_link(session, writer.run_id)}", file=sys.stderr)
-    if session.default_experiment:
-        print(
-            "note: this run is in MLflow's Default experiment, not where `kd-mlflow compare` looks "
-            "by default; see it with `kd-mlflow compare --experiment Default` (or run with "
-            "--experiment-name mysteries)",
-            file=sys.stderr,
-        )
-    with _telling_of(store), finishing(writer):
-        writer.log_header(spec.params, {**spec.tags, schema.CONFIG_HASH: spec.config_hash})
-        writer.log_dataset(*spec.dataset)
-        rec = Recording(writer, store)
-        final = body(rec)
-        rec.sink.flush()
-        writer.log_final(final.metrics)
-        writer.log_model(final.model, final.example)
-    return Outcome(writer.run_id, spec.name, False)
-
-
 @contextlib.contextmanager
 def _telling_of(store):
     """On the way out, say that the checkpoint is kept, where one is."""
@@ -602,22 +539,29 @@ def _telling_of(store):
         raise
 
 
-def record_wave(
+def record(
     session,
     specs: list[RunSpec],
-    body,
+    body: Callable[[list[Recording], list[int], object], list[Final]],
     *,
+    packed: bool = False,
     force: bool = False,
     checkpoint_root: Path | None = None,
     parent_run_id: str | None = None,
 ) -> list[Outcome]:
-    """Several runs trained at once (a packed wave): each configuration that has a
-    FINISHED result is reused; the others are recorded as their own runs, with the same
-    params, tags and identity as if each had been trained alone. ``body(recordings,
-    indices, store)`` gets one Recording per run to train (``indices`` into ``specs``)
-    and the wave's checkpoint store (or None), and returns one Final each. With
-    ``checkpoint_root`` the wave is resumable as a lone run is: the same set of unfinished
-    configurations continues from the wave's checkpoint, in the runs it began."""
+    """Run ``body`` as the runs ``specs`` describe: one run, or (``packed``) several
+    trained at once as one network, each recorded as its own run with the params, tags
+    and identity it would have alone (a lone run is a wave of one). Each configuration
+    that already has a FINISHED result is reused instead. ``body(recordings, indices,
+    store)`` gets one Recording per run to train (``indices`` into ``specs``) and the
+    checkpoint store (or None), and returns one Final each.
+
+    One process at a time, on any machine that shares the tracking server, makes a
+    configuration's run (:func:`_claimed`): a second one waits, then reuses the first
+    one's result. With ``checkpoint_root`` the runs are resumable: the same unfinished
+    configurations continue from their newest checkpoint, on local disk or, from any
+    machine, on the tracking server, in the runs they began; the server's copy is
+    deleted once they are FINISHED."""
     outs: list = [None] * len(specs)
 
     def pending() -> list[int]:
@@ -633,22 +577,25 @@ def record_wave(
     todo = pending()
     if not todo:
         return outs
+    store = None
     with _claimed(session, [specs[i] for i in todo]):
         # Another process may have finished some of them while we waited.
         todo = todo if force else pending()
         if not todo:
             return outs
-        if checkpoint_root is None:
-            return _record_wave(session, specs, todo, outs, body, None, parent_run_id)
-        store = _store(session, digest("wave", *(specs[i].config_hash for i in todo)), checkpoint_root)
-        if force:
-            store.clear()
-        out = _record_wave(session, specs, todo, outs, body, store, parent_run_id)
-    store.finish()
-    return out
+        if checkpoint_root is not None:
+            hashes = [specs[i].config_hash for i in todo]
+            # A packed wave's one checkpoint holds K networks: never a lone run's.
+            store = _store(session, digest("wave", *hashes) if packed else hashes[0], checkpoint_root)
+            if force:
+                store.clear()
+        _record(session, specs, todo, outs, body, store, packed, parent_run_id)
+    if store is not None:
+        store.finish()
+    return outs
 
 
-def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list[Outcome]:
+def _record(session, specs, todo, outs, body, store, packed: bool, parent_run_id) -> None:
     continuing = _continuing(session, store, [specs[i].config_hash for i in todo])
     writers = [
         tracking.RunWriter(session, r.run_id if r else None, specs[i].name, parent_run_id, _identity(specs[i]))
@@ -658,19 +605,25 @@ def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list
         _supersede(stale, w.run_id)
     if store is not None:
         store.bind({specs[i].config_hash: w.run_id for i, w in zip(todo, writers, strict=True)})
+    for i, w in zip(todo, writers, strict=True):
+        print(f"run {w.run_id} ({specs[i].name}): {tracking.run_link(session, w.run_id)}", file=sys.stderr)
+    if session.default_experiment:
+        print(
+            "note: this run is in MLflow's Default experiment, not where `kd-mlflow compare` looks "
+            "by default; see it with `kd-mlflow compare --experiment Default` (or run with "
+            "--experiment-name mysteries)",
+            file=sys.stderr,
+        )
     with contextlib.ExitStack() as stack:
         stack.enter_context(_telling_of(store))
         for w in writers:
             stack.enter_context(finishing(w))
         recordings = []
         for i, w in zip(todo, writers, strict=True):
-            print(f"run {w.run_id} ({specs[i].name}): {tracking.run_link(session, w.run_id)}", file=sys.stderr)
-            w.log_header(
-                specs[i].params,
-                {**specs[i].tags, schema.CONFIG_HASH: specs[i].config_hash, schema.PACKED: str(len(todo))},
-            )
+            wave = {schema.PACKED: str(len(todo))} if packed else {}
+            w.log_header(specs[i].params, {**specs[i].tags, schema.CONFIG_HASH: specs[i].config_hash, **wave})
             w.log_dataset(*specs[i].dataset)
-            recordings.append(Recording(w, None))
+            recordings.append(Recording(w))
         finals = body(recordings, todo, store)
         for rec, final in zip(recordings, finals, strict=True):
             rec.sink.flush()
@@ -678,7 +631,6 @@ def _record_wave(session, specs, todo, outs, body, store, parent_run_id) -> list
             rec.writer.log_model(final.model, final.example)
     for i, w in zip(todo, writers, strict=True):
         outs[i] = Outcome(w.run_id, specs[i].name, False)
-    return outs
 
 
 class EpochSink:

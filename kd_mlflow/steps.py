@@ -1,9 +1,9 @@
 """One composition function per command, between the CLI and the library.
 
 Each checks its inputs, loads the data, then records its run through
-:func:`kd_mlflow.runs.record` (a packed wave: :func:`kd_mlflow.runs.record_wave`),
-with the core params and tags of :func:`_spec`, shared by every role: so train runs,
-students and ensembles log the same core params and tags. Everything that can be
+:func:`kd_mlflow.runs.record` (a lone run is a wave of one), with the core params and
+tags of :func:`_spec`, shared by every role: so train runs, students and ensembles log
+the same core params and tags. Everything that can be
 refused is refused before a run is created.
 
 torch and the training modules are imported where they are used, so that `compare`
@@ -72,12 +72,8 @@ def train(
     check_schedule(recipe, len(split.train_idx))
     session = session or tracking.connect(experiment)
     spec = _train_spec(seed, recipe, preset, source, split)
-    from .objectives import CrossEntropy
-
-    body = _fitting(recipe, seed, source, split, ex, lambda dd, rt: CrossEntropy())
-    out = runs.record(
-        session, spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
-    )
+    body = _fitting(recipe, source, split, ex, _networks_of(recipe, [seed], source.num_classes), _plain(recipe))
+    (out,) = _record(session, [spec], body, ex, parent_run_id)
     if register:
         runs.register(session, out.run_id, register)
     return out
@@ -112,16 +108,13 @@ def distill(
         teacher_model = load_network(session, plan.teacher, plan.source.num_classes, "teacher")
         body = _fitting(
             plan.recipe,
-            seed,
             plan.source,
             plan.split,
             ex,
-            lambda dd, rt: _student_objective(plan, teacher_model, dd, rt, ex),
-            plan.draws_before,
+            _networks_of(plan.recipe, [seed], plan.source.num_classes, [plan.draws_before]),
+            lambda dd, rt, i: _student_objective(plan, teacher_model, dd, rt, ex),
         )
-        out = runs.record(
-            session, plan.spec, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
-        )
+        (out,) = _record(session, [plan.spec], body, ex, parent_run_id)
     if register:
         runs.register(session, out.run_id, register)
     return out
@@ -203,7 +196,7 @@ def _architecture_of(rec: RunRecord) -> str:
 
 
 def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution):
-    from .objectives import CachedTeacher, OnlineTeacher, distillation, teacher_for, teacher_table
+    from .objectives import CachedTeacher, OnlineTeacher, objective_for, teacher_for, teacher_table
 
     how, temperature = plan.recipe.teacher_target, plan.recipe.temperature
     model = rt.prepare(teacher_for(teacher_model, temperature, how))
@@ -222,7 +215,7 @@ def _student_objective(plan: _StudentPlan, teacher_model, dd, rt, ex: Execution)
                 lambda: teacher_table(model, dd, rt.autocast, plan.recipe.eval_batch_size),
             )
         )
-    return distillation(t, plan.recipe)
+    return objective_for(plan.recipe, t)
 
 
 # --- packed waves: the networks of a wave trained side by side as one network ---
@@ -244,16 +237,10 @@ def train_wave(
     source, split = _packed_inputs(seeds, recipe, data_dir, ex)
     session = session or tracking.connect(experiment)
     specs = [_train_spec(seed, recipe, preset, source, split) for seed in seeds]
-
-    def objective(dd, rt, i):
-        from .objectives import CrossEntropy
-
-        return CrossEntropy()
-
-    body = _fitting_packed(recipe, seeds, [0] * len(seeds), source, split, ex, objective)
-    return runs.record_wave(
-        session, specs, body, force=ex.force, checkpoint_root=ex.checkpoint_root, parent_run_id=parent_run_id
+    body = _fitting(
+        recipe, source, split, ex, _networks_of(recipe, seeds, source.num_classes, packed=True), _plain(recipe)
     )
+    return _record(session, specs, body, ex, parent_run_id, packed=True)
 
 
 def _packed_inputs(seeds: list[int], recipe: Recipe, data_dir, ex: Execution, needs: str | None = None):
@@ -295,53 +282,16 @@ def distill_wave(
 
     check_packable(first.recipe.model)
     teachers = {i: load_network(session, p.teacher, p.source.num_classes, "teacher") for i, p in enumerate(plans)}
-    body = _fitting_packed(
+    seeds, draws = [seed for _, seed, _ in students], [p.draws_before for p in plans]
+    body = _fitting(
         first.recipe,
-        [seed for _, seed, _ in students],
-        [p.draws_before for p in plans],
         first.source,
         first.split,
         ex,
+        _networks_of(first.recipe, seeds, first.source.num_classes, draws, packed=True),
         lambda dd, rt, i: _student_objective(plans[i], teachers[i], dd, rt, ex),
     )
-    return runs.record_wave(
-        session,
-        [p.spec for p in plans],
-        body,
-        force=ex.force,
-        checkpoint_root=ex.checkpoint_root,
-        parent_run_id=parent_run_id,
-    )
-
-
-def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, make_objective):
-    """The body of a packed wave: each network seeded and built as it would be alone."""
-
-    def body(recordings, indices, store) -> list:
-        from . import data as data_mod
-        from .pack import pack
-        from .train import fit, make_runtime
-
-        rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
-        for rec in recordings:
-            rec.set_tags(_runtime_tags(rt))
-        nets = [_seeded_network(recipe, seeds[i], source.num_classes, draws[i]) for i in indices]
-        dd = data_mod.DeviceData(source, split, rt.device)
-        results = fit(
-            rt.prepare(pack(nets)),
-            [make_objective(dd, rt, i) for i in indices],
-            dd,
-            recipe,
-            rt,
-            [rec.sink for rec in recordings],
-            store,
-        )
-        return [
-            _selected(rec, rt.prepare(net), result, dd, recipe, rt)
-            for rec, net, result in zip(recordings, nets, results, strict=True)
-        ]
-
-    return body
+    return _record(session, [p.spec for p in plans], body, ex, parent_run_id, packed=True)
 
 
 def student_changes(preset: str, teacher: RunRecord, overrides: dict) -> dict:
@@ -404,14 +354,14 @@ def joint(
         params={"member_seeds": member_seeds, "n_members": len(seeds), "joint_grad": recipe.joint_grad},
         tags={schema.MEMBER_SEEDS: member_seeds},
     )
-    return runs.record(
-        session,
-        spec,
-        _fitting_joint(recipe, seeds, source, split, ex),
-        force=ex.force,
-        checkpoint_root=ex.checkpoint_root,
-        parent_run_id=parent_run_id,
-    )
+
+    def networks(indices):
+        model = joint_network(recipe, seeds, source.num_classes)
+        return model, [model]
+
+    body = _fitting(recipe, source, split, ex, networks, _plain(recipe), _member_accuracies(recipe))
+    (out,) = _record(session, [spec], body, ex, parent_run_id)
+    return out
 
 
 def joint_network(recipe: Recipe, seeds: list[int], num_classes: int):
@@ -422,27 +372,19 @@ def joint_network(recipe: Recipe, seeds: list[int], num_classes: int):
     return joint_model([_seeded_network(recipe, s, num_classes) for s in seeds], recipe.joint_grad)
 
 
-def _fitting_joint(recipe: Recipe, seeds: list[int], source, split, ex: Execution):
-    """The body of a joint run: the one loop, as for one network (the joint model is
-    one); then each member's own accuracy at the selected epoch."""
+def _member_accuracies(recipe: Recipe):
+    """A joint model's more results: each member's own accuracy at the selected epoch."""
 
-    def body(rec: runs.Recording) -> Final:
-        from . import data as data_mod
-        from .objectives import CrossEntropy
-        from .train import evaluate_stacked, fit, make_runtime
+    def more(model, dd, rt) -> dict:
+        from .train import evaluate_stacked
 
-        rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
-        rec.set_tags(_runtime_tags(rt))
-        model = rt.prepare(joint_network(recipe, seeds, source.num_classes))
-        dd = data_mod.DeviceData(source, split, rt.device)
-        (result,) = fit(model, [CrossEntropy()], dd, recipe, rt, [rec.sink], rec.store)
-        final = _selected(rec, model, result, dd, recipe, rt)  # the model now holds the selected weights
+        out = {}
         for which in ("val", "test"):
             accs = evaluate_stacked(model.members, dd, which, recipe, rt)[1]
-            final.metrics.update({f"member_{k}_{which}_acc": acc for k, acc in enumerate(accs.tolist())})
-        return final
+            out.update({f"member_{k}_{which}_acc": acc for k, acc in enumerate(accs.tolist())})
+        return out
 
-    return body
+    return more
 
 
 # --- ensemble ----------------------------------------------------------------
@@ -513,10 +455,12 @@ def ensemble(
         },
     )
 
-    def body(rec: runs.Recording) -> Final:
+    def body(recordings, indices, store) -> list[Final]:
         from . import data as data_mod
         from .ensemble import Ensemble
         from .train import evaluate_all, make_runtime
+
+        (rec,) = recordings
 
         rt = make_runtime(recipe, ex.device, deterministic=ex.deterministic)
         model = rt.prepare(
@@ -538,9 +482,10 @@ def ensemble(
             f"ensemble of {len(members)}: val_acc {scores['val_acc']:.2f}  test_acc {scores['test_acc']:.2f}",
             file=sys.stderr,
         )
-        return Final(final, model, dd.test_x[:2].cpu())
+        return [Final(final, model, dd.test_x[:2].cpu())]
 
-    return runs.record(session, spec, body, force=ex.force, parent_run_id=parent_run_id)
+    (out,) = runs.record(session, [spec], body, force=ex.force, parent_run_id=parent_run_id)
+    return out
 
 
 def members_for_seeds(
@@ -623,23 +568,72 @@ def _spec(
     )
 
 
-def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objective, draws_before: int = 0):
-    """The body of a training run: the one loop, its checkpoint selected on validation.
-    ``draws_before``: networks drawn and thrown away after seeding (the report's SD
-    script built its teacher's network first)."""
+def _fitting(recipe: Recipe, source, split, ex: Execution, networks, objective, more=None):
+    """The body of a training run, or of a packed wave of them (:func:`kd_mlflow.runs.record`):
+    the one loop, each network's checkpoint selected on validation. Lone, packed and joint
+    runs differ only in what they pass: ``networks(indices)``, the model the loop trains
+    and, per run, its network in it; ``objective(dd, rt, i)``, the objective of run ``i``
+    of the wave; ``more(network, dd, rt)``, results beyond the selection's (a joint
+    model's members)."""
 
-    def body(rec: runs.Recording) -> Final:
+    def body(recordings, indices, store) -> list[Final]:
         from . import data as data_mod
         from .train import fit, make_runtime
 
         rt = make_runtime(recipe, ex.device, ex.compile, ex.deterministic)
-        rec.set_tags(_runtime_tags(rt))
-        model = rt.prepare(_seeded_network(recipe, seed, source.num_classes, draws_before))
+        for rec in recordings:
+            rec.set_tags(_runtime_tags(rt))
+        model, nets = networks(indices)
         dd = data_mod.DeviceData(source, split, rt.device)
-        (result,) = fit(model, [make_objective(dd, rt)], dd, recipe, rt, [rec.sink], rec.store)
-        return _selected(rec, model, result, dd, recipe, rt)
+        objectives = [objective(dd, rt, i) for i in indices]
+        results = fit(rt.prepare(model), objectives, dd, recipe, rt, [rec.sink for rec in recordings], store)
+        finals = []
+        for rec, net, result in zip(recordings, nets, results, strict=True):
+            final = _selected(rec, rt.prepare(net), result, dd, recipe, rt)  # net now holds the selected weights
+            if more:
+                final.metrics.update(more(net, dd, rt))
+            finals.append(final)
+        return finals
 
     return body
+
+
+def _networks_of(recipe: Recipe, seeds: list[int], num_classes: int, draws=None, packed: bool = False):
+    """``networks`` for :func:`_fitting`: run ``i``'s network seeded and built as it would
+    be alone; in a packed wave, the wave's networks side by side (kd_mlflow.pack).
+    ``draws``: per run, networks drawn and thrown away after seeding (the report's SD
+    script built its teacher's network first)."""
+
+    def networks(indices):
+        from .pack import pack
+
+        nets = [_seeded_network(recipe, seeds[i], num_classes, (draws or [0] * len(seeds))[i]) for i in indices]
+        return (pack(nets) if packed else nets[0]), nets
+
+    return networks
+
+
+def _plain(recipe: Recipe):
+    """``objective`` for :func:`_fitting` of runs without a teacher: the recipe's."""
+
+    def objective(dd, rt, i):
+        from .objectives import objective_for
+
+        return objective_for(recipe)
+
+    return objective
+
+
+def _record(session, specs: list[RunSpec], body, ex: Execution, parent_run_id, packed: bool = False) -> list[Outcome]:
+    return runs.record(
+        session,
+        specs,
+        body,
+        packed=packed,
+        force=ex.force,
+        checkpoint_root=ex.checkpoint_root,
+        parent_run_id=parent_run_id,
+    )
 
 
 def _seeded_network(recipe: Recipe, seed: int, num_classes: int, draws_before: int = 0):

@@ -319,17 +319,6 @@ class Session:
     def artifact_paths(self, run_id: str, folder: str) -> set[str]:
         return {f.path for f in self.client.list_artifacts(run_id, folder)}
 
-    def finished_runs(self, filter_string: str = "") -> list:
-        """Every FINISHED run of the experiment (matching ``filter_string``), in one search
-        query (MLflow pages through it)."""
-        where = " AND ".join(p for p in ("attributes.status = 'FINISHED'", filter_string) if p)
-        return watched(
-            "search runs",
-            lambda: mlflow.search_runs(
-                [self.experiment_id], filter_string=where, output_format="list", max_results=100_000
-            ),
-        )
-
 
 def connect(experiment: str | None = None, create: bool = True) -> Session:
     """Resolve the experiment (see the module docstring); ``create=False`` refuses to

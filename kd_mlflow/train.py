@@ -377,8 +377,4 @@ def _restore(snap, model, optimizer, scheduler, order, rt: Runtime) -> tuple[int
     torch.set_rng_state(snap["torch_rng"])
     if "cuda_rng" in snap and rt.device.type == "cuda":
         torch.cuda.set_rng_state_all(snap["cuda_rng"])
-    if "best_state" in snap:  # a lone run's checkpoint from before packed runs shared this loop
-        return snap["epoch"], [{key: snap[key] for key in _unselected()}]
-    if "networks" not in snap:
-        raise ValueError("a packed wave's checkpoint from an older kd-mlflow: run the command again with --force")
     return snap["epoch"], snap["networks"]

@@ -241,12 +241,12 @@ def test_distillation_loss_has_the_reports_gradients():
 
     target = torch.stack([t.softmax(1) for t in teachers]).mean(0)
     report_loss = -(target * torch.log(torch.clamp(student.softmax(1), 1e-9, 1 - 1e-9))).sum(1).mean()
-    ours = objectives.distillation(teacher, REPORT)(student, batch)
+    ours = objectives.objective_for(REPORT, teacher)(student, batch)
     assert ours.item() == pytest.approx(report_loss.item(), rel=1e-5)
     g_report, g_ours = grad_of(report_loss), grad_of(ours)
     assert torch.allclose(g_ours, g_report, atol=1e-6, rtol=1e-5)
     # Hinton's KL (the other presets' loss) has other gradients where the clamp acts.
-    g_kl = grad_of(objectives.distillation(teacher, REPORT.replace(distill_loss="kl"))(student, batch))
+    g_kl = grad_of(objectives.objective_for(REPORT.replace(distill_loss="kl"), teacher)(student, batch))
     assert not torch.allclose(g_kl, g_report, atol=1e-4)
 
 

@@ -12,7 +12,6 @@ logs them. The KD student's predictions get a planted float16 tie.
 from __future__ import annotations
 
 import ast
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -75,31 +74,16 @@ def _plant_tie(session, rec) -> int:
     return i
 
 
-def _log_file_without_classes(session, rec) -> None:
-    """The run's predictions as a file written before classes were stored, with a tie
-    that the float16 argmax breaks the wrong way: its accuracy is not the logged one."""
-    from kd_mlflow import predictions
-
+def _log_predictions_off_the_logged_accuracy(session, rec) -> None:
+    """The run's predictions logged again with one right class made wrong: accuracy from
+    the artifact is no longer the run's logged one."""
     p = runs.predictions_of(session, rec)
-    probs, labels = p.probs_test.astype(np.float16).copy(), p.labels("test")
-    i = int(np.flatnonzero((p.top1("test") == labels) & (labels > 0))[0])
-    probs[i] = 0
-    probs[i, 0] = probs[i, labels[i]] = 0.5
-    arrays = {
-        "format": np.array(predictions.FORMAT_WITHOUT_CLASSES),
-        "num_classes": np.array(p.num_classes, dtype=np.int64),
-        "probs_val": p.probs_val,
-        "probs_test": probs,
-        "labels_val": p.labels_val,
-        "labels_test": labels,
-        "digest_val": np.array(p.digest_val),
-        "digest_test": np.array(p.digest_test),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(schema.PREDICTIONS_PATH).name
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
-        session.client.log_artifact(rec.run_id, str(path), Path(schema.PREDICTIONS_PATH).parent.as_posix())
+    pred, labels = p.top1("test").copy(), p.labels("test")
+    i = int(np.flatnonzero(pred == labels)[0])
+    pred[i] = (labels[i] + 1) % p.num_classes
+    runs.add_predictions(
+        session, rec, p.probs_val, p.probs_test, p.labels_val, labels, pred_val=p.top1("val"), pred_test=pred
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +132,13 @@ def lab(server, cache_dir):
 @pytest.fixture(scope="module")
 def planted(lab):
     """The tables with intervals, after a float16 tie is planted in the KD student's
-    predictions, the SD student 10's are replaced by a file without classes, and train
+    predictions, the SD student 10's are replaced by ones whose accuracy is not its logged one, and train
     seed 1 looks like a run made before runs logged predictions (computed from its
     weights by backfill)."""
     session, r = lab["session"], lab["study"].runs
     kd = runs.get(session, r["kd-seed-100"], "run")
     tie = _plant_tie(session, kd)
-    _log_file_without_classes(session, runs.get(session, r["sd-t0-s10"], "run"))
+    _log_predictions_off_the_logged_accuracy(session, runs.get(session, r["sd-t0-s10"], "run"))
     session.client.delete_tag(r["train-seed-1"], schema.PREDICTIONS)
     tables = compare.build_tables(runs.results_frame(session))
     before = report.predictions_for(session, compare.run_ids(tables))
@@ -230,7 +214,7 @@ def test_every_non_train_run_is_listed_in_one_group_at_most(lab):
 def test_accuracy_from_the_artifact_is_the_logged_one_despite_a_float16_tie(lab, planted):
     kd = planted["kd"]
     p = runs.predictions_of(lab["session"], kd)
-    assert p.has_classes and p.probs_test[planted["tie"], 0] == p.probs_test[planted["tie"]].max()
+    assert p.probs_test[planted["tie"], 0] == p.probs_test[planted["tie"]].max()
     assert 100 * p.correct("test").mean() == pytest.approx(kd.final_test_acc, abs=1e-9)
 
 
@@ -250,12 +234,11 @@ def test_the_summary_the_gains_table_and_the_study_parent_give_one_kd_gain(lab, 
         assert summary.loc[row, "gain"] == gains.loc[kind, "estimate"], row
 
 
-def test_a_file_without_classes_whose_accuracy_is_not_the_logged_one_is_left_out_and_named(lab, planted):
+def test_predictions_whose_accuracy_is_not_the_logged_one_are_left_out_and_named(lab, planted):
     sd10 = lab["study"].runs["sd-t0-s10"]
     t = _table_of(planted["tables"], sd10)
     notes = "\n".join(t.notes)
     assert f"run {sd10}: its predictions give" in notes and "left out of the intervals" in notes
-    assert "its file holds no predicted classes" in notes
     assert sd10 not in set(t.gains["run_id"].dropna())
     assert t.summary.set_index("row").loc["SD students", "n"] == 2  # the table still counts it
 
@@ -264,7 +247,7 @@ def test_predictions_computed_after_the_fact_hold_the_classes_of_the_logged_accu
     rec = runs.get(lab["session"], lab["study"].runs["train-seed-1"], "run")
     assert rec.has_predictions  # logged on the run by backfill, once
     p = runs.predictions_of(lab["session"], rec)
-    assert p.has_classes and 100 * p.correct("test").mean() == pytest.approx(rec.final_test_acc, abs=1e-9)
+    assert 100 * p.correct("test").mean() == pytest.approx(rec.final_test_acc, abs=1e-9)
 
 
 # --- finding 5: booleans typed under `mlflow run` -------------------------------

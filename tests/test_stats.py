@@ -378,7 +378,7 @@ def test_predictions_round_trip(tmp_path):
     for loaded, original in ((got.probs_val, pv), (got.probs_test, pt)):
         err = np.abs(loaded.astype(np.float64) - original)
         assert (err <= np.maximum(2.0**-11 * np.abs(original), 2.0**-25)).all()
-    assert got.has_classes and np.array_equal(got.top1("val"), pv.argmax(1))
+    assert np.array_equal(got.top1("val"), pv.argmax(1))
     assert np.array_equal(got.correct("test"), pt.argmax(1) == yt)
     assert not got.probs_test.flags.writeable and not got.pred_test.flags.writeable
 
@@ -386,7 +386,7 @@ def test_predictions_round_trip(tmp_path):
 def test_the_stored_class_decides_where_float16_probabilities_tie(tmp_path):
     """Two classes 2e-5 apart at full precision are equal in float16: the stored class
     (the full-precision argmax, as the logged accuracy counts it) decides, not argmax's
-    lowest index; a file written before classes were stored falls back to that argmax."""
+    lowest index."""
     probs = np.array([[0.49999, 0.50001], [0.9, 0.1]])
     labels = np.array([1, 0])
     assert probs.astype(np.float16)[0, 0] == probs.astype(np.float16)[0, 1]
@@ -395,12 +395,7 @@ def test_the_stored_class_decides_where_float16_probabilities_tie(tmp_path):
     )
     got = predictions.load(path)
     assert got.correct("test").tolist() == [True, True]
-    with np.load(path) as z:
-        written_before = {k: z[k] for k in z.files if not k.startswith(("pred_", "logp_"))}
-    written_before["format"] = np.array(predictions.FORMAT_WITHOUT_CLASSES)
-    np.savez(tmp_path / "old.npz", **written_before)
-    old = predictions.load(tmp_path / "old.npz")
-    assert not old.has_classes and old.correct("test").tolist() == [False, True]
+    assert probs.astype(np.float16).argmax(1).tolist() == [0, 0]  # what the float16 argmax would say
 
 
 class _Payload:
@@ -465,11 +460,9 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
         ({"pred_test": None}, "missing"),
         ({"pred_test": _labels(6).astype(np.int32)}, "pred_test"),
         ({"pred_val": np.full(4, 10, dtype=np.int16)}, "pred_val"),  # a class out of range
-        ({"format": np.array(predictions.FORMAT_WITHOUT_CLASSES)}, "format"),  # the old format has no classes
-        (
-            {"format": np.array(predictions.FORMAT_WITHOUT_CLASSES), "pred_val": None, "pred_test": None, **_NO_LOGP},
-            None,
-        ),
+        ({"format": np.array("kd-mlflow-predictions/1")}, "format"),
+        # format 1 (no classes) was never released: refused
+        ({"format": np.array("kd-mlflow-predictions/1"), "pred_val": None, "pred_test": None, **_NO_LOGP}, "missing"),
         ({"format": np.array(predictions.FORMAT_WITHOUT_LOG_PROBS), **_NO_LOGP}, None),  # format 2 still loads
         ({"format": np.array(predictions.FORMAT_WITHOUT_LOG_PROBS)}, "format"),  # format 2 has no log-probabilities
         ({"logp_pred_val": None}, "missing"),

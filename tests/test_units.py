@@ -419,32 +419,6 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert [h["val_acc"] for h in res.history] == [h["val_acc"] for h in full.history]
 
 
-class _OldLayout(_CrashAfter):
-    """Writes a lone run's checkpoint as kd-mlflow did before packed runs shared train.fit:
-    the network's selection and history at the top level."""
-
-    def save(self, state):
-        (network,) = state["networks"]
-        return super().save({k: v for k, v in state.items() if k != "networks"} | network)
-
-
-def test_a_lone_checkpoint_of_the_old_layout_resumes_bitwise(tmp_path):
-    full_model, full = _fit(6)
-    with pytest.raises(_Crash):
-        _fit(6, _OldLayout(tmp_path / "ckpt", 4))
-    model, res = _fit(6, CheckpointStore(tmp_path / "ckpt"), init_seed=123)
-    for k, v in full_model.state_dict().items():
-        assert torch.equal(v, model.state_dict()[k]), k
-    assert res.history == [
-        h | {"epoch_seconds": r["epoch_seconds"]} for h, r in zip(full.history, res.history, strict=True)
-    ]
-    assert (res.best_epoch, res.best_val_acc, res.best_test_acc) == (
-        full.best_epoch,
-        full.best_val_acc,
-        full.best_test_acc,
-    )
-
-
 @pytest.mark.parametrize("piece", ["optimizer", "scheduler", "order_rng"])
 def test_resume_test_can_fail_without_each_piece_of_state(tmp_path, piece):
     full_model, _ = _fit(6)
