@@ -171,6 +171,7 @@ def _overrides(kwargs: dict) -> dict:
 
 
 def _execution_options(func):
+    func = _run_extras(func)
     func = click.option(
         "--cache-dir",
         "--cache_dir",
@@ -186,6 +187,53 @@ def _execution_options(func):
         "--device", default="auto", show_default=True, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."
     )(func)
     return func
+
+
+def _run_extras(func):
+    """What a run logs besides its result, set in the environment: it reaches the
+    processes a study starts (as --network-timeout does)."""
+
+    def checkpoints(ctx, param, value):
+        from . import runs
+
+        if value is not None:
+            os.environ[runs.LOG_CHECKPOINTS_ENV] = str(value)
+        runs.log_checkpoints_every()  # a bad $KD_MLFLOW_LOG_CHECKPOINTS is refused here, before any run
+
+    def system_metrics(ctx, param, off):
+        if off:
+            os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
+
+    func = click.option(
+        "--no-system-metrics",
+        is_flag=True,
+        expose_value=False,
+        callback=system_metrics,
+        help="No CPU, memory and GPU metrics on the runs (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false).",
+    )(func)
+    return _to_environment(
+        "--log-checkpoints",
+        _Number(int, min=0),
+        checkpoints,
+        "N",
+        "Every N epochs, log the network as a LoggedModel of its run with that epoch's "
+        "val_acc and val_loss: the Models tab ranks a run's checkpoints [0: off].",
+    )(func)
+
+
+def _to_environment(name: str, kind, callback, metavar: str, help: str):
+    """An option whose ``callback`` puts it in the environment (optional, "" not given;
+    also spelt with underscores, for MLflow's extra parameters)."""
+    return click.option(
+        name,
+        name.replace("-", "_").replace("__", "--", 1),
+        type=_Optional(kind),
+        default=None,
+        expose_value=False,
+        callback=callback,
+        metavar=metavar,
+        help=help,
+    )
 
 
 def _step_options(func):
@@ -209,15 +257,12 @@ def _network(func):
         waits.set_timeout(value)
         waits.timeout()  # a bad $KD_MLFLOW_NETWORK_TIMEOUT is refused here, before any wait
 
-    return click.option(
+    return _to_environment(
         "--network-timeout",
-        "--network_timeout",
-        type=_Optional(_Number(float, above=0)),
-        default=None,
-        expose_value=False,
-        callback=check,
-        metavar="SECONDS",
-        help=f"How long a wait on the network (the tracking server, a download) may last before it gives up "
+        _Number(float, above=0),
+        check,
+        "SECONDS",
+        f"How long a wait on the network (the tracking server, a download) may last before it gives up "
         f"[${waits.ENV}, else {waits.DEFAULT_TIMEOUT:g}].",
     )(func)
 

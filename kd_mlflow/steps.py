@@ -327,15 +327,12 @@ def _fitting_packed(recipe: Recipe, seeds, draws, source, split, ex: Execution, 
             rec.set_tags(_runtime_tags(rt))
         nets = [_seeded_network(recipe, seeds[i], source.num_classes, draws[i]) for i in indices]
         dd = data_mod.DeviceData(source, split, rt.device)
-        results = fit(
-            rt.prepare(pack(nets)),
-            [make_objective(dd, rt, i) for i in indices],
-            dd,
-            recipe,
-            rt,
-            [rec.sink for rec in recordings],
-            store,
-        )
+        model = rt.prepare(pack(nets))
+        sinks = [
+            rec.sink_for(model, dd.test_x[:2], k, net)
+            for k, (rec, net) in enumerate(zip(recordings, nets, strict=True))
+        ]
+        results = fit(model, [make_objective(dd, rt, i) for i in indices], dd, recipe, rt, sinks, store)
         return [
             _selected(rec, rt.prepare(net), result, dd, recipe, rt)
             for rec, net, result in zip(recordings, nets, results, strict=True)
@@ -435,7 +432,7 @@ def _fitting_joint(recipe: Recipe, seeds: list[int], source, split, ex: Executio
         rec.set_tags(_runtime_tags(rt))
         model = rt.prepare(joint_network(recipe, seeds, source.num_classes))
         dd = data_mod.DeviceData(source, split, rt.device)
-        (result,) = fit(model, [CrossEntropy()], dd, recipe, rt, [rec.sink], rec.store)
+        (result,) = fit(model, [CrossEntropy()], dd, recipe, rt, [rec.sink_for(model, dd.test_x[:2])], rec.store)
         final = _selected(rec, model, result, dd, recipe, rt)  # the model now holds the selected weights
         for which in ("val", "test"):
             accs = evaluate_stacked(model.members, dd, which, recipe, rt)[1]
@@ -636,7 +633,9 @@ def _fitting(recipe: Recipe, seed: int, source, split, ex: Execution, make_objec
         rec.set_tags(_runtime_tags(rt))
         model = rt.prepare(_seeded_network(recipe, seed, source.num_classes, draws_before))
         dd = data_mod.DeviceData(source, split, rt.device)
-        (result,) = fit(model, [make_objective(dd, rt)], dd, recipe, rt, [rec.sink], rec.store)
+        (result,) = fit(
+            model, [make_objective(dd, rt)], dd, recipe, rt, [rec.sink_for(model, dd.test_x[:2])], rec.store
+        )
         return _selected(rec, model, result, dd, recipe, rt)
 
     return body
