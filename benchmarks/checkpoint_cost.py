@@ -8,6 +8,11 @@ The checkpoint is the one the loop writes (``train._snapshot``): weights, the op
 state after one step (Adam: two moments per parameter), the schedule, the generators, and
 the selected weights (one more copy of the network). Loopback measures the server's and
 the client's own cost; a real link adds size / bandwidth (printed for 100 MB/s and 10 MB/s).
+
+Beside it, what one ``--log-checkpoints`` checkpoint costs: the network as a LoggedModel
+(torch.export's pt2 model, its signature and input example) and the seconds the training
+loop pauses to log it with its metrics (``RunWriter.log_checkpoint``, as
+``runs.CheckpointSink`` calls it: export, files, a few requests).
 """
 
 from __future__ import annotations
@@ -50,6 +55,29 @@ def checkpoint_bytes(preset: str) -> tuple[int, bytes]:
     return sum(p.numel() for p in net.parameters()), dump({**state, "run_ids": {"h": "r"}})
 
 
+def logged_checkpoint(session, preset: str, repeats: int) -> tuple[int, list[float]]:
+    """(the LoggedModel's bytes, the seconds of each of ``repeats`` checkpoints)."""
+    recipe = config.PRESETS[preset]
+    torch.manual_seed(0)
+    net = models.build(recipe, CLASSES[preset]).eval()
+    example = torch.randint(0, 256, (2, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8)
+    writer = tracking.RunWriter(session, None, f"{preset}-logged")
+    seconds, model_id = [], ""
+    for epoch in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        model_id = writer.log_checkpoint(net, example, epoch, {"val_acc": 50.0}, int(1000 * time.time()))
+        seconds.append(time.perf_counter() - t0)
+    writer.end()
+    size, folders = 0, [None]
+    while folders:  # its files, folders walked
+        for f in session.client.list_logged_model_artifacts(model_id, folders.pop()):
+            if f.is_dir:
+                folders.append(f.path)
+            else:
+                size += f.file_size or 0
+    return size, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="smoke,cpu-converge,seed-report")
@@ -81,6 +109,12 @@ def main() -> None:
                     f"{preset}: {params / 1e6:.3f}M params, checkpoint {mb:.2f} MB; loopback upload median "
                     f"{statistics.median(up):.3f} s (range {min(up):.3f}-{max(up):.3f}), download median "
                     f"{statistics.median(down):.3f} s; at 100 MB/s {mb / 100:.2f} s, at 10 MB/s {mb / 10:.1f} s",
+                    flush=True,
+                )
+                size, took = logged_checkpoint(session, preset, args.repeats)
+                print(
+                    f"  as a LoggedModel (--log-checkpoints): {size / 1e6:.2f} MB, logged in median "
+                    f"{statistics.median(took):.2f} s (range {min(took):.2f}-{max(took):.2f})",
                     flush=True,
                 )
         finally:

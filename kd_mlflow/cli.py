@@ -159,7 +159,33 @@ _execution_options = _all(
         click.Path(file_okay=False, path_type=Path),
         help="Decoded datasets and checkpoints [~/.cache/kd-mlflow or $KD_MLFLOW_CACHE].",
     ),
+    # What a run logs besides its result: set in the environment, so that it reaches the
+    # processes a study starts (as --network-timeout does); not Execution fields.
+    _opt(
+        "log_checkpoints",
+        _number(int, min=0),
+        expose_value=False,
+        callback=lambda ctx, param, value: _log_checkpoints(value),
+        metavar="N",
+        help="Every N epochs, log the network as a LoggedModel of its run with that epoch's "
+        "val_acc and val_loss: the Models tab ranks a run's checkpoints [0: off].",
+    ),
+    click.option(
+        "--no-system-metrics",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda ctx, param, off: off and os.environ.update(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false"),
+        help="No CPU, memory and GPU metrics on the runs (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false).",
+    ),
 )
+
+
+def _log_checkpoints(value) -> None:
+    from . import runs
+
+    if value is not None:
+        os.environ[runs.LOG_CHECKPOINTS_ENV] = str(value)
+    runs.log_checkpoints_every()  # a bad $KD_MLFLOW_LOG_CHECKPOINTS is refused here, before any run
 
 
 def _execution(kw: dict):

@@ -9,8 +9,10 @@ MLflow entities or tag names: everything else gets plain :class:`RunRecord` valu
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -413,6 +415,13 @@ class Recording:
     def set_tags(self, tags: dict) -> None:
         self.writer.set_tags({k: str(v) for k, v in tags.items()})
 
+    def sink_for(self, model, example, index: int = 0, like=None):
+        """What ``fit`` delivers network ``index`` of ``model``'s epochs to: :attr:`sink`, or
+        with ``--log-checkpoints`` a :class:`CheckpointSink` around it. ``like``: the
+        network's lone form (a packed wave's), else ``model`` itself."""
+        every = log_checkpoints_every()
+        return CheckpointSink(self.sink, every, model, index, like or model, example) if every else self.sink
+
     def log_predictions(self, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test) -> None:
         """The selected model's probabilities and predicted classes on the validation and
         test images, as an artifact that loads without pickle (:mod:`kd_mlflow.predictions`)."""
@@ -645,9 +654,9 @@ class EpochSink:
         self.pending: dict[int, tuple[dict, int]] = {}  # epoch: (metrics, timestamp in ms)
         self.last_error = ""
 
-    def __call__(self, epoch: int, metrics: dict) -> None:
+    def __call__(self, epoch: int, metrics: dict, timestamp: int | None = None) -> None:
         if epoch not in self.delivered:
-            self.pending[epoch] = (metrics, int(1000 * time.time()))
+            self.pending[epoch] = (metrics, timestamp or int(1000 * time.time()))
         self._try_deliver(wait=False)
 
     def replay(self, history: list[dict]) -> None:
@@ -676,6 +685,45 @@ class EpochSink:
                 "(the checkpoint is kept: run the same command again to upload them); "
                 f"last failure: {self.last_error}"
             )
+
+
+LOG_CHECKPOINTS_ENV = "KD_MLFLOW_LOG_CHECKPOINTS"  # --log-checkpoints, for the step processes too
+
+
+def log_checkpoints_every() -> int:
+    """``--log-checkpoints N`` (``$KD_MLFLOW_LOG_CHECKPOINTS``): log the network every N
+    epochs as a LoggedModel of its run; 0 (the default): never."""
+    text = os.environ.get(LOG_CHECKPOINTS_ENV, "").strip() or "0"
+    if not text.isdigit():
+        raise ConfigError(LOG_CHECKPOINTS_ENV, text, "a number of epochs >= 0 (0: no checkpoints)")
+    return int(text)
+
+
+class CheckpointSink:
+    """A network's sink with ``--log-checkpoints N``: each epoch's metrics go to the run's
+    :class:`EpochSink`, and every N epochs network ``index`` of ``model`` (lone, or one of a
+    packed wave's: its own weights in a copy of ``like``, its lone form) is logged as a
+    LoggedModel of the run with that epoch's validation metrics. A checkpoint the server
+    cannot take is said in one line and skipped: training goes on."""
+
+    def __init__(self, inner: EpochSink, every: int, model, index: int, like, example):
+        self.inner, self.every = inner, every
+        self.model, self.index, self.example = model, index, example
+        # What the checkpoints are logged as: a copy, so that the network being trained
+        # stays where it is (a GPU), training.
+        self.network = copy.deepcopy(like).to("cpu").eval()
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        timestamp = int(1000 * time.time())  # one for the run's history and the model's metrics
+        self.inner(epoch, metrics, timestamp)
+        if epoch % self.every:
+            return
+        self.network.load_state_dict(self.model.network_states()[self.index])
+        try:
+            with tracking.impatient():
+                self.inner.writer.log_checkpoint(self.network, self.example.cpu(), epoch, metrics, timestamp)
+        except TrackingUnavailable as e:
+            print(f"warning: the checkpoint of epoch {epoch} was not logged, training goes on: {e}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -586,7 +586,12 @@ def _fitting(recipe: Recipe, source, split, ex: Execution, networks, objective, 
         model, nets = networks(indices)
         dd = data_mod.DeviceData(source, split, rt.device)
         objectives = [objective(dd, rt, i) for i in indices]
-        results = fit(rt.prepare(model), objectives, dd, recipe, rt, [rec.sink for rec in recordings], store)
+        model = rt.prepare(model)
+        sinks = [
+            rec.sink_for(model, dd.test_x[:2], k, net)
+            for k, (rec, net) in enumerate(zip(recordings, nets, strict=True))
+        ]
+        results = fit(model, objectives, dd, recipe, rt, sinks, store)
         finals = []
         for rec, net, result in zip(recordings, nets, results, strict=True):
             final = _selected(rec, rt.prepare(net), result, dd, recipe, rt)  # net now holds the selected weights

@@ -45,6 +45,8 @@ from .errors import GaveUp, TrackingRefused, TrackingUnavailable, one_line
 DEFAULT_EXPERIMENT = "mysteries"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own "Default" experiment
 WEIGHTS_PATH = "weights/model.pt"
+SELECTED_MODEL = "model"  # the LoggedModel of the run's selected weights (runs:/<id>/model)
+CHECKPOINT_METRICS = ("val_acc", "val_loss")  # an epoch's metrics linked to its checkpoint
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens on training runs
 UNFINISHED = ("RUNNING", "KILLED", "FAILED", "SCHEDULED")
@@ -85,7 +87,16 @@ def _attempts() -> int:
 
 # Calls that move a file: bounded per stall (MLFLOW_HTTP_REQUEST_TIMEOUT between bytes),
 # not as a whole: a large model on a slow link may take longer than the bound.
-_TRANSFERS = {"log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_image", "download_artifacts"}
+_TRANSFERS = {
+    "log_artifact",
+    "log_artifacts",
+    "log_model_artifacts",
+    "log_text",
+    "log_dict",
+    "log_figure",
+    "log_image",
+    "download_artifacts",
+}
 
 
 def _remote(uri: str) -> bool:
@@ -644,49 +655,86 @@ class RunWriter:
 
     def _log_final_of(self, model_id: str | None) -> None:
         metrics, ts = self._final
+        if metrics:  # a model logged without results (a test's, a benchmark's)
+            self._log_linked(metrics, ts, 0, model_id)
+
+    def _log_linked(self, metrics: dict, timestamp: int, step: int, model_id: str | None) -> None:
+        """Metrics of the run and of its LoggedModel ``model_id``, each linked to the part of
+        the split it was measured on (the Models tab shows and ranks them by that part)."""
         batch = []
         for key, value in metrics.items():
             name, digest = self._datasets.get(measured_on(key) or "", (None, None))
-            batch.append(Metric(key, float(value), ts, 0, model_id=model_id, dataset_name=name, dataset_digest=digest))
-        if batch:  # a model logged without results (a test's, a benchmark's)
-            self.session.client.log_batch(self.run_id, metrics=batch)
+            batch.append(
+                Metric(key, float(value), timestamp, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+            )
+        self.session.client.log_batch(self.run_id, metrics=batch)
+
+    def log_checkpoint(self, network, example, epoch: int, metrics: dict, timestamp: int) -> str:
+        """``network`` at the end of ``epoch`` as a LoggedModel of the run named
+        "checkpoint-<epoch>" (``--log-checkpoints``), with the epoch's validation metrics
+        linked to it: ordered by val_acc, a run's models put its selected epoch first (ties:
+        the earliest, as the selection). ``timestamp`` is the epoch's own (the sink's): the
+        run's history, which holds these metrics already, keeps them once. Returns its id."""
+        model_id = self._log_as_model(network, example, f"checkpoint-{epoch}", step=epoch)
+        self._log_linked({k: metrics[k] for k in CHECKPOINT_METRICS if k in metrics}, timestamp, epoch, model_id)
+        return model_id
 
     def log_model(self, model, example) -> None:
         """The model as an MLflow model (pt2: torch.export, loads without pickle) with a
         signature, and its weights as a plain state dict (loads with weights_only)."""
-        import torch
-        from mlflow.models import infer_signature
+        model = model.to("cpu").eval()
+        self._log_final_of(self._log_as_model(model, example, SELECTED_MODEL, step=0))
+        self.log_weights(model.state_dict())
 
+    def _log_as_model(self, model, example, name: str, step: int) -> str:
+        """``model`` (on the CPU) as a LoggedModel of the run, output at ``step``: an MLflow
+        model (pt2: torch.export, loads without pickle) with its signature. Returns its id.
+
+        Made in the run's experiment and filled through the client's LoggedModel calls, not
+        ``mlflow.pytorch.log_model``: that one files a new model under the fluent API's
+        experiment (the environment's, else Default), and copies every metric the run has
+        at ``step`` onto it (the machine's samples of that number too, without their
+        dataset), a request per metric."""
+        import torch
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model, infer_signature
+
+        c = self.session.client
         # Plain layout: torch.export packs channels-last weights with a warning per tensor.
-        model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+        model = model.to(memory_format=torch.contiguous_format)
         with torch.no_grad():
             out = model(example).numpy()
         x = example.numpy()
-        info = watched("log model", lambda: self._log_pt2(model, infer_signature(x, out), x), transfer=True)
-        self._log_final_of(info.model_id)
-        self.log_weights(model.state_dict())
-
-    def _log_pt2(self, model, signature, x):
-        # MLflow 3 files a new LoggedModel under the fluent API's experiment (the
-        # environment's, else Default), not its run's: made here, in the run's experiment
-        # with the run's params (as log_model would), and handed to log_model by id.
-        params = self.session.client.get_run(self.run_id).data.params
-        logged = mlflow.initialize_logged_model(
-            name="model", source_run_id=self.run_id, params=params, experiment_id=self.session.experiment_id
+        params = c.get_run(self.run_id).data.params
+        # MLflow's own call, for the tags it adds (the user, the source), given the run's experiment.
+        logged = watched(
+            "create logged model",
+            lambda: mlflow.initialize_logged_model(
+                name=name, source_run_id=self.run_id, params=params, experiment_id=self.session.experiment_id
+            ),
         )
-        return mlflow.pytorch.log_model(
-            model,
-            name="model",
-            model_id=logged.model_id,
-            signature=signature,
-            input_example=x,
-            serialization_format="pt2",
-            pip_requirements=model_requirements(),
-            # MLflow would load the model back and predict the example: the same forward
-            # pass as log_model's caller made, at 0.5 s of CPU per model.
-            validate_serving_input=False,
-            run_id=self.run_id,
-        )
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                card = Model(
+                    logged.artifact_location, run_id=self.run_id, model_uuid=logged.model_id, model_id=logged.model_id
+                )
+                mlflow.pytorch.save_model(
+                    model,
+                    Path(tmp) / "model",
+                    mlflow_model=card,
+                    signature=infer_signature(x, out),
+                    input_example=x,
+                    serialization_format="pt2",
+                    pip_requirements=model_requirements(),
+                )
+                c.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+        except BaseException:
+            with contextlib.suppress(Exception):  # the failure itself is what the run ends with
+                c.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        c.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=step)])
+        return logged.model_id
 
     def log_weights(self, state_dict: dict) -> None:
         import torch
@@ -726,7 +774,9 @@ def logged_model_of(session: Session, run_id: str) -> str | None:
 
 
 def _model_id(run) -> str | None:
-    ids = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
+    """The selected model among the run's outputs: the one at step 0 (a checkpoint is
+    output at its epoch, >= 1; the server returns outputs in no particular order)."""
+    ids = [o.model_id for o in (run.outputs.model_outputs if run.outputs else []) if not o.step]
     return ids[-1] if ids else None
 
 

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from conftest import invoke, run_cli
 
-from kd_mlflow import schema, tracking, view
+from kd_mlflow import runs, schema, tracking, view
 
 pytestmark = pytest.mark.e2e  # a real server
 
@@ -225,3 +225,101 @@ def test_the_view_reads_as_the_ui_reads_it_and_names_what_exists(trained):
         # test_acc: a curve only where the recipe tests each epoch (not smoke's)
         assert history or chart["metricKey"] == "test_acc", chart["metricKey"]
     assert len(view.encoded()) < 5000  # well inside an experiment tag (MLflow: 20,000 characters)
+
+
+# --- checkpoints as LoggedModels (--log-checkpoints), and --no-system-metrics ---------
+
+
+def _models_of(run, order_by=None) -> list:
+    return mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id='{run.info.run_id}'",
+        order_by=order_by,
+        output_format="list",
+    )
+
+
+def _val_acc(model) -> float | None:
+    return next((m.value for m in model.metrics or [] if m.key == "val_acc"), None)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(server, cache_dir):
+    """A smoke training run of four epochs with a checkpoint every epoch and without the
+    machine's metrics, through the CLI, in its own experiment."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in (
+            "MLFLOW_RUN_ID",
+            "MLFLOW_EXPERIMENT_ID",
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+            runs.LOG_CHECKPOINTS_ENV,
+        ):
+            mp.delenv(key, raising=False)  # and restored after: the flags set them in this process
+        env = {
+            "MLFLOW_TRACKING_URI": server.uri,
+            "KD_MLFLOW_CACHE": str(cache_dir),
+            "MLFLOW_EXPERIMENT_NAME": "native-ckpt",
+        }
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mlflow.set_tracking_uri(server.uri)
+        args = ("train", "--seed", "0", "--preset", "smoke", "--epochs", "4")
+        res = invoke(*args, "--log-checkpoints", "1", "--no-system-metrics")
+        assert res.exit_code == 0, res.output[-3000:]
+        client = mlflow.MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("native-ckpt").experiment_id])
+        yield run, client
+        mlflow.set_tracking_uri(None)
+
+
+def test_ranked_by_val_acc_a_runs_checkpoints_put_the_selected_epoch_first(checkpointed):
+    run, client = checkpointed
+    # Ties keep the earliest epoch, as the selection does (MLflow breaks them newest first).
+    ranked = _models_of(
+        run, [{"field_name": "metrics.val_acc", "ascending": False}, {"field_name": "creation_timestamp"}]
+    )
+    best = int(run.data.metrics[schema.BEST_EPOCH])
+    assert ranked[0].name == f"checkpoint-{best}", [(m.name, _val_acc(m)) for m in ranked]
+    # One checkpoint per epoch, each with its epoch's val_acc and val_loss, linked to the
+    # validation part; the selected model last (it has final_val_acc, not val_acc).
+    assert sorted(m.name for m in ranked) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4", "model"]
+    assert ranked[-1].name == "model" and _val_acc(ranked[-1]) is None
+    digest = run.data.tags[schema.SPLIT_DIGEST]
+    for key in tracking.CHECKPOINT_METRICS:
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert len(client.get_metric_history(run.info.run_id, key)) == 4, key  # the run's curve holds each epoch once
+        for model in ranked[:-1]:
+            (metric,) = [m for m in model.metrics if m.key == key]
+            epoch = int(model.name.split("-")[1])
+            assert (metric.step, metric.value) == (epoch, history[epoch]), (model.name, key)
+            assert (metric.dataset_name, metric.dataset_digest) == ("digits-validation", digest)
+    # What the registry registers is still the selected model.
+    session = tracking.connect("native-ckpt", create=False)
+    assert tracking.logged_model_of(session, run.info.run_id) == ranked[-1].model_id
+
+
+def test_no_system_metrics_gives_a_run_without_them(checkpointed):
+    run, _ = checkpointed
+    assert run.info.status == "FINISHED"
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
+
+
+def test_a_packed_waves_runs_each_log_their_own_networks_checkpoints(tracked, monkeypatch):
+    """Each run's checkpoint of its selected epoch holds that run's selected weights (its
+    weights artifact): network i of the pack, not another's."""
+    import torch
+
+    monkeypatch.delenv(runs.LOG_CHECKPOINTS_ENV, raising=False)  # restored after the flag sets it
+    res = invoke("train", "--seeds", "0-1", "--pack", "--preset", "smoke", "--log-checkpoints", "1")
+    assert res.exit_code == 0, res.output[-3000:]
+    trained = tracked.runs()
+    assert len(trained) == 2
+    for run in trained:
+        models = {m.name: m for m in _models_of(run)}
+        assert sorted(models) == ["checkpoint-1", "checkpoint-2", "model"], sorted(models)
+        best = int(run.data.metrics[schema.BEST_EPOCH])
+        checkpoint = mlflow.pytorch.load_model(f"models:/{models[f'checkpoint-{best}'].model_id}")
+        selected = torch.load(tracking.weights_file(run.info.run_id), weights_only=True)
+        logged = checkpoint.state_dict()
+        assert all(torch.equal(logged[k], v) for k, v in selected.items() if k in logged), run.info.run_name
+        assert sum(k in logged for k in selected) > len(selected) / 2, sorted(logged)[:5]
