@@ -36,6 +36,13 @@ def openmp_waits(others_runnable: float) -> dict:
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ.update(openmp_waits(_others_runnable()))
 
+# MLflow's usage telemetry sets and unsets an environment variable from a background
+# thread, while a request on another thread iterates os.environ (urllib's proxy
+# lookup): seen here as `KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'` failing a run search
+# on a machine that cannot reach the telemetry endpoint. Off unless the user turns it
+# on; read when mlflow is imported, so set before (here: before any module imports it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 def _version() -> str:
     """pyproject.toml's version, the one source: as installed (the distribution's

@@ -393,9 +393,9 @@ def train(seed, seeds, pack, preset, data_dir, experiment, register, **kw):
     if pack and seeds is None:
         raise click.UsageError("--pack needs --seeds")
     wanted = config.parse_seeds(seeds) if seeds is not None else None
-    from . import steps, tracking, train
+    from . import server, steps, train
 
-    tracking.check_write_access(experiment)  # refused here: before any data or training
+    server.check_write_access(experiment)  # refused here: before any data or training
 
     recipe = train.plan_run(recipe, preset, kw["device"])
     where = {"data_dir": data_dir, "experiment": experiment, "ex": _execution(kw)}
@@ -430,9 +430,9 @@ def distill(teacher, seed, preset, data_dir, experiment, register, **kw):
     overrides = _overrides(kw)
     config.resolve(preset or "seed-report", **overrides)  # each value checked before any import
     _check_run_id("teacher", teacher)
-    from . import steps, tracking
+    from . import server, steps
 
-    tracking.check_write_access(experiment)  # refused here: before any data or training
+    server.check_write_access(experiment)  # refused here: before any data or training
     out = steps.distill(
         teacher,
         seed,
@@ -476,9 +476,9 @@ def ensemble(members, seeds, preset, dataset, combine, allow_mixed, data_dir, ex
     for rid in ids or ():
         _check_run_id("members", rid)
     wanted = config.parse_seeds(seeds) if seeds else None
-    from . import steps, tracking
+    from . import server, steps, tracking
 
-    tracking.check_write_access(experiment)  # refused here: before any data or training
+    server.check_write_access(experiment)  # refused here: before any data or training
     session = tracking.connect(experiment)
     ids = ids or steps.members_for_seeds(wanted or [], preset, dataset, session=session)
     where = {"data_dir": data_dir, "experiment": experiment, "session": session}
@@ -500,9 +500,9 @@ def joint(seeds, preset, data_dir, experiment, **kw):
     "training the average directly"); logs one run, prints its run id."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     wanted = config.parse_seeds(seeds)
-    from . import steps, tracking, train
+    from . import server, steps, train
 
-    tracking.check_write_access(experiment)  # refused here: before any data or training
+    server.check_write_access(experiment)  # refused here: before any data or training
     recipe = train.plan_run(recipe, preset, kw["device"])
     out = steps.joint(wanted, recipe, preset, data_dir=data_dir, experiment=experiment, ex=_execution(kw))
     click.echo(out.run_id)
@@ -583,9 +583,9 @@ def backfill(experiment):
     """Log on the experiment's runs what compare finds missing: predictions (computed
     from a run's logged weights) and calibration metrics, once; prints what it added,
     one line per run. Needs write access to the runs (compare never writes)."""
-    from . import report, tracking
+    from . import report, server
 
-    tracking.check_write_access(experiment)
+    server.check_write_access(experiment)
     added = report.backfill(experiment)
     for line in added:
         click.echo(line)
@@ -674,9 +674,9 @@ def reproduce(
     recipe = config.resolve(preset, **overrides)
     kd_seeds = config.study_kd_seeds(preset) if kd_seeds is None else config.parse_seeds(kd_seeds, "kd_seeds")
     grid = _sweep_kd_grid(sweep_kd)  # refused here, before imports
-    from . import study, tracking, train
+    from . import server, study, train
 
-    tracking.check_write_access(experiment)  # refused here: before any data or training
+    server.check_write_access(experiment)  # refused here: before any data or training
 
     recipe, seeds, kd_seeds = train.plan_run(recipe, preset, kw["device"]), config.parse_seeds(seeds), tuple(kd_seeds)
     more = {"student_model": kw["student_model"], "student_width": kw["student_width"], "joint": bool(joint_step)}
@@ -793,9 +793,9 @@ def sweep(teacher, seeds, show_test, search, trials, search_seed, data_dir, expe
     _check_run_id("teacher", teacher)
     if optuna:
         sweep_mod.optuna_module()  # installed? (exit 1 if not, before any run exists)
-    from . import tracking
+    from . import server
 
-    tracking.check_write_access(experiment)  # refused here: before any data or training
+    server.check_write_access(experiment)  # refused here: before any data or training
     search = sweep_mod.Search(trials, search_seed) if optuna else None
     plan = sweep_mod.SweepPlan(teacher, config.parse_seeds(seeds), grid, data_dir=data_dir, search=search)
     text, _ = sweep_mod.run(plan, experiment=experiment, ex=_execution(kw), executor=_executor(kw), show_test=show_test)

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from . import tracking, waits
+from . import server, waits
 from .config import ConfigError
 from .errors import USER, GaveUp, MissingExtra, StepFailed
 from .runs import Outcome
@@ -224,7 +224,7 @@ def command(step, ctx) -> tuple[list[str], dict]:
     argv = [sys.executable, "-m", "kd_mlflow", "_step", ctx.to_json([step])]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
     env["MLFLOW_EXPERIMENT_ID"] = ctx.session.experiment_id
-    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    env["MLFLOW_TRACKING_URI"] = server.tracking_uri()
     # Ray sets OMP_NUM_THREADS=1 in its workers; CPU float results depend on the
     # thread count, so every step uses the driver's.
     env["KD_MLFLOW_THREADS"] = str(torch.get_num_threads())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import schema, tracking
+from . import claims, schema, server, tracking
 from .config import ConfigError, Recipe, recipe_from_params
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
 
@@ -443,11 +443,11 @@ def _store(session, key: str, checkpoint_root: Path):
 
 @contextlib.contextmanager
 def _claimed(session, specs: list[RunSpec]):
-    """The claims on these configurations (:func:`kd_mlflow.tracking.claimed`), taken in
+    """The claims on these configurations (:func:`kd_mlflow.claims.claimed`), taken in
     one order (their hashes') so that two waves that share some never wait on each other."""
     with contextlib.ExitStack() as stack:
         for spec in sorted(specs, key=lambda s: s.config_hash):
-            stack.enter_context(tracking.claimed(session, spec.config_hash, spec.name, _running(session, spec)))
+            stack.enter_context(claims.claimed(session, spec.config_hash, spec.name, _running(session, spec)))
         yield
 
 
@@ -681,7 +681,7 @@ class EpochSink:
     def flush(self) -> None:
         if not self._try_deliver(wait=True):
             raise TrackingUnavailable(
-                f"{len(self.pending)} epoch(s) of metrics could not be delivered to {tracking.tracking_uri()} "
+                f"{len(self.pending)} epoch(s) of metrics could not be delivered to {server.tracking_uri()} "
                 "(the checkpoint is kept: run the same command again to upload them); "
                 f"last failure: {self.last_error}"
             )
@@ -720,7 +720,7 @@ class CheckpointSink:
             return
         self.network.load_state_dict(self.model.network_states()[self.index])
         try:
-            with tracking.impatient():
+            with server.impatient():
                 self.inner.writer.log_checkpoint(self.network, self.example.cpu(), epoch, metrics, timestamp)
         except TrackingUnavailable as e:
             print(f"warning: the checkpoint of epoch {epoch} was not logged, training goes on: {e}", file=sys.stderr)
@@ -765,7 +765,7 @@ def finishing(writer):
 
 
 def _checkpoint_dir(session, config_hash: str, root: Path) -> Path:
-    where = digest(tracking.tracking_uri(), session.experiment_id, config_hash)
+    where = digest(server.tracking_uri(), session.experiment_id, config_hash)
     return Path(root) / "checkpoints" / where
 
 

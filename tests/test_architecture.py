@@ -16,8 +16,10 @@ from kd_mlflow.cli import main
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_mlflow"
 REPO = PACKAGE.parent
-# tracking is the MLflow adapter; runs is the one home of a run's life.
-MLFLOW_HOME = {"tracking.py", "runs.py"}
+# The MLflow adapter: server (every call bounded and in our words), claims (one process
+# per configuration) and tracking (runs, models, experiments); runs is the one home of a
+# run's life.
+MLFLOW_HOME = {"server.py", "claims.py", "tracking.py", "runs.py"}
 # An MLflow entity read outside the home: its tags/params/metrics, its info, or a
 # system tag such as "mlflow.runName".
 ENTITY = re.compile(r"\.data\.(tags|params|metrics)\b|\.info\.(run_id|status|experiment_id)\b")
@@ -42,6 +44,12 @@ def test_only_the_tracking_home_knows_mlflow(path):
     assert "mlflow" not in _imports(ast.parse(source)), f"{path.name} imports mlflow"
     assert not ENTITY.search(source), f"{path.name} reads an MLflow entity: {ENTITY.search(source).group()}"
     assert not SYSTEM_TAG.search(source), f"{path.name} names an mlflow.* tag: {SYSTEM_TAG.search(source).group()}"
+
+
+def test_the_home_is_named_by_modules_that_exist():
+    """A module renamed or merged away leaves no stale name that would let a new file of
+    that name import mlflow unnoticed."""
+    assert {p.name for p in PACKAGE.glob("*.py")} >= MLFLOW_HOME
 
 
 def test_the_rule_catches_a_violation(tmp_path):

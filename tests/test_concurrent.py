@@ -1,4 +1,4 @@
-"""One identity, one run, across processes: the claims of kd_mlflow.tracking.claimed on
+"""One identity, one run, across processes: the claims of kd_mlflow.claims.claimed on
 a real `mlflow server`, two identical studies at once, a claim whose holder died, and
 the Model Registry under concurrent registrations."""
 
@@ -19,13 +19,13 @@ import pytest
 import torch
 from conftest import REPO, invoke, run_cli
 
-from kd_mlflow import config, runs, schema, steps, tracking
+from kd_mlflow import claims, config, runs, schema, steps, tracking
 
 LEASE = "2"  # seconds: a claim whose holder is gone is taken over this fast here
 
 
 def _claims(client) -> list[str]:
-    return [m.name for m in client.search_registered_models(f"name LIKE '{tracking.CLAIM_PREFIX}-%'")]
+    return [m.name for m in client.search_registered_models(f"name LIKE '{claims.CLAIM_PREFIX}-%'")]
 
 
 def test_a_registered_model_name_is_won_by_one_of_many_racing_creators(tracked):
@@ -104,9 +104,9 @@ def test_a_claim_whose_heartbeat_stopped_is_taken_over_after_the_lease(tracked, 
     training waits one (short) lease for it, takes it over, finishes its run once, and
     removes both claims."""
     session = tracking.connect()
-    stale = f"{tracking.CLAIM_PREFIX}-{session.experiment_id}-{_smoke_hash(0)}-0"
+    stale = f"{claims.CLAIM_PREFIX}-{session.experiment_id}-{_smoke_hash(0)}-0"
     tracked.client.create_registered_model(stale, tags={"host": "elsewhere", "pid": "1", "beat": "7"})
-    env = {**tracked.env, "KD_MLFLOW_CACHE": str(tmp_path / "cache"), tracking.CLAIM_LEASE_ENV: LEASE}
+    env = {**tracked.env, "KD_MLFLOW_CACHE": str(tmp_path / "cache"), claims.CLAIM_LEASE_ENV: LEASE}
     proc = run_cli("train", "--preset", "smoke", "--seed", "0", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "another process (elsewhere, pid 1) is making" in proc.stderr
@@ -118,7 +118,7 @@ def test_a_claim_whose_heartbeat_stopped_is_taken_over_after_the_lease(tracked, 
 def test_a_claim_whose_holder_was_killed_is_taken_over_and_its_run_finishes_once(tracked, tmp_path):
     """A training SIGKILLed while it holds its claim (and its run is RUNNING): the same
     command again takes the claim over and the run finishes once."""
-    env = {**os.environ, **tracked.env, "KD_MLFLOW_CACHE": str(tmp_path / "cache"), tracking.CLAIM_LEASE_ENV: LEASE}
+    env = {**os.environ, **tracked.env, "KD_MLFLOW_CACHE": str(tmp_path / "cache"), claims.CLAIM_LEASE_ENV: LEASE}
     args = [sys.executable, "-m", "kd_mlflow", "train", "--preset", "smoke", "--seed", "0", "--epochs", "40"]
     first = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -55,15 +55,14 @@ def test_a_training_run_has_the_machines_metrics(trained):
 
 
 def test_the_runs_model_is_a_logged_model_with_its_result_metrics(trained):
-    run, _ = trained
+    run, client = trained
     found = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id='{run.info.run_id}'",
         output_format="list",
     )
     assert len(found) == 1, found
-    session = tracking.connect("native-train", create=False)
-    assert tracking.logged_model_of(session, run.info.run_id) == found[0].model_id  # what the registry registers
+    assert tracking._model_id(client.get_run(run.info.run_id)) == found[0].model_id  # what the registry registers
     by_key = {m.key: m for m in found[0].metrics}
     digest = run.data.tags[schema.SPLIT_DIGEST]
     for key, part in ((schema.FINAL_TEST_ACC, "test"), (schema.FINAL_VAL_ACC, "validation"), ("test_nll", "test")):
@@ -294,8 +293,7 @@ def test_ranked_by_val_acc_a_runs_checkpoints_put_the_selected_epoch_first(check
             assert (metric.step, metric.value) == (epoch, history[epoch]), (model.name, key)
             assert (metric.dataset_name, metric.dataset_digest) == ("digits-validation", digest)
     # What the registry registers is still the selected model.
-    session = tracking.connect("native-ckpt", create=False)
-    assert tracking.logged_model_of(session, run.info.run_id) == ranked[-1].model_id
+    assert tracking._model_id(client.get_run(run.info.run_id)) == ranked[-1].model_id
 
 
 def test_no_system_metrics_gives_a_run_without_them(checkpointed):

@@ -541,11 +541,11 @@ def test_a_typed_value_is_refused_for_the_reason_its_logged_text_would_be(flag, 
 @pytest.mark.parametrize("name", ["KD_MLFLOW_NETWORK_TIMEOUT", "KD_MLFLOW_CLAIM_LEASE"])
 def test_seconds_from_the_environment_are_read_in_one_place(name, monkeypatch):
     """The network bound and the claims' lease: one reader, the same refusals."""
-    from kd_mlflow import tracking, waits
+    from kd_mlflow import claims, waits
 
-    read = {"KD_MLFLOW_NETWORK_TIMEOUT": waits.timeout, "KD_MLFLOW_CLAIM_LEASE": tracking.lease}[name]
+    read = {"KD_MLFLOW_NETWORK_TIMEOUT": waits.timeout, "KD_MLFLOW_CLAIM_LEASE": claims.lease}[name]
     monkeypatch.delenv(name, raising=False)
-    assert read() in (waits.DEFAULT_TIMEOUT, tracking.DEFAULT_LEASE)
+    assert read() in (waits.DEFAULT_TIMEOUT, claims.DEFAULT_LEASE)
     monkeypatch.setenv(name, " 2.5 ")
     assert read() == 2.5
     for bad in ("0", "-1", "nan", "inf", "soon"):
