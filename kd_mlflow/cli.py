@@ -280,6 +280,12 @@ _data_dir = _opt(
 )
 
 
+def _writes(*between, grid: bool = False):
+    """The options of a command that trains and writes runs, in --help's order: the data,
+    the experiment, ``between`` (--register), the recipe's fields, how it runs."""
+    return _all(_data_dir, _experiment, *between, _recipe_options(grid), _execution_options)
+
+
 class _Group(click.Group):
     """Every way a command ends goes through here: the exit code and the last line are
     decided by :func:`kd_mlflow.errors.verdict`, in one place."""
@@ -358,10 +364,7 @@ def _tell_adopted_run(e: BaseException, code: int, line: str) -> None:
         return
     from . import tracking
 
-    if code > 128:
-        tracking.fail_run_by_id(run_id, line, status="KILLED")
-    else:
-        tracking.fail_run_by_id(run_id, line.removeprefix("error: "))
+    tracking.fail_run_by_id(run_id, line.removeprefix("error: "), status="KILLED" if code > 128 else "FAILED")
 
 
 @click.group(cls=_Group)
@@ -380,11 +383,7 @@ def main():
     help="With --seeds: train them side by side as one packed network (each still its own run; pays off on a GPU).",
 )
 @_preset
-@_data_dir
-@_experiment
-@_register
-@_recipe_options()
-@_execution_options
+@_writes(_register)
 def train(seed, seeds, pack, preset, data_dir, experiment, register, **kw):
     """Train one model and log one MLflow run; prints its run id (one per line with --seeds)."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
@@ -418,11 +417,7 @@ def train(seed, seeds, pack, preset, data_dir, experiment, register, **kw):
 @click.option("--teacher", required=True, help="Run id of a train run (SD), an ensemble run (KD) or a student.")
 @click.option("--seed", type=_number(min=0), required=True, help="The student's model seed.")
 @_opt("preset", click.Choice(config.CHOICES["preset"]), help="The student's preset [the teacher's].")
-@_data_dir
-@_experiment
-@_register
-@_recipe_options()
-@_execution_options
+@_writes(_register)
 def distill(teacher, seed, preset, data_dir, experiment, register, **kw):
     """Train a student on a teacher's probabilities (SD if the teacher is one network of
     the student's architecture, KD otherwise: an ensemble, or --model another); prints
@@ -490,10 +485,7 @@ def ensemble(members, seeds, preset, dataset, combine, allow_mixed, data_dir, ex
 @_network
 @click.option("--seeds", required=True, help="The members' model seeds, e.g. 0-4 or 0-9 (at least two).")
 @_preset
-@_data_dir
-@_experiment
-@_recipe_options()
-@_execution_options
+@_writes()
 def joint(seeds, preset, data_dir, experiment, **kw):
     """Train the seeds' networks as one model whose logits are the mean of theirs (each
     initialised as its train run's, cross-entropy on the mean: Allen-Zhu and Li's
@@ -524,26 +516,17 @@ def step(job):
 @_network
 @_experiment
 @click.option("--format", "fmt", type=click.Choice(config.FORMATS), default="markdown", show_default=True)
-@click.option(
-    "--output",
-    type=_Optional(click.Path()),
-    default=None,
+@_opt(
+    "output",
+    click.Path(),
     help="Write here instead of stdout: a file, or for --format csv a folder of one file per table.",
 )
-@click.option(
-    "--table",
-    type=_Optional(click.STRING),
-    default=None,
-    help="With --format csv: this table only (runs, the default: every listed run once; seeds, summary, ...).",
+@_opt(
+    "table", help="With --format csv: this table only (runs, the default: every listed run once; seeds, summary, ...)."
 )
-@click.option("--preset", type=_Optional(click.STRING), default=None, help="Only this preset's runs.")
-@click.option("--dataset", type=_Optional(click.STRING), default=None, help="Only this dataset's runs.")
-@click.option(
-    "--group",
-    type=_Optional(click.STRING),
-    default=None,
-    help="Only the group whose label or id starts with this (labels head each table).",
-)
+@_opt("preset", help="Only this preset's runs.")
+@_opt("dataset", help="Only this dataset's runs.")
+@_opt("group", help="Only the group whose label or id starts with this (labels head each table).")
 @click.option(
     "--intervals/--no-intervals",
     default=True,
@@ -660,10 +643,7 @@ def _check_writable(option: str, path: Path) -> None:
     help="Before the KD step, sweep the KD student over these values (repeat for a grid, e.g. "
     "--sweep-kd temperature=1,2,4 --sweep-kd alpha=0.5,1.0); the KD row uses the setting chosen on validation.",
 )
-@_data_dir
-@_experiment
-@_recipe_options()
-@_execution_options
+@_writes()
 def reproduce(
     preset, seeds, offset, kd_seeds, register_as, no_register, joint_step, sweep_kd, data_dir, experiment, **kw
 ):
@@ -773,10 +753,7 @@ def _check_run_id(option: str, run_id: str) -> None:
     help="Seed of the optuna search's sampler.",
 )
 @_executor_options
-@_data_dir
-@_experiment
-@_recipe_options(grid=True)
-@_execution_options
+@_writes(grid=True)
 def sweep(teacher, seeds, show_test, search, trials, search_seed, data_dir, experiment, **kw):
     """Students of one teacher over a grid of settings, as runs nested under one sweep
     run; the setting of best mean validation accuracy is chosen and only its test
