@@ -458,7 +458,7 @@ def ensemble(
     def body(recordings, indices, store) -> list[Final]:
         from . import data as data_mod
         from .ensemble import Ensemble
-        from .train import evaluate_all, make_runtime
+        from .train import make_runtime
 
         (rec,) = recordings
 
@@ -467,8 +467,7 @@ def ensemble(
             Ensemble([load_network(session, m, source.num_classes, "members") for m in members], combine)
         )
         dd = data_mod.DeviceData(source, split, rt.device)
-        scores = evaluate_all(model, dd, recipe, rt)
-        calibration = _log_predictions(rec, model, dd, recipe, rt)
+        calibration, scores = _log_predictions(rec, model, dd, recipe, rt)
         final = {
             schema.FINAL_VAL_ACC: scores["val_acc"],
             schema.FINAL_TEST_ACC: scores["test_acc"],
@@ -692,7 +691,7 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
     rec.sink.replay(result.history)
     rec.sink.flush()
     model.load_state_dict(result.best_state)
-    calibration = _log_predictions(rec, model, dd, recipe, rt)
+    calibration, _ = _log_predictions(rec, model, dd, recipe, rt)
     return Final(
         {
             schema.FINAL_VAL_ACC: result.best_val_acc,
@@ -705,10 +704,13 @@ def _selected(rec, model, result, dd, recipe, rt) -> Final:
     )
 
 
-def _log_predictions(rec, model, dd, recipe, rt) -> dict:
+def _log_predictions(rec, model, dd, recipe, rt) -> tuple[dict, dict]:
     """Logs the model's predictions; returns its test calibration (test_nll, test_ece,
     test_brier), computed from the probabilities as the artifact stores them (NLL from
-    the float32 log-probabilities it stores beside them)."""
+    the float32 log-probabilities it stores beside them), and what the predictions say
+    besides (val_acc and test_acc, counted from the predicted classes as evaluation
+    counts them; val_loss, the validation NLL): a model that is not trained here (an
+    ensemble) needs no second pass over the images."""
     from .calibration import measure
     from .predictions import log_probs_of, stored
     from .train import predict
@@ -725,7 +727,13 @@ def _log_predictions(rec, model, dd, recipe, rt) -> dict:
     )
     y, top = dd.test_y.cpu().numpy(), pred_test.numpy()
     logp_label = log_probs_of(probs_test.numpy(), y, top)[0]
-    return measure(stored(probs_test.numpy()), y, top, logp_label).as_metrics()
+    y_val, top_val = dd.val_y.cpu().numpy(), pred_val.numpy()
+    read = {
+        "val_acc": 100.0 * int((top_val == y_val).sum()) / len(y_val),  # as evaluate_stacked divides
+        "test_acc": 100.0 * int((top == y).sum()) / len(y),
+        "val_loss": -float(log_probs_of(probs_val.numpy(), y_val, top_val)[0].astype("float64").mean()),
+    }
+    return measure(stored(probs_test.numpy()), y, top, logp_label).as_metrics(), read
 
 
 def load_data(recipe: Recipe, data_dir, ex: Execution):

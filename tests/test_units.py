@@ -553,3 +553,31 @@ def test_seconds_from_the_environment_are_read_in_one_place(name, monkeypatch):
         with pytest.raises(ConfigError) as e:
             read()
         assert e.value.name == name
+
+
+def test_what_an_ensembles_predictions_say_is_what_evaluating_it_says():
+    """The ensemble step reads its accuracies and validation loss off the predictions it
+    logs (one pass over the images, not two): the same figures as evaluate_all's."""
+    from kd_mlflow import data, models, steps
+    from kd_mlflow.ensemble import Ensemble
+    from kd_mlflow.train import evaluate_all, make_runtime
+
+    class Logged:  # what _log_predictions hands a run: kept here to look at
+        def log_predictions(self, *arrays, pred_val, pred_test):
+            self.pred_test = pred_test
+
+    recipe = config.PRESETS["smoke"]
+    digits = data.load("digits")
+    rt = make_runtime(recipe, "cpu")
+    dd = data.DeviceData(digits, data.make_split(digits, recipe), rt.device)
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(models.build(recipe, digits.num_classes))
+    model = rt.prepare(Ensemble(members))
+    want = evaluate_all(model, dd, recipe, rt)
+    rec = Logged()
+    _, got = steps._log_predictions(rec, model, dd, recipe, rt)
+    assert (got["val_acc"], got["test_acc"]) == (want["val_acc"], want["test_acc"])
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert len(rec.pred_test) == len(digits.test_y)
