@@ -261,4 +261,7 @@ def test_commands_log_the_lone_identity_and_train_what_it_trains(digits, tracked
             assert (m[schema.BEST_EPOCH], m[schema.FINAL_VAL_ACC]) == (want.best_epoch, want.best_val_acc), path
             assert m[schema.FINAL_TEST_ACC] == pytest.approx(want.best_test_acc, abs=1e-9), path
     identities = [(r[0].data.tags[schema.CONFIG_HASH], r[0].data.params) for r in runs.values()]
-    assert all(i == identities[0] for i in identities), "seed 0's config hash or params differ by path"
+    assert all(i == identities[0] for i in identities), [
+        (path, r[0].data.tags[schema.CONFIG_HASH], set(r[0].data.params.items()) ^ set(identities[0][1].items()))
+        for path, r in runs.items()
+    ]
