@@ -143,7 +143,7 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
             "override single fields instead (e.g. --temperature 4)",
         )
     preset = preset or teacher.preset or "custom"
-    recipe = _student_recipe(preset, teacher, overrides)
+    recipe = _student_recipe(preset, teacher, overrides, ex.device)
     combine = (teacher.combine or "prob") if teacher.role == "ensemble" else None
     recipe = recipe.replace(teacher_target=effective_target(recipe.teacher_target, recipe.temperature, combine))
     source, split = load_data(recipe, data_dir or teacher.data_dir, ex)
@@ -153,7 +153,7 @@ def _student_plan(session, teacher_run_id: str, seed: int, preset, overrides: di
     teacher_archs = [_architecture_of(r) for r in _networks(session, teacher)]
     method = student_method(teacher.role, teacher_archs, architecture(recipe.model, recipe.width))
     t_seeds = ",".join(teacher.member_seeds) or (str(teacher.seed) if teacher.seed is not None else "")
-    changed = recipe.differences(_student_recipe(preset, teacher, {}), "student")
+    changed = recipe.differences(_student_recipe(preset, teacher, {}, ex.device), "student")
     spec = _spec(
         "student",
         schema.student_name(method, seed, t_seeds, schema.settings(changed)),
@@ -294,22 +294,28 @@ def distill_wave(
     return _record(session, [p.spec for p in plans], body, ex, parent_run_id, packed=True)
 
 
-def student_changes(preset: str, teacher: RunRecord, overrides: dict) -> dict:
+def student_changes(preset: str, teacher: RunRecord, overrides: dict, device: str) -> dict:
     """The fields ``overrides`` change of what a student of ``teacher`` would otherwise
     train with (its teacher's recipe and the preset's distillation settings)."""
-    return _student_recipe(preset, teacher, overrides).differences(_student_recipe(preset, teacher, {}), "student")
+    changed = _student_recipe(preset, teacher, overrides, device)
+    return changed.differences(_student_recipe(preset, teacher, {}, device), "student")
 
 
-def _student_recipe(preset: str, teacher: RunRecord, overrides: dict) -> Recipe:
+def _student_recipe(preset: str, teacher: RunRecord, overrides: dict, device: str) -> Recipe:
     """The teacher's training recipe (an ensemble's: its members'), with the preset's
     distillation settings, then the fields the user overrode: a student never silently
-    drops what its teacher was trained with. What it changes shows in its group label."""
+    drops what its teacher was trained with. What it changes shows in its group label.
+    Planned for the machine as a training run is (train.plan_run): an explicit
+    ``precision=auto`` is the teacher's bf16 on a CPU that computes it, not float32."""
+    from .train import plan_run
+
     base = teacher.recipe
     own = {k: getattr(PRESETS[preset], k) for k in STUDENT_FIELDS} if preset in PRESETS else {}
     try:
-        return base.replace(**{**own, **overrides})
+        recipe = base.replace(**{**own, **overrides})
     except TypeError as e:  # e.g. a tuple field given a scalar
         raise ConfigError("recipe", overrides, str(e)) from None
+    return plan_run(recipe, preset, device)
 
 
 # --- joint: the K networks trained as one model, the mean of their logits ---------

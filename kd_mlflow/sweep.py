@@ -261,7 +261,7 @@ def within(session, plan: SweepPlan, ex, executor, *, nested_in=None, show_test:
         """The settings' students, as one wave; one row per student."""
         items = []
         for setting in settings:
-            changed = steps.student_changes(plan.preset, teacher, {**plan.overrides, **dict(setting)})
+            changed = steps.student_changes(plan.preset, teacher, {**plan.overrides, **dict(setting)}, ex.device)
             suffix = schema.settings(changed)
             items += [study.DistillStep(plan.teacher, s, method, t_seeds, setting, suffix=suffix) for s in plan.seeds]
         outcomes = executor.run_wave(items, ctx, progress)

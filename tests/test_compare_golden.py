@@ -15,6 +15,7 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import E2E_REASONS
 
 from kd_mlflow import compare, config, schema
 from kd_mlflow import gains as gains_mod
@@ -899,3 +900,13 @@ def test_compare_on_a_server_names_runs_not_finished_and_gathers_a_sweep(tracked
     assert "| KILLED | train | train-seed-2 | ended " in md and f"| {killed} |" in md
     assert "### Sweep sweep-sd (chosen on validation; test of the chosen only)" in md
     assert sum(line.startswith("## ") for line in md.splitlines()) == 1  # the sweep's settings are rows
+
+
+def test_its_study_fixture_is_a_file_not_a_server():
+    """This file's `study` is a sqlite file in a temp dir (test_study's is a real study on a
+    server), so its tests are unit tests, wherever the file is collected; its one test on a
+    real server is e2e for that. (In this file, so that it runs whenever they are collected.)"""
+    golden = {n: r for n, r in E2E_REASONS.items() if "test_compare_golden.py::" in n}
+    on_a_server = {n for n in golden if "::test_compare_on_a_server" in n}
+    assert on_a_server and all(golden[n] for n in on_a_server)
+    assert all(r is None for n, r in golden.items() if n not in on_a_server), golden

@@ -292,13 +292,6 @@ def test_the_tiers_follow_the_fixtures_a_test_really_uses(request):
     assert mine["test_source_digest_names_the_source_and_changes_with_one_byte"] is None
     assert mine["test_the_tiers_follow_the_fixtures_a_test_really_uses"] is None
     assert request.node.get_closest_marker("e2e") is None
-    # test_compare_golden's `study` is a sqlite file in a temp dir (test_study's is a real
-    # study on a server): unit tests, wherever that file is collected with this one.
-    # (Its one test on a real server is e2e for that.)
-    golden = {n: r for n, r in E2E_REASONS.items() if n.startswith("tests/test_compare_golden.py::")}
-    on_a_server = {n for n in golden if "::test_compare_on_a_server" in n}
-    assert on_a_server and all(golden[n] for n in on_a_server)
-    assert all(r is None for n, r in golden.items() if n not in on_a_server), golden
 
 
 SAMPLE_E2E = '''

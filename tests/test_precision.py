@@ -87,6 +87,22 @@ def test_bf16_and_fp32_runs_of_one_recipe_are_two_groups(tracked, monkeypatch):
     assert fp32.data.params["precision"] == "auto"  # as such a run was logged before
 
 
+def test_a_student_told_precision_auto_trains_as_its_bf16_teacher_did(tracked, monkeypatch):
+    """`reproduce --precision auto` on a bf16 CPU trained its teachers in bf16 and its
+    students, whose typed auto was not planned for the machine, in float32 under a
+    "precision=auto" name. auto is the default: the student is the default one."""
+    teacher = _train(monkeypatch, True).info.run_id
+    runs = []
+    for typed in ([], ["--precision", "auto"]):
+        res = invoke("distill", "--teacher", teacher, "--seed", "10", "--device", "cpu", *typed)
+        assert res.exit_code == 0, res.output[-2000:]
+        runs.append(mlflow.get_run(res.stdout.strip().splitlines()[-1]))
+    default, typed_auto = runs
+    assert typed_auto.data.tags[schema.PRECISION_RESOLVED] == "bf16"
+    assert typed_auto.info.run_id == default.info.run_id  # the same student, reused
+    assert "precision" not in typed_auto.info.run_name
+
+
 # --- float32 losses and metrics under bf16 autocast -------------------------------
 
 
