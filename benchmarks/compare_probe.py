@@ -9,6 +9,8 @@ it back is timed ``--reps`` times (median):
     search_runs    mlflow.search_runs(..., output_format="pandas"): what compare did before RunRecords
     client_frame   MlflowClient pages -> a frame of only the tags and metrics compare reads
     results_frame  runs.results_frame(): the library's call (the search, read as RunRecords)
+    compare_work   compare's own work on that frame: build_tables + render (markdown),
+                   and its ratio (read + work) / read: what compare adds to the read it waits on
 
     python benchmarks/compare_probe.py [--runs 1000] [--page 1000] [--reps 3]
 """
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    from kd_mlflow import runs, tracking
+    from kd_mlflow import compare, runs, tracking
     from kd_mlflow import schema as S
     from tests.mlflow_server import MlflowServer
 
@@ -100,6 +102,12 @@ def main(argv=None) -> int:
         print(f"logged {args.runs} runs in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         with MlflowServer(root) as server:
             os.environ["MLFLOW_TRACKING_URI"] = server.uri
+            frames: list = []  # compare_work's input: the frame results_frame read last
+
+            def read():
+                frames.append(runs.results_frame(tracking.connect("probe", create=False)))
+                return frames[-1]
+
             one_preset = f"{FINISHED} and tags.`{S.PRESET}` = 'cpu-demo'"
             arms = {
                 "rest_json": lambda: rest_json(server.uri, exp_id, args.page),
@@ -108,7 +116,8 @@ def main(argv=None) -> int:
                 "client_pages": lambda: client_pages(exp_id, args.page),
                 "search_runs": lambda: search_runs(exp_id),
                 "client_frame": lambda: client_frame(exp_id, args.page),
-                "results_frame": lambda: runs.results_frame(tracking.connect("probe", create=False)),
+                "results_frame": read,
+                "compare_work": lambda: compare.render(compare.build_tables(frames[-1]), "markdown"),
             }
             seconds: dict = {k: [] for k in arms}
             for rep in range(args.reps + 1):
@@ -124,6 +133,7 @@ def main(argv=None) -> int:
     res = {k: statistics.median(v) for k, v in seconds.items()}
     for k, v in res.items():
         print(f"{k:<14} {v:.3f} s")
+    print(f"compare / read {1 + res['compare_work'] / res['results_frame']:.3f}x")
     if args.json:
         args.json.write_text(
             json.dumps({"median_seconds": res, "samples": seconds, "runs": args.runs, "page": args.page}, indent=2)

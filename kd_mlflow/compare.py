@@ -15,6 +15,7 @@ table of their line lists them; every other run is listed in one table at most.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import pandas as pd
@@ -87,12 +88,14 @@ _OPTIONAL = {"parent_run_id": None, "sweep": False, "last_seen": 0, "end_time": 
 
 
 def _tidy(records: pd.DataFrame) -> pd.DataFrame:
-    """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2")."""
+    """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2"), text
+    as Python objects: pandas 3's string arrays are read a value at a time here, and cost
+    compare 1.13x (benchmarks/compare_bench.py --work)."""
     out = records.rename(columns={"final_val_acc": "val_acc", "final_test_acc": "test_acc"})
     for column, default in _OPTIONAL.items():  # runs.results_frame adds them; hand-made records may not
         if column not in out:
             out = out.assign(**{column: default})
-    return out.assign(
+    out = out.assign(
         seed=pd.to_numeric(out["seed"]).astype("Int64"),
         val_acc=out["val_acc"].astype(float),
         test_acc=out["test_acc"].astype(float),
@@ -101,6 +104,8 @@ def _tidy(records: pd.DataFrame) -> pd.DataFrame:
         combine=out["combine"].fillna(PLAIN),
         model=[_architecture(r, p) for r, p in zip(out["recipe"], out["params"], strict=True)],
     )
+    text = [c for c in out.columns if out[c].dtype != object and pd.api.types.is_string_dtype(out[c])]
+    return out.astype(dict.fromkeys(text, object))
 
 
 def _architecture(recipe, params: dict) -> str | None:
@@ -292,9 +297,14 @@ def _settings(student, teacher) -> set[str]:
     where the teacher had another)."""
     if student.recipe is None or teacher.recipe is None:
         return {"recipe unreadable"}
-    preset = config.PRESETS.get(student.preset, config.Recipe())
-    reference = dataclasses.replace(teacher.recipe, **{k: getattr(preset, k) for k in config.STUDENT_FIELDS})
-    return set(config.shown(student.recipe.differences(reference, "student")))
+    return set(_differences(student.recipe, teacher.recipe, student.preset))
+
+
+@functools.lru_cache(maxsize=1024)  # a study's students share a few (recipe, teacher recipe) pairs
+def _differences(student: config.Recipe, teacher: config.Recipe, preset: str) -> tuple:
+    own = config.PRESETS.get(preset, config.Recipe())
+    reference = dataclasses.replace(teacher, **{k: getattr(own, k) for k in config.STUDENT_FIELDS})
+    return tuple(config.shown(student.differences(reference, "student")))
 
 
 # --- the tables of one place ---------------------------------------------------
