@@ -89,8 +89,8 @@ _OPTIONAL = {"parent_run_id": None, "sweep": False, "last_seen": 0, "end_time": 
 
 def _tidy(records: pd.DataFrame) -> pd.DataFrame:
     """Accuracies as floats, seeds as nullable ints, member seeds as text ("0,1,2"), text
-    as Python objects: pandas 3's string arrays are read a value at a time here, and cost
-    compare 1.13x (benchmarks/compare_bench.py --work)."""
+    as Python objects: pandas 3's str arrays are read a value at a time here, and made
+    compare's work at 1,000 runs 1.29x as long (docs/benchmarks.md)."""
     out = records.rename(columns={"final_val_acc": "val_acc", "final_test_acc": "test_acc"})
     for column, default in _OPTIONAL.items():  # runs.results_frame adds them; hand-made records may not
         if column not in out:
