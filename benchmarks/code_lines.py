@@ -34,7 +34,7 @@ def code_lines(path: Path) -> int:
 
 
 def main(root: str = "kd_mlflow") -> None:
-    counts = {p.name: code_lines(p) for p in sorted(Path(root).glob("*.py"))}
+    counts = {str(p.relative_to(root)): code_lines(p) for p in sorted(Path(root).rglob("*.py"))}
     for name, n in counts.items():
         print(f"{name:20s} {n:5d}")
     print(f"{'total':20s} {sum(counts.values()):5d}")

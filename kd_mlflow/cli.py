@@ -392,7 +392,8 @@ def train(seed, seeds, pack, preset, data_dir, experiment, register, **kw):
     if pack and seeds is None:
         raise click.UsageError("--pack needs --seeds")
     wanted = config.parse_seeds(seeds) if seeds is not None else None
-    from . import server, steps, train
+    from . import steps, train
+    from .tracking import server
 
     server.check_write_access(experiment)  # refused here: before any data or training
 
@@ -425,7 +426,8 @@ def distill(teacher, seed, preset, data_dir, experiment, register, **kw):
     overrides = _overrides(kw)
     config.resolve(preset or "seed-report", **overrides)  # each value checked before any import
     _check_run_id("teacher", teacher)
-    from . import server, steps
+    from . import steps
+    from .tracking import server
 
     server.check_write_access(experiment)  # refused here: before any data or training
     out = steps.distill(
@@ -471,7 +473,8 @@ def ensemble(members, seeds, preset, dataset, combine, allow_mixed, data_dir, ex
     for rid in ids or ():
         _check_run_id("members", rid)
     wanted = config.parse_seeds(seeds) if seeds else None
-    from . import server, steps, tracking
+    from . import steps, tracking
+    from .tracking import server
 
     server.check_write_access(experiment)  # refused here: before any data or training
     session = tracking.connect(experiment)
@@ -492,7 +495,8 @@ def joint(seeds, preset, data_dir, experiment, **kw):
     "training the average directly"); logs one run, prints its run id."""
     recipe = config.resolve(preset, **_overrides(kw))  # refused here: before torch and mlflow load
     wanted = config.parse_seeds(seeds)
-    from . import server, steps, train
+    from . import steps, train
+    from .tracking import server
 
     server.check_write_access(experiment)  # refused here: before any data or training
     recipe = train.plan_run(recipe, preset, kw["device"])
@@ -566,7 +570,8 @@ def backfill(experiment):
     """Log on the experiment's runs what compare finds missing: predictions (computed
     from a run's logged weights) and calibration metrics, once; prints what it added,
     one line per run. Needs write access to the runs (compare never writes)."""
-    from . import report, server
+    from . import report
+    from .tracking import server
 
     server.check_write_access(experiment)
     added = report.backfill(experiment)
@@ -654,7 +659,8 @@ def reproduce(
     recipe = config.resolve(preset, **overrides)
     kd_seeds = config.study_kd_seeds(preset) if kd_seeds is None else config.parse_seeds(kd_seeds, "kd_seeds")
     grid = _sweep_kd_grid(sweep_kd)  # refused here, before imports
-    from . import server, study, train
+    from . import study, train
+    from .tracking import server
 
     server.check_write_access(experiment)  # refused here: before any data or training
 
@@ -770,7 +776,7 @@ def sweep(teacher, seeds, show_test, search, trials, search_seed, data_dir, expe
     _check_run_id("teacher", teacher)
     if optuna:
         sweep_mod.optuna_module()  # installed? (exit 1 if not, before any run exists)
-    from . import server
+    from .tracking import server
 
     server.check_write_access(experiment)  # refused here: before any data or training
     search = sweep_mod.Search(trials, search_seed) if optuna else None

@@ -21,10 +21,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from . import server, waits
+from . import waits
 from .config import ConfigError
 from .errors import USER, GaveUp, MissingExtra, StepFailed
 from .runs import Outcome
+from .tracking import server
 
 
 class Executor(Protocol):

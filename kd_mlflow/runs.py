@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import claims, schema, server, tracking
+from . import schema, tracking
 from .config import ConfigError, Recipe, recipe_from_params
 from .errors import Interrupted, TrackingRefused, TrackingUnavailable, cause, note_done
+from .tracking import claims, server
 
 # --- plain records ---------------------------------------------------------
 
@@ -443,7 +444,7 @@ def _store(session, key: str, checkpoint_root: Path):
 
 @contextlib.contextmanager
 def _claimed(session, specs: list[RunSpec]):
-    """The claims on these configurations (:func:`kd_mlflow.claims.claimed`), taken in
+    """The claims on these configurations (:func:`kd_mlflow.tracking.claims.claimed`), taken in
     one order (their hashes') so that two waves that share some never wait on each other."""
     with contextlib.ExitStack() as stack:
         for spec in sorted(specs, key=lambda s: s.config_hash):

@@ -1,4 +1,4 @@
-"""One identity, one run, across processes: the claims of kd_mlflow.claims.claimed on
+"""One identity, one run, across processes: the claims of kd_mlflow.tracking.claims.claimed on
 a real `mlflow server`, two identical studies at once, a claim whose holder died, and
 the Model Registry under concurrent registrations."""
 
@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import REPO, invoke, run_cli
 
-from kd_mlflow import claims, config, runs, schema, steps, tracking
+from kd_mlflow import config, runs, schema, steps, tracking
+from kd_mlflow.tracking import claims
 
 LEASE = "2"  # seconds: a claim whose holder is gone is taken over this fast here
 

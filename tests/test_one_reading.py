@@ -301,7 +301,7 @@ def test_every_kd_tag_name_is_written_in_schema_only():
     package = Path(compare.__file__).parent
     found = [
         f"{path.name}:{node.lineno} {node.value}"
-        for path in sorted(package.glob("*.py"))
+        for path in sorted(package.rglob("*.py"))
         if path.name != "schema.py"
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("kd.")

@@ -36,8 +36,9 @@ def _pyproject() -> dict:
 def _copy_package(dest: Path) -> Path:
     """The package's source files, as a wheel or an image would hold them."""
     dest.mkdir(parents=True)
-    for path in PACKAGE.glob("*.py"):
-        shutil.copy2(path, dest / path.name)
+    for path in PACKAGE.rglob("*.py"):
+        (dest / path.relative_to(PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / path.relative_to(PACKAGE))
     return dest
 
 
@@ -174,7 +175,7 @@ def _declared(*extras: str) -> set[str]:
 
 def test_every_package_kd_mlflow_imports_is_declared():
     imported = set()
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}

@@ -541,7 +541,8 @@ def test_a_typed_value_is_refused_for_the_reason_its_logged_text_would_be(flag, 
 @pytest.mark.parametrize("name", ["KD_MLFLOW_NETWORK_TIMEOUT", "KD_MLFLOW_CLAIM_LEASE"])
 def test_seconds_from_the_environment_are_read_in_one_place(name, monkeypatch):
     """The network bound and the claims' lease: one reader, the same refusals."""
-    from kd_mlflow import claims, waits
+    from kd_mlflow import waits
+    from kd_mlflow.tracking import claims
 
     read = {"KD_MLFLOW_NETWORK_TIMEOUT": waits.timeout, "KD_MLFLOW_CLAIM_LEASE": claims.lease}[name]
     monkeypatch.delenv(name, raising=False)

@@ -1,7 +1,7 @@
 """The tracking store as kd-mlflow calls it: every call bounded, voiced, and its failure
 in our words (:func:`watched`, :func:`client`); a :class:`Session` (the client and the
 experiment it writes to); and, before any work, whether the user may write there
-(:func:`check_write_access`). With :mod:`kd_mlflow.claims`, :mod:`kd_mlflow.tracking`
+(:func:`check_write_access`). With :mod:`kd_mlflow.tracking.claims`, :mod:`kd_mlflow.tracking`
 and :mod:`kd_mlflow.runs`, the only modules that import mlflow.
 """
 
@@ -22,9 +22,9 @@ import mlflow
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from . import waits
-from .config import ConfigError
-from .errors import GaveUp, TrackingRefused, TrackingUnavailable, one_line
+from .. import waits
+from ..config import ConfigError
+from ..errors import GaveUp, TrackingRefused, TrackingUnavailable, one_line
 
 DEFAULT_EXPERIMENT = "mysteries"
 

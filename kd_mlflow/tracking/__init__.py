@@ -1,6 +1,6 @@
 """The MLflow adapter: with :mod:`kd_mlflow.runs` (a run's life), the module that writes
 and reads MLflow's runs, models and experiments (each call through
-:mod:`kd_mlflow.server`; a configuration's claim through :mod:`kd_mlflow.claims`).
+:mod:`kd_mlflow.tracking.server`; a configuration's claim through :mod:`kd_mlflow.tracking.claims`).
 
 Where runs go: MLflow's own resolution of the tracking URI (MLFLOW_TRACKING_URI, else
 MLflow 3's default ``sqlite:///mlflow.db``). Which experiment: ``--experiment``, else
@@ -27,10 +27,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import schema, server
+from .. import schema
+from ..config import YES_NO, ConfigError
+from ..errors import TrackingRefused, TrackingUnavailable, one_line
+from . import server
 from .claims import claimed
-from .config import YES_NO, ConfigError
-from .errors import TrackingRefused, TrackingUnavailable, one_line
 from .server import DEFAULT_EXPERIMENT, Session, impatient, tracking_uri, watched
 
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's own "Default" experiment
@@ -484,12 +485,12 @@ def weights_file(run_id: str) -> str:
 
 
 def _version() -> str:
-    from . import __version__  # the installed metadata's, read once in kd_mlflow/__init__.py
+    from .. import __version__  # the installed metadata's, read once in kd_mlflow/__init__.py
 
     return __version__
 
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # kd_mlflow/, this package's parent
 
 
 def _provenance() -> dict:
@@ -501,13 +502,13 @@ def _provenance() -> dict:
 
 @functools.cache
 def _source_digest(package: Path = PACKAGE) -> str:
-    """sha256 (16 hex) of the package's own source, kd_mlflow/*.py by name and content,
-    as airbench keeps its code beside its results: it names the code that ran wherever
-    it was installed (a wheel, a Docker image, an edited copy). Once per process."""
+    """sha256 (16 hex) of the package's own source, kd_mlflow/**/*.py by path and
+    content, as airbench keeps its code beside its results: it names the code that ran
+    wherever it was installed (a wheel, a Docker image, an edited copy). Once per process."""
     h = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         content = path.read_bytes()
-        h.update(f"{path.name}\0{len(content)}\0".encode())
+        h.update(f"{path.relative_to(package).as_posix()}\0{len(content)}\0".encode())
         h.update(content)
     return h.hexdigest()[:16]
 
@@ -550,7 +551,8 @@ def open_study(session: Session, name: str, tags: dict, nested_in: str | None = 
     new one. A run `mlflow run` created for a study that already has a parent only
     points at that parent (kd.duplicate_of), as a duplicate training run does.
     ``nested_in``: the run it is nested under (a study's sweep). Two launches of one
-    study at once find or make one parent (:func:`kd_mlflow.claims.claimed`, held while it is found or made)."""
+    study at once find or make one parent (:func:`kd_mlflow.tracking.claims.claimed`,
+    held while it is found or made)."""
     with claimed(session, tags[schema.CONFIG_HASH], name):
         return _open_study(session, name, tags, nested_in)
 
@@ -680,7 +682,7 @@ def register(session: Session, run_id: str, name: str, alias: str | None = None,
     """The run's logged model as a version of registered model ``name`` (a run already
     registered there keeps its version: no new one), optionally under ``alias``.
     Returns the version. Two processes registering one run under one name at once make
-    one version: the look-up and the creation are one claim's (:func:`kd_mlflow.claims.claimed`)."""
+    one version: the look-up and the creation are one claim's (:func:`kd_mlflow.tracking.claims.claimed`)."""
     c = session.client
     key = hashlib.sha256(f"register\0{name}\0{run_id}".encode()).hexdigest()[:16]
     with claimed(session, key, f"version of {name} for run {run_id}"):
@@ -723,7 +725,7 @@ def _new_version(session: Session, run_id: str, name: str, tags: dict) -> str:
 def log_predictions_to(
     session: Session, run_id: str, probs_val, probs_test, labels_val, labels_test, *, pred_val, pred_test
 ) -> None:
-    from . import predictions
+    from .. import predictions
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(schema.PREDICTIONS_PATH).name
@@ -735,7 +737,7 @@ def log_predictions_to(
 def load_predictions(run_id: str):
     """The run's predictions artifact, read (a download as :func:`download` does it:
     bounded, voiced, its failure the network's, in one line)."""
-    from . import predictions
+    from .. import predictions
 
     return predictions.load(download(run_id, schema.PREDICTIONS_PATH))
 

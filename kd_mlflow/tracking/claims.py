@@ -13,8 +13,8 @@ import time
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import waits
-from .errors import TrackingRefused, TrackingUnavailable
+from .. import waits
+from ..errors import TrackingRefused, TrackingUnavailable
 from .server import Session
 
 CLAIM_LEASE_ENV = "KD_MLFLOW_CLAIM_LEASE"
